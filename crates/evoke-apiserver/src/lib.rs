@@ -1,0 +1,1 @@
+//! Kubernetes REST over HTTPS: authn, discovery, OpenAPI, CRUD, patch, apply, watch, tables.

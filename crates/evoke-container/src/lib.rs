@@ -1,0 +1,1 @@
+//! Linux container engine and the OCI runtime command surface.

@@ -1,0 +1,1 @@
+//! Level-triggered reconcilers: replicaset, deployment, gc, endpoints, namespace, node lifecycle.

@@ -1,0 +1,1 @@
+//! Pod network: bridge, veth, tap, IPAM, Services in nftables, cluster DNS.

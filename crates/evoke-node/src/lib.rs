@@ -1,0 +1,1 @@
+//! Node agent: pod workers, probes, status, logs and exec streams.

@@ -1,0 +1,1 @@
+//! The WorkloadRuntime trait shared by the tiers, and the OCI image store.

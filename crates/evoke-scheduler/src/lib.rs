@@ -1,0 +1,1 @@
+//! Pod to node scheduling: filter, score, bind.

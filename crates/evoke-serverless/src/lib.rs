@@ -1,0 +1,1 @@
+//! Serverless: activator, concurrency autoscaler, metering.

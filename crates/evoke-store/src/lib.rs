@@ -1,0 +1,117 @@
+//! A revisioned key-value store with watch: the one place evoke's cluster
+//! state lives. Keys are strings such as `/registry/pods/default/web`;
+//! values are opaque bytes (the API server stores JSON). Every write bumps
+//! one global revision, as etcd does, and every watcher sees the writes in
+//! revision order. Start at [`Backend`]; the backends are chosen at start-up.
+
+use std::pin::Pin;
+
+use futures::Stream;
+
+/// A stored value with the revisions that created and last changed it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeyValue {
+    pub key: String,
+    pub value: Vec<u8>,
+    /// Revision of the write that created the key.
+    pub create_revision: i64,
+    /// Revision of the last write to the key; the object's resourceVersion.
+    pub mod_revision: i64,
+}
+
+/// One change seen by a watcher.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Event {
+    /// A key was created (`prev` is None) or updated.
+    Put { kv: KeyValue, prev: Option<KeyValue> },
+    /// A key was deleted at `revision`; `prev` is its last value.
+    Delete { prev: KeyValue, revision: i64 },
+}
+
+impl Event {
+    /// The revision at which this change happened.
+    pub fn revision(&self) -> i64 {
+        match self {
+            Event::Put { kv, .. } => kv.mod_revision,
+            Event::Delete { revision, .. } => *revision,
+        }
+    }
+}
+
+/// A page of a range read, taken at one consistent revision.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ListResult {
+    pub items: Vec<KeyValue>,
+    /// The store revision the page was read at.
+    pub revision: i64,
+    /// True when more keys follow the last item (pagination).
+    pub more: bool,
+}
+
+/// What a caller asks of a range read.
+#[derive(Debug, Clone, Default)]
+pub struct ListOptions {
+    /// Only keys after this one (exclusive), for `continue` tokens.
+    pub start_after: Option<String>,
+    /// At most this many items.
+    pub limit: Option<usize>,
+    /// Read as of this revision (must not be compacted); None is the latest.
+    pub revision: Option<i64>,
+}
+
+/// A stream of changes. It ends when the store shuts down, and yields an
+/// error if the watcher falls behind a compaction.
+pub type WatchStream = Pin<Box<dyn Stream<Item = Result<Event, StoreError>> + Send>>;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// key {0} already exists
+    #[error("key {0} already exists")]
+    AlreadyExists(String),
+    #[error("key {0} not found")]
+    NotFound(String),
+    /// A compare-and-swap lost: the key changed since the caller read it.
+    #[error("key {key} was modified: expected revision {expected}, found {actual}")]
+    Conflict { key: String, expected: i64, actual: i64 },
+    /// The asked-for revision has been compacted away (HTTP 410 Gone).
+    #[error("revision {requested} has been compacted; the oldest available is {compacted}")]
+    Compacted { requested: i64, compacted: i64 },
+    /// A revision in the future.
+    #[error("revision {0} is newer than the store")]
+    FutureRevision(i64),
+    #[error("store backend: {0}")]
+    Backend(String),
+}
+
+/// The store seam. SQLite is the embedded default; etcd is for clusters
+/// that outgrow one machine. Both pass the same test suite.
+#[async_trait::async_trait]
+pub trait Backend: Send + Sync + 'static {
+    /// The value of one key, or None.
+    async fn get(&self, key: &str) -> Result<Option<KeyValue>, StoreError>;
+
+    /// Keys under `prefix`, in key order, at one revision.
+    async fn list(&self, prefix: &str, opts: ListOptions) -> Result<ListResult, StoreError>;
+
+    /// Creates `key`; fails with AlreadyExists if present. Durable on return.
+    async fn create(&self, key: &str, value: Vec<u8>) -> Result<KeyValue, StoreError>;
+
+    /// Replaces `key` if its mod_revision is still `expected`; else Conflict.
+    async fn update(&self, key: &str, expected: i64, value: Vec<u8>) -> Result<KeyValue, StoreError>;
+
+    /// Deletes `key`, if `expected` is given only at that mod_revision.
+    async fn delete(&self, key: &str, expected: Option<i64>) -> Result<KeyValue, StoreError>;
+
+    /// Changes under `prefix` with revision greater than `after`, first the
+    /// ones already stored, then live ones, in revision order.
+    async fn watch(&self, prefix: &str, after: i64) -> Result<WatchStream, StoreError>;
+
+    /// The latest revision.
+    async fn revision(&self) -> Result<i64, StoreError>;
+
+    /// The oldest revision that can still be read or watched from.
+    async fn compacted_revision(&self) -> Result<i64, StoreError>;
+
+    /// Drops history older than `revision`, keeping current values.
+    async fn compact(&self, revision: i64) -> Result<(), StoreError>;
+}

@@ -1,0 +1,1 @@
+//! KVM microVM monitor: guest memory, vCPUs, boot, serial and virtio-mmio devices.
