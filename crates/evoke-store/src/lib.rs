@@ -23,7 +23,10 @@ pub struct KeyValue {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Event {
     /// A key was created (`prev` is None) or updated.
-    Put { kv: KeyValue, prev: Option<KeyValue> },
+    Put {
+        kv: KeyValue,
+        prev: Option<KeyValue>,
+    },
     /// A key was deleted at `revision`; `prev` is its last value.
     Delete { prev: KeyValue, revision: i64 },
 }
@@ -72,7 +75,11 @@ pub enum StoreError {
     NotFound(String),
     /// A compare-and-swap lost: the key changed since the caller read it.
     #[error("key {key} was modified: expected revision {expected}, found {actual}")]
-    Conflict { key: String, expected: i64, actual: i64 },
+    Conflict {
+        key: String,
+        expected: i64,
+        actual: i64,
+    },
     /// The asked-for revision has been compacted away (HTTP 410 Gone).
     #[error("revision {requested} has been compacted; the oldest available is {compacted}")]
     Compacted { requested: i64, compacted: i64 },
@@ -97,7 +104,12 @@ pub trait Backend: Send + Sync + 'static {
     async fn create(&self, key: &str, value: Vec<u8>) -> Result<KeyValue, StoreError>;
 
     /// Replaces `key` if its mod_revision is still `expected`; else Conflict.
-    async fn update(&self, key: &str, expected: i64, value: Vec<u8>) -> Result<KeyValue, StoreError>;
+    async fn update(
+        &self,
+        key: &str,
+        expected: i64,
+        value: Vec<u8>,
+    ) -> Result<KeyValue, StoreError>;
 
     /// Deletes `key`, if `expected` is given only at that mod_revision.
     async fn delete(&self, key: &str, expected: Option<i64>) -> Result<KeyValue, StoreError>;

@@ -58,21 +58,169 @@ macro_rules! res {
 
 /// Every resource evoke serves, in discovery order.
 pub const RESOURCES: &[Resource] = &[
-    res!("", "v1", "Namespace", "namespaces", "namespace", false, &["ns"], &["status", "finalize"], &[]),
-    res!("", "v1", "Node", "nodes", "node", false, &["no"], &["status"], &[]),
-    res!("", "v1", "Pod", "pods", "pod", true, &["po"], &["status", "binding", "eviction", "log", "exec", "attach", "portforward"], ALL),
-    res!("", "v1", "Binding", "bindings", "binding", true, &[], &[], &[]),
-    res!("", "v1", "Service", "services", "service", true, &["svc"], &["status"], ALL),
-    res!("", "v1", "Endpoints", "endpoints", "endpoints", true, &["ep"], &[], &[]),
-    res!("", "v1", "ConfigMap", "configmaps", "configmap", true, &["cm"], &[], &[]),
+    res!(
+        "",
+        "v1",
+        "Namespace",
+        "namespaces",
+        "namespace",
+        false,
+        &["ns"],
+        &["status", "finalize"],
+        &[]
+    ),
+    res!(
+        "",
+        "v1",
+        "Node",
+        "nodes",
+        "node",
+        false,
+        &["no"],
+        &["status"],
+        &[]
+    ),
+    res!(
+        "",
+        "v1",
+        "Pod",
+        "pods",
+        "pod",
+        true,
+        &["po"],
+        &[
+            "status",
+            "binding",
+            "eviction",
+            "log",
+            "exec",
+            "attach",
+            "portforward"
+        ],
+        ALL
+    ),
+    res!(
+        "",
+        "v1",
+        "Binding",
+        "bindings",
+        "binding",
+        true,
+        &[],
+        &[],
+        &[]
+    ),
+    res!(
+        "",
+        "v1",
+        "Service",
+        "services",
+        "service",
+        true,
+        &["svc"],
+        &["status"],
+        ALL
+    ),
+    res!(
+        "",
+        "v1",
+        "Endpoints",
+        "endpoints",
+        "endpoints",
+        true,
+        &["ep"],
+        &[],
+        &[]
+    ),
+    res!(
+        "",
+        "v1",
+        "ConfigMap",
+        "configmaps",
+        "configmap",
+        true,
+        &["cm"],
+        &[],
+        &[]
+    ),
     res!("", "v1", "Secret", "secrets", "secret", true, &[], &[], &[]),
-    res!("", "v1", "Event", "events", "event", true, &["ev"], &[], &[]),
-    res!("", "v1", "ServiceAccount", "serviceaccounts", "serviceaccount", true, &["sa"], &[], &[]),
-    res!("apps", "v1", "Deployment", "deployments", "deployment", true, &["deploy"], &["status", "scale"], ALL),
-    res!("apps", "v1", "ReplicaSet", "replicasets", "replicaset", true, &["rs"], &["status", "scale"], ALL),
-    res!("node.k8s.io", "v1", "RuntimeClass", "runtimeclasses", "runtimeclass", false, &[], &[], &[]),
-    res!("coordination.k8s.io", "v1", "Lease", "leases", "lease", true, &[], &[], &[]),
-    res!("discovery.k8s.io", "v1", "EndpointSlice", "endpointslices", "endpointslice", true, &[], &[], &[]),
+    res!(
+        "",
+        "v1",
+        "Event",
+        "events",
+        "event",
+        true,
+        &["ev"],
+        &[],
+        &[]
+    ),
+    res!(
+        "",
+        "v1",
+        "ServiceAccount",
+        "serviceaccounts",
+        "serviceaccount",
+        true,
+        &["sa"],
+        &[],
+        &[]
+    ),
+    res!(
+        "apps",
+        "v1",
+        "Deployment",
+        "deployments",
+        "deployment",
+        true,
+        &["deploy"],
+        &["status", "scale"],
+        ALL
+    ),
+    res!(
+        "apps",
+        "v1",
+        "ReplicaSet",
+        "replicasets",
+        "replicaset",
+        true,
+        &["rs"],
+        &["status", "scale"],
+        ALL
+    ),
+    res!(
+        "node.k8s.io",
+        "v1",
+        "RuntimeClass",
+        "runtimeclasses",
+        "runtimeclass",
+        false,
+        &[],
+        &[],
+        &[]
+    ),
+    res!(
+        "coordination.k8s.io",
+        "v1",
+        "Lease",
+        "leases",
+        "lease",
+        true,
+        &[],
+        &[],
+        &[]
+    ),
+    res!(
+        "discovery.k8s.io",
+        "v1",
+        "EndpointSlice",
+        "endpointslices",
+        "endpointslice",
+        true,
+        &[],
+        &[],
+        &[]
+    ),
 ];
 
 /// Finds a resource by group, version and plural, as a URL names it.
@@ -108,7 +256,10 @@ mod tests {
     fn pods_are_found_by_url_and_by_kind() {
         let p = by_plural("", "v1", "pods").expect("pods served");
         assert_eq!(p.kind, "Pod");
-        assert_eq!(by_kind("apps/v1", "Deployment").map(|r| r.plural), Some("deployments"));
+        assert_eq!(
+            by_kind("apps/v1", "Deployment").map(|r| r.plural),
+            Some("deployments")
+        );
         assert_eq!(by_kind("v1", "Nope"), None);
     }
 
@@ -116,7 +267,12 @@ mod tests {
     fn groups_are_listed_once_each() {
         assert_eq!(
             groups(),
-            vec!["apps", "node.k8s.io", "coordination.k8s.io", "discovery.k8s.io"]
+            vec![
+                "apps",
+                "node.k8s.io",
+                "coordination.k8s.io",
+                "discovery.k8s.io"
+            ]
         );
     }
 }

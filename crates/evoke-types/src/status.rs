@@ -51,7 +51,11 @@ impl ApiError {
 
     /// `pods "web" not found`.
     pub fn not_found(group_resource: &str, name: &str) -> Self {
-        let mut e = Self::new(404, "NotFound", format!("{group_resource} \"{name}\" not found"));
+        let mut e = Self::new(
+            404,
+            "NotFound",
+            format!("{group_resource} \"{name}\" not found"),
+        );
         e.name = Some(name.to_string());
         e.kind = Some(group_resource.to_string());
         e
@@ -59,7 +63,11 @@ impl ApiError {
 
     /// `pods "web" already exists`.
     pub fn already_exists(group_resource: &str, name: &str) -> Self {
-        let mut e = Self::new(409, "AlreadyExists", format!("{group_resource} \"{name}\" already exists"));
+        let mut e = Self::new(
+            409,
+            "AlreadyExists",
+            format!("{group_resource} \"{name}\" already exists"),
+        );
         e.name = Some(name.to_string());
         e.kind = Some(group_resource.to_string());
         e

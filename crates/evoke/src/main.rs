@@ -11,7 +11,11 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 #[derive(Parser, Debug)]
-#[command(name = "evoke", version, about = "Run a workload as a process, a container, a microVM or a function, behind the Kubernetes API.")]
+#[command(
+    name = "evoke",
+    version,
+    about = "Run a workload as a process, a container, a microVM or a function, behind the Kubernetes API."
+)]
 struct Cli {
     #[command(flatten)]
     global: Global,
@@ -24,7 +28,12 @@ struct Cli {
 #[derive(clap::Args, Debug, Clone)]
 pub struct Global {
     /// Where evoke keeps its state: the store, images, containers, certificates.
-    #[arg(long, global = true, env = "EVOKE_DATA_DIR", default_value = "/var/lib/evoke")]
+    #[arg(
+        long,
+        global = true,
+        env = "EVOKE_DATA_DIR",
+        default_value = "/var/lib/evoke"
+    )]
     pub data_dir: PathBuf,
     /// Log filter in tracing's EnvFilter syntax, e.g. `info` or `evoke_store=debug`.
     #[arg(long, global = true, env = "EVOKE_LOG", default_value = "info")]
