@@ -1,1 +1,14 @@
-//! The WorkloadRuntime trait shared by the tiers, and the OCI image store.
+//! The contract shared by evoke's tiers, and the OCI image store.
+//!
+//! Start reading at [`workload::WorkloadRuntime`]: the trait the process,
+//! container and microvm tiers implement and the node agent and `evoke run`
+//! call. [`fake::FakeRuntime`] is its test double.
+
+pub mod fake;
+pub mod workload;
+
+pub use fake::{FakeCall, FakeRuntime};
+pub use workload::{
+    CpuLimit, ExecSpec, ExitInfo, Mount, Resources, RuntimeError, Stdio, User, WorkloadRuntime,
+    WorkloadSpec, WorkloadState, WorkloadStatus,
+};
