@@ -17,7 +17,7 @@ use crate::workload::{
 /// A call the fake received, for assertions.
 #[derive(Debug, Clone, PartialEq)]
 pub enum FakeCall {
-    Create(WorkloadSpec),
+    Create(Box<WorkloadSpec>),
     Start(String),
     Signal(String, i32),
     Exec(String, ExecSpec),
@@ -119,7 +119,7 @@ impl WorkloadRuntime for FakeRuntime {
     fn create(&self, spec: &WorkloadSpec, _stdio: Stdio) -> Result<WorkloadStatus, RuntimeError> {
         validate_id(&spec.id)?;
         let mut inner = self.lock();
-        inner.calls.push(FakeCall::Create(spec.clone()));
+        inner.calls.push(FakeCall::Create(Box::new(spec.clone())));
         if let (Some(known), Some(image)) = (&inner.known_images, &spec.image) {
             if !known.contains(image) {
                 return Err(RuntimeError::ImageNotFound(image.clone()));
