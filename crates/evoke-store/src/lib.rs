@@ -8,6 +8,11 @@ use std::pin::Pin;
 
 use futures::Stream;
 
+pub mod memory;
+mod watch;
+
+pub use memory::MemoryBackend;
+
 /// A stored value with the revisions that created and last changed it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct KeyValue {
@@ -39,6 +44,23 @@ impl Event {
             Event::Delete { revision, .. } => *revision,
         }
     }
+
+    /// The key this change is about.
+    pub fn key(&self) -> &str {
+        match self {
+            Event::Put { kv, .. } => &kv.key,
+            Event::Delete { prev, .. } => &prev.key,
+        }
+    }
+}
+
+/// Rejects keys no backend can store: the empty key (etcd backends reserve
+/// their bare prefix) and keys with NUL (SQLite and etcd tools mishandle it).
+pub(crate) fn check_key(key: &str) -> Result<(), StoreError> {
+    if key.is_empty() || key.contains('\0') {
+        return Err(StoreError::InvalidKey(key.to_owned()));
+    }
+    Ok(())
 }
 
 /// A page of a range read, taken at one consistent revision.
@@ -86,6 +108,9 @@ pub enum StoreError {
     /// A revision in the future.
     #[error("revision {0} is newer than the store")]
     FutureRevision(i64),
+    /// An empty key or one containing NUL.
+    #[error("invalid key {0:?}")]
+    InvalidKey(String),
     #[error("store backend: {0}")]
     Backend(String),
 }

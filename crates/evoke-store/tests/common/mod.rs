@@ -1,0 +1,15 @@
+//! Backend constructors for the integration tests. Each returns the backend
+//! and a guard that keeps its resources (temp dir, etcd process) alive; None
+//! means the backend is unavailable here and the test is skipped (never
+//! when CI=true: then it panics).
+#![allow(dead_code)]
+
+use std::sync::Arc;
+
+use evoke_store::{Backend, MemoryBackend};
+
+pub type Guard = Box<dyn std::any::Any + Send>;
+
+pub async fn memory() -> Option<(Arc<dyn Backend>, Guard)> {
+    Some((Arc::new(MemoryBackend::new()), Box::new(())))
+}
