@@ -1,1 +1,751 @@
-//! Linux container engine and the OCI runtime command surface.
+//! evoke's Linux container engine, and the library behind `evoke oci`.
+//!
+//! A container goes through the OCI lifecycle [`create`] → [`start`] →
+//! (runs, [`kill`]) → stopped → [`delete`]; [`state`] reports where it is
+//! and [`wait`] collects its exit status (for the process that created it).
+//! Start reading at [`create`]: it turns the bundle's config.json into a
+//! [`plan::Plan`](crate) in the caller, forks, and lets `init.rs` set up
+//! namespaces, the root file system, cgroups, capabilities and seccomp in
+//! the child, which then waits on an exec fifo until [`start`].
+//!
+//! Modules: [`spec`] (Docker's defaults as an OCI spec), [`cgroups`] (the
+//! [`cgroups::CgroupManager`] trait with v1 and v2), `seccomp` (OCI
+//! profile → BPF), `init` (the child side), `sys` (the raw syscalls).
+
+pub mod cgroups;
+mod error;
+mod init;
+mod plan;
+pub mod seccomp;
+pub mod spec;
+mod sys;
+
+use std::collections::HashMap;
+use std::fs;
+use std::io::{ErrorKind, Write};
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::Signal;
+use nix::unistd::Pid;
+use serde::{Deserialize, Serialize};
+
+pub use error::{Error, Result};
+pub use oci_spec;
+
+use cgroups::{CgroupManager, CgroupPaths, Resources};
+use init::{ChildFds, Msg};
+
+/// The OCI version we report in `state`.
+pub const OCI_VERSION: &str = "1.0.2";
+
+/// A container's status, as the OCI runtime spec names them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Status {
+    /// `create` is running; the init is being set up.
+    Creating,
+    /// The init is set up and waits for `start`.
+    Created,
+    /// The workload has been exec'd and runs.
+    Running,
+    /// The workload has exited; only `delete` remains.
+    Stopped,
+}
+
+impl std::fmt::Display for Status {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Status::Creating => "creating",
+            Status::Created => "created",
+            Status::Running => "running",
+            Status::Stopped => "stopped",
+        })
+    }
+}
+
+/// The OCI state of a container, what `evoke oci state` prints.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct State {
+    pub oci_version: String,
+    pub id: String,
+    pub status: Status,
+    /// Host pid of the container's init (0 once stopped).
+    pub pid: i32,
+    pub bundle: PathBuf,
+    #[serde(default, skip_serializing_if = "HashMap::is_empty")]
+    pub annotations: HashMap<String, String>,
+}
+
+/// What a container's state directory holds (state.json).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct Record {
+    id: String,
+    pid: i32,
+    /// The init's start time in clock ticks (/proc/PID/stat field 22), to
+    /// tell it from a later process that reuses the pid.
+    start_time: u64,
+    bundle: PathBuf,
+    rootfs: PathBuf,
+    cgroup: Option<CgroupPaths>,
+    #[serde(default)]
+    annotations: HashMap<String, String>,
+    /// Unix time of creation.
+    created: u64,
+}
+
+/// How a container's process ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ExitStatus {
+    /// Exit code, or 128 + signal for a killed process (as shells report).
+    pub code: i32,
+    /// The signal that killed it, if any.
+    pub signal: Option<i32>,
+    /// The kernel's OOM killer killed a process of the container.
+    pub oom_killed: bool,
+}
+
+/// Options for [`create`].
+#[derive(Debug, Default)]
+pub struct CreateOptions {
+    /// The init's stdin; `None` inherits the caller's.
+    pub stdin: Option<OwnedFd>,
+    /// The init's stdout; `None` inherits the caller's.
+    pub stdout: Option<OwnedFd>,
+    /// The init's stderr; `None` inherits the caller's.
+    pub stderr: Option<OwnedFd>,
+    /// A unix socket to send the pty master to when `process.terminal`.
+    pub console_socket: Option<PathBuf>,
+    /// A file to write the init's pid to.
+    pub pid_file: Option<PathBuf>,
+}
+
+/// Options for [`exec`].
+#[derive(Debug, Default)]
+pub struct ExecOptions {
+    pub stdin: Option<OwnedFd>,
+    pub stdout: Option<OwnedFd>,
+    pub stderr: Option<OwnedFd>,
+    pub console_socket: Option<PathBuf>,
+}
+
+fn validate_id(id: &str) -> Result<()> {
+    let ok = !id.is_empty()
+        && id.len() <= 1024
+        && id != "."
+        && id != ".."
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"_.+-".contains(&b));
+    if ok {
+        Ok(())
+    } else {
+        Err(Error::InvalidId(id.to_string()))
+    }
+}
+
+fn container_dir(state_root: &Path, id: &str) -> Result<PathBuf> {
+    validate_id(id)?;
+    Ok(state_root.join(id))
+}
+
+fn load_record(state_root: &Path, id: &str) -> Result<(PathBuf, Record)> {
+    let dir = container_dir(state_root, id)?;
+    let path = dir.join("state.json");
+    let text = match fs::read(&path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == ErrorKind::NotFound => return Err(Error::NotFound(id.to_string())),
+        Err(e) => return Err(Error::io("read", &path, e)),
+    };
+    let rec = serde_json::from_slice(&text).map_err(|source| Error::State {
+        id: id.to_string(),
+        source,
+    })?;
+    Ok((dir, rec))
+}
+
+fn save_record(dir: &Path, rec: &Record) -> Result<()> {
+    let tmp = dir.join("state.json.tmp");
+    let text = serde_json::to_vec(rec).map_err(|source| Error::State {
+        id: rec.id.clone(),
+        source,
+    })?;
+    fs::write(&tmp, text).map_err(|e| Error::io("write", &tmp, e))?;
+    let path = dir.join("state.json");
+    fs::rename(&tmp, &path).map_err(|e| Error::io("rename", &path, e))
+}
+
+/// (state char, start time) of a live process, from /proc/PID/stat.
+fn proc_stat(pid: i32) -> Option<(char, u64)> {
+    let s = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name may contain spaces and parentheses; fields resume
+    // after the last ')'.
+    let rest = &s[s.rfind(')')? + 2..];
+    let fields: Vec<&str> = rest.split(' ').collect();
+    let state = fields.first()?.chars().next()?;
+    let start = fields.get(19)?.parse().ok()?;
+    Some((state, start))
+}
+
+fn status_of(dir: &Path, rec: &Record) -> Status {
+    match proc_stat(rec.pid) {
+        Some((state, start)) if start == rec.start_time && state != 'Z' && state != 'X' => {
+            if dir.join("exec.fifo").exists() {
+                Status::Created
+            } else {
+                Status::Running
+            }
+        }
+        _ => Status::Stopped,
+    }
+}
+
+fn to_state(dir: &Path, rec: &Record) -> State {
+    let status = status_of(dir, rec);
+    State {
+        oci_version: OCI_VERSION.to_string(),
+        id: rec.id.clone(),
+        status,
+        pid: if status == Status::Stopped {
+            0
+        } else {
+            rec.pid
+        },
+        bundle: rec.bundle.clone(),
+        annotations: rec.annotations.clone(),
+    }
+}
+
+/// Everything [`create`] must undo when it fails half-way.
+struct Cleanup {
+    dir: Option<PathBuf>,
+    cgroup: Option<Box<dyn CgroupManager>>,
+    pid: Option<Pid>,
+}
+
+impl Drop for Cleanup {
+    fn drop(&mut self) {
+        if let Some(pid) = self.pid.take() {
+            let _ = nix::sys::signal::kill(pid, Signal::SIGKILL);
+            let _ = nix::sys::wait::waitpid(pid, None);
+        }
+        if let Some(cg) = self.cgroup.take() {
+            if let Err(e) = cg.remove() {
+                tracing::warn!(error = %e, "removing cgroup after a failed create");
+            }
+        }
+        if let Some(dir) = self.dir.take() {
+            let _ = fs::remove_dir_all(dir);
+        }
+    }
+}
+
+fn now_secs() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+fn write_id_map(pid: Pid, file: &str, maps: &[(u32, u32, u32)]) -> Result<()> {
+    let path = PathBuf::from(format!("/proc/{pid}/{file}"));
+    let text: String = maps
+        .iter()
+        .map(|(c, h, n)| format!("{c} {h} {n}\n"))
+        .collect();
+    fs::write(&path, text).map_err(|e| Error::io("write", path, e))
+}
+
+/// Creates container `id` from the bundle at `bundle` (which holds
+/// config.json) and returns once its init is set up and waits for
+/// [`start`]. The caller becomes the parent of the init, so it may
+/// [`wait`] for it. State goes to `state_root/id`.
+pub fn create(state_root: &Path, id: &str, bundle: &Path, opts: CreateOptions) -> Result<State> {
+    let dir = container_dir(state_root, id)?;
+    let bundle = bundle
+        .canonicalize()
+        .map_err(|e| Error::io("resolve bundle", bundle, e))?;
+    let config = bundle.join("config.json");
+    let spec = oci_spec::runtime::Spec::load(&config).map_err(|source| Error::Spec {
+        path: config.clone(),
+        source,
+    })?;
+    let plan = plan::plan(&spec, &bundle)?;
+
+    fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o711)
+        .create(state_root)
+        .map_err(|e| Error::io("mkdir", state_root, e))?;
+    match fs::DirBuilder::new().mode(0o711).create(&dir) {
+        Ok(()) => {}
+        Err(e) if e.kind() == ErrorKind::AlreadyExists => return Err(Error::Exists(id.into())),
+        Err(e) => return Err(Error::io("mkdir", &dir, e)),
+    }
+    let mut cleanup = Cleanup {
+        dir: Some(dir.clone()),
+        cgroup: None,
+        pid: None,
+    };
+
+    let linux = spec.linux().clone().unwrap_or_default();
+    let cg_path = linux
+        .cgroups_path()
+        .as_ref()
+        .map(|p| p.to_string_lossy().into_owned())
+        .unwrap_or_else(|| format!("evoke/{id}"));
+    let hierarchy = cgroups::detect()?;
+    let cg = hierarchy.create(&cg_path)?;
+    cleanup.cgroup = Some(cg);
+    let cg = cleanup.cgroup.as_ref().expect("set just above");
+    if let Some(r) = linux.resources() {
+        cg.set(&Resources::from_oci(r))?;
+    }
+
+    let fifo_path = dir.join("exec.fifo");
+    nix::unistd::mkfifo(&fifo_path, nix::sys::stat::Mode::from_bits_truncate(0o600))
+        .map_err(|e| Error::io("mkfifo", &fifo_path, e.into()))?;
+    let fifo: OwnedFd = fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .custom_flags(libc::O_CLOEXEC)
+        .open(&fifo_path)
+        .map_err(|e| Error::io("open", &fifo_path, e))?
+        .into();
+    let console = match &opts.console_socket {
+        Some(p) => Some(OwnedFd::from(
+            std::os::unix::net::UnixStream::connect(p)
+                .map_err(|e| Error::io("connect console socket", p, e))?,
+        )),
+        None => None,
+    };
+    let mut join = Vec::new();
+    for (p, flag) in &plan.join_ns {
+        let f = fs::File::open(p).map_err(|e| Error::io("open namespace", p, e))?;
+        join.push((OwnedFd::from(f), *flag));
+    }
+    let (go_r, go_w) =
+        nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(|e| Error::sys("pipe2", e))?;
+    let (st_r, st_w) =
+        nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(|e| Error::sys("pipe2", e))?;
+
+    let started = Instant::now();
+    let fds = ChildFds {
+        go: go_r,
+        status: st_w,
+        fifo: Some(fifo),
+        stdio: [opts.stdin, opts.stdout, opts.stderr],
+        console,
+        join,
+    };
+    let child = match sys::fork().map_err(|e| Error::sys("fork", e))? {
+        sys::Forked::Child => init::intermediate(&plan, fds),
+        sys::Forked::Parent(pid) => pid,
+    };
+    drop(fds);
+    let init_err = |msg: String| Error::Init {
+        id: id.to_string(),
+        msg,
+    };
+    let mut go = fs::File::from(go_w);
+    let mut status = fs::File::from(st_r);
+    // The intermediate child goes into the cgroup before it clones the
+    // init, so the init starts inside it and its cgroup namespace is rooted
+    // there.
+    let placed = cg.add_process(child.as_raw());
+    if let Err(e) = placed {
+        let _ = nix::sys::signal::kill(child, Signal::SIGKILL);
+        let _ = nix::sys::wait::waitpid(child, None);
+        return Err(e.into());
+    }
+    let _ = go.write_all(b"1");
+    let first = Msg::read(&mut status).map_err(|e| init_err(format!("read status: {e}")));
+    let _ = nix::sys::wait::waitpid(child, None);
+    let init_pid = match first? {
+        Some(Msg::Pid(p)) => Pid::from_raw(p),
+        Some(Msg::Error(e)) => return Err(init_err(e)),
+        _ => return Err(init_err("intermediate process died".into())),
+    };
+    cleanup.pid = Some(init_pid);
+    if plan.new_ns.contains(nix::sched::CloneFlags::CLONE_NEWUSER) {
+        fs::write(format!("/proc/{init_pid}/setgroups"), "allow").ok();
+        write_id_map(init_pid, "uid_map", &plan.uid_mappings)?;
+        write_id_map(init_pid, "gid_map", &plan.gid_mappings)?;
+    }
+    let _ = go.write_all(b"2");
+    drop(go);
+    match Msg::read(&mut status).map_err(|e| init_err(format!("read status: {e}")))? {
+        Some(Msg::Ready) => {}
+        Some(Msg::Error(e)) => return Err(init_err(e)),
+        _ => return Err(init_err("init died during set-up".into())),
+    }
+    let (_, start_time) =
+        proc_stat(init_pid.as_raw()).ok_or_else(|| init_err("init vanished".into()))?;
+    let rec = Record {
+        id: id.to_string(),
+        pid: init_pid.as_raw(),
+        start_time,
+        bundle: bundle.clone(),
+        rootfs: plan.rootfs.clone(),
+        cgroup: Some(cg.paths()),
+        annotations: spec.annotations().clone().unwrap_or_default(),
+        created: now_secs(),
+    };
+    save_record(&dir, &rec)?;
+    if let Some(pf) = &opts.pid_file {
+        write_pid_file(pf, init_pid.as_raw())?;
+    }
+    tracing::debug!(id, pid = init_pid.as_raw(), elapsed = ?started.elapsed(), "container created");
+    // Success: keep everything.
+    cleanup.pid = None;
+    cleanup.cgroup = None;
+    cleanup.dir = None;
+    Ok(to_state(&dir, &rec))
+}
+
+fn write_pid_file(path: &Path, pid: i32) -> Result<()> {
+    // Write then rename, so a reader never sees a partial pid.
+    let tmp = path.with_extension("evoke-tmp");
+    fs::write(&tmp, pid.to_string()).map_err(|e| Error::io("write", &tmp, e))?;
+    fs::rename(&tmp, path).map_err(|e| Error::io("rename", path, e))
+}
+
+/// Starts a created container: its init execs the workload.
+pub fn start(state_root: &Path, id: &str) -> Result<()> {
+    let (dir, rec) = load_record(state_root, id)?;
+    let status = status_of(&dir, &rec);
+    if status != Status::Created {
+        return Err(Error::BadStatus {
+            id: id.into(),
+            status,
+            op: "start",
+        });
+    }
+    let fifo_path = dir.join("exec.fifo");
+    // Non-blocking: the init holds the fifo open, so this only fails (with
+    // ENXIO) when the init is gone.
+    let mut f = fs::OpenOptions::new()
+        .write(true)
+        .custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC)
+        .open(&fifo_path)
+        .map_err(|e| Error::io("open", &fifo_path, e))?;
+    f.write_all(b"0")
+        .map_err(|e| Error::io("write", &fifo_path, e))?;
+    fs::remove_file(&fifo_path).map_err(|e| Error::io("remove", &fifo_path, e))
+}
+
+/// The container's OCI state.
+pub fn state(state_root: &Path, id: &str) -> Result<State> {
+    let (dir, rec) = load_record(state_root, id)?;
+    Ok(to_state(&dir, &rec))
+}
+
+/// Every container under `state_root`, sorted by id.
+pub fn list(state_root: &Path) -> Result<Vec<State>> {
+    let mut out = Vec::new();
+    let entries = match fs::read_dir(state_root) {
+        Ok(e) => e,
+        Err(e) if e.kind() == ErrorKind::NotFound => return Ok(out),
+        Err(e) => return Err(Error::io("read dir", state_root, e)),
+    };
+    for e in entries.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        if let Ok(s) = state(state_root, &name) {
+            out.push(s);
+        }
+    }
+    out.sort_by(|a, b| a.id.cmp(&b.id));
+    Ok(out)
+}
+
+/// Parses a signal given as a name (`TERM`, `SIGTERM`) or a number.
+pub fn parse_signal(s: &str) -> Result<Signal> {
+    if let Ok(n) = s.parse::<i32>() {
+        return Signal::try_from(n).map_err(|_| Error::BadSignal(s.to_string()));
+    }
+    let up = s.to_ascii_uppercase();
+    let name = if up.starts_with("SIG") {
+        up
+    } else {
+        format!("SIG{up}")
+    };
+    name.parse().map_err(|_| Error::BadSignal(s.to_string()))
+}
+
+/// Sends `signal` to the container's init.
+pub fn kill(state_root: &Path, id: &str, signal: Signal) -> Result<()> {
+    let (dir, rec) = load_record(state_root, id)?;
+    let status = status_of(&dir, &rec);
+    if status == Status::Stopped {
+        return Err(Error::BadStatus {
+            id: id.into(),
+            status,
+            op: "kill",
+        });
+    }
+    nix::sys::signal::kill(Pid::from_raw(rec.pid), signal).map_err(|e| Error::sys("kill", e))
+}
+
+/// Deletes a container: its processes (a created one is killed; a running
+/// one only with `force`), its cgroup and its state.
+pub fn delete(state_root: &Path, id: &str, force: bool) -> Result<()> {
+    let (dir, rec) = load_record(state_root, id)?;
+    let status = status_of(&dir, &rec);
+    if status == Status::Running && !force {
+        return Err(Error::BadStatus {
+            id: id.into(),
+            status,
+            op: "delete (use --force)",
+        });
+    }
+    let cg = rec.cgroup.as_ref().map(CgroupPaths::open);
+    if status != Status::Stopped {
+        let _ = nix::sys::signal::kill(Pid::from_raw(rec.pid), Signal::SIGKILL);
+        if let Some(cg) = &cg {
+            cg.kill_all()?;
+        }
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while status_of(&dir, &rec) != Status::Stopped && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+    if let Some(cg) = &cg {
+        cg.remove()?;
+    }
+    fs::remove_dir_all(&dir).map_err(|e| Error::io("remove", &dir, e))
+}
+
+/// Waits for the container's init to exit and reports how. Only the
+/// process that called [`create`] (its parent) can collect the exit code;
+/// others get code -1 once the process is gone.
+pub fn wait(state_root: &Path, id: &str) -> Result<ExitStatus> {
+    use nix::sys::wait::{waitpid, WaitStatus};
+    let (dir, rec) = load_record(state_root, id)?;
+    let pid = Pid::from_raw(rec.pid);
+    let mut out = ExitStatus {
+        code: -1,
+        signal: None,
+        oom_killed: false,
+    };
+    loop {
+        match waitpid(pid, None) {
+            Ok(WaitStatus::Exited(_, c)) => {
+                out.code = c;
+                break;
+            }
+            Ok(WaitStatus::Signaled(_, s, _)) => {
+                out.code = 128 + s as i32;
+                out.signal = Some(s as i32);
+                break;
+            }
+            Ok(_) | Err(nix::Error::EINTR) => continue,
+            Err(nix::Error::ECHILD) => {
+                while status_of(&dir, &rec) != Status::Stopped {
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+                break;
+            }
+            Err(e) => return Err(Error::sys("waitpid", e)),
+        }
+    }
+    if let Some(cg) = rec.cgroup.as_ref().map(CgroupPaths::open) {
+        if cg.oom_kills()? > 0 {
+            out.oom_killed = true;
+            if out.signal == Some(Signal::SIGKILL as i32) || out.code == -1 {
+                out.code = 137;
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// Runs another process in a running container (like `runc exec`): it
+/// joins the init's namespaces and cgroup and gets the container's seccomp
+/// profile. Returns its host pid; the caller is its parent.
+pub fn exec(
+    state_root: &Path,
+    id: &str,
+    process: &oci_spec::runtime::Process,
+    opts: ExecOptions,
+) -> Result<Pid> {
+    let (dir, rec) = load_record(state_root, id)?;
+    let status = status_of(&dir, &rec);
+    if status != Status::Running {
+        return Err(Error::BadStatus {
+            id: id.into(),
+            status,
+            op: "exec",
+        });
+    }
+    let config = rec.bundle.join("config.json");
+    let spec = oci_spec::runtime::Spec::load(&config).map_err(|source| Error::Spec {
+        path: config.clone(),
+        source,
+    })?;
+    let linux = spec.linux().clone().unwrap_or_default();
+    let mut pplan = plan::process_plan(process, linux.seccomp().as_ref())?;
+    pplan.oom_score_adj = None;
+    // Join every namespace the init has that differs from ours, user first.
+    let mut join = Vec::new();
+    use nix::sched::CloneFlags as F;
+    for (name, flag) in [
+        ("user", F::CLONE_NEWUSER),
+        ("ipc", F::CLONE_NEWIPC),
+        ("uts", F::CLONE_NEWUTS),
+        ("net", F::CLONE_NEWNET),
+        ("pid", F::CLONE_NEWPID),
+        ("cgroup", F::CLONE_NEWCGROUP),
+        ("mnt", F::CLONE_NEWNS),
+    ] {
+        let theirs = format!("/proc/{}/ns/{name}", rec.pid);
+        let ours = format!("/proc/self/ns/{name}");
+        if fs::read_link(&theirs).ok() == fs::read_link(&ours).ok() {
+            continue;
+        }
+        let f = fs::File::open(&theirs).map_err(|e| Error::io("open namespace", &theirs, e))?;
+        join.push((OwnedFd::from(f), flag));
+    }
+    let console = match &opts.console_socket {
+        Some(p) => Some(OwnedFd::from(
+            std::os::unix::net::UnixStream::connect(p)
+                .map_err(|e| Error::io("connect console socket", p, e))?,
+        )),
+        None => None,
+    };
+    let (go_r, go_w) =
+        nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(|e| Error::sys("pipe2", e))?;
+    let (st_r, st_w) =
+        nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(|e| Error::sys("pipe2", e))?;
+    let fds = ChildFds {
+        go: go_r,
+        status: st_w,
+        fifo: None,
+        stdio: [opts.stdin, opts.stdout, opts.stderr],
+        console,
+        join,
+    };
+    let child = match sys::fork().map_err(|e| Error::sys("fork", e))? {
+        sys::Forked::Child => init::exec_intermediate(&pplan, fds),
+        sys::Forked::Parent(pid) => pid,
+    };
+    drop(fds);
+    let err = |msg: String| Error::Init {
+        id: id.to_string(),
+        msg,
+    };
+    if let Some(cg) = rec.cgroup.as_ref().map(CgroupPaths::open) {
+        if let Err(e) = cg.add_process(child.as_raw()) {
+            let _ = nix::sys::signal::kill(child, Signal::SIGKILL);
+            let _ = nix::sys::wait::waitpid(child, None);
+            return Err(e.into());
+        }
+    }
+    let mut go = fs::File::from(go_w);
+    let mut st = fs::File::from(st_r);
+    let _ = go.write_all(b"12");
+    drop(go);
+    let first = Msg::read(&mut st).map_err(|e| err(format!("read status: {e}")));
+    let _ = nix::sys::wait::waitpid(child, None);
+    let pid = match first? {
+        Some(Msg::Pid(p)) => Pid::from_raw(p),
+        Some(Msg::Error(e)) => return Err(err(e)),
+        _ => return Err(err("exec intermediate process died".into())),
+    };
+    match Msg::read(&mut st).map_err(|e| err(format!("read status: {e}")))? {
+        Some(Msg::Ready) => Ok(pid),
+        Some(Msg::Error(e)) => {
+            let _ = nix::sys::wait::waitpid(pid, None);
+            Err(err(e))
+        }
+        _ => {
+            let _ = nix::sys::wait::waitpid(pid, None);
+            Err(err("exec process died during set-up".into()))
+        }
+    }
+}
+
+/// Waits for a process started by [`exec`] (the caller is its parent).
+pub fn wait_pid(pid: Pid) -> Result<ExitStatus> {
+    use nix::sys::wait::{waitpid, WaitStatus};
+    loop {
+        match waitpid(pid, None) {
+            Ok(WaitStatus::Exited(_, c)) => {
+                return Ok(ExitStatus {
+                    code: c,
+                    signal: None,
+                    oom_killed: false,
+                })
+            }
+            Ok(WaitStatus::Signaled(_, s, _)) => {
+                return Ok(ExitStatus {
+                    code: 128 + s as i32,
+                    signal: Some(s as i32),
+                    oom_killed: false,
+                })
+            }
+            Ok(_) | Err(nix::Error::EINTR) => continue,
+            Err(e) => return Err(Error::sys("waitpid", e)),
+        }
+    }
+}
+
+/// Memory the container's cgroup uses now, in bytes.
+pub fn memory_usage(state_root: &Path, id: &str) -> Result<u64> {
+    let (_, rec) = load_record(state_root, id)?;
+    match rec.cgroup.as_ref().map(CgroupPaths::open) {
+        Some(cg) => Ok(cg.memory_usage()?),
+        None => Ok(0),
+    }
+}
+
+#[allow(dead_code)]
+fn raw(fd: &OwnedFd) -> i32 {
+    fd.as_raw_fd()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ids_with_separators_or_dots_are_rejected() {
+        for bad in ["", ".", "..", "a/b", "a b", "x\0"] {
+            assert!(
+                matches!(validate_id(bad), Err(Error::InvalidId(_))),
+                "{bad:?}"
+            );
+        }
+        validate_id("web-1_a.b+c").unwrap();
+    }
+
+    #[test]
+    fn signals_parse_from_names_and_numbers() {
+        assert_eq!(parse_signal("9").unwrap(), Signal::SIGKILL);
+        assert_eq!(parse_signal("TERM").unwrap(), Signal::SIGTERM);
+        assert_eq!(parse_signal("sigint").unwrap(), Signal::SIGINT);
+        assert!(parse_signal("NOPE").is_err());
+        assert!(parse_signal("999").is_err());
+    }
+
+    #[test]
+    fn state_of_unknown_container_is_not_found() {
+        let t = tempfile::tempdir().unwrap();
+        assert!(matches!(state(t.path(), "nope"), Err(Error::NotFound(_))));
+    }
+
+    #[test]
+    fn status_messages_round_trip_through_the_pipe_encoding() {
+        for m in [
+            Msg::Pid(42),
+            Msg::Ready,
+            Msg::Error("mount /proc: EPERM".into()),
+        ] {
+            let bytes = m.encode();
+            let back = Msg::read(&mut &bytes[..]).unwrap().unwrap();
+            assert_eq!(back, m);
+        }
+        assert_eq!(Msg::read(&mut &b""[..]).unwrap(), None);
+    }
+}

@@ -1,0 +1,901 @@
+//! The container side of `create` and `exec`: code that runs in the forked
+//! children. The intermediate child joins namespaces and clones the init
+//! into new ones; the init sets up the root file system, drops privileges,
+//! reports "ready", waits for `start`, and execs the workload.
+//!
+//! Nothing here may return into the caller's code: every path ends in
+//! `execve` or `_exit`. Errors go back to the parent over the status pipe.
+
+use std::ffi::CString;
+use std::fs;
+use std::io::{Read, Write};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+use std::path::{Component, Path, PathBuf};
+
+use nix::mount::{mount, umount2, MntFlags, MsFlags};
+use nix::sched::CloneFlags;
+use nix::sys::stat::{makedev, mknod, Mode};
+use nix::unistd::{Gid, Uid};
+
+use crate::plan::{MountPlan, Plan, ProcessPlan};
+use crate::sys;
+
+/// A message from a child to the parent over the status pipe.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum Msg {
+    /// The intermediate child cloned the init; this is its host pid.
+    Pid(i32),
+    /// The init is set up and waits for `start`.
+    Ready,
+    /// Set-up failed.
+    Error(String),
+}
+
+impl Msg {
+    pub(crate) fn encode(&self) -> Vec<u8> {
+        match self {
+            Msg::Pid(p) => {
+                let mut v = vec![b'P'];
+                v.extend_from_slice(&p.to_le_bytes());
+                v
+            }
+            Msg::Ready => vec![b'R'],
+            Msg::Error(e) => {
+                let mut v = vec![b'E'];
+                v.extend_from_slice(&(e.len() as u32).to_le_bytes());
+                v.extend_from_slice(e.as_bytes());
+                v
+            }
+        }
+    }
+
+    /// Reads one message; `None` at end of file (the writer died).
+    pub(crate) fn read(r: &mut impl Read) -> std::io::Result<Option<Msg>> {
+        let mut tag = [0u8; 1];
+        if r.read(&mut tag)? == 0 {
+            return Ok(None);
+        }
+        let mut n = [0u8; 4];
+        Ok(Some(match tag[0] {
+            b'P' => {
+                r.read_exact(&mut n)?;
+                Msg::Pid(i32::from_le_bytes(n))
+            }
+            b'R' => Msg::Ready,
+            _ => {
+                r.read_exact(&mut n)?;
+                let mut buf = vec![0u8; u32::from_le_bytes(n).min(1 << 16) as usize];
+                r.read_exact(&mut buf)?;
+                Msg::Error(String::from_utf8_lossy(&buf).into_owned())
+            }
+        }))
+    }
+}
+
+/// The descriptors a child gets from the parent.
+pub(crate) struct ChildFds {
+    /// Read end: one byte per "go ahead" from the parent.
+    pub go: OwnedFd,
+    /// Write end for [`Msg`]s.
+    pub status: OwnedFd,
+    /// The exec fifo, opened read-write; `None` for `exec`.
+    pub fifo: Option<OwnedFd>,
+    /// stdin, stdout, stderr to install; `None` keeps the inherited one.
+    pub stdio: [Option<OwnedFd>; 3],
+    /// A connected console socket, for `terminal: true`.
+    pub console: Option<OwnedFd>,
+    /// Namespaces to join, opened by the parent.
+    pub join: Vec<(OwnedFd, CloneFlags)>,
+}
+
+type R<T> = std::result::Result<T, String>;
+
+fn ctx<T, E: std::fmt::Display>(r: Result<T, E>, what: impl FnOnce() -> String) -> R<T> {
+    r.map_err(|e| format!("{}: {e}", what()))
+}
+
+fn send(fd: &OwnedFd, m: &Msg) {
+    let mut f = fs::File::from(fd.try_clone().expect("dup of the status pipe"));
+    // If the parent is gone there is no one left to tell.
+    let _ = f.write_all(&m.encode());
+}
+
+fn wait_go(fd: &OwnedFd) -> R<()> {
+    let mut b = [0u8; 1];
+    match nix::unistd::read(fd, &mut b) {
+        Ok(1) => Ok(()),
+        Ok(_) => Err("parent went away".into()),
+        Err(e) => Err(format!("read sync pipe: {e}")),
+    }
+}
+
+/// The intermediate child: joins namespaces, clones the init into the new
+/// ones (as a sibling, so the caller is its parent), reports its pid, exits.
+pub(crate) fn intermediate(plan: &Plan, fds: ChildFds) -> ! {
+    let status = fds.status.try_clone().expect("dup of the status pipe");
+    match intermediate_inner(plan, fds) {
+        Ok(()) => sys::exit_now(0),
+        Err(e) => {
+            send(&status, &Msg::Error(e));
+            sys::exit_now(1)
+        }
+    }
+}
+
+fn intermediate_inner(plan: &Plan, mut fds: ChildFds) -> R<()> {
+    // Not dumpable: no process in the container may open /proc/PID/exe of
+    // ours or ptrace us while we still run the host binary.
+    ctx(nix::sys::prctl::set_dumpable(false), || {
+        "prctl(PR_SET_DUMPABLE)".into()
+    })?;
+    wait_go(&fds.go)?;
+    // The user namespace first, so that the others are owned by it.
+    fds.join
+        .sort_by_key(|(_, f)| !f.contains(CloneFlags::CLONE_NEWUSER));
+    for (fd, flag) in &fds.join {
+        ctx(nix::sched::setns(fd, *flag), || format!("setns {flag:?}"))?;
+    }
+    let join = std::mem::take(&mut fds.join);
+    drop(join);
+    match ctx(sys::clone_sibling(plan.new_ns.bits()), || {
+        format!("clone({:?})", plan.new_ns)
+    })? {
+        sys::Forked::Parent(pid) => {
+            send(&fds.status, &Msg::Pid(pid.as_raw()));
+            Ok(())
+        }
+        sys::Forked::Child => {
+            let status = fds.status.try_clone().expect("dup of the status pipe");
+            match container_init(plan, fds) {
+                Ok(never) => match never {},
+                Err(e) => {
+                    send(&status, &Msg::Error(e));
+                    sys::exit_now(1)
+                }
+            }
+        }
+    }
+}
+
+/// The container's pid 1 until it execs the workload.
+fn container_init(plan: &Plan, mut fds: ChildFds) -> R<std::convert::Infallible> {
+    wait_go(&fds.go)?;
+    if plan.new_ns.contains(CloneFlags::CLONE_NEWUSER) {
+        // Become root of the new user namespace for the set-up.
+        ctx(
+            nix::unistd::setresgid(Gid::from_raw(0), Gid::from_raw(0), Gid::from_raw(0)),
+            || "setresgid(0)".into(),
+        )?;
+        ctx(
+            nix::unistd::setresuid(Uid::from_raw(0), Uid::from_raw(0), Uid::from_raw(0)),
+            || "setresuid(0)".into(),
+        )?;
+    }
+    install_stdio(&mut fds.stdio)?;
+    setup_rootfs(plan)?;
+    if let Some(h) = &plan.hostname {
+        ctx(nix::unistd::sethostname(h), || format!("sethostname {h}"))?;
+    }
+    for (k, v) in &plan.sysctl {
+        let p = PathBuf::from("/proc/sys").join(k.replace('.', "/"));
+        ctx(fs::write(&p, v), || format!("sysctl {k}"))?;
+    }
+    protect_paths(plan)?;
+    if plan.readonly_root {
+        ctx(
+            mount(
+                None::<&str>,
+                "/",
+                None::<&str>,
+                MsFlags::MS_BIND | MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY,
+                None::<&str>,
+            ),
+            || "remount / read-only".into(),
+        )?;
+    }
+    if plan.process.terminal {
+        let console = fds
+            .console
+            .take()
+            .ok_or("process.terminal is true but no --console-socket was given")?;
+        setup_terminal(&console)?;
+    } else {
+        ctx(nix::unistd::setsid(), || "setsid".into())?;
+    }
+    let fifo = fds.fifo.take();
+    exec_process(&plan.process, fds.status, fifo)
+}
+
+fn install_stdio(stdio: &mut [Option<OwnedFd>; 3]) -> R<()> {
+    for (target, fd) in stdio.iter_mut().enumerate() {
+        if let Some(fd) = fd.take() {
+            dup_onto(&fd, target)?;
+            if fd.as_raw_fd() == target as RawFd {
+                // Already in place: keep it open past the drop.
+                let _ = std::os::fd::IntoRawFd::into_raw_fd(fd);
+            }
+        }
+    }
+    Ok(())
+}
+
+fn dup_onto(fd: &OwnedFd, target: usize) -> R<()> {
+    if fd.as_raw_fd() == target as RawFd {
+        return Ok(());
+    }
+    let r = match target {
+        0 => nix::unistd::dup2_stdin(fd),
+        1 => nix::unistd::dup2_stdout(fd),
+        _ => nix::unistd::dup2_stderr(fd),
+    };
+    ctx(r, || format!("dup2 onto fd {target}"))
+}
+
+/// Resolves `unsafe_path` inside `root` the way the kernel would after a
+/// chroot to `root`: symlinks (absolute or relative) never lead out.
+pub(crate) fn secure_join(root: &Path, unsafe_path: &Path) -> R<PathBuf> {
+    let mut todo: Vec<std::ffi::OsString> = unsafe_path
+        .components()
+        .rev()
+        .filter_map(|c| match c {
+            Component::Normal(n) => Some(n.to_os_string()),
+            Component::ParentDir => Some("..".into()),
+            _ => None,
+        })
+        .collect();
+    let mut cur = PathBuf::new();
+    let mut links = 0;
+    while let Some(c) = todo.pop() {
+        if c == ".." {
+            cur.pop();
+            continue;
+        }
+        let cand = cur.join(&c);
+        let full = root.join(&cand);
+        match fs::symlink_metadata(&full) {
+            Ok(m) if m.file_type().is_symlink() => {
+                links += 1;
+                if links > 40 {
+                    return Err(format!(
+                        "too many symlinks resolving {}",
+                        unsafe_path.display()
+                    ));
+                }
+                let target = ctx(fs::read_link(&full), || {
+                    format!("readlink {}", full.display())
+                })?;
+                if target.is_absolute() {
+                    cur = PathBuf::new();
+                }
+                for t in target.components().rev() {
+                    match t {
+                        Component::Normal(n) => todo.push(n.to_os_string()),
+                        Component::ParentDir => todo.push("..".into()),
+                        _ => {}
+                    }
+                }
+            }
+            _ => cur = cand,
+        }
+    }
+    Ok(root.join(cur))
+}
+
+fn setup_rootfs(plan: &Plan) -> R<()> {
+    let root = &plan.rootfs;
+    ctx(
+        mount(
+            None::<&str>,
+            "/",
+            None::<&str>,
+            plan.root_propagation,
+            None::<&str>,
+        ),
+        || "make / private".into(),
+    )?;
+    ctx(
+        mount(
+            Some(root),
+            root,
+            None::<&str>,
+            MsFlags::MS_BIND | MsFlags::MS_REC,
+            None::<&str>,
+        ),
+        || format!("bind rootfs {}", root.display()),
+    )?;
+    for m in &plan.mounts {
+        mount_one(root, m)?;
+    }
+    make_devices(plan)?;
+    pivot(root)
+}
+
+fn mount_one(root: &Path, m: &MountPlan) -> R<()> {
+    let dest = secure_join(root, &m.dest)?;
+    let special = matches!(m.fstype.as_deref(), Some("proc") | Some("sysfs"));
+    if special && dest != root.join(m.dest.strip_prefix("/").unwrap_or(&m.dest)) {
+        return Err(format!(
+            "mount destination {} for {} goes through a symlink in the rootfs",
+            m.dest.display(),
+            m.fstype.as_deref().unwrap_or_default()
+        ));
+    }
+    if special {
+        if let Ok(md) = fs::symlink_metadata(&dest) {
+            if !md.is_dir() {
+                return Err(format!(
+                    "mount destination {} is not a directory",
+                    m.dest.display()
+                ));
+            }
+        }
+    }
+    let src_is_file = m.bind
+        && m.source
+            .as_ref()
+            .and_then(|s| fs::metadata(s).ok())
+            .is_some_and(|md| !md.is_dir());
+    if fs::symlink_metadata(&dest).is_err() {
+        if src_is_file {
+            if let Some(parent) = dest.parent() {
+                ctx(fs::create_dir_all(parent), || {
+                    format!("mkdir {}", parent.display())
+                })?;
+            }
+            ctx(fs::write(&dest, b""), || {
+                format!("create {}", dest.display())
+            })?;
+        } else {
+            ctx(fs::create_dir_all(&dest), || {
+                format!("mkdir {}", dest.display())
+            })?;
+        }
+    }
+    if m.bind {
+        let src = m
+            .source
+            .as_ref()
+            .ok_or_else(|| format!("bind mount on {} has no source", m.dest.display()))?;
+        let bind_flags = MsFlags::MS_BIND | (m.flags & MsFlags::MS_REC);
+        ctx(
+            mount(Some(src), &dest, None::<&str>, bind_flags, None::<&str>),
+            || format!("bind {} on {}", src.display(), m.dest.display()),
+        )?;
+        let rest = m.flags & !(MsFlags::MS_BIND | MsFlags::MS_REC);
+        if !rest.is_empty() {
+            ctx(
+                mount(
+                    None::<&str>,
+                    &dest,
+                    None::<&str>,
+                    rest | MsFlags::MS_BIND | MsFlags::MS_REMOUNT,
+                    None::<&str>,
+                ),
+                || format!("remount {}", m.dest.display()),
+            )?;
+        }
+    } else {
+        let src = m.source.clone().unwrap_or_else(|| PathBuf::from("none"));
+        let r = mount(
+            Some(&src),
+            &dest,
+            m.fstype.as_deref(),
+            m.flags,
+            m.data.as_deref(),
+        );
+        match (r, m.fstype.as_deref()) {
+            (Ok(()), _) => {}
+            // Without a new network namespace sysfs cannot be mounted
+            // fresh; bind the host's, read-only, as runc does.
+            (Err(nix::Error::EPERM), Some("sysfs")) => {
+                ctx(
+                    mount(
+                        Some("/sys"),
+                        &dest,
+                        None::<&str>,
+                        MsFlags::MS_BIND | MsFlags::MS_REC,
+                        None::<&str>,
+                    ),
+                    || "bind /sys".into(),
+                )?;
+                ctx(
+                    mount(
+                        None::<&str>,
+                        &dest,
+                        None::<&str>,
+                        MsFlags::MS_BIND
+                            | MsFlags::MS_REMOUNT
+                            | MsFlags::MS_RDONLY
+                            | MsFlags::MS_NOSUID
+                            | MsFlags::MS_NODEV
+                            | MsFlags::MS_NOEXEC,
+                        None::<&str>,
+                    ),
+                    || "remount /sys read-only".into(),
+                )?;
+            }
+            (Err(e), t) => {
+                return Err(format!(
+                    "mount {} on {}: {e}",
+                    t.unwrap_or("?"),
+                    m.dest.display()
+                ));
+            }
+        }
+    }
+    if !m.propagation.is_empty() {
+        ctx(
+            mount(
+                None::<&str>,
+                &dest,
+                None::<&str>,
+                m.propagation,
+                None::<&str>,
+            ),
+            || format!("set propagation of {}", m.dest.display()),
+        )?;
+    }
+    if m.fstype.as_deref() == Some("proc") {
+        ensure_procfs(&dest)?;
+    }
+    Ok(())
+}
+
+/// Refuses a /proc that is not a real procfs (CVE-2019-16884).
+fn ensure_procfs(p: &Path) -> R<()> {
+    let st = ctx(nix::sys::statfs::statfs(p), || {
+        format!("statfs {}", p.display())
+    })?;
+    if st.filesystem_type() != nix::sys::statfs::PROC_SUPER_MAGIC {
+        return Err(format!("{} is not a procfs", p.display()));
+    }
+    Ok(())
+}
+
+fn make_devices(plan: &Plan) -> R<()> {
+    let root = &plan.rootfs;
+    let dev = root.join("dev");
+    // Only a /dev we mounted ourselves (a tmpfs) gets nodes and links.
+    if !plan.mounts.iter().any(|m| m.dest == Path::new("/dev")) {
+        return Ok(());
+    }
+    let in_userns = plan.new_ns.contains(CloneFlags::CLONE_NEWUSER);
+    for d in &plan.devices {
+        let path = secure_join(root, &d.path)?;
+        if fs::symlink_metadata(&path).is_ok() {
+            continue;
+        }
+        if let Some(parent) = path.parent() {
+            ctx(fs::create_dir_all(parent), || {
+                format!("mkdir {}", parent.display())
+            })?;
+        }
+        let r = if in_userns {
+            Err(nix::Error::EPERM)
+        } else {
+            mknod(
+                &path,
+                d.kind,
+                Mode::from_bits_truncate(d.mode),
+                makedev(d.major, d.minor),
+            )
+        };
+        match r {
+            Ok(()) => {
+                ctx(
+                    nix::unistd::chown(
+                        &path,
+                        Some(Uid::from_raw(d.uid)),
+                        Some(Gid::from_raw(d.gid)),
+                    ),
+                    || format!("chown {}", d.path.display()),
+                )?;
+            }
+            // In a user namespace mknod is not allowed: bind the host node.
+            Err(nix::Error::EPERM) => {
+                ctx(fs::write(&path, b""), || {
+                    format!("create {}", d.path.display())
+                })?;
+                ctx(
+                    mount(
+                        Some(&d.path),
+                        &path,
+                        None::<&str>,
+                        MsFlags::MS_BIND,
+                        None::<&str>,
+                    ),
+                    || format!("bind device {}", d.path.display()),
+                )?;
+            }
+            Err(e) => return Err(format!("mknod {}: {e}", d.path.display())),
+        }
+    }
+    let links: &[(&str, &str)] = &[
+        ("fd", "/proc/self/fd"),
+        ("stdin", "/proc/self/fd/0"),
+        ("stdout", "/proc/self/fd/1"),
+        ("stderr", "/proc/self/fd/2"),
+        ("core", "/proc/kcore"),
+    ];
+    for (name, target) in links {
+        let p = dev.join(name);
+        if fs::symlink_metadata(&p).is_err() {
+            ctx(std::os::unix::fs::symlink(target, &p), || {
+                format!("symlink /dev/{name}")
+            })?;
+        }
+    }
+    if dev.join("pts").is_dir() && fs::symlink_metadata(dev.join("ptmx")).is_err() {
+        ctx(
+            std::os::unix::fs::symlink("pts/ptmx", dev.join("ptmx")),
+            || "symlink /dev/ptmx".into(),
+        )?;
+    }
+    Ok(())
+}
+
+fn pivot(root: &Path) -> R<()> {
+    ctx(nix::unistd::chdir(root), || {
+        format!("chdir {}", root.display())
+    })?;
+    // pivot_root(".", ".") stacks the old root on the new one; unmounting
+    // "." then drops it, without needing a directory in the rootfs.
+    ctx(nix::unistd::pivot_root(".", "."), || "pivot_root".into())?;
+    ctx(
+        mount(
+            None::<&str>,
+            ".",
+            None::<&str>,
+            MsFlags::MS_SLAVE | MsFlags::MS_REC,
+            None::<&str>,
+        ),
+        || "make old root a slave".into(),
+    )?;
+    ctx(umount2(".", MntFlags::MNT_DETACH), || {
+        "detach old root".into()
+    })?;
+    ctx(nix::unistd::chdir("/"), || "chdir /".into())
+}
+
+/// Masked and read-only paths, after checking /proc is the real procfs.
+fn protect_paths(plan: &Plan) -> R<()> {
+    let touches_proc = plan
+        .masked
+        .iter()
+        .chain(&plan.readonly_paths)
+        .any(|p| p.starts_with("/proc"));
+    if touches_proc {
+        ensure_procfs(Path::new("/proc"))?;
+    }
+    for p in &plan.masked {
+        let Ok(md) = fs::symlink_metadata(p) else {
+            continue;
+        };
+        let r = if md.is_dir() {
+            mount(
+                Some("tmpfs"),
+                p,
+                Some("tmpfs"),
+                MsFlags::MS_RDONLY,
+                None::<&str>,
+            )
+        } else {
+            mount(
+                Some("/dev/null"),
+                p,
+                None::<&str>,
+                MsFlags::MS_BIND,
+                None::<&str>,
+            )
+        };
+        ctx(r, || format!("mask {}", p.display()))?;
+    }
+    for p in &plan.readonly_paths {
+        if fs::symlink_metadata(p).is_err() {
+            continue;
+        }
+        ctx(
+            mount(
+                Some(p),
+                p,
+                None::<&str>,
+                MsFlags::MS_BIND | MsFlags::MS_REC,
+                None::<&str>,
+            ),
+            || format!("bind {}", p.display()),
+        )?;
+        let flags = MsFlags::MS_BIND
+            | MsFlags::MS_REMOUNT
+            | MsFlags::MS_RDONLY
+            | MsFlags::MS_NOSUID
+            | MsFlags::MS_NODEV
+            | MsFlags::MS_NOEXEC;
+        ctx(
+            mount(None::<&str>, p, None::<&str>, flags, None::<&str>),
+            || format!("remount {} read-only", p.display()),
+        )?;
+    }
+    Ok(())
+}
+
+fn setup_terminal(console: &OwnedFd) -> R<()> {
+    use nix::fcntl::OFlag;
+    let master = ctx(
+        nix::pty::posix_openpt(OFlag::O_RDWR | OFlag::O_NOCTTY | OFlag::O_CLOEXEC),
+        || "open /dev/ptmx".into(),
+    )?;
+    ctx(nix::pty::grantpt(&master), || "grantpt".into())?;
+    ctx(nix::pty::unlockpt(&master), || "unlockpt".into())?;
+    let name = ctx(nix::pty::ptsname_r(&master), || "ptsname".into())?;
+    let slave = ctx(
+        fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .custom_flags(libc::O_NOCTTY)
+            .open(&name),
+        || format!("open {name}"),
+    )?;
+    let iov = [std::io::IoSlice::new(b"/dev/ptmx")];
+    let fds = [master.as_raw_fd()];
+    let cmsg = [nix::sys::socket::ControlMessage::ScmRights(&fds)];
+    ctx(
+        nix::sys::socket::sendmsg::<()>(
+            console.as_raw_fd(),
+            &iov,
+            &cmsg,
+            nix::sys::socket::MsgFlags::empty(),
+            None,
+        ),
+        || "send pty master to the console socket".into(),
+    )?;
+    ctx(nix::unistd::setsid(), || "setsid".into())?;
+    let slave = OwnedFd::from(slave);
+    for target in 0..3 {
+        dup_onto(&slave, target)?;
+    }
+    ctx(sys::set_controlling_tty(), || "TIOCSCTTY".into())
+}
+
+fn apply_creds(p: &ProcessPlan) -> R<()> {
+    for (res, soft, hard) in &p.rlimits {
+        ctx(nix::sys::resource::setrlimit(*res, *soft, *hard), || {
+            format!("setrlimit {res:?}")
+        })?;
+    }
+    if let Some(adj) = p.oom_score_adj {
+        ctx(
+            fs::write("/proc/self/oom_score_adj", adj.to_string()),
+            || "write oom_score_adj".into(),
+        )?;
+    }
+    if let Some(c) = &p.caps {
+        for cap in caps::all() {
+            if !c.bounding.contains(&cap) {
+                // Caps unknown to this kernel give EINVAL; nothing to drop.
+                match caps::drop(None, caps::CapSet::Bounding, cap) {
+                    Ok(()) => {}
+                    Err(e) if caps::has_cap(None, caps::CapSet::Bounding, cap).unwrap_or(false) => {
+                        return Err(format!("drop {cap} from the bounding set: {e}"))
+                    }
+                    Err(_) => {}
+                }
+            }
+        }
+    }
+    ctx(nix::sys::prctl::set_keepcaps(true), || {
+        "prctl(PR_SET_KEEPCAPS)".into()
+    })?;
+    let groups: Vec<Gid> = p.groups.iter().map(|g| Gid::from_raw(*g)).collect();
+    ctx(nix::unistd::setgroups(&groups), || "setgroups".into())?;
+    let gid = Gid::from_raw(p.gid);
+    ctx(nix::unistd::setresgid(gid, gid, gid), || {
+        format!("setresgid {}", p.gid)
+    })?;
+    let uid = Uid::from_raw(p.uid);
+    ctx(nix::unistd::setresuid(uid, uid, uid), || {
+        format!("setresuid {}", p.uid)
+    })?;
+    ctx(nix::sys::prctl::set_keepcaps(false), || {
+        "prctl(PR_SET_KEEPCAPS)".into()
+    })?;
+    if let Some(c) = &p.caps {
+        // Effective first: it must stay a subset of the permitted set.
+        ctx(
+            caps::set(None, caps::CapSet::Effective, &c.effective),
+            || "set effective caps".into(),
+        )?;
+        ctx(
+            caps::set(None, caps::CapSet::Permitted, &c.permitted),
+            || "set permitted caps".into(),
+        )?;
+        ctx(
+            caps::set(None, caps::CapSet::Inheritable, &c.inheritable),
+            || "set inheritable caps".into(),
+        )?;
+        ctx(caps::clear(None, caps::CapSet::Ambient), || {
+            "clear ambient caps".into()
+        })?;
+        for cap in &c.ambient {
+            ctx(caps::raise(None, caps::CapSet::Ambient, *cap), || {
+                format!("raise ambient {cap}")
+            })?;
+        }
+    }
+    Ok(())
+}
+
+/// Finds the program like execvp, but with the container's PATH.
+fn find_program(p: &ProcessPlan) -> R<CString> {
+    let arg0 = p.args[0]
+        .to_str()
+        .map_err(|_| "process.args[0] is not UTF-8".to_string())?;
+    if arg0.contains('/') {
+        return Ok(p.args[0].clone());
+    }
+    for dir in p.path_env.split(':').filter(|d| !d.is_empty()) {
+        let cand = Path::new(dir).join(arg0);
+        if let Ok(md) = fs::metadata(&cand) {
+            if md.is_file() && nix::unistd::access(&cand, nix::unistd::AccessFlags::X_OK).is_ok() {
+                return CString::new(cand.into_os_string().into_encoded_bytes())
+                    .map_err(|_| "program path contains NUL".to_string());
+            }
+        }
+    }
+    Err(format!("executable file {arg0:?} not found in $PATH"))
+}
+
+/// Refuses to exec the runtime's own binary, directly or as the
+/// interpreter of a `#!` script (CVE-2019-5736: a container that gets the
+/// host binary as its process could later write to it via /proc/PID/exe).
+fn check_not_self(p: &ProcessPlan, prog: &Path) -> R<()> {
+    let Some((dev, ino)) = p.self_exe else {
+        return Ok(());
+    };
+    let mut cur = prog.to_path_buf();
+    // The kernel follows at most 4 levels of interpreters.
+    for _ in 0..6 {
+        let Ok(md) = fs::metadata(&cur) else {
+            return Ok(());
+        };
+        if md.dev() == dev && md.ino() == ino {
+            return Err(format!(
+                "refusing to exec {}: it is the container runtime's own binary",
+                prog.display()
+            ));
+        }
+        let mut head = [0u8; 256];
+        let n = match fs::File::open(&cur) {
+            Ok(mut f) => f.read(&mut head).unwrap_or(0),
+            Err(_) => return Ok(()),
+        };
+        if n < 2 || &head[..2] != b"#!" {
+            return Ok(());
+        }
+        let line = &head[2..n];
+        let line = line.split(|b| *b == b'\n').next().unwrap_or_default();
+        let interp = String::from_utf8_lossy(line);
+        let Some(interp) = interp.split_whitespace().next() else {
+            return Ok(());
+        };
+        cur = PathBuf::from(interp);
+    }
+    Ok(())
+}
+
+/// Last steps, shared by the init and `exec`: credentials, descriptor
+/// clean-up, cwd, "ready", wait for start, seccomp, execve.
+pub(crate) fn exec_process(
+    p: &ProcessPlan,
+    status: OwnedFd,
+    fifo: Option<OwnedFd>,
+) -> R<std::convert::Infallible> {
+    apply_creds(p)?;
+    // CVE-2024-21626: no descriptor of the runtime may survive into the
+    // container, and none may be reachable as /proc/self/fd/N for the
+    // chdir below. Keep only stdio, the status pipe and the fifo.
+    let mut keep: Vec<u32> = vec![status.as_raw_fd() as u32];
+    if let Some(f) = &fifo {
+        keep.push(f.as_raw_fd() as u32);
+    }
+    keep.sort_unstable();
+    let mut first = 3u32;
+    for k in &keep {
+        if *k >= first {
+            ctx(sys::close_range(first, k - 1), || "close_range".into())?;
+            first = k + 1;
+        }
+    }
+    ctx(sys::close_range(first, u32::MAX), || "close_range".into())?;
+    ctx(nix::unistd::chdir(&p.cwd), || {
+        format!("chdir to cwd {}", p.cwd.display())
+    })?;
+    let cwd = ctx(nix::unistd::getcwd(), || "getcwd".into())?;
+    if !cwd.is_absolute() || cwd.starts_with("(unreachable)") {
+        return Err(format!(
+            "cwd {} is outside the container root",
+            p.cwd.display()
+        ));
+    }
+    let prog = find_program(p)?;
+    check_not_self(p, Path::new(std::ffi::OsStr::from_bytes(prog.as_bytes())))?;
+    send(&status, &Msg::Ready);
+    drop(status);
+    if let Some(fifo) = fifo {
+        let mut b = [0u8; 1];
+        loop {
+            match nix::unistd::read(fifo.as_fd(), &mut b) {
+                Ok(1) => break,
+                Ok(_) => sys::exit_now(0),
+                Err(nix::Error::EINTR) => continue,
+                Err(_) => sys::exit_now(1),
+            }
+        }
+        drop(fifo);
+    }
+    let fail = |what: String| -> ! {
+        let _ = std::io::stderr().write_all(format!("evoke: {what}\n").as_bytes());
+        sys::exit_now(127)
+    };
+    if p.no_new_privs {
+        if let Err(e) = nix::sys::prctl::set_no_new_privs() {
+            fail(format!("prctl(PR_SET_NO_NEW_PRIVS): {e}"));
+        }
+    }
+    if let Some(prog) = &p.seccomp {
+        if let Err(e) = crate::seccomp::install(prog) {
+            fail(e);
+        }
+    }
+    let e = nix::unistd::execve(&prog, &p.args, &p.env).unwrap_err();
+    fail(format!("exec {}: {e}", prog.to_string_lossy()))
+}
+
+/// The intermediate child of `exec`: joins the container's namespaces and
+/// clones the process that will exec there.
+pub(crate) fn exec_intermediate(p: &ProcessPlan, mut fds: ChildFds) -> ! {
+    let status = fds.status.try_clone().expect("dup of the status pipe");
+    let r = (|| -> R<()> {
+        ctx(nix::sys::prctl::set_dumpable(false), || {
+            "prctl(PR_SET_DUMPABLE)".into()
+        })?;
+        wait_go(&fds.go)?;
+        for (fd, flag) in &fds.join {
+            ctx(nix::sched::setns(fd, *flag), || format!("setns {flag:?}"))?;
+        }
+        drop(std::mem::take(&mut fds.join));
+        match ctx(sys::clone_sibling(0), || "clone".into())? {
+            sys::Forked::Parent(pid) => {
+                send(&fds.status, &Msg::Pid(pid.as_raw()));
+                Ok(())
+            }
+            sys::Forked::Child => {
+                let status = fds.status.try_clone().expect("dup of the status pipe");
+                let r = (|| -> R<std::convert::Infallible> {
+                    wait_go(&fds.go)?;
+                    install_stdio(&mut fds.stdio)?;
+                    if p.terminal {
+                        let console = fds
+                            .console
+                            .take()
+                            .ok_or("process.terminal is true but no console socket was given")?;
+                        setup_terminal(&console)?;
+                    }
+                    let st = fds.status.try_clone().map_err(|e| e.to_string())?;
+                    exec_process(p, st, None)
+                })();
+                let Err(e) = r;
+                send(&status, &Msg::Error(e));
+                sys::exit_now(1)
+            }
+        }
+    })();
+    match r {
+        Ok(()) => sys::exit_now(0),
+        Err(e) => {
+            send(&status, &Msg::Error(e));
+            sys::exit_now(1)
+        }
+    }
+}

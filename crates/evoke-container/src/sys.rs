@@ -1,0 +1,80 @@
+//! The few raw system calls nix does not wrap safely: fork, clone with
+//! CLONE_PARENT, close_range, _exit and TIOCSCTTY.
+#![allow(unsafe_code)]
+
+use nix::unistd::Pid;
+
+/// Which side of a fork we are on.
+pub(crate) enum Forked {
+    Parent(Pid),
+    Child,
+}
+
+/// glibc's fork. The child may allocate (glibc resets its malloc locks) but
+/// must not take locks that other threads of the parent might have held.
+pub(crate) fn fork() -> nix::Result<Forked> {
+    // SAFETY: the child only runs engine code that makes system calls and
+    // allocates; it never returns into the caller's code (it exits or execs).
+    match unsafe { nix::unistd::fork() }? {
+        nix::unistd::ForkResult::Parent { child } => Ok(Forked::Parent(child)),
+        nix::unistd::ForkResult::Child => Ok(Forked::Child),
+    }
+}
+
+/// clone(2) with fork semantics (no new stack) and CLONE_PARENT, so that the
+/// new process is a sibling of the caller: a child of the caller's parent.
+/// `flags` adds namespace flags. Only call from a single-threaded process.
+pub(crate) fn clone_sibling(flags: libc::c_int) -> nix::Result<Forked> {
+    let all = (flags | libc::CLONE_PARENT | libc::SIGCHLD) as libc::c_ulong;
+    // SAFETY: a NULL stack makes clone behave like fork: the child runs on a
+    // copy-on-write copy of this stack. The caller is single-threaded (the
+    // intermediate child of `fork`), so no lock can be held by another thread.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_clone,
+            all,
+            std::ptr::null_mut::<libc::c_void>(),
+            std::ptr::null_mut::<libc::c_int>(),
+            std::ptr::null_mut::<libc::c_int>(),
+            0 as libc::c_ulong,
+        )
+    };
+    match rc {
+        -1 => Err(nix::Error::last()),
+        0 => Ok(Forked::Child),
+        pid => Ok(Forked::Parent(Pid::from_raw(pid as i32))),
+    }
+}
+
+/// Closes every descriptor in [first, last].
+pub(crate) fn close_range(first: u32, last: u32) -> nix::Result<()> {
+    if first > last {
+        return Ok(());
+    }
+    // SAFETY: close_range only closes descriptors; the caller owns all of
+    // them (it is the container init, about to exec) and holds no Rust
+    // object over the closed range.
+    let rc = unsafe { libc::syscall(libc::SYS_close_range, first, last, 0 as libc::c_uint) };
+    if rc == -1 {
+        return Err(nix::Error::last());
+    }
+    Ok(())
+}
+
+/// Leaves a forked child at once, without running the parent's atexit
+/// handlers or flushing its stdio buffers a second time.
+pub(crate) fn exit_now(code: i32) -> ! {
+    // SAFETY: _exit never returns and touches no memory of ours.
+    unsafe { libc::_exit(code) }
+}
+
+/// Makes stdin's terminal the controlling terminal of this session.
+pub(crate) fn set_controlling_tty() -> nix::Result<()> {
+    // SAFETY: TIOCSCTTY takes an int argument by value; fd 0 is the pty
+    // slave we just put there.
+    let rc = unsafe { libc::ioctl(0, libc::TIOCSCTTY, 0) };
+    if rc == -1 {
+        return Err(nix::Error::last());
+    }
+    Ok(())
+}
