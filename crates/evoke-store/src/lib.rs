@@ -9,9 +9,11 @@ use std::pin::Pin;
 use futures::Stream;
 
 pub mod memory;
+pub mod sqlite;
 mod watch;
 
 pub use memory::MemoryBackend;
+pub use sqlite::SqliteBackend;
 
 /// A stored value with the revisions that created and last changed it.
 #[derive(Debug, Clone, PartialEq, Eq)]

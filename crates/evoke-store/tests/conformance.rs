@@ -502,3 +502,7 @@ macro_rules! backend_suite {
 mod memory {
     backend_suite!(crate::common::memory);
 }
+
+mod sqlite {
+    backend_suite!(crate::common::sqlite);
+}

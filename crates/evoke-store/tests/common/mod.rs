@@ -13,3 +13,9 @@ pub type Guard = Box<dyn std::any::Any + Send>;
 pub async fn memory() -> Option<(Arc<dyn Backend>, Guard)> {
     Some((Arc::new(MemoryBackend::new()), Box::new(())))
 }
+
+pub async fn sqlite() -> Option<(Arc<dyn Backend>, Guard)> {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let b = evoke_store::SqliteBackend::open(dir.path().join("db/state.db")).expect("open sqlite");
+    Some((Arc::new(b), Box::new(dir)))
+}
