@@ -16,6 +16,7 @@
 
 pub mod decode;
 pub mod defaults;
+pub mod patch;
 pub mod registry;
 pub mod schema;
 pub mod status;
