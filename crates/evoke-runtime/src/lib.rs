@@ -2,9 +2,12 @@
 //!
 //! Start reading at [`workload::WorkloadRuntime`]: the trait the process,
 //! container and microvm tiers implement and the node agent and `evoke run`
-//! call. [`fake::FakeRuntime`] is its test double.
+//! call. [`fake::FakeRuntime`] is its test double. The image store is
+//! [`image::ImageStore`].
 
 pub mod fake;
+pub mod image;
+pub mod testing;
 pub mod workload;
 
 pub use fake::{FakeCall, FakeRuntime};
