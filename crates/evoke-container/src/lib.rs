@@ -691,6 +691,31 @@ pub fn wait_pid(pid: Pid) -> Result<ExitStatus> {
     }
 }
 
+/// Passes SIGINT, SIGTERM and SIGHUP that reach the calling process on to
+/// the container's init, from a background thread: the container runs in
+/// its own session, so a terminal's signals do not reach it. Call it after
+/// [`create`]: the signals are blocked in the calling thread (and threads it
+/// starts later), and the container's process must not inherit that mask.
+pub fn forward_signals(state_root: &Path, id: &str) {
+    use nix::sys::signal::SigSet;
+    let mut set = SigSet::empty();
+    for s in [Signal::SIGINT, Signal::SIGTERM, Signal::SIGHUP] {
+        set.add(s);
+    }
+    if set.thread_block().is_err() {
+        return;
+    }
+    let root = state_root.to_path_buf();
+    let id = id.to_string();
+    std::thread::spawn(move || {
+        while let Ok(sig) = set.wait() {
+            if kill(&root, &id, sig).is_err() {
+                break;
+            }
+        }
+    });
+}
+
 /// Memory the container's cgroup uses now, in bytes.
 pub fn memory_usage(state_root: &Path, id: &str) -> Result<u64> {
     let (_, rec) = load_record(state_root, id)?;

@@ -142,7 +142,7 @@ pub fn default_spec(args: &[String], rootfs: &str) -> Spec {
             "capabilities": {
                 "bounding": caps, "effective": caps, "permitted": caps
             },
-            "rlimits": [{"type": "RLIMIT_NOFILE", "hard": 1048576u64, "soft": 1048576u64}],
+            "rlimits": [{"type": "RLIMIT_NOFILE", "hard": 1024u64, "soft": 1024u64}],
             "noNewPrivileges": true
         },
         "root": {"path": rootfs, "readonly": false},
