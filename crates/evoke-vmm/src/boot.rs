@@ -1,0 +1,358 @@
+//! Loading a Linux kernel, its initramfs and command line into guest memory
+//! and describing the machine to it: the zero page (64-bit boot protocol) or
+//! `hvm_start_info` (PVH).
+//!
+//! Two kernel formats: a bzImage (entered at its 64-bit entry point, load
+//! address + 0x200, after its decompressor runs inside the guest), and an
+//! uncompressed ELF vmlinux (no decompression: entered at the ELF entry via
+//! the 64-bit boot protocol, or at the PVH entry from its Xen ELF note).
+
+use std::fs::File;
+use std::io::{Read, Seek, SeekFrom};
+use std::path::{Path, PathBuf};
+
+use linux_loader::loader::bootparam::{boot_e820_entry, boot_params, setup_header};
+use linux_loader::loader::bzimage::BzImage;
+use linux_loader::loader::elf::start_info::{
+    hvm_memmap_table_entry, hvm_modlist_entry, hvm_start_info,
+};
+use linux_loader::loader::elf::{Elf, PvhBootCapability};
+use linux_loader::loader::KernelLoader;
+use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+
+use crate::arch::EntryMode;
+use crate::error::VmmError;
+use crate::layout::*;
+
+/// How to enter the kernel.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum BootProtocol {
+    /// PVH for an ELF kernel with a PVH note, otherwise the 64-bit protocol.
+    #[default]
+    Auto,
+    /// Linux's 64-bit boot protocol (zero page in `rsi`).
+    Linux64,
+    /// PVH (ELF kernels only): 32-bit entry, `hvm_start_info` in `ebx`.
+    Pvh,
+}
+
+/// Where the kernel landed and how to start it.
+#[derive(Debug, Clone, Copy)]
+pub struct BootEntry {
+    pub entry: u64,
+    pub mode: EntryMode,
+}
+
+const E820_RAM: u32 = 1;
+const E820_RESERVED: u32 = 2;
+const KERNEL_BOOT_FLAG_MAGIC: u16 = 0xaa55;
+const KERNEL_HDR_MAGIC: u32 = 0x5372_6448; // "HdrS"
+const KERNEL_MIN_ALIGNMENT: u32 = 0x0100_0000;
+const PVH_START_MAGIC: u32 = 0x336e_c578;
+
+/// The memory map both protocols describe: low RAM below the EBDA, the BIOS
+/// area (ACPI tables) reserved, then RAM from 1 MiB, skipping the MMIO gap.
+pub fn e820_map(mem_size: u64) -> Vec<(u64, u64, u32)> {
+    let mut map = vec![
+        (0, EBDA_START, E820_RAM),
+        (EBDA_START, HIGH_MEMORY_START - EBDA_START, E820_RESERVED),
+    ];
+    for (start, len) in ram_regions(mem_size) {
+        if start == 0 {
+            map.push((HIGH_MEMORY_START, len - HIGH_MEMORY_START, E820_RAM));
+        } else {
+            map.push((start, len, E820_RAM));
+        }
+    }
+    map
+}
+
+fn open(path: &Path) -> Result<File, VmmError> {
+    File::open(path).map_err(|source| {
+        if source.kind() == std::io::ErrorKind::NotFound {
+            VmmError::KernelMissing {
+                path: path.to_path_buf(),
+            }
+        } else {
+            VmmError::Io {
+                path: path.to_path_buf(),
+                source,
+            }
+        }
+    })
+}
+
+fn is_elf(f: &mut File, path: &Path) -> Result<bool, VmmError> {
+    let mut magic = [0u8; 4];
+    let io = |source| VmmError::Io {
+        path: path.to_path_buf(),
+        source,
+    };
+    f.read_exact(&mut magic).map_err(io)?;
+    f.seek(SeekFrom::Start(0)).map_err(io)?;
+    Ok(&magic == b"\x7fELF")
+}
+
+/// Everything `load` needs besides guest memory.
+pub struct BootSpec<'a> {
+    pub kernel: &'a Path,
+    pub initrd: Option<&'a Path>,
+    pub cmdline: &'a str,
+    pub protocol: BootProtocol,
+    pub mem_size: u64,
+    pub rsdp: u64,
+}
+
+/// Loads kernel, initramfs and command line and writes the boot structures.
+pub fn load(mem: &GuestMemoryMmap, spec: &BootSpec<'_>) -> Result<BootEntry, VmmError> {
+    let mut kf = open(spec.kernel)?;
+    let kernel_err = |e: linux_loader::loader::Error| VmmError::KernelLoad {
+        path: spec.kernel.to_path_buf(),
+        reason: e.to_string(),
+    };
+    let elf = is_elf(&mut kf, spec.kernel)?;
+    let start = GuestAddress(HIGH_MEMORY_START);
+    let (result, entry) = if elf {
+        let r = Elf::load(mem, None, &mut kf, Some(start)).map_err(kernel_err)?;
+        let pvh = match (spec.protocol, r.pvh_boot_cap) {
+            (BootProtocol::Linux64, _) => None,
+            (_, PvhBootCapability::PvhEntryPresent(a)) => Some(a.0),
+            (BootProtocol::Pvh, _) => {
+                return Err(VmmError::KernelLoad {
+                    path: spec.kernel.to_path_buf(),
+                    reason: "pvh requested but the kernel has no pvh entry note".into(),
+                })
+            }
+            _ => None,
+        };
+        let entry = match pvh {
+            Some(e) => BootEntry {
+                entry: e,
+                mode: EntryMode::Protected32,
+            },
+            None => BootEntry {
+                entry: r.kernel_load.0,
+                mode: EntryMode::Long64,
+            },
+        };
+        (r, entry)
+    } else {
+        if spec.protocol == BootProtocol::Pvh {
+            return Err(VmmError::KernelLoad {
+                path: spec.kernel.to_path_buf(),
+                reason: "pvh needs an uncompressed elf vmlinux, not a bzimage".into(),
+            });
+        }
+        let r = BzImage::load(mem, None, &mut kf, Some(start)).map_err(kernel_err)?;
+        let entry = BootEntry {
+            entry: r.kernel_load.0 + 0x200,
+            mode: EntryMode::Long64,
+        };
+        (r, entry)
+    };
+
+    let cmdline = spec.cmdline.as_bytes();
+    if cmdline.len() + 1 > CMDLINE_MAX {
+        return Err(VmmError::Config(format!(
+            "kernel command line is {} bytes, the limit is {}",
+            cmdline.len(),
+            CMDLINE_MAX - 1
+        )));
+    }
+    let memerr = |_| VmmError::Setup("cannot write boot data into guest memory");
+    mem.write_slice(cmdline, GuestAddress(CMDLINE_ADDR))
+        .map_err(memerr)?;
+    mem.write_obj(0u8, GuestAddress(CMDLINE_ADDR + cmdline.len() as u64))
+        .map_err(memerr)?;
+
+    let hdr = result.setup_header;
+    let initrd_max = hdr.map(|h| h.initrd_addr_max).filter(|m| *m != 0);
+    let initrd = match spec.initrd {
+        Some(p) => Some(load_initrd(
+            mem,
+            p,
+            spec.mem_size,
+            result.kernel_end,
+            initrd_max,
+        )?),
+        None => None,
+    };
+
+    if entry.mode == EntryMode::Protected32 {
+        write_pvh_info(mem, spec, initrd)?;
+    } else {
+        write_zero_page(mem, spec, hdr, cmdline.len(), initrd)?;
+    }
+    Ok(entry)
+}
+
+/// Places the initramfs at the top of low memory, page aligned, below the
+/// kernel's limit, and returns (address, size).
+fn load_initrd(
+    mem: &GuestMemoryMmap,
+    path: &Path,
+    mem_size: u64,
+    kernel_end: u64,
+    initrd_max: Option<u32>,
+) -> Result<(u64, u64), VmmError> {
+    let io = |source| VmmError::Io {
+        path: path.to_path_buf(),
+        source,
+    };
+    let mut f = File::open(path).map_err(io)?;
+    let size = f.metadata().map_err(io)?.len();
+    let low_top = mem_size.min(MMIO_GAP_START);
+    let limit = initrd_max.map_or(low_top, |m| low_top.min(u64::from(m) + 1));
+    let addr = limit
+        .checked_sub(size)
+        .map(|a| a & !0xfff)
+        .filter(|a| *a >= kernel_end)
+        .ok_or_else(|| {
+            VmmError::Config(format!(
+                "initramfs {} ({size} bytes) does not fit in {} MiB of guest memory next to the kernel",
+                path.display(),
+                mem_size >> 20
+            ))
+        })?;
+    mem.read_exact_volatile_from(GuestAddress(addr), &mut f, size as usize)
+        .map_err(|e| VmmError::Io {
+            path: path.to_path_buf(),
+            source: std::io::Error::other(e.to_string()),
+        })?;
+    Ok((addr, size))
+}
+
+fn write_zero_page(
+    mem: &GuestMemoryMmap,
+    spec: &BootSpec<'_>,
+    hdr: Option<setup_header>,
+    cmdline_len: usize,
+    initrd: Option<(u64, u64)>,
+) -> Result<(), VmmError> {
+    let mut params = boot_params::default();
+    if let Some(h) = hdr {
+        params.hdr = h;
+    } else {
+        params.hdr.boot_flag = KERNEL_BOOT_FLAG_MAGIC;
+        params.hdr.header = KERNEL_HDR_MAGIC;
+        params.hdr.kernel_alignment = KERNEL_MIN_ALIGNMENT;
+    }
+    params.hdr.type_of_loader = 0xff; // undefined loader
+    params.hdr.cmd_line_ptr = CMDLINE_ADDR as u32;
+    params.hdr.cmdline_size = cmdline_len as u32 + 1;
+    if let Some((addr, size)) = initrd {
+        params.hdr.ramdisk_image = addr as u32;
+        params.hdr.ramdisk_size = size as u32;
+    }
+    params.acpi_rsdp_addr = spec.rsdp;
+    let map = e820_map(spec.mem_size);
+    for (i, (addr, size, ty)) in map.iter().enumerate() {
+        params.e820_table[i] = boot_e820_entry {
+            addr: *addr,
+            size: *size,
+            r#type: *ty,
+        };
+    }
+    params.e820_entries = map.len() as u8;
+    mem.write_obj(params, GuestAddress(ZERO_PAGE_ADDR))
+        .map_err(|_| VmmError::Setup("cannot write the zero page into guest memory"))
+}
+
+fn write_pvh_info(
+    mem: &GuestMemoryMmap,
+    spec: &BootSpec<'_>,
+    initrd: Option<(u64, u64)>,
+) -> Result<(), VmmError> {
+    let memerr = |_| VmmError::Setup("cannot write pvh start info into guest memory");
+    let map = e820_map(spec.mem_size);
+    for (i, (addr, size, ty)) in map.iter().enumerate() {
+        let e = hvm_memmap_table_entry {
+            addr: *addr,
+            size: *size,
+            type_: *ty,
+            reserved: 0,
+        };
+        mem.write_obj(e, GuestAddress(PVH_MEMMAP_ADDR + i as u64 * 24))
+            .map_err(memerr)?;
+    }
+    let modlist_addr = PVH_MEMMAP_ADDR + map.len() as u64 * 24;
+    let mut info = hvm_start_info {
+        magic: PVH_START_MAGIC,
+        version: 1,
+        cmdline_paddr: CMDLINE_ADDR,
+        rsdp_paddr: spec.rsdp,
+        memmap_paddr: PVH_MEMMAP_ADDR,
+        memmap_entries: map.len() as u32,
+        ..Default::default()
+    };
+    if let Some((addr, size)) = initrd {
+        let m = hvm_modlist_entry {
+            paddr: addr,
+            size,
+            ..Default::default()
+        };
+        mem.write_obj(m, GuestAddress(modlist_addr))
+            .map_err(memerr)?;
+        info.nr_modules = 1;
+        info.modlist_paddr = modlist_addr;
+    }
+    mem.write_obj(info, GuestAddress(PVH_INFO_ADDR))
+        .map_err(memerr)
+}
+
+/// The guest kernel evoke uses when none is given: Debian's
+/// linux-image-cloud-amd64, which `scripts/setup` installs.
+pub fn default_kernel() -> Result<PathBuf, VmmError> {
+    let mut found: Vec<PathBuf> = std::fs::read_dir("/boot")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| {
+            p.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with("vmlinuz-") && n.ends_with("-cloud-amd64"))
+        })
+        .collect();
+    found.sort();
+    found.pop().ok_or_else(|| VmmError::KernelMissing {
+        path: PathBuf::from("/boot/vmlinuz-*-cloud-amd64"),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn e820_reserves_the_bios_area_and_skips_the_mmio_gap() {
+        let m = e820_map(512 << 20);
+        assert_eq!(m[0], (0, EBDA_START, E820_RAM));
+        assert_eq!(m[1].2, E820_RESERVED);
+        assert_eq!(
+            m[2],
+            (HIGH_MEMORY_START, (512 << 20) - HIGH_MEMORY_START, E820_RAM)
+        );
+        let big = e820_map(4 << 30);
+        assert_eq!(big.len(), 4);
+        assert_eq!(big[3].0, MMIO_GAP_END);
+    }
+
+    #[test]
+    fn missing_kernel_names_the_setup_script() {
+        let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 4 << 20)]).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let spec = BootSpec {
+            kernel: &dir.path().join("vmlinuz-nope"),
+            initrd: None,
+            cmdline: "",
+            protocol: BootProtocol::Auto,
+            mem_size: 4 << 20,
+            rsdp: 0,
+        };
+        let err = load(&mem, &spec).unwrap_err().to_string();
+        assert!(err.contains("scripts/setup"), "{err}");
+        assert!(err.contains("vmlinuz-nope"), "{err}");
+    }
+}
