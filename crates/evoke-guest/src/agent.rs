@@ -1,0 +1,524 @@
+//! The guest's /init: prepares the guest, runs the workload chrooted into
+//! the image rootfs, forwards its output and exit status over the agent
+//! channel, then ends the VM.
+//!
+//! Order matters for boot time: the boot mark is written before anything
+//! else, and nothing waits longer than the devices need.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Read, Write};
+use std::os::fd::{AsFd, BorrowedFd};
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use nix::mount::{mount, MsFlags};
+use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+use nix::sys::reboot::{reboot, RebootMode};
+use nix::sys::signal::{SigSet, Signal};
+use nix::sys::signalfd::{SfdFlags, SignalFd};
+use nix::sys::termios;
+use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
+use nix::unistd::Pid;
+
+use evoke_guest::proto::{ExitStatus, Frame};
+use evoke_guest::spec::{self, Channel, GuestSpec, Shutdown};
+
+use crate::sys;
+
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    #[error("{what}: {source}")]
+    Io { what: String, source: io::Error },
+    #[error("{what}: {source}")]
+    Sys { what: String, source: nix::Error },
+    #[error("guest spec {path}: {source}")]
+    Spec {
+        path: &'static str,
+        source: serde_json::Error,
+    },
+    #[error("no agent channel: {0}")]
+    NoChannel(String),
+}
+
+fn io_ctx(what: impl Into<String>) -> impl FnOnce(io::Error) -> AgentError {
+    let what = what.into();
+    move |source| AgentError::Io { what, source }
+}
+
+fn nix_ctx(what: impl Into<String>) -> impl FnOnce(nix::Error) -> AgentError {
+    let what = what.into();
+    move |source| AgentError::Sys { what, source }
+}
+
+/// Where frames go: a framed channel, or the console for plain output.
+enum Sink {
+    Framed(File),
+    Console(File),
+}
+
+impl Sink {
+    fn send(&mut self, frame: &Frame) {
+        let res = match (self, frame) {
+            (Sink::Framed(f), _) => frame.write_to(f).map_err(|e| e.to_string()),
+            (Sink::Console(c), Frame::Stdout(b) | Frame::Stderr(b)) => {
+                c.write_all(b).map_err(|e| e.to_string())
+            }
+            (Sink::Console(c), Frame::Exit(s)) => {
+                writeln!(c, "\n{}{}", spec::CONSOLE_EXIT_PREFIX, s.code).map_err(|e| e.to_string())
+            }
+            (Sink::Console(c), Frame::Error(m)) => {
+                writeln!(c, "evoke-guest: {m}").map_err(|e| e.to_string())
+            }
+            (Sink::Console(_), _) => Ok(()),
+        };
+        if let Err(e) = res {
+            console(&format!("evoke-guest: agent channel write failed: {e}"));
+        }
+    }
+
+    fn readable(&self) -> Option<BorrowedFd<'_>> {
+        match self {
+            Sink::Framed(f) => Some(f.as_fd()),
+            Sink::Console(_) => None,
+        }
+    }
+}
+
+/// A best-effort line on the console (fd 1 of init is /dev/console).
+fn console(msg: &str) {
+    let mut out = io::stdout().lock();
+    let _ = writeln!(out, "{msg}");
+    let _ = out.flush();
+}
+
+pub fn run() -> ! {
+    console(spec::BOOT_MARK);
+    let mut shutdown = Shutdown::default();
+    if let Err(e) = boot(&mut shutdown) {
+        console(&format!("evoke-guest: {e}"));
+    }
+    nix::unistd::sync();
+    let mode = match shutdown {
+        Shutdown::Reboot => RebootMode::RB_AUTOBOOT,
+        Shutdown::PowerOff => RebootMode::RB_POWER_OFF,
+    };
+    let _ = reboot(mode);
+    // Only reached if the kernel refused; PID 1 must never exit.
+    let _ = reboot(RebootMode::RB_AUTOBOOT);
+    loop {
+        std::thread::sleep(Duration::from_secs(3600));
+    }
+}
+
+fn boot(shutdown: &mut Shutdown) -> Result<(), AgentError> {
+    mount_basics("")?;
+    let spec_res = fs::read(spec::SPEC_PATH)
+        .map_err(io_ctx(format!("read {}", spec::SPEC_PATH)))
+        .and_then(|b| {
+            GuestSpec::from_json(&b).map_err(|source| AgentError::Spec {
+                path: spec::SPEC_PATH,
+                source,
+            })
+        });
+    if let Ok(s) = &spec_res {
+        *shutdown = s.shutdown;
+    }
+    load_modules();
+    let channel = spec_res
+        .as_ref()
+        .map(|s| s.channel)
+        .unwrap_or(Channel::Auto);
+    let mut sink = open_channel(channel)?;
+    sink.send(&Frame::Ready);
+    let spec = match spec_res {
+        Ok(s) => s,
+        Err(e) => {
+            sink.send(&Frame::Error(e.to_string()));
+            return Err(e);
+        }
+    };
+    if let Some(h) = &spec.hostname {
+        if let Err(e) = nix::unistd::sethostname(h) {
+            console(&format!("evoke-guest: sethostname {h}: {e}"));
+        }
+    }
+    let status = match run_workload(&spec, &mut sink) {
+        Ok(s) => s,
+        Err(e) => {
+            sink.send(&Frame::Error(e.to_string()));
+            ExitStatus {
+                code: exec_failure_code(&e),
+                signal: 0,
+                oom_killed: false,
+            }
+        }
+    };
+    sink.send(&Frame::Exit(status));
+    Ok(())
+}
+
+/// Docker's convention: 127 when the command is missing, 126 when it cannot
+/// be executed, 125 when the runtime itself failed.
+fn exec_failure_code(e: &AgentError) -> i32 {
+    match e {
+        AgentError::Io { source, .. } if source.kind() == io::ErrorKind::NotFound => 127,
+        AgentError::Io { source, .. } if source.kind() == io::ErrorKind::PermissionDenied => 126,
+        _ => 125,
+    }
+}
+
+fn mount_one(
+    src: &str,
+    target: &str,
+    fstype: &str,
+    flags: MsFlags,
+    data: Option<&str>,
+) -> Result<(), AgentError> {
+    let _ = fs::create_dir_all(target);
+    mount(Some(src), target, Some(fstype), flags, data)
+        .map_err(nix_ctx(format!("mount {fstype} on {target}")))
+}
+
+/// /proc, /sys, /dev, /dev/pts and /tmp under `root` ("" for the guest's own root).
+fn mount_basics(root: &str) -> Result<(), AgentError> {
+    let nosuid = MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC;
+    mount_one("proc", &format!("{root}/proc"), "proc", nosuid, None)?;
+    mount_one("sysfs", &format!("{root}/sys"), "sysfs", nosuid, None)?;
+    mount_one(
+        "devtmpfs",
+        &format!("{root}/dev"),
+        "devtmpfs",
+        MsFlags::MS_NOSUID,
+        None,
+    )?;
+    mount_one(
+        "devpts",
+        &format!("{root}/dev/pts"),
+        "devpts",
+        MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC,
+        Some("newinstance,ptmxmode=0666,mode=0620"),
+    )?;
+    mount_one(
+        "tmpfs",
+        &format!("{root}/tmp"),
+        "tmpfs",
+        MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
+        Some("mode=1777"),
+    )?;
+    Ok(())
+}
+
+/// Loads the modules listed in the initramfs, in order. A failure is
+/// reported and skipped: the channel set-up then says what is missing.
+fn load_modules() {
+    let Ok(list) = fs::read_to_string(spec::MODULES_LIST) else {
+        return;
+    };
+    for name in list.lines().filter(|l| !l.is_empty()) {
+        let path = format!("{}/{name}", spec::MODULES_DIR);
+        let res = File::open(&path).and_then(|f| sys::finit_module(&f));
+        match res {
+            Ok(()) => {}
+            Err(e) if e.raw_os_error() == Some(libc::EEXIST) => {}
+            Err(e) => console(&format!("evoke-guest: load module {path}: {e}")),
+        }
+    }
+}
+
+/// Candidate virtio-console devices, most specific first: the console port
+/// (`hvc0`, when the host offers a virtconsole) and then generic ports
+/// (`vportNpM`; opening a port that backs a console gives ENXIO).
+fn virtio_ports() -> Vec<String> {
+    let mut ports = Vec::new();
+    // hvc0 is listed only once a backing console is registered (the built-in
+    // Xen hvc driver has no device here).
+    if Path::new("/sys/class/tty/hvc0").exists() {
+        ports.push("/dev/hvc0".to_owned());
+    }
+    let mut vports: Vec<String> = fs::read_dir("/dev")
+        .map(|d| {
+            d.filter_map(|e| e.ok()?.file_name().into_string().ok())
+                .filter(|n| n.starts_with("vport") && n.contains('p'))
+                .map(|n| format!("/dev/{n}"))
+                .collect()
+        })
+        .unwrap_or_default();
+    vports.sort();
+    ports.extend(vports);
+    ports
+}
+
+fn open_raw(path: &str) -> Result<File, AgentError> {
+    let f = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .custom_flags(libc::O_NOCTTY | libc::O_CLOEXEC)
+        .open(path)
+        .map_err(io_ctx(format!("open agent channel {path}")))?;
+    // A tty would otherwise translate and echo bytes of the binary frames.
+    if let Ok(mut t) = termios::tcgetattr(&f) {
+        termios::cfmakeraw(&mut t);
+        termios::tcsetattr(&f, termios::SetArg::TCSANOW, &t)
+            .map_err(nix_ctx(format!("make {path} raw")))?;
+    }
+    Ok(f)
+}
+
+fn open_channel(channel: Channel) -> Result<Sink, AgentError> {
+    let console_sink = || -> Result<Sink, AgentError> {
+        let c = OpenOptions::new()
+            .write(true)
+            .custom_flags(libc::O_NOCTTY | libc::O_CLOEXEC)
+            .open("/dev/console")
+            .map_err(io_ctx("open /dev/console"))?;
+        Ok(Sink::Console(c))
+    };
+    match channel {
+        Channel::Console => console_sink(),
+        Channel::Serial => Ok(Sink::Framed(open_raw("/dev/ttyS1")?)),
+        Channel::VirtioConsole | Channel::Auto => {
+            // The port appears once virtio_console has probed; that normally
+            // happened inside finit_module, so this rarely waits.
+            let patience = if channel == Channel::Auto { 200 } else { 3000 };
+            let start = Instant::now();
+            let mut last_err = None;
+            loop {
+                for p in virtio_ports() {
+                    match open_raw(&p) {
+                        Ok(f) => return Ok(Sink::Framed(f)),
+                        Err(e) => last_err = Some(e),
+                    }
+                }
+                if start.elapsed() > Duration::from_millis(patience) {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            if let Some(e) = last_err {
+                console(&format!("evoke-guest: {e}"));
+            }
+            if channel == Channel::Auto {
+                console_sink()
+            } else {
+                Err(AgentError::NoChannel(
+                    "no virtio-console port (/dev/vport*p*, /dev/hvc0) appeared within 3 s; is a virtio-mmio console described to the guest by ACPI?".into(),
+                ))
+            }
+        }
+    }
+}
+
+fn oom_kills() -> u64 {
+    fs::read_to_string("/proc/vmstat")
+        .ok()
+        .and_then(|s| {
+            s.lines().find_map(|l| {
+                l.strip_prefix("oom_kill ")
+                    .and_then(|v| v.trim().parse().ok())
+            })
+        })
+        .unwrap_or(0)
+}
+
+fn set_nonblocking(fd: BorrowedFd<'_>) {
+    use nix::fcntl::{fcntl, FcntlArg, OFlag};
+    if let Ok(fl) = fcntl(fd, FcntlArg::F_GETFL) {
+        let _ = fcntl(
+            fd,
+            FcntlArg::F_SETFL(OFlag::from_bits_truncate(fl) | OFlag::O_NONBLOCK),
+        );
+    }
+}
+
+/// Reads what is available now from a non-blocking pipe; `Ok(false)` at EOF.
+fn pump(src: &mut impl Read, stderr: bool, sink: &mut Sink, buf: &mut [u8]) -> bool {
+    loop {
+        match src.read(buf) {
+            Ok(0) => return false,
+            Ok(n) => {
+                let data = buf[..n].to_vec();
+                sink.send(&if stderr {
+                    Frame::Stderr(data)
+                } else {
+                    Frame::Stdout(data)
+                });
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return true,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(_) => return false,
+        }
+    }
+}
+
+fn run_workload(spec: &GuestSpec, sink: &mut Sink) -> Result<ExitStatus, AgentError> {
+    let root = spec::ROOTFS_DIR;
+    if !Path::new(root).is_dir() {
+        return Err(AgentError::Io {
+            what: format!("image rootfs {root}"),
+            source: io::Error::from(io::ErrorKind::NotFound),
+        });
+    }
+    mount_basics(root)?;
+    let workdir = if spec.workdir.is_empty() {
+        "/"
+    } else {
+        spec.workdir.as_str()
+    };
+    let _ = fs::create_dir_all(format!("{root}/{}", workdir.trim_start_matches('/')));
+
+    // SIGCHLD arrives through a signalfd so the loop wakes at once when the
+    // workload ends (the time to exit is benchmarked). std resets the signal
+    // mask in the child before exec.
+    let mut mask = SigSet::empty();
+    mask.add(Signal::SIGCHLD);
+    mask.thread_block().map_err(nix_ctx("block SIGCHLD"))?;
+    let sigfd = SignalFd::with_flags(&mask, SfdFlags::SFD_NONBLOCK | SfdFlags::SFD_CLOEXEC)
+        .map_err(nix_ctx("signalfd"))?;
+
+    let mut cmd = Command::new(&spec.argv[0]);
+    cmd.args(&spec.argv[1..])
+        .env_clear()
+        .envs(spec.env.iter().filter_map(|kv| kv.split_once('=')))
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    sys::confine(&mut cmd, root, workdir, spec.uid, spec.gid)
+        .map_err(io_ctx("prepare workload"))?;
+    let oom_before = oom_kills();
+    let mut child = cmd
+        .spawn()
+        .map_err(io_ctx(format!("exec {} in the image", spec.argv[0])))?;
+    let pid = Pid::from_raw(child.id() as i32);
+    let (Some(mut out), Some(mut err)) = (child.stdout.take(), child.stderr.take()) else {
+        return Err(AgentError::NoChannel("workload pipes missing".into()));
+    };
+    set_nonblocking(out.as_fd());
+    set_nonblocking(err.as_fd());
+    if let Some(fd) = sink.readable() {
+        set_nonblocking(fd);
+    }
+
+    let mut buf = vec![0u8; 32 * 1024];
+    let mut inbox: Vec<u8> = Vec::new();
+    let (mut out_open, mut err_open) = (true, true);
+    let mut status: Option<WaitStatus> = None;
+    let mut exited_at: Option<Instant> = None;
+    loop {
+        // After the main process ends, its pipes may be held open by
+        // background children; give them a moment, then stop waiting.
+        if let Some(t) = exited_at {
+            if (!out_open && !err_open) || t.elapsed() > Duration::from_millis(100) {
+                break;
+            }
+        }
+        let (ready_out, ready_err, ready_sig, ready_chan) = {
+            let mut fds = vec![PollFd::new(sigfd.as_fd(), PollFlags::POLLIN)];
+            let out_i = out_open.then(|| {
+                fds.push(PollFd::new(out.as_fd(), PollFlags::POLLIN));
+                fds.len() - 1
+            });
+            let err_i = err_open.then(|| {
+                fds.push(PollFd::new(err.as_fd(), PollFlags::POLLIN));
+                fds.len() - 1
+            });
+            let chan_i = sink.readable().map(|fd| {
+                fds.push(PollFd::new(fd, PollFlags::POLLIN));
+                fds.len() - 1
+            });
+            let timeout = if exited_at.is_some() { 20u16 } else { 1000 };
+            match poll(&mut fds, PollTimeout::from(timeout)) {
+                Ok(_) | Err(nix::Error::EINTR) => {}
+                Err(e) => return Err(nix_ctx("poll")(e)),
+            }
+            let hit = |i: Option<usize>| {
+                i.is_some_and(|i| fds[i].revents().is_some_and(|r| !r.is_empty()))
+            };
+            (hit(out_i), hit(err_i), hit(Some(0)), hit(chan_i))
+        };
+        if ready_out {
+            out_open = pump(&mut out, false, sink, &mut buf);
+        }
+        if ready_err {
+            err_open = pump(&mut err, true, sink, &mut buf);
+        }
+        if ready_chan {
+            if let Sink::Framed(f) = sink {
+                match f.read(&mut buf) {
+                    Ok(n) if n > 0 => inbox.extend_from_slice(&buf[..n]),
+                    _ => {}
+                }
+            }
+            deliver_signals(&mut inbox, pid);
+        }
+        if ready_sig {
+            while let Ok(Some(_)) = sigfd.read_signal() {}
+        }
+        // Reap every child: PID 1 inherits orphans; remember the workload's.
+        loop {
+            match waitpid(Pid::from_raw(-1), Some(WaitPidFlag::WNOHANG)) {
+                Ok(WaitStatus::StillAlive) | Err(_) => break,
+                Ok(ws) => {
+                    if ws.pid() == Some(pid) {
+                        status = Some(ws);
+                        exited_at = Some(Instant::now());
+                    }
+                }
+            }
+        }
+    }
+    if out_open {
+        pump(&mut out, false, sink, &mut buf);
+    }
+    if err_open {
+        pump(&mut err, true, sink, &mut buf);
+    }
+    // Nothing of the workload may outlive it: the VM ends next anyway.
+    let _ = nix::sys::signal::kill(Pid::from_raw(-pid.as_raw()), Signal::SIGKILL);
+    let oom = oom_kills() > oom_before;
+    Ok(match status {
+        Some(WaitStatus::Exited(_, code)) => ExitStatus {
+            code,
+            signal: 0,
+            oom_killed: false,
+        },
+        Some(WaitStatus::Signaled(_, sig, _)) => ExitStatus {
+            code: 128 + sig as i32,
+            signal: sig as i32,
+            oom_killed: oom && sig == Signal::SIGKILL,
+        },
+        _ => ExitStatus {
+            code: 125,
+            signal: 0,
+            oom_killed: false,
+        },
+    })
+}
+
+/// Decodes complete host → guest frames from `inbox` and acts on them.
+fn deliver_signals(inbox: &mut Vec<u8>, pid: Pid) {
+    loop {
+        if inbox.len() < 5 {
+            return;
+        }
+        let len = u32::from_le_bytes([inbox[1], inbox[2], inbox[3], inbox[4]]) as usize;
+        if len > evoke_guest::proto::MAX_PAYLOAD {
+            inbox.clear();
+            return;
+        }
+        if inbox.len() < 5 + len {
+            return;
+        }
+        let frame: Vec<u8> = inbox.drain(..5 + len).collect();
+        match Frame::read_from(&mut frame.as_slice()) {
+            Ok(Some(Frame::Signal(n))) => {
+                if let Ok(sig) = Signal::try_from(n) {
+                    let _ = nix::sys::signal::kill(Pid::from_raw(-pid.as_raw()), sig);
+                }
+            }
+            Ok(_) => {}
+            Err(e) => console(&format!("evoke-guest: bad frame from host: {e}")),
+        }
+    }
+}
