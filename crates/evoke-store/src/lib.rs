@@ -8,10 +8,12 @@ use std::pin::Pin;
 
 use futures::Stream;
 
+pub mod etcd;
 pub mod memory;
 pub mod sqlite;
 mod watch;
 
+pub use etcd::EtcdBackend;
 pub use memory::MemoryBackend;
 pub use sqlite::SqliteBackend;
 

@@ -506,3 +506,7 @@ mod memory {
 mod sqlite {
     backend_suite!(crate::common::sqlite);
 }
+
+mod etcd {
+    backend_suite!(crate::common::etcd);
+}

@@ -19,3 +19,25 @@ pub async fn sqlite() -> Option<(Arc<dyn Backend>, Guard)> {
     let b = evoke_store::SqliteBackend::open(dir.path().join("db/state.db")).expect("open sqlite");
     Some((Arc::new(b), Box::new(dir)))
 }
+
+/// Whether tests must fail rather than skip when a tool is missing.
+pub fn in_ci() -> bool {
+    std::env::var("CI").is_ok_and(|v| v == "true" || v == "1")
+}
+
+pub async fn etcd() -> Option<(Arc<dyn Backend>, Guard)> {
+    if evoke_store::etcd::LocalEtcd::binary().is_none() {
+        if in_ci() {
+            panic!("etcd is not installed but CI=true: scripts/setup installs etcd-server");
+        }
+        eprintln!("skipping: etcd is not installed (apt-get install etcd-server)");
+        return None;
+    }
+    let server = evoke_store::etcd::LocalEtcd::start(None)
+        .await
+        .expect("start local etcd");
+    let b = evoke_store::EtcdBackend::connect(server.endpoint(), "/evoke-test")
+        .await
+        .expect("connect to etcd");
+    Some((Arc::new(b), Box::new(server)))
+}
