@@ -14,8 +14,10 @@
 // returned once per request, so its size does not matter.
 #![allow(clippy::result_large_err)]
 
+pub mod apply;
 pub mod decode;
 pub mod defaults;
+pub mod managed_fields;
 pub mod patch;
 pub mod registry;
 pub mod schema;
