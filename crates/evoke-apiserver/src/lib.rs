@@ -1,1 +1,176 @@
-//! Kubernetes REST over HTTPS: authn, discovery, OpenAPI, CRUD, patch, apply, watch, tables.
+//! evoke's Kubernetes API server: REST over HTTPS with the semantics of
+//! kube-apiserver, on any [`evoke_store::Backend`].
+//!
+//! Start reading at [`Server::start`]; then `http.rs` (TLS accept loop and
+//! authentication), `route.rs` (URL → resource), `handlers/` (one file per
+//! verb family) and `watch.rs`. Which kinds exist comes from
+//! [`evoke_types::registry::RESOURCES`]; how objects are decoded, validated,
+//! patched and printed comes from `evoke_types` (see `compat.rs`).
+
+// ApiError carries a whole Status (message, details, causes); it is built
+// once per failed request, so its size does not matter here.
+#![allow(clippy::result_large_err)]
+
+pub mod error;
+pub mod kubeconfig;
+pub mod tls;
+
+mod auth;
+mod bootstrap;
+mod compat;
+mod discovery;
+mod handlers;
+mod http;
+mod object;
+mod respond;
+mod route;
+mod selector;
+mod watch;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use evoke_store::Backend;
+use tokio::sync::watch as signal;
+
+pub use error::StartError;
+pub use tls::Credentials;
+
+/// How to run the API server.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// evoke's data dir; certificates go to `<data_dir>/server/tls`.
+    pub data_dir: PathBuf,
+    /// Address to listen on, e.g. `127.0.0.1` or `0.0.0.0`.
+    pub bind_address: String,
+    /// HTTPS port; 0 picks a free one.
+    pub port: u16,
+    /// A fixed bearer token; None keeps (or makes) the stored one.
+    pub token: Option<String>,
+    /// Where to write the admin kubeconfig; None is
+    /// `<data_dir>/server/cred/admin.kubeconfig`.
+    pub kubeconfig_path: Option<PathBuf>,
+    /// File mode of the kubeconfig.
+    pub kubeconfig_mode: u32,
+}
+
+impl Config {
+    /// A config for `data_dir` with the defaults of `evoke server`.
+    pub fn new(data_dir: impl Into<PathBuf>) -> Self {
+        Self {
+            data_dir: data_dir.into(),
+            bind_address: "127.0.0.1".into(),
+            port: 6443,
+            token: None,
+            kubeconfig_path: None,
+            kubeconfig_mode: 0o600,
+        }
+    }
+}
+
+/// Shared state of every request.
+pub(crate) struct State {
+    pub store: Arc<dyn Backend>,
+    pub token: String,
+    /// `https://host:port`, for discovery's serverAddressByClientCIDRs.
+    pub server_address: String,
+}
+
+/// Entry point: see [`Server::start`].
+pub struct Server;
+
+/// A started API server. Dropping it does not stop it; call
+/// [`RunningServer::shutdown`].
+pub struct RunningServer {
+    /// The address actually bound (the real port when 0 was asked).
+    pub addr: SocketAddr,
+    /// Path of the admin kubeconfig written at start.
+    pub kubeconfig: PathBuf,
+    pub credentials: Credentials,
+    stop: signal::Sender<bool>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Server {
+    /// Generates or loads certificates, binds the port, writes the
+    /// kubeconfig, creates the default namespaces and starts serving. When
+    /// this returns, the server answers requests.
+    pub async fn start(
+        config: Config,
+        store: Arc<dyn Backend>,
+    ) -> Result<RunningServer, StartError> {
+        let server_dir = config.data_dir.join("server");
+        let bind = format!("{}:{}", config.bind_address, config.port);
+        let listener = tokio::net::TcpListener::bind(&bind)
+            .await
+            .map_err(|source| StartError::Listen {
+                addr: bind.clone(),
+                source,
+            })?;
+        let addr = listener.local_addr().map_err(|source| StartError::Listen {
+            addr: bind.clone(),
+            source,
+        })?;
+
+        let mut sans = vec!["127.0.0.1".to_string(), "localhost".to_string()];
+        if !addr.ip().is_unspecified() && !sans.contains(&addr.ip().to_string()) {
+            sans.push(addr.ip().to_string());
+        }
+        if let Ok(h) = hostname() {
+            if !h.is_empty() && !sans.contains(&h) {
+                sans.push(h);
+            }
+        }
+        let creds = tls::load_or_create(&server_dir.join("tls"), &sans, config.token.as_deref())?;
+        let tls_config = tls::server_config(&creds)?;
+
+        // Clients on this machine reach a wildcard bind through loopback.
+        let host = if addr.ip().is_unspecified() {
+            "127.0.0.1".to_string()
+        } else {
+            addr.ip().to_string()
+        };
+        let server_url = format!("https://{host}:{}", addr.port());
+        let kubeconfig = config
+            .kubeconfig_path
+            .clone()
+            .unwrap_or_else(|| server_dir.join("cred").join("admin.kubeconfig"));
+        kubeconfig::write(&kubeconfig, &server_url, &creds, config.kubeconfig_mode)?;
+
+        bootstrap::ensure_defaults(store.as_ref()).await?;
+
+        let state = Arc::new(State {
+            store,
+            token: creds.token.clone(),
+            server_address: format!("{host}:{}", addr.port()),
+        });
+        let (stop, stopped) = signal::channel(false);
+        let task = tokio::spawn(http::serve(listener, Arc::new(tls_config), state, stopped));
+        tracing::info!(%addr, kubeconfig = %kubeconfig.display(), "api server listening");
+        Ok(RunningServer {
+            addr,
+            kubeconfig,
+            credentials: creds,
+            stop,
+            task,
+        })
+    }
+}
+
+impl RunningServer {
+    /// Stops accepting connections and waits for the accept loop to end.
+    pub async fn shutdown(self) {
+        let _ = self.stop.send(true);
+        let _ = self.task.await;
+    }
+
+    /// Waits until the server stops on its own (it normally never does).
+    pub async fn wait(self) {
+        let _ = self.task.await;
+    }
+}
+
+fn hostname() -> std::io::Result<String> {
+    std::fs::read_to_string("/proc/sys/kernel/hostname").map(|s| s.trim().to_string())
+}

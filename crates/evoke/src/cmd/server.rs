@@ -1,5 +1,10 @@
 //! `evoke server`: the control plane, k3s style.
 
+use std::sync::Arc;
+
+use anyhow::Context;
+use evoke_store::Backend;
+
 use crate::Global;
 
 #[derive(clap::Args, Debug)]
@@ -27,6 +32,64 @@ pub struct ServerArgs {
     pub disable_agent: bool,
 }
 
-pub fn main(_global: &Global, _args: ServerArgs) -> anyhow::Result<u8> {
-    anyhow::bail!("the server is not wired yet")
+pub fn main(global: &Global, args: ServerArgs) -> anyhow::Result<u8> {
+    let mode = u32::from_str_radix(args.write_kubeconfig_mode.trim_start_matches("0o"), 8)
+        .with_context(|| {
+            format!(
+                "--write-kubeconfig-mode {:?} is not an octal file mode",
+                args.write_kubeconfig_mode
+            )
+        })?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    runtime.block_on(run(global, args, mode))
+}
+
+async fn open_store(global: &Global, args: &ServerArgs) -> anyhow::Result<Arc<dyn Backend>> {
+    std::fs::create_dir_all(&global.data_dir)
+        .with_context(|| format!("creating data dir {}", global.data_dir.display()))?;
+    if let Some(endpoint) = &args.datastore_endpoint {
+        anyhow::bail!("--datastore-endpoint {endpoint}: the etcd backend is not available yet");
+    }
+    // The embedded store until the SQLite backend lands in evoke-store.
+    tracing::warn!("using the in-memory store: cluster state does not survive a restart");
+    Ok(Arc::new(evoke_store::memory::MemoryBackend::new()))
+}
+
+async fn run(global: &Global, args: ServerArgs, mode: u32) -> anyhow::Result<u8> {
+    let store = open_store(global, &args).await?;
+    let config = evoke_apiserver::Config {
+        data_dir: global.data_dir.clone(),
+        bind_address: args.bind_address.clone(),
+        port: args.https_listen_port,
+        token: args.token.clone(),
+        kubeconfig_path: args.write_kubeconfig.clone(),
+        kubeconfig_mode: mode,
+    };
+    let server = evoke_apiserver::Server::start(config, store.clone())
+        .await
+        .context("starting the api server")?;
+    // Tests and scripts read this line to learn the port and kubeconfig.
+    println!(
+        "evoke server ready on https://{} kubeconfig={}",
+        server.addr,
+        server.kubeconfig.display()
+    );
+
+    // ---- orchestration: start controllers, the scheduler and (unless
+    // --disable-agent) the in-process node agent here, using `store`,
+    // `server.addr` and `server.kubeconfig`. ----
+    let _ = args.disable_agent;
+
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .context("installing the SIGTERM handler")?;
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+    tracing::info!("shutting down");
+    server.shutdown().await;
+    Ok(0)
 }

@@ -1,0 +1,137 @@
+//! The HTTPS front: accept TCP, finish the TLS handshake (which verifies a
+//! client certificate if one is sent), then serve HTTP/1.1 or HTTP/2 on the
+//! connection. Each request is authenticated, its body read with a 3 MiB
+//! cap, and handed to the router; a panic in a handler becomes a 500, not
+//! a dead server.
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use evoke_types::status::ApiError;
+use futures::FutureExt;
+use http::Request;
+use http_body_util::{BodyExt, Limited};
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio_rustls::TlsAcceptor;
+
+use crate::respond::{self, Reply};
+use crate::{auth, route, State};
+
+/// Requests larger than this are refused with 413, as kube-apiserver does.
+pub(crate) const MAX_BODY: usize = 3 * 1024 * 1024;
+
+pub(crate) async fn serve(
+    listener: TcpListener,
+    tls: Arc<rustls::ServerConfig>,
+    state: Arc<State>,
+    mut stop: watch::Receiver<bool>,
+) {
+    let acceptor = TlsAcceptor::from(tls);
+    loop {
+        let (tcp, peer) = tokio::select! {
+            r = listener.accept() => match r {
+                Ok(x) => x,
+                Err(e) => {
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            _ = stop.changed() => break,
+        };
+        let _ = tcp.set_nodelay(true);
+        let acceptor = acceptor.clone();
+        let state = state.clone();
+        tokio::spawn(async move {
+            let tls = match tokio::time::timeout(
+                std::time::Duration::from_secs(10),
+                acceptor.accept(tcp),
+            )
+            .await
+            {
+                Ok(Ok(s)) => s,
+                Ok(Err(e)) => {
+                    tracing::debug!(%peer, error = %e, "tls handshake failed");
+                    return;
+                }
+                Err(_) => return,
+            };
+            let verified_cert = tls
+                .get_ref()
+                .1
+                .peer_certificates()
+                .is_some_and(|c| !c.is_empty());
+            let svc = hyper::service::service_fn(move |req| {
+                let state = state.clone();
+                async move { Ok::<_, std::convert::Infallible>(handle(state, verified_cert, req).await) }
+            });
+            let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+            if let Err(e) = builder
+                .serve_connection_with_upgrades(TokioIo::new(tls), svc)
+                .await
+            {
+                tracing::debug!(%peer, error = %e, "connection ended with an error");
+            }
+        });
+    }
+}
+
+async fn handle(state: Arc<State>, verified_cert: bool, req: Request<Incoming>) -> Reply {
+    let method = req.method().clone();
+    let uri = req.uri().clone();
+    let started = std::time::Instant::now();
+    let reply = match auth::authenticate(req.headers(), verified_cert, &state.token) {
+        None => {
+            tracing::info!(%method, path = uri.path(), "unauthenticated request refused");
+            respond::error(&ApiError::unauthorized())
+        }
+        Some(_) => {
+            let (parts, body) = req.into_parts();
+            match Limited::new(body, MAX_BODY).collect().await {
+                Err(e) => {
+                    if e.downcast_ref::<http_body_util::LengthLimitError>()
+                        .is_some()
+                    {
+                        respond::error(&ApiError::new(
+                            413,
+                            "RequestEntityTooLarge",
+                            format!(
+                                "the request body is larger than the limit of {MAX_BODY} bytes"
+                            ),
+                        ))
+                    } else {
+                        respond::error(&ApiError::bad_request(format!("reading request body: {e}")))
+                    }
+                }
+                Ok(collected) => {
+                    let req = Request::from_parts(parts, collected.to_bytes());
+                    dispatch_guarded(state, req).await
+                }
+            }
+        }
+    };
+    tracing::debug!(%method, path = uri.path(), status = reply.status().as_u16(),
+        ms = started.elapsed().as_millis() as u64, "request");
+    reply
+}
+
+async fn dispatch_guarded(state: Arc<State>, req: Request<Bytes>) -> Reply {
+    let path = req.uri().path().to_string();
+    match std::panic::AssertUnwindSafe(route::dispatch(state, req))
+        .catch_unwind()
+        .await
+    {
+        Ok(r) => r,
+        Err(_) => {
+            tracing::error!(%path, "request handler panicked");
+            respond::error(&ApiError::new(
+                500,
+                "InternalError",
+                "Internal error occurred: handler panicked",
+            ))
+        }
+    }
+}

@@ -1,0 +1,197 @@
+//! Shared e2e helpers: start the built `evoke server` on a free port in a
+//! fresh data dir, and run the real kubectl against it.
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+/// A running `evoke server --disable-agent`; killed on drop.
+pub struct Server {
+    /// Kept so the data dir lives as long as the server.
+    pub tmp: Option<tempfile::TempDir>,
+    pub data_dir: PathBuf,
+    pub kubeconfig: PathBuf,
+    pub port: u16,
+    /// How long from spawn until the server said it was ready.
+    pub startup: Duration,
+    child: Child,
+}
+
+/// Where kubectl lives; tests that need it call [`require_kubectl`].
+pub const KUBECTL: &str = "/usr/bin/kubectl";
+
+/// True when kubectl is installed. Missing under CI=true is a failure;
+/// elsewhere the caller skips with the printed reason.
+pub fn require_kubectl() -> bool {
+    if Path::new(KUBECTL).exists() {
+        return true;
+    }
+    if std::env::var("CI").is_ok_and(|v| v == "true") {
+        panic!("{KUBECTL} is missing; scripts/setup installs it");
+    }
+    eprintln!("skipping: {KUBECTL} is not installed");
+    false
+}
+
+/// Starts a server in a new temporary data dir.
+pub fn start_server() -> Server {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let dir = tmp.path().to_path_buf();
+    let mut s = start_server_in(&dir, &[]);
+    s.tmp = Some(tmp);
+    s
+}
+
+/// Starts a server on `data_dir` (which may hold a previous run's state)
+/// with extra flags.
+pub fn start_server_in(data_dir: &Path, extra: &[&str]) -> Server {
+    let log = std::fs::File::create(data_dir.join("server.log")).expect("server log");
+    let started = Instant::now();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_evoke"))
+        .arg("--data-dir")
+        .arg(data_dir)
+        .args(["server", "--disable-agent", "--https-listen-port", "0"])
+        .args(extra)
+        .env("EVOKE_LOG", "info")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::from(log))
+        .spawn()
+        .expect("spawn evoke server");
+    let stdout = child.stdout.take().expect("stdout piped");
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines() {
+            let Ok(line) = line else { break };
+            if line.starts_with("evoke server ready") {
+                let _ = tx.send(line);
+            }
+        }
+    });
+    let line = match rx.recv_timeout(Duration::from_secs(20)) {
+        Ok(l) => l,
+        Err(_) => {
+            let _ = child.kill();
+            let log = std::fs::read_to_string(data_dir.join("server.log")).unwrap_or_default();
+            panic!("evoke server did not become ready; its log:\n{log}");
+        }
+    };
+    let startup = started.elapsed();
+    // "evoke server ready on https://127.0.0.1:PORT kubeconfig=PATH"
+    let addr = line
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix("https://"))
+        .expect("address in ready line");
+    let port = addr
+        .rsplit(':')
+        .next()
+        .and_then(|p| p.parse().ok())
+        .expect("port");
+    let kubeconfig = PathBuf::from(
+        line.split_whitespace()
+            .find_map(|w| w.strip_prefix("kubeconfig="))
+            .expect("kubeconfig in ready line"),
+    );
+    Server {
+        tmp: None,
+        data_dir: data_dir.to_path_buf(),
+        kubeconfig,
+        port,
+        startup,
+        child,
+    }
+}
+
+impl Server {
+    /// Runs kubectl with this server's kubeconfig.
+    pub fn kubectl(&self, args: &[&str]) -> Output {
+        self.kubectl_with(args, None, &[])
+    }
+
+    /// Runs kubectl with `stdin` and extra environment.
+    pub fn kubectl_with(&self, args: &[&str], stdin: Option<&str>, env: &[(&str, &str)]) -> Output {
+        let mut cmd = Command::new(KUBECTL);
+        cmd.env("KUBECONFIG", &self.kubeconfig)
+            .env("HOME", &self.data_dir)
+            .args(["--request-timeout", "20s"])
+            .args(args)
+            .stdin(if stdin.is_some() {
+                Stdio::piped()
+            } else {
+                Stdio::null()
+            })
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let mut child = cmd.spawn().expect("spawn kubectl");
+        if let Some(input) = stdin {
+            use std::io::Write;
+            child
+                .stdin
+                .take()
+                .expect("stdin")
+                .write_all(input.as_bytes())
+                .expect("write stdin");
+        }
+        child.wait_with_output().expect("kubectl output")
+    }
+
+    /// Runs kubectl, asserts success, returns stdout.
+    pub fn ok(&self, args: &[&str]) -> String {
+        self.ok_with(args, None)
+    }
+
+    pub fn ok_with(&self, args: &[&str], stdin: Option<&str>) -> String {
+        let out = self.kubectl_with(args, stdin, &[]);
+        assert!(
+            out.status.success(),
+            "kubectl {args:?} failed: {}\n{}",
+            String::from_utf8_lossy(&out.stderr),
+            self.log_tail()
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// Runs kubectl, asserts failure, returns stderr.
+    pub fn fails(&self, args: &[&str], stdin: Option<&str>) -> String {
+        let out = self.kubectl_with(args, stdin, &[]);
+        assert!(
+            !out.status.success(),
+            "kubectl {args:?} should have failed: {}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    }
+
+    /// The last lines of the server's log, for failure messages.
+    pub fn log_tail(&self) -> String {
+        let log = std::fs::read_to_string(self.data_dir.join("server.log")).unwrap_or_default();
+        let lines: Vec<&str> = log.lines().collect();
+        let from = lines.len().saturating_sub(30);
+        format!("server log tail:\n{}", lines[from..].join("\n"))
+    }
+
+    /// The server's pid, for tests that signal it.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Stops the server and waits for it.
+    pub fn stop(mut self) {
+        self.kill();
+    }
+
+    fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}

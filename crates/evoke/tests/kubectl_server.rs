@@ -1,0 +1,172 @@
+//! `evoke server` start-up, TLS and authentication, driven by the real kubectl.
+
+mod common;
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+use std::time::Duration;
+
+use common::{require_kubectl, start_server, start_server_in, Server};
+
+/// A kubeconfig for `server` with its CA (TLS verified) and `user` YAML.
+fn kubeconfig_with_user(server: &Server, user: &str, path: &Path) {
+    let ca = server.ok(&[
+        "config",
+        "view",
+        "--raw",
+        "-o",
+        "jsonpath={.clusters[0].cluster.certificate-authority-data}",
+    ]);
+    let text = format!(
+        "apiVersion: v1\nkind: Config\nclusters:\n- name: c\n  cluster:\n    server: https://127.0.0.1:{}\n    certificate-authority-data: {ca}\nusers:\n- name: u\n  user: {user}\ncontexts:\n- name: x\n  context: {{cluster: c, user: u}}\ncurrent-context: x\n",
+        server.port
+    );
+    std::fs::write(path, text).expect("write kubeconfig");
+}
+
+fn kubectl_as(kubeconfig: &Path, args: &[&str]) -> std::process::Output {
+    std::process::Command::new(common::KUBECTL)
+        .env("KUBECONFIG", kubeconfig)
+        .args(args)
+        .output()
+        .expect("kubectl")
+}
+
+#[test]
+fn fresh_server_is_ready_within_a_second_and_lists_default_namespaces() {
+    if !require_kubectl() {
+        return;
+    }
+    let s = start_server();
+    assert!(
+        s.startup < Duration::from_secs(1),
+        "start-up took {:?}",
+        s.startup
+    );
+    let out = s.ok(&["get", "ns", "-o", "name"]);
+    for ns in ["default", "kube-system", "kube-public", "kube-node-lease"] {
+        assert!(out.contains(&format!("namespace/{ns}")), "{out}");
+    }
+    let svc = s.ok(&[
+        "get",
+        "svc",
+        "kubernetes",
+        "-n",
+        "default",
+        "-o",
+        "jsonpath={.spec.clusterIP}",
+    ]);
+    assert_eq!(svc, "10.43.0.1");
+    let mode = std::fs::metadata(&s.kubeconfig)
+        .expect("kubeconfig")
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o600);
+    let version = s.ok(&["version", "-o", "json"]);
+    assert!(version.contains("\"minor\": \"32\""), "{version}");
+}
+
+#[test]
+fn requests_without_or_with_wrong_credentials_get_401() {
+    if !require_kubectl() {
+        return;
+    }
+    let s = start_server();
+    let dir = tempfile::tempdir().expect("tempdir");
+    // (With no credentials at all kubectl prompts for a password; the kube
+    // crate test covers that case.) Basic auth is not accepted.
+    let none = dir.path().join("basic");
+    kubeconfig_with_user(&s, "{username: admin, password: admin}", &none);
+    let out = kubectl_as(&none, &["get", "ns"]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("must be logged in"), "{err}");
+
+    let wrong = dir.path().join("wrong");
+    kubeconfig_with_user(&s, "{token: not-the-token}", &wrong);
+    let out = kubectl_as(&wrong, &["get", "ns"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("must be logged in"),
+        "{err}"
+    );
+
+    // The right token works, and never shows up in the server's log.
+    let token = std::fs::read_to_string(s.data_dir.join("server/tls/token")).expect("token file");
+    let right = dir.path().join("right");
+    kubeconfig_with_user(&s, &format!("{{token: {token}}}"), &right);
+    let out = kubectl_as(&right, &["get", "ns", "default"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let log = std::fs::read_to_string(s.data_dir.join("server.log")).expect("log");
+    assert!(!log.contains(token.trim()), "the token leaked into the log");
+}
+
+#[test]
+fn restart_on_the_same_data_dir_reuses_ca_and_credentials() {
+    if !require_kubectl() {
+        return;
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let s = start_server_in(dir.path(), &[]);
+    let ca1 = std::fs::read_to_string(dir.path().join("server/tls/server-ca.crt")).expect("ca");
+    let kc1 = std::fs::read_to_string(&s.kubeconfig).expect("kubeconfig");
+    s.stop();
+    let s = start_server_in(dir.path(), &[]);
+    let ca2 = std::fs::read_to_string(dir.path().join("server/tls/server-ca.crt")).expect("ca");
+    assert_eq!(ca1, ca2);
+    // The old kubeconfig's credentials still work; only the port differs.
+    let old = dir.path().join("old.kubeconfig");
+    let port_line = |k: &str| {
+        k.lines()
+            .find(|l| l.contains("server: https://"))
+            .map(String::from)
+            .expect("server line")
+    };
+    let kc2 = std::fs::read_to_string(&s.kubeconfig).expect("kubeconfig");
+    std::fs::write(&old, kc1.replace(&port_line(&kc1), &port_line(&kc2))).expect("write");
+    let out = kubectl_as(&old, &["get", "ns", "default"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn kubeconfig_path_mode_and_token_flags_are_honoured() {
+    if !require_kubectl() {
+        return;
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let kc = dir.path().join("my.kubeconfig");
+    let kc_str = kc.to_str().expect("utf-8 path");
+    let s = start_server_in(
+        dir.path(),
+        &[
+            "--write-kubeconfig",
+            kc_str,
+            "--write-kubeconfig-mode",
+            "0644",
+            "--token",
+            "fixed-token-1",
+        ],
+    );
+    assert_eq!(s.kubeconfig, kc);
+    let mode = std::fs::metadata(&kc)
+        .expect("kubeconfig")
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o644);
+    let tokpath = dir.path().join("tok.kubeconfig");
+    kubeconfig_with_user(&s, "{token: fixed-token-1}", &tokpath);
+    let out = kubectl_as(&tokpath, &["get", "ns", "kube-system"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
