@@ -22,4 +22,5 @@ pub mod patch;
 pub mod registry;
 pub mod schema;
 pub mod status;
+pub mod table;
 pub mod validate;
