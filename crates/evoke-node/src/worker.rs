@@ -1,0 +1,1025 @@
+//! One pod's worker: sets up the sandbox (tier, volumes, network), runs
+//! init containers one by one, then the containers, restarts them per
+//! restartPolicy with CrashLoopBackOff, runs probes, writes the status, and
+//! on deletion stops everything gracefully and removes the pod object.
+//!
+//! The loop is level-triggered: each turn [`Worker::sync`] looks at the
+//! records and does the next due step; messages (exits, probe verdicts)
+//! and pod updates only update records and wake it.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use evoke_runtime::{
+    ExecSpec, ExitInfo, RuntimeError, Stdio, WorkloadRuntime, WorkloadState, WorkloadStatus,
+};
+use evoke_scheduler::events::{reference, EventType};
+use k8s_openapi::api::core::v1::{ConfigMap, Container, Pod, PodStatus, Probe, Secret};
+use kube::api::{Api, DeleteParams, Patch, PatchParams, Preconditions};
+use kube::ResourceExt;
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinHandle;
+
+use crate::agent::Ctx;
+use crate::backoff::Backoff;
+use crate::network::PodNet;
+use crate::probe::{self, ProbeState, Target, Timing};
+use crate::spec::{self, Refs, LABEL_ATTEMPT, LABEL_CONTAINER, LABEL_POD_UID};
+use crate::status::{pod_status, CState, ContainerRecord, Ended, PodFacts};
+use crate::volumes;
+
+/// Which probe sent a verdict.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ProbeKind {
+    Liveness,
+    Readiness,
+    Startup,
+}
+
+impl ProbeKind {
+    fn word(self) -> &'static str {
+        match self {
+            ProbeKind::Liveness => "Liveness",
+            ProbeKind::Readiness => "Readiness",
+            ProbeKind::Startup => "Startup",
+        }
+    }
+}
+
+/// What the worker's helpers tell it.
+#[derive(Debug)]
+pub enum Msg {
+    Exited {
+        id: String,
+        exit: ExitInfo,
+    },
+    Probe {
+        id: String,
+        kind: ProbeKind,
+        ok: bool,
+    },
+}
+
+/// How long to wait before retrying a sandbox that could not be set up.
+const SETUP_RETRY: Duration = Duration::from_secs(20);
+
+pub struct Worker {
+    ctx: Arc<Ctx>,
+    pod: Arc<Pod>,
+    updates: watch::Receiver<Option<Arc<Pod>>>,
+    tx: mpsc::UnboundedSender<Msg>,
+    rx: mpsc::UnboundedReceiver<Msg>,
+    tier: Option<Arc<dyn WorkloadRuntime>>,
+    facts: PodFacts,
+    init: Vec<ContainerRecord>,
+    main: Vec<ContainerRecord>,
+    backoffs: HashMap<String, Backoff>,
+    not_before: HashMap<String, Instant>,
+    probes: HashMap<String, Vec<JoinHandle<()>>>,
+    volume_dirs: HashMap<String, PathBuf>,
+    refs: Option<Refs>,
+    net: PodNet,
+    adopted: Vec<WorkloadStatus>,
+    last_written: Option<PodStatus>,
+    setup_retry_at: Option<Instant>,
+    warned: Option<String>,
+}
+
+fn policy(pod: &Pod) -> String {
+    pod.spec
+        .as_ref()
+        .and_then(|s| s.restart_policy.clone())
+        .unwrap_or_else(|| "Always".into())
+}
+
+impl Worker {
+    pub fn new(
+        ctx: Arc<Ctx>,
+        pod: Arc<Pod>,
+        updates: watch::Receiver<Option<Arc<Pod>>>,
+        adopted: Vec<WorkloadStatus>,
+    ) -> Worker {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let spec = pod.spec.clone().unwrap_or_default();
+        let rec = |c: &Container| ContainerRecord::new(&c.name, c.image.as_deref().unwrap_or(""));
+        let init: Vec<ContainerRecord> = spec.init_containers.iter().flatten().map(rec).collect();
+        let mut main: Vec<ContainerRecord> = spec.containers.iter().map(rec).collect();
+        // Restart counts survive an agent restart through the pod's status.
+        for cs in pod
+            .status
+            .as_ref()
+            .and_then(|s| s.container_statuses.as_ref())
+            .into_iter()
+            .flatten()
+        {
+            if let Some(r) = main.iter_mut().find(|r| r.name == cs.name) {
+                r.restart_count = cs.restart_count;
+            }
+        }
+        let facts = PodFacts {
+            host_ip: ctx.host_ip.clone(),
+            restart_policy: policy(&pod),
+            start_time: Some(SystemTime::now()),
+            ..Default::default()
+        };
+        Worker {
+            ctx,
+            pod,
+            updates,
+            tx,
+            rx,
+            tier: None,
+            facts,
+            init,
+            main,
+            backoffs: HashMap::new(),
+            not_before: HashMap::new(),
+            probes: HashMap::new(),
+            volume_dirs: HashMap::new(),
+            refs: None,
+            net: PodNet::default(),
+            adopted,
+            last_written: None,
+            setup_retry_at: None,
+            warned: None,
+        }
+    }
+
+    fn key(&self) -> String {
+        format!(
+            "{}/{}",
+            self.pod.namespace().unwrap_or_default(),
+            self.pod.name_any()
+        )
+    }
+
+    fn event(&self, type_: EventType, reason: &str, message: &str) {
+        self.ctx
+            .recorder
+            .publish(&reference(self.pod.as_ref()), type_, reason, message);
+    }
+
+    fn pod_dir(&self) -> PathBuf {
+        self.ctx
+            .data_dir
+            .join("pods")
+            .join(self.pod.uid().unwrap_or_default())
+    }
+
+    /// Runs until the pod is deleted and cleaned up.
+    pub async fn run(mut self) {
+        loop {
+            let deleted = self.updates.borrow().is_none();
+            if deleted || self.pod.metadata.deletion_timestamp.is_some() {
+                self.terminate(!deleted).await;
+                return;
+            }
+            self.sync().await;
+            self.write_status().await;
+            let wake = self
+                .next_deadline()
+                .unwrap_or_else(|| Instant::now() + Duration::from_secs(30));
+            tokio::select! {
+                r = self.updates.changed() => {
+                    if r.is_err() {
+                        // The agent dropped us: it is shutting down; leave workloads running.
+                        return;
+                    }
+                    if let Some(p) = self.updates.borrow().clone() {
+                        self.pod = p;
+                    }
+                }
+                Some(m) = self.rx.recv() => self.handle(m).await,
+                _ = tokio::time::sleep_until(wake.into()) => {}
+            }
+        }
+    }
+
+    fn next_deadline(&self) -> Option<Instant> {
+        let mut t: Option<Instant> = self.setup_retry_at;
+        for d in self.not_before.values() {
+            t = Some(t.map_or(*d, |x| x.min(*d)));
+        }
+        t
+    }
+
+    /// Sets up the sandbox once: tier, config, volumes, network.
+    async fn setup(&mut self) -> bool {
+        if self.facts.sandbox_ready {
+            return true;
+        }
+        if self.setup_retry_at.is_some_and(|t| Instant::now() < t) {
+            return false;
+        }
+        match self.try_setup().await {
+            Ok(()) => {
+                self.facts.sandbox_ready = true;
+                self.facts.sandbox_error = None;
+                self.setup_retry_at = None;
+                self.adopt();
+                true
+            }
+            Err((reason, message)) => {
+                if self.warned.as_deref() != Some(&message) {
+                    tracing::warn!(pod = %self.key(), %reason, %message, "pod sandbox not ready");
+                    self.event(EventType::Warning, "FailedCreatePodSandBox", &message);
+                    self.warned = Some(message.clone());
+                }
+                for c in self.init.iter_mut().chain(self.main.iter_mut()) {
+                    if matches!(c.state, CState::Waiting { .. }) {
+                        c.state = CState::Waiting {
+                            reason: reason.clone(),
+                            message: Some(message.clone()),
+                        };
+                    }
+                }
+                self.facts.sandbox_error = Some((reason, message));
+                self.setup_retry_at = Some(Instant::now() + SETUP_RETRY);
+                false
+            }
+        }
+    }
+
+    async fn try_setup(&mut self) -> Result<(), (String, String)> {
+        let class = self
+            .pod
+            .spec
+            .as_ref()
+            .and_then(|s| s.runtime_class_name.clone())
+            .unwrap_or_else(|| self.ctx.default_tier.clone());
+        let Some(tier) = self.ctx.tiers.get(&class).cloned() else {
+            return Err((
+                "RuntimeClassNotFound".into(),
+                format!(
+                    "node {} has no {class:?} tier; it offers: {}",
+                    self.ctx.node_name,
+                    self.ctx.tier_names().join(", ")
+                ),
+            ));
+        };
+        let t = tier.clone();
+        let avail = tokio::task::spawn_blocking(move || t.available())
+            .await
+            .unwrap_or_else(|e| {
+                Err(RuntimeError::InvalidSpec(format!(
+                    "availability check panicked: {e}"
+                )))
+            });
+        if let Err(e) = avail {
+            return Err(("RuntimeUnavailable".into(), e.to_string()));
+        }
+        self.tier = Some(tier);
+        let refs = self
+            .fetch_refs()
+            .await
+            .map_err(|m| ("CreateContainerConfigError".to_string(), m))?;
+        let pod = self.pod.clone();
+        let dir = self.pod_dir();
+        let dirs = {
+            let refs = refs.clone();
+            tokio::task::spawn_blocking(move || volumes::prepare(&pod, &refs, &dir))
+                .await
+                .map_err(|e| ("FailedMount".to_string(), e.to_string()))?
+                .map_err(|e| ("FailedMount".to_string(), e.to_string()))?
+        };
+        self.volume_dirs = dirs;
+        self.refs = Some(refs);
+        let host_network = self
+            .pod
+            .spec
+            .as_ref()
+            .and_then(|s| s.host_network)
+            .unwrap_or(false)
+            || class == "process";
+        let net = if host_network {
+            Ok(PodNet {
+                netns: None,
+                ip: Some(self.ctx.host_ip.clone()),
+            })
+        } else {
+            let network = self.ctx.network.clone();
+            let (uid, ns, name) = (
+                self.pod.uid().unwrap_or_default(),
+                self.pod.namespace().unwrap_or_default(),
+                self.pod.name_any(),
+            );
+            tokio::task::spawn_blocking(move || network.setup(&uid, &ns, &name))
+                .await
+                .map_err(|e| ("NetworkNotReady".to_string(), e.to_string()))?
+        };
+        self.net = net.map_err(|e| ("NetworkNotReady".to_string(), e.to_string()))?;
+        self.facts.pod_ip = self.net.ip.clone();
+        Ok(())
+    }
+
+    async fn fetch_refs(&self) -> Result<Refs, String> {
+        let (cms, secrets) = spec::referenced(&self.pod);
+        let ns = self.pod.namespace().unwrap_or_default();
+        let mut refs = Refs::default();
+        let cm_api: Api<ConfigMap> = Api::namespaced(self.ctx.client.clone(), &ns);
+        for (name, optional) in cms {
+            match cm_api.get_opt(&name).await {
+                Ok(Some(cm)) => {
+                    refs.config_maps.insert(name, cm);
+                }
+                Ok(None) if optional => {}
+                Ok(None) => return Err(format!("configmap \"{name}\" not found")),
+                Err(e) => return Err(format!("reading configmap \"{name}\": {e}")),
+            }
+        }
+        let s_api: Api<Secret> = Api::namespaced(self.ctx.client.clone(), &ns);
+        for (name, optional) in secrets {
+            match s_api.get_opt(&name).await {
+                Ok(Some(s)) => {
+                    refs.secrets.insert(name, s);
+                }
+                Ok(None) if optional => {}
+                Ok(None) => return Err(format!("secret \"{name}\" not found")),
+                Err(e) => return Err(format!("reading secret \"{name}\": {e}")),
+            }
+        }
+        Ok(refs)
+    }
+
+    /// Takes over workloads a previous agent started for this pod.
+    fn adopt(&mut self) {
+        let adopted = std::mem::take(&mut self.adopted);
+        // The newest attempt of each container wins.
+        let mut newest: HashMap<String, (i32, WorkloadStatus)> = HashMap::new();
+        for w in adopted {
+            let (Some(c), Some(a)) = (
+                w.labels.get(LABEL_CONTAINER).cloned(),
+                w.labels
+                    .get(LABEL_ATTEMPT)
+                    .and_then(|a| a.parse::<i32>().ok()),
+            ) else {
+                continue;
+            };
+            if newest.get(&c).is_none_or(|(b, _)| a > *b) {
+                newest.insert(c, (a, w));
+            }
+        }
+        for (cname, (attempt, w)) in newest {
+            let is_init = self.init.iter().any(|r| r.name == cname);
+            let Some(rec) = self.record(&cname, is_init) else {
+                continue;
+            };
+            rec.restart_count = rec.restart_count.max(attempt);
+            let started = w.started_at.unwrap_or(w.created_at);
+            match w.state {
+                WorkloadState::Running { .. } => {
+                    rec.state = CState::Running {
+                        id: w.id.clone(),
+                        started,
+                    };
+                    let c = self.container(&cname, is_init);
+                    // Readiness is re-established by the probes, if any.
+                    let probed = c.as_ref().is_some_and(|c| c.readiness_probe.is_some());
+                    if let Some(rec) = self.record(&cname, is_init) {
+                        rec.ready = !probed;
+                        rec.started = true;
+                    }
+                    tracing::info!(pod = %self.key(), container = %cname, id = %w.id, "adopted running workload");
+                    self.spawn_waiter(w.id.clone());
+                    if let (Some(c), false) = (c, is_init) {
+                        self.spawn_probes(&c, &w.id, true);
+                    }
+                }
+                WorkloadState::Exited(exit) => {
+                    rec.state = CState::Running {
+                        id: w.id.clone(),
+                        started,
+                    };
+                    let _ = self.tx.send(Msg::Exited {
+                        id: w.id.clone(),
+                        exit,
+                    });
+                }
+                WorkloadState::Created => {}
+            }
+        }
+    }
+
+    fn container(&self, name: &str, init: bool) -> Option<Container> {
+        let spec = self.pod.spec.as_ref()?;
+        if init {
+            spec.init_containers
+                .as_ref()?
+                .iter()
+                .find(|c| c.name == name)
+                .cloned()
+        } else {
+            spec.containers.iter().find(|c| c.name == name).cloned()
+        }
+    }
+
+    /// The next due step, if any.
+    async fn sync(&mut self) {
+        if self.facts.final_phase.is_some() || !self.setup().await {
+            return;
+        }
+        let now = Instant::now();
+        // Init containers, one at a time, in order.
+        for i in 0..self.init.len() {
+            match &self.init[i].state {
+                CState::Terminated(e) if e.exit.code == 0 => continue,
+                CState::Running { .. } | CState::Terminated(_) => return,
+                CState::Waiting { .. } => {
+                    if self
+                        .not_before
+                        .get(&self.init[i].name)
+                        .is_some_and(|t| now < *t)
+                    {
+                        return;
+                    }
+                    let name = self.init[i].name.clone();
+                    self.start(&name, true).await;
+                    return;
+                }
+            }
+        }
+        for i in 0..self.main.len() {
+            if let CState::Waiting { .. } = self.main[i].state {
+                if self
+                    .not_before
+                    .get(&self.main[i].name)
+                    .is_some_and(|t| now < *t)
+                {
+                    continue;
+                }
+                let name = self.main[i].name.clone();
+                self.start(&name, false).await;
+            }
+        }
+    }
+
+    fn record(&mut self, name: &str, init: bool) -> Option<&mut ContainerRecord> {
+        let list = if init { &mut self.init } else { &mut self.main };
+        list.iter_mut().find(|r| r.name == name)
+    }
+
+    fn find_by_id(&mut self, id: &str) -> Option<(&mut ContainerRecord, bool)> {
+        let n_init = self.init.len();
+        self.init
+            .iter_mut()
+            .chain(self.main.iter_mut())
+            .enumerate()
+            .find(|(_, r)| matches!(&r.state, CState::Running { id: x, .. } if x == id))
+            .map(|(i, r)| (r, i < n_init))
+    }
+
+    async fn start(&mut self, name: &str, init: bool) {
+        let Some(tier) = self.tier.clone() else {
+            return;
+        };
+        let Some(c) = self.container(name, init) else {
+            return;
+        };
+        let Some(rec) = self.record(name, init) else {
+            return;
+        };
+        let attempt = if rec.last.is_some() {
+            rec.restart_count + 1
+        } else {
+            rec.restart_count
+        };
+        let pod_ip = self.facts.pod_ip.clone().unwrap_or_default();
+        let log = self
+            .pod_dir()
+            .join("logs")
+            .join(name)
+            .join(format!("{attempt}.log"));
+        let spec = spec::workload_spec(
+            &self.pod,
+            &c,
+            attempt,
+            self.refs.as_ref().unwrap_or(&Refs::default()),
+            &self.volume_dirs,
+            &self.ctx.host_ip,
+            &pod_ip,
+            log.clone(),
+        );
+        let mut spec = match spec {
+            Ok(s) => s,
+            Err(e) => {
+                self.fail_start(name, init, "CreateContainerConfigError", &e.to_string());
+                return;
+            }
+        };
+        spec.network_namespace = self.net.netns.clone();
+        let id = spec.id.clone();
+        let pod_uid = self.pod.uid().unwrap_or_default();
+        let res = tokio::task::spawn_blocking(move || -> Result<(), RuntimeError> {
+            if let Some(parent) = log.parent() {
+                std::fs::create_dir_all(parent)
+                    .map_err(|e| RuntimeError::io(parent.display().to_string(), e))?;
+            }
+            // A leftover of the same attempt (a crash between create and
+            // start) would collide; older attempts beyond the previous one go too.
+            let _ = tier.remove(&spec.id, true);
+            if attempt >= 2 {
+                let _ = tier.remove(
+                    &spec::workload_id(&pod_uid, &spec.labels[LABEL_CONTAINER], attempt - 2),
+                    true,
+                );
+            }
+            tier.create(&spec, Stdio::default())?;
+            tier.start(&spec.id)
+        })
+        .await
+        .unwrap_or_else(|e| Err(RuntimeError::InvalidSpec(format!("start panicked: {e}"))));
+        match res {
+            Ok(()) => {
+                let image = c.image.clone().unwrap_or_default();
+                if let Some(rec) = self.record(name, init) {
+                    rec.restart_count = attempt;
+                    rec.state = CState::Running {
+                        id: id.clone(),
+                        started: SystemTime::now(),
+                    };
+                    rec.ready = c.readiness_probe.is_none();
+                    rec.started = c.startup_probe.is_none();
+                }
+                self.event(
+                    EventType::Normal,
+                    "Pulled",
+                    &format!("Container image \"{image}\" already present on machine"),
+                );
+                self.event(
+                    EventType::Normal,
+                    "Created",
+                    &format!("Created container {name}"),
+                );
+                self.event(
+                    EventType::Normal,
+                    "Started",
+                    &format!("Started container {name}"),
+                );
+                tracing::info!(pod = %self.key(), container = %name, %id, "container started");
+                self.spawn_waiter(id.clone());
+                if !init {
+                    self.spawn_probes(&c, &id, c.startup_probe.is_none());
+                }
+            }
+            Err(e) => {
+                let reason = match e {
+                    RuntimeError::ImageNotFound(_) => "ErrImageNeverPull",
+                    RuntimeError::Unavailable { .. } => "RuntimeUnavailable",
+                    _ => "RunContainerError",
+                };
+                self.fail_start(name, init, reason, &e.to_string());
+            }
+        }
+    }
+
+    /// A start failed before the process ran: wait with back-off and retry.
+    fn fail_start(&mut self, name: &str, init: bool, reason: &str, message: &str) {
+        tracing::warn!(pod = %self.key(), container = %name, %reason, %message, "container could not start");
+        self.event(EventType::Warning, "Failed", &format!("Error: {message}"));
+        let delay = self
+            .backoffs
+            .entry(name.to_string())
+            .or_default()
+            .next(Duration::ZERO)
+            .max(Duration::from_secs(1));
+        self.not_before
+            .insert(name.to_string(), Instant::now() + delay);
+        if let Some(rec) = self.record(name, init) {
+            rec.state = CState::Waiting {
+                reason: reason.into(),
+                message: Some(message.into()),
+            };
+        }
+    }
+
+    fn spawn_waiter(&self, id: String) {
+        let Some(tier) = self.tier.clone() else {
+            return;
+        };
+        let tx = self.tx.clone();
+        tokio::task::spawn_blocking(move || {
+            let exit = loop {
+                match tier.wait(&id, Some(Duration::from_secs(60))) {
+                    Ok(Some(exit)) => break exit,
+                    Ok(None) => {
+                        if tx.is_closed() {
+                            return;
+                        }
+                    }
+                    Err(RuntimeError::NotFound(_)) => break ExitInfo::signaled(9, false),
+                    Err(e) => {
+                        tracing::warn!(%id, error = %e, "waiting for workload failed");
+                        std::thread::sleep(Duration::from_secs(1));
+                        if tx.is_closed() {
+                            return;
+                        }
+                    }
+                }
+            };
+            let _ = tx.send(Msg::Exited { id, exit });
+        });
+    }
+
+    fn probe_target(&self) -> Target {
+        Target {
+            netns: self.net.netns.clone(),
+            default_host: if self.net.netns.is_some() {
+                "127.0.0.1".into()
+            } else {
+                self.facts
+                    .pod_ip
+                    .clone()
+                    .unwrap_or_else(|| "127.0.0.1".into())
+            },
+        }
+    }
+
+    /// Starts the probe loops of a running container. Liveness and
+    /// readiness wait for the startup probe when there is one.
+    fn spawn_probes(&mut self, c: &Container, id: &str, started: bool) {
+        let mut handles = Vec::new();
+        let mut kinds: Vec<(ProbeKind, Probe)> = Vec::new();
+        if !started {
+            if let Some(p) = c.startup_probe.clone() {
+                kinds.push((ProbeKind::Startup, p));
+            }
+        } else {
+            if let Some(p) = c.liveness_probe.clone() {
+                kinds.push((ProbeKind::Liveness, p));
+            }
+            if let Some(p) = c.readiness_probe.clone() {
+                kinds.push((ProbeKind::Readiness, p));
+            }
+        }
+        for (kind, p) in kinds {
+            let tier = self.tier.clone();
+            let tx = self.tx.clone();
+            let id = id.to_string();
+            let target = self.probe_target();
+            let container = c.clone();
+            handles.push(tokio::spawn(async move {
+                let timing = Timing::of(&p);
+                let mut state = ProbeState::new(timing);
+                tokio::time::sleep(timing.initial_delay).await;
+                loop {
+                    let ok =
+                        run_check(&p, &container, tier.clone(), &id, &target, timing.timeout).await;
+                    if let Some(v) = state.observe(ok) {
+                        if tx
+                            .send(Msg::Probe {
+                                id: id.clone(),
+                                kind,
+                                ok: v,
+                            })
+                            .is_err()
+                        {
+                            return;
+                        }
+                        if kind == ProbeKind::Startup && v {
+                            return;
+                        }
+                    }
+                    tokio::time::sleep(timing.period).await;
+                }
+            }));
+        }
+        self.probes
+            .entry(id.to_string())
+            .or_default()
+            .extend(handles);
+    }
+
+    fn stop_probes(&mut self, id: &str) {
+        for h in self.probes.remove(id).into_iter().flatten() {
+            h.abort();
+        }
+    }
+
+    async fn handle(&mut self, m: Msg) {
+        match m {
+            Msg::Exited { id, exit } => self.exited(&id, exit),
+            Msg::Probe { id, kind, ok } => self.probed(&id, kind, ok).await,
+        }
+    }
+
+    fn exited(&mut self, id: &str, exit: ExitInfo) {
+        self.stop_probes(id);
+        let restart_policy = self.facts.restart_policy.clone();
+        let pod_name = self.pod.name_any();
+        let pod_ns = self.pod.namespace().unwrap_or_default();
+        let pod_uid = self.pod.uid().unwrap_or_default();
+        let Some((rec, is_init)) = self.find_by_id(id) else {
+            return;
+        };
+        let started = match &rec.state {
+            CState::Running { started, .. } => Some(*started),
+            _ => None,
+        };
+        let ended = Ended {
+            id: id.to_string(),
+            exit,
+            started,
+        };
+        rec.ready = false;
+        rec.started = false;
+        let name = rec.name.clone();
+        let restart = if is_init {
+            exit.code != 0 && restart_policy != "Never"
+        } else {
+            match restart_policy.as_str() {
+                "Never" => false,
+                "OnFailure" => exit.code != 0,
+                _ => true,
+            }
+        };
+        tracing::info!(pod = %format!("{pod_ns}/{pod_name}"), container = %name, code = exit.code, reason = exit.reason(), restart, "container exited");
+        if is_init && exit.code == 0 {
+            rec.state = CState::Terminated(ended);
+            return;
+        }
+        if restart {
+            let ran = started.and_then(|s| s.elapsed().ok()).unwrap_or_default();
+            rec.last = Some(ended);
+            let delay = self.backoffs.entry(name.clone()).or_default().next(ran);
+            let rec = self
+                .record(&name, is_init)
+                .expect("record exists: found above");
+            if delay.is_zero() {
+                rec.state = CState::Waiting {
+                    reason: "ContainerCreating".into(),
+                    message: None,
+                };
+            } else {
+                rec.state = CState::Waiting {
+                    reason: "CrashLoopBackOff".into(),
+                    message: Some(format!(
+                        "back-off {}s restarting failed container={name} pod={pod_name}_{pod_ns}({pod_uid})",
+                        delay.as_secs()
+                    )),
+                };
+                self.event(EventType::Warning, "BackOff", &format!("Back-off restarting failed container {name} in pod {pod_name}_{pod_ns}({pod_uid})"));
+            }
+            self.not_before.insert(name, Instant::now() + delay);
+        } else {
+            rec.state = CState::Terminated(ended);
+            if is_init {
+                // An init container failed for good: so does the pod.
+                self.facts.final_phase = Some("Failed");
+            }
+        }
+    }
+
+    async fn probed(&mut self, id: &str, kind: ProbeKind, ok: bool) {
+        let Some((rec, _)) = self.find_by_id(id) else {
+            return;
+        };
+        let name = rec.name.clone();
+        match (kind, ok) {
+            (ProbeKind::Readiness, v) => {
+                rec.ready = v;
+                if !v {
+                    self.event(
+                        EventType::Warning,
+                        "Unhealthy",
+                        &format!("Readiness probe failed for container {name}"),
+                    );
+                }
+            }
+            (ProbeKind::Startup, true) => {
+                rec.started = true;
+                if let Some(c) = self.container(&name, false) {
+                    self.spawn_probes(&c, id, true);
+                }
+            }
+            (ProbeKind::Liveness, true) => {}
+            (ProbeKind::Liveness, false) | (ProbeKind::Startup, false) => {
+                self.event(
+                    EventType::Warning,
+                    "Unhealthy",
+                    &format!("{} probe failed for container {name}", kind.word()),
+                );
+                self.event(
+                    EventType::Normal,
+                    "Killing",
+                    &format!(
+                        "Container {name} failed {} probe, will be restarted",
+                        kind.word().to_lowercase()
+                    ),
+                );
+                self.stop_probes(id);
+                let grace = self.grace();
+                if let Some(tier) = self.tier.clone() {
+                    let id = id.to_string();
+                    // The waiter reports the exit; the restart follows the policy.
+                    tokio::task::spawn_blocking(move || {
+                        if let Err(e) = tier.stop(&id, grace) {
+                            tracing::warn!(%id, error = %e, "could not stop unhealthy container");
+                        }
+                    });
+                }
+            }
+        }
+    }
+
+    fn grace(&self) -> Duration {
+        let secs = self
+            .pod
+            .metadata
+            .deletion_grace_period_seconds
+            .or_else(|| {
+                self.pod
+                    .spec
+                    .as_ref()
+                    .and_then(|s| s.termination_grace_period_seconds)
+            })
+            .unwrap_or(30)
+            .max(0);
+        Duration::from_secs(secs as u64)
+    }
+
+    async fn write_status(&mut self) {
+        let status = pod_status(
+            &self.facts,
+            &self.init,
+            &self.main,
+            self.pod.status.as_ref(),
+        );
+        if self.last_written.as_ref() == Some(&status) {
+            return;
+        }
+        let api: Api<Pod> = Api::namespaced(
+            self.ctx.client.clone(),
+            &self.pod.namespace().unwrap_or_default(),
+        );
+        let patch = serde_json::json!({ "status": status });
+        match api
+            .patch_status(
+                &self.pod.name_any(),
+                &PatchParams::default(),
+                &Patch::Merge(&patch),
+            )
+            .await
+        {
+            Ok(p) => {
+                self.pod = Arc::new(p);
+                self.last_written = Some(status);
+            }
+            Err(e) => tracing::debug!(pod = %self.key(), error = %e, "could not write pod status"),
+        }
+    }
+
+    /// Graceful termination, then cleanup, then (if the object still
+    /// exists) the final delete with grace 0.
+    async fn terminate(&mut self, object_exists: bool) {
+        let grace = self.grace();
+        let ids: Vec<String> = self.probes.keys().cloned().collect();
+        for id in ids {
+            self.stop_probes(&id);
+        }
+        let running: Vec<(String, String)> = self
+            .init
+            .iter()
+            .chain(self.main.iter())
+            .filter_map(|r| match &r.state {
+                CState::Running { id, .. } => Some((r.name.clone(), id.clone())),
+                _ => None,
+            })
+            .collect();
+        let tier = match self.tier.clone() {
+            Some(t) => Some(t),
+            None => {
+                let class = self
+                    .pod
+                    .spec
+                    .as_ref()
+                    .and_then(|s| s.runtime_class_name.clone())
+                    .unwrap_or_else(|| self.ctx.default_tier.clone());
+                self.ctx.tiers.get(&class).cloned()
+            }
+        };
+        if let Some(tier) = tier.clone() {
+            let mut stops = Vec::new();
+            for (name, id) in running {
+                self.event(
+                    EventType::Normal,
+                    "Killing",
+                    &format!("Stopping container {name}"),
+                );
+                let t = tier.clone();
+                stops.push(tokio::task::spawn_blocking(move || t.stop(&id, grace)));
+            }
+            for s in stops {
+                if let Ok(Err(e)) = s.await {
+                    tracing::debug!(pod = %self.key(), error = %e, "stop failed");
+                }
+            }
+            let uid = self.pod.uid().unwrap_or_default();
+            let _ = tokio::task::spawn_blocking(move || remove_pod_workloads(tier.as_ref(), &uid))
+                .await;
+        }
+        let (network, uid) = (self.ctx.network.clone(), self.pod.uid().unwrap_or_default());
+        let dir = self.pod_dir();
+        let _ = tokio::task::spawn_blocking(move || {
+            if let Err(e) = network.teardown(&uid) {
+                tracing::warn!(pod_uid = %uid, error = %e, "network teardown failed");
+            }
+            let _ = std::fs::remove_dir_all(&dir);
+        })
+        .await;
+        if object_exists {
+            let api: Api<Pod> = Api::namespaced(
+                self.ctx.client.clone(),
+                &self.pod.namespace().unwrap_or_default(),
+            );
+            let dp = DeleteParams {
+                grace_period_seconds: Some(0),
+                preconditions: Some(Preconditions {
+                    uid: self.pod.uid(),
+                    resource_version: None,
+                }),
+                ..Default::default()
+            };
+            match api.delete(&self.pod.name_any(), &dp).await {
+                Ok(_) => tracing::info!(pod = %self.key(), "pod terminated and removed"),
+                Err(kube::Error::Api(s)) if s.code == 404 || s.code == 409 => {}
+                Err(e) => {
+                    tracing::warn!(pod = %self.key(), error = %e, "could not remove terminated pod")
+                }
+            }
+        }
+    }
+}
+
+/// Removes every workload of a pod from a tier.
+pub fn remove_pod_workloads(tier: &dyn WorkloadRuntime, pod_uid: &str) {
+    match tier.list() {
+        Ok(list) => {
+            for w in list
+                .into_iter()
+                .filter(|w| w.labels.get(LABEL_POD_UID).map(String::as_str) == Some(pod_uid))
+            {
+                if let Err(e) = tier.remove(&w.id, true) {
+                    tracing::warn!(id = %w.id, error = %e, "could not remove workload");
+                }
+            }
+        }
+        Err(e) => tracing::warn!(error = %e, "could not list workloads"),
+    }
+}
+
+async fn run_check(
+    p: &Probe,
+    c: &Container,
+    tier: Option<Arc<dyn WorkloadRuntime>>,
+    id: &str,
+    target: &Target,
+    timeout: Duration,
+) -> bool {
+    if let Some(exec) = p.exec.as_ref() {
+        let Some(tier) = tier else { return false };
+        let spec = ExecSpec {
+            command: exec.command.clone().unwrap_or_default(),
+            ..Default::default()
+        };
+        let id = id.to_string();
+        let run = tokio::task::spawn_blocking(move || tier.exec(&id, &spec, Stdio::default()));
+        return matches!(tokio::time::timeout(timeout, run).await, Ok(Ok(Ok(0))));
+    }
+    if let Some(h) = p.http_get.as_ref() {
+        let Some(port) = probe::resolve_port(&h.port, c) else {
+            return false;
+        };
+        let (target, host, path) = (
+            target.clone(),
+            h.host.clone(),
+            h.path.clone().unwrap_or_else(|| "/".into()),
+        );
+        let headers: Vec<(String, String)> = h
+            .http_headers
+            .iter()
+            .flatten()
+            .map(|x| (x.name.clone(), x.value.clone()))
+            .collect();
+        return tokio::task::spawn_blocking(move || {
+            probe::http_check(&target, host.as_deref(), port, &path, &headers, timeout)
+        })
+        .await
+        .unwrap_or(false);
+    }
+    if let Some(t) = p.tcp_socket.as_ref() {
+        let Some(port) = probe::resolve_port(&t.port, c) else {
+            return false;
+        };
+        let (target, host) = (target.clone(), t.host.clone());
+        return tokio::task::spawn_blocking(move || {
+            probe::tcp_check(&target, host.as_deref(), port, timeout)
+        })
+        .await
+        .unwrap_or(false);
+    }
+    // A probe with no handler (e.g. grpc, unsupported) passes, so it cannot
+    // kill a container for a reason evoke cannot check.
+    true
+}
