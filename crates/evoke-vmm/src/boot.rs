@@ -97,7 +97,8 @@ fn is_elf(f: &mut File, path: &Path) -> Result<bool, VmmError> {
 /// Everything `load` needs besides guest memory.
 pub struct BootSpec<'a> {
     pub kernel: &'a Path,
-    pub initrd: Option<&'a Path>,
+    /// Initramfs parts (newc cpio archives), placed back to back.
+    pub initrd: &'a [PathBuf],
     pub cmdline: &'a str,
     pub protocol: BootProtocol,
     pub mem_size: u64,
@@ -168,15 +169,16 @@ pub fn load(mem: &GuestMemoryMmap, spec: &BootSpec<'_>) -> Result<BootEntry, Vmm
 
     let hdr = result.setup_header;
     let initrd_max = hdr.map(|h| h.initrd_addr_max).filter(|m| *m != 0);
-    let initrd = match spec.initrd {
-        Some(p) => Some(load_initrd(
+    let initrd = if spec.initrd.is_empty() {
+        None
+    } else {
+        Some(load_initrd(
             mem,
-            p,
+            spec.initrd,
             spec.mem_size,
             result.kernel_end,
             initrd_max,
-        )?),
-        None => None,
+        )?)
     };
 
     if entry.mode == EntryMode::Protected32 {
@@ -187,21 +189,29 @@ pub fn load(mem: &GuestMemoryMmap, spec: &BootSpec<'_>) -> Result<BootEntry, Vmm
     Ok(entry)
 }
 
-/// Places the initramfs at the top of low memory, page aligned, below the
-/// kernel's limit, and returns (address, size).
+/// Places the initramfs parts at the top of low memory, page aligned, below
+/// the kernel's limit, each part 4-byte aligned (as the kernel's cpio
+/// unpacker expects of concatenated archives); returns (address, size).
 fn load_initrd(
     mem: &GuestMemoryMmap,
-    path: &Path,
+    parts: &[PathBuf],
     mem_size: u64,
     kernel_end: u64,
     initrd_max: Option<u32>,
 ) -> Result<(u64, u64), VmmError> {
-    let io = |source| VmmError::Io {
-        path: path.to_path_buf(),
-        source,
+    let io = |path: &Path| {
+        let path = path.to_path_buf();
+        move |source| VmmError::Io { path, source }
     };
-    let mut f = File::open(path).map_err(io)?;
-    let size = f.metadata().map_err(io)?.len();
+    let mut files = Vec::with_capacity(parts.len());
+    let mut size = 0u64;
+    for p in parts {
+        let f = File::open(p).map_err(io(p))?;
+        let len = f.metadata().map_err(io(p))?.len();
+        size = (size + 3) & !3;
+        files.push((p, f, size, len));
+        size += len;
+    }
     let low_top = mem_size.min(MMIO_GAP_START);
     let limit = initrd_max.map_or(low_top, |m| low_top.min(u64::from(m) + 1));
     let addr = limit
@@ -210,16 +220,17 @@ fn load_initrd(
         .filter(|a| *a >= kernel_end)
         .ok_or_else(|| {
             VmmError::Config(format!(
-                "initramfs {} ({size} bytes) does not fit in {} MiB of guest memory next to the kernel",
-                path.display(),
+                "initramfs of {size} bytes does not fit in {} MiB of guest memory next to the kernel",
                 mem_size >> 20
             ))
         })?;
-    mem.read_exact_volatile_from(GuestAddress(addr), &mut f, size as usize)
-        .map_err(|e| VmmError::Io {
-            path: path.to_path_buf(),
-            source: std::io::Error::other(e.to_string()),
-        })?;
+    for (p, mut f, off, len) in files {
+        mem.read_exact_volatile_from(GuestAddress(addr + off), &mut f, len as usize)
+            .map_err(|e| VmmError::Io {
+                path: p.clone(),
+                source: std::io::Error::other(e.to_string()),
+            })?;
+    }
     Ok((addr, size))
 }
 
@@ -345,7 +356,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let spec = BootSpec {
             kernel: &dir.path().join("vmlinuz-nope"),
-            initrd: None,
+            initrd: &[],
             cmdline: "",
             protocol: BootProtocol::Auto,
             mem_size: 4 << 20,

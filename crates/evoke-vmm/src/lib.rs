@@ -13,10 +13,12 @@
 pub mod acpi;
 pub mod arch;
 pub mod boot;
+pub mod cgroup;
 pub mod devices;
 pub mod error;
 pub mod kvm_check;
 pub mod layout;
+pub mod runner;
 pub mod seccomp;
 mod sys;
 pub mod vm;

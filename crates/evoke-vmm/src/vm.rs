@@ -40,7 +40,9 @@ pub enum Payload {
     /// A Linux kernel (bzImage or ELF vmlinux), optional initramfs, command line.
     Linux {
         kernel: PathBuf,
-        initrd: Option<PathBuf>,
+        /// Initramfs parts, concatenated in the guest.
+        #[serde(default)]
+        initrd: Vec<PathBuf>,
         cmdline: String,
         #[serde(default)]
         protocol: BootProtocol,
@@ -343,7 +345,7 @@ impl Vm {
                 let rsdp = acpi::write_tables(&mem, config.vcpus, &mmio)?;
                 let spec = BootSpec {
                     kernel,
-                    initrd: initrd.as_deref(),
+                    initrd,
                     cmdline,
                     protocol: *protocol,
                     mem_size,

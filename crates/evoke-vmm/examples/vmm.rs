@@ -1,0 +1,92 @@
+//! A standalone VMM command for benchmarks and experiments without the rest
+//! of evoke: `vmm KERNEL [--initrd CPIO]... [--cmdline S] [--memory MIB]
+//! [--cpus N] [--agent-device virtio-console|serial] [--boot-protocol
+//! auto|linux64|pvh] [--no-seccomp]`. Serial console on stderr, agent channel
+//! on stdin/stdout; exits 0 when the guest resets or powers off.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use evoke_vmm::runner::{exit_code, run_process, ProcessConfig};
+use evoke_vmm::vm::{AgentDevice, Payload, VmConfig};
+
+fn main() -> ExitCode {
+    let mut args = std::env::args().skip(1);
+    let mut kernel = None;
+    let mut initrd = Vec::new();
+    let mut cmdline = String::from(
+        "console=ttyS0 reboot=k panic=-1 pci=off i8042.noaux i8042.nomux i8042.nopnp i8042.dumbkbd",
+    );
+    let mut mem_mib = 256;
+    let mut vcpus = 1;
+    let mut agent_device = AgentDevice::VirtioConsole;
+    let mut protocol = Default::default();
+    let mut seccomp = true;
+    let usage = || {
+        eprintln!("usage: vmm KERNEL [--initrd CPIO]... [--cmdline S] [--memory MIB] [--cpus N] [--agent-device D] [--boot-protocol P] [--no-seccomp]");
+        ExitCode::from(2)
+    };
+    while let Some(a) = args.next() {
+        let mut value = || args.next();
+        match a.as_str() {
+            "--initrd" => match value() {
+                Some(v) => initrd.push(PathBuf::from(v)),
+                None => return usage(),
+            },
+            "--cmdline" => match value() {
+                Some(v) => cmdline = v,
+                None => return usage(),
+            },
+            "--memory" => match value().and_then(|v| v.parse().ok()) {
+                Some(v) => mem_mib = v,
+                None => return usage(),
+            },
+            "--cpus" => match value().and_then(|v| v.parse().ok()) {
+                Some(v) => vcpus = v,
+                None => return usage(),
+            },
+            "--agent-device" => match value().and_then(|v| serde_json::from_value(v.into()).ok()) {
+                Some(v) => agent_device = v,
+                None => return usage(),
+            },
+            "--boot-protocol" => {
+                match value().and_then(|v| serde_json::from_value(v.into()).ok()) {
+                    Some(v) => protocol = v,
+                    None => return usage(),
+                }
+            }
+            "--no-seccomp" => seccomp = false,
+            k if !k.starts_with('-') && kernel.is_none() => kernel = Some(PathBuf::from(k)),
+            _ => return usage(),
+        }
+    }
+    let Some(kernel) = kernel else {
+        return usage();
+    };
+    let cfg = ProcessConfig {
+        vm: VmConfig {
+            mem_mib,
+            vcpus,
+            payload: Payload::Linux {
+                kernel,
+                initrd,
+                cmdline,
+                protocol,
+            },
+            agent_device,
+            seccomp,
+        },
+        cgroup: None,
+        console_cap: 16 << 20,
+    };
+    match run_process(&cfg) {
+        Ok(reason) => {
+            eprintln!("vmm: guest exit: {reason:?}");
+            ExitCode::from(exit_code(&reason))
+        }
+        Err(e) => {
+            eprintln!("vmm: {e}");
+            ExitCode::from(1)
+        }
+    }
+}
