@@ -4,15 +4,19 @@
 //! one global revision, as etcd does, and every watcher sees the writes in
 //! revision order. Start at [`Backend`]; the backends are chosen at start-up.
 
+use std::path::Path;
 use std::pin::Pin;
+use std::sync::Arc;
 
 use futures::Stream;
 
+pub mod compactor;
 pub mod etcd;
 pub mod memory;
 pub mod sqlite;
 mod watch;
 
+pub use compactor::CompactionPolicy;
 pub use etcd::EtcdBackend;
 pub use memory::MemoryBackend;
 pub use sqlite::SqliteBackend;
@@ -155,4 +159,37 @@ pub trait Backend: Send + Sync + 'static {
 
     /// Drops history older than `revision`, keeping current values.
     async fn compact(&self, revision: i64) -> Result<(), StoreError>;
+}
+
+/// The key prefix evoke uses in a shared etcd.
+pub const ETCD_PREFIX: &str = "/evoke";
+
+/// Opens the store the server runs on: etcd when `datastore_endpoint` is an
+/// `http://` or `https://` URL, else SQLite at
+/// `<data_dir>/server/db/state.db`. Also starts the background compactor
+/// (default [`CompactionPolicy`]), which stops when the store is dropped;
+/// call this inside a tokio runtime.
+pub async fn open(
+    data_dir: &Path,
+    datastore_endpoint: Option<&str>,
+) -> Result<Arc<dyn Backend>, StoreError> {
+    let backend: Arc<dyn Backend> = match datastore_endpoint {
+        Some(e) if e.starts_with("http://") || e.starts_with("https://") => {
+            Arc::new(EtcdBackend::connect(e, ETCD_PREFIX).await?)
+        }
+        Some(e) => {
+            return Err(StoreError::Backend(format!(
+                "datastore endpoint {e:?}: expected an etcd URL (http://HOST:PORT)"
+            )))
+        }
+        None => {
+            let path = data_dir.join("server").join("db").join("state.db");
+            let b = tokio::task::spawn_blocking(move || SqliteBackend::open(path))
+                .await
+                .map_err(|e| StoreError::Backend(format!("open sqlite task: {e}")))??;
+            Arc::new(b)
+        }
+    };
+    compactor::spawn(&backend, CompactionPolicy::default());
+    Ok(backend)
 }

@@ -695,8 +695,17 @@ impl Writer {
         self.counters.compacted.store(revision, Ordering::SeqCst);
         // Give freed pages back, and fold the WAL into the main file so it
         // does not grow without bound either.
+        // incremental_vacuum frees one page per step: run it to the end.
         self.conn
-            .execute_batch("PRAGMA incremental_vacuum; PRAGMA wal_checkpoint(TRUNCATE);")
+            .prepare("PRAGMA incremental_vacuum")
+            .and_then(|mut s| {
+                let mut rows = s.query([])?;
+                while rows.next()?.is_some() {}
+                Ok(())
+            })
+            .map_err(|e| sql_err(&path, e))?;
+        self.conn
+            .query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))
             .map_err(|e| sql_err(&path, e))?;
         tracing::info!(
             path = %path.display(),
