@@ -15,7 +15,8 @@ pub const ROOTFS_DIR: &str = "/rootfs";
 pub const MODULES_LIST: &str = "/evoke/modules.list";
 pub const MODULES_DIR: &str = "/evoke/modules";
 /// The line the agent writes on /dev/console as its very first action, so a
-/// host can timestamp the guest's first user-space instruction.
+/// host can timestamp the guest's first user-space instruction. It is
+/// followed by ` t=SECONDS`, the guest kernel's CLOCK_BOOTTIME at that point.
 pub const BOOT_MARK: &str = "evoke-guest: init";
 /// In [`Channel::Console`] mode, the last line on the console is this prefix
 /// followed by the exit code.

@@ -57,3 +57,18 @@ pub fn confine(cmd: &mut Command, root: &str, workdir: &str, uid: u32, gid: u32)
     }
     Ok(())
 }
+
+/// Seconds since the guest kernel started its clock (CLOCK_BOOTTIME); needs
+/// no /proc, so init can stamp its first line with it.
+pub fn boottime_secs() -> f64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: ts is a valid, writable timespec for the call.
+    let rc = unsafe { libc::clock_gettime(libc::CLOCK_BOOTTIME, &mut ts) };
+    if rc != 0 {
+        return 0.0;
+    }
+    ts.tv_sec as f64 + ts.tv_nsec as f64 / 1e9
+}

@@ -10,7 +10,7 @@ use evoke_guest::spec::{Channel, GuestSpec, Shutdown};
 const USAGE: &str = "usage: evoke-guest mkinitramfs -o OUT --rootfs DIR [--modules-dir DIR] [--module NAME]... \
 [--cache DIR] [--agent PATH] [--channel auto|virtio-console|serial|console] [--shutdown reboot|power-off] \
 [-e K=V]... [-w DIR] -- ARGV...\n       evoke-guest decode [FILE]\n       \
-evoke-guest boottime [--guest-mem-mib N] [--timeout-s N] [--verbose] -- VMM ARGS...";
+evoke-guest boottime [--guest-mem-mib N] [--timeout-s N] [--verbose] [--console-on-stderr] [--save-other FILE] -- VMM ARGS...";
 
 pub fn main(args: Vec<String>) -> i32 {
     let res = match args.first().map(String::as_str) {
@@ -157,7 +157,9 @@ fn decode(path: Option<PathBuf>) -> Result<i32, String> {
 
 /// Runs a VMM command and measures, from just before it is spawned: when the
 /// guest's boot mark ([`evoke_guest::spec::BOOT_MARK`]) shows up on the VMM's
-/// stdout (the serial console), and when the VMM exits. At the mark it also
+/// serial console (its stdout, or stderr with `--console-on-stderr`), and
+/// when the VMM exits. The other stream is kept in `--save-other FILE`
+/// (e.g. the agent channel, for `evoke-guest decode`). At the mark it also
 /// reads /proc/PID/smaps of the VMM: its RSS without the guest-memory
 /// mappings (those at least as large as the guest's RAM), which is how
 /// Firecracker measures VMM overhead. Prints one JSON object.
@@ -169,6 +171,8 @@ fn boottime(args: &[String]) -> Result<i32, String> {
     let mut guest_mem_mib: u64 = 0;
     let mut timeout = Duration::from_secs(120);
     let mut verbose = false;
+    let mut console_on_stderr = false;
+    let mut save_other: Option<PathBuf> = None;
     let mut it = args.iter();
     let mut argv = Vec::new();
     while let Some(a) = it.next() {
@@ -187,6 +191,10 @@ fn boottime(args: &[String]) -> Result<i32, String> {
                 )
             }
             "--verbose" => verbose = true,
+            "--console-on-stderr" => console_on_stderr = true,
+            "--save-other" => {
+                save_other = Some(PathBuf::from(it.next().ok_or("--save-other needs a file")?))
+            }
             "--" => argv = it.by_ref().cloned().collect(),
             other => return Err(format!("unknown argument {other}\n{USAGE}")),
         }
@@ -199,14 +207,32 @@ fn boottime(args: &[String]) -> Result<i32, String> {
         .args(&argv[1..])
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
         .spawn()
         .map_err(|e| format!("spawn {}: {e}", argv[0]))?;
     let pid = child.id();
-    let stdout = child.stdout.take().ok_or("vmm stdout missing")?;
+    let out = child.stdout.take().ok_or("vmm stdout missing")?;
+    let err = child.stderr.take().ok_or("vmm stderr missing")?;
+    let (console, other): (Box<dyn Read + Send>, Box<dyn Read + Send>) = if console_on_stderr {
+        (Box::new(err), Box::new(out))
+    } else {
+        (Box::new(out), Box::new(err))
+    };
+    let mut sink: Box<dyn Write + Send> = match &save_other {
+        Some(p) => {
+            Box::new(std::fs::File::create(p).map_err(|e| format!("create {}: {e}", p.display()))?)
+        }
+        None => Box::new(io::sink()),
+    };
+    let other_reader = std::thread::spawn(move || {
+        let mut other = other;
+        let _ = io::copy(&mut other, &mut sink);
+        let _ = sink.flush();
+    });
     let (tx, rx) = std::sync::mpsc::channel();
     let reader = std::thread::spawn(move || {
         let mut seen = false;
-        for line in io::BufReader::new(stdout).split(b'\n') {
+        for line in io::BufReader::new(console).split(b'\n') {
             let Ok(line) = line else { break };
             if !seen
                 && line
@@ -214,7 +240,12 @@ fn boottime(args: &[String]) -> Result<i32, String> {
                     .any(|w| w == evoke_guest::spec::BOOT_MARK.as_bytes())
             {
                 seen = true;
-                let _ = tx.send(start.elapsed());
+                let text = String::from_utf8_lossy(&line);
+                let kernel_s: Option<f64> = text
+                    .split("t=")
+                    .nth(1)
+                    .and_then(|v| v.split_whitespace().next()?.parse().ok());
+                let _ = tx.send((start.elapsed(), kernel_s));
             }
             if verbose {
                 eprintln!("vmm: {}", String::from_utf8_lossy(&line).trim_end());
@@ -223,6 +254,8 @@ fn boottime(args: &[String]) -> Result<i32, String> {
     });
     let init = rx.recv_timeout(timeout).ok();
     let overhead_kib = init.and_then(|_| vmm_overhead_kib(pid, guest_mem_mib));
+    let kernel_s = init.and_then(|(_, k)| k);
+    let init = init.map(|(d, _)| d);
     let deadline = start + timeout;
     let status = loop {
         if let Some(st) = child.try_wait().map_err(|e| format!("wait for vmm: {e}"))? {
@@ -237,10 +270,14 @@ fn boottime(args: &[String]) -> Result<i32, String> {
     };
     let exit = start.elapsed();
     let _ = reader.join();
+    let _ = other_reader.join();
     let ms = |d: Duration| (d.as_secs_f64() * 1e6).round() / 1e3;
     println!(
-        "{{\"init_ms\":{},\"exit_ms\":{},\"vmm_status\":{},\"vmm_overhead_kib\":{}}}",
+        "{{\"init_ms\":{},\"guest_kernel_ms\":{},\"exit_ms\":{},\"vmm_status\":{},\"vmm_overhead_kib\":{}}}",
         init.map(|d| ms(d).to_string())
+            .unwrap_or_else(|| "null".into()),
+        kernel_s
+            .map(|s| ((s * 1e6).round() / 1e3).to_string())
             .unwrap_or_else(|| "null".into()),
         ms(exit),
         status
