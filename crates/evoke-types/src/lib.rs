@@ -18,6 +18,7 @@ pub mod apply;
 pub mod decode;
 pub mod defaults;
 pub mod managed_fields;
+pub mod openapi;
 pub mod patch;
 pub mod registry;
 pub mod schema;
