@@ -606,4 +606,20 @@ mod tests {
         let e = apply_patch(res, PatchType::Apply, &cur, b"{}").expect_err("apply");
         assert_eq!(e.code, 400);
     }
+    /// The body kubectl 1.32 sent (captured against these OpenAPI
+    /// documents) when a container was added, one removed, env replaced
+    /// and the strategy switched to Recreate.
+    #[test]
+    fn a_patch_as_kubectl_apply_sends_it_yields_the_new_configuration() {
+        let live = json!({"apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": "web", "namespace": "default", "annotations": {"kubectl.kubernetes.io/last-applied-configuration": "{\"apiVersion\": \"apps/v1\", \"kind\": \"Deployment\", \"metadata\": {\"name\": \"web\", \"namespace\": \"default\"}, \"spec\": {\"replicas\": 1, \"selector\": {\"matchLabels\": {\"app\": \"web\"}}, \"strategy\": {\"type\": \"RollingUpdate\", \"rollingUpdate\": {\"maxSurge\": \"25%\", \"maxUnavailable\": \"25%\"}}, \"template\": {\"metadata\": {\"labels\": {\"app\": \"web\"}}, \"spec\": {\"containers\": [{\"name\": \"a\", \"image\": \"nginx:1\", \"ports\": [{\"containerPort\": 80}], \"env\": [{\"name\": \"X\", \"value\": \"1\"}]}, {\"name\": \"b\", \"image\": \"busybox\"}]}}}}"}, "resourceVersion": "5"}, "spec": {"replicas": 1, "selector": {"matchLabels": {"app": "web"}}, "strategy": {"type": "RollingUpdate", "rollingUpdate": {"maxSurge": "25%", "maxUnavailable": "25%"}}, "template": {"metadata": {"labels": {"app": "web"}}, "spec": {"containers": [{"name": "a", "image": "nginx:1", "ports": [{"containerPort": 80}], "env": [{"name": "X", "value": "1"}]}, {"name": "b", "image": "busybox"}]}}}});
+        let patch = json!({"spec": {"replicas": 3, "strategy": {"$retainKeys": ["type"], "rollingUpdate": null, "type": "Recreate"}, "template": {"spec": {"$setElementOrder/containers": [{"name": "z"}, {"name": "a"}], "containers": [{"image": "redis", "name": "z"}, {"$setElementOrder/env": [{"name": "Y"}], "env": [{"name": "Y", "value": "2"}, {"$patch": "delete", "name": "X"}], "image": "nginx:2", "name": "a"}, {"$patch": "delete", "name": "b"}]}}}});
+        let out = smp(DEPLOY, live, patch);
+        let spec = &out["spec"];
+        assert_eq!(spec["replicas"], 3);
+        assert_eq!(spec["strategy"], json!({"type":"Recreate"}));
+        assert_eq!(
+            spec["template"]["spec"]["containers"],
+            json!([{"image":"redis","name":"z"},{"name":"a","image":"nginx:2","ports":[{"containerPort":80}],"env":[{"name":"Y","value":"2"}]}])
+        );
+    }
 }
