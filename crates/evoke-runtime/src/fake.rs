@@ -135,6 +135,7 @@ impl WorkloadRuntime for FakeRuntime {
             created_at: SystemTime::now(),
             started_at: None,
             labels: spec.labels.clone(),
+            log_path: spec.log_path.clone(),
         };
         inner.workloads.insert(spec.id.clone(), status.clone());
         Ok(status)

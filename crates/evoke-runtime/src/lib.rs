@@ -7,6 +7,7 @@
 
 pub mod fake;
 pub mod image;
+pub mod monitor;
 pub mod testing;
 pub mod workload;
 

@@ -238,6 +238,8 @@ pub struct WorkloadStatus {
     pub created_at: SystemTime,
     pub started_at: Option<SystemTime>,
     pub labels: BTreeMap<String, String>,
+    /// Where the main process's output is kept, when the tier keeps it.
+    pub log_path: Option<PathBuf>,
 }
 
 /// Errors every tier returns. Tier-specific failures go in [`RuntimeError::Tier`].

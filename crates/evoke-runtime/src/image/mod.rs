@@ -25,6 +25,7 @@ use std::path::{Path, PathBuf};
 use oci_spec::image::{ImageConfiguration, ImageManifest};
 use serde::{Deserialize, Serialize};
 
+pub use build::DEFAULT_PATH;
 pub use digest::sha256_hex;
 
 /// Everything that can go wrong with images. Messages name the image, file or digest.
