@@ -19,6 +19,7 @@ mod plan;
 pub mod seccomp;
 pub mod spec;
 mod sys;
+pub mod tier;
 
 use std::collections::HashMap;
 use std::fs;

@@ -1,0 +1,1078 @@
+//! The container and process tiers: [`WorkloadRuntime`] over this crate's
+//! engine.
+//!
+//! [`ContainerTier`] turns a [`WorkloadSpec`] and an image into an OCI
+//! bundle: an overlayfs rootfs (the image's layers as lowerdirs, a fresh
+//! upper and work dir per container) and a config.json built from
+//! [`crate::spec::default_spec`], the image config (Entrypoint, Cmd, Env,
+//! WorkingDir, User) and the spec. Then it drives [`crate::create`] and
+//! friends. [`ProcessTier`] runs the command as a plain host process, limited
+//! only by a cgroup.
+//!
+//! Each workload lives in `DATA_DIR/containers/<id>/`: `workload.json` (the
+//! spec and times), `exit.json` (how it ended, written by whoever waited for
+//! it), `container.log`, and for containers `bundle/`, `upper/`, `work/`.
+//! The engine's own state is under `DATA_DIR/engine/`.
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::io::ErrorKind;
+use std::os::fd::OwnedFd;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime};
+
+use evoke_runtime::image::ImageStore;
+use evoke_runtime::workload::validate_id;
+use evoke_runtime::{
+    ExecSpec, ExitInfo, RuntimeError, Stdio, User, WorkloadRuntime, WorkloadSpec, WorkloadState,
+    WorkloadStatus,
+};
+use serde::{Deserialize, Serialize};
+
+use crate::cgroups::{CgroupPaths, Resources};
+use crate::Status;
+
+/// What a tier keeps about a workload in `workload.json`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct Record {
+    spec: WorkloadSpec,
+    /// The image id (config digest) the rootfs was made from.
+    image_id: Option<String>,
+    created_at: SystemTime,
+    started_at: Option<SystemTime>,
+    log_path: PathBuf,
+    /// Process tier: the host pid and its start time (to spot pid reuse).
+    #[serde(default)]
+    pid: Option<(i32, u64)>,
+    #[serde(default)]
+    cgroup: Option<CgroupPaths>,
+}
+
+fn tier_err(tier: &str, e: impl std::error::Error + Send + Sync + 'static) -> RuntimeError {
+    RuntimeError::tier(tier, e)
+}
+
+fn io_err(what: impl std::fmt::Display, path: &Path, e: std::io::Error) -> RuntimeError {
+    RuntimeError::io(format!("{what} {}", path.display()), e)
+}
+
+/// Where workloads of both tiers keep their files.
+#[derive(Debug, Clone)]
+struct Dirs {
+    containers: PathBuf,
+}
+
+impl Dirs {
+    fn new(root: PathBuf) -> Self {
+        Dirs { containers: root }
+    }
+
+    fn dir(&self, id: &str) -> Result<PathBuf, RuntimeError> {
+        validate_id(id)?;
+        Ok(self.containers.join(id))
+    }
+
+    fn load(&self, id: &str) -> Result<(PathBuf, Record), RuntimeError> {
+        let dir = self.dir(id)?;
+        let path = dir.join("workload.json");
+        let bytes = match fs::read(&path) {
+            Ok(b) => b,
+            Err(e) if e.kind() == ErrorKind::NotFound => {
+                return Err(RuntimeError::NotFound(id.to_string()))
+            }
+            Err(e) => return Err(io_err("read", &path, e)),
+        };
+        let rec = serde_json::from_slice(&bytes).map_err(|e| {
+            RuntimeError::io(
+                format!("parse {}", path.display()),
+                std::io::Error::new(ErrorKind::InvalidData, e),
+            )
+        })?;
+        Ok((dir, rec))
+    }
+
+    fn save(&self, dir: &Path, rec: &Record) -> Result<(), RuntimeError> {
+        write_json(&dir.join("workload.json"), rec)
+    }
+
+    fn exit_info(&self, dir: &Path) -> Option<ExitInfo> {
+        fs::read(dir.join("exit.json"))
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok())
+    }
+
+    fn ids(&self) -> Result<Vec<String>, RuntimeError> {
+        let rd = match fs::read_dir(&self.containers) {
+            Ok(rd) => rd,
+            Err(e) if e.kind() == ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(e) => return Err(io_err("read", &self.containers, e)),
+        };
+        Ok(rd
+            .flatten()
+            .filter(|e| e.path().join("workload.json").is_file())
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .collect())
+    }
+
+    /// Make the workload's directory; fails if the id is taken.
+    fn make(&self, id: &str) -> Result<PathBuf, RuntimeError> {
+        let dir = self.dir(id)?;
+        fs::create_dir_all(&self.containers).map_err(|e| io_err("create", &self.containers, e))?;
+        match fs::create_dir(&dir) {
+            Ok(()) => Ok(dir),
+            Err(e) if e.kind() == ErrorKind::AlreadyExists => {
+                Err(RuntimeError::AlreadyExists(id.to_string()))
+            }
+            Err(e) => Err(io_err("create", &dir, e)),
+        }
+    }
+}
+
+fn write_json<T: Serialize>(path: &Path, v: &T) -> Result<(), RuntimeError> {
+    let tmp = path.with_extension("tmp");
+    let bytes = serde_json::to_vec_pretty(v)
+        .map_err(|e| RuntimeError::io(path.display().to_string(), e.into()))?;
+    fs::write(&tmp, bytes).map_err(|e| io_err("write", &tmp, e))?;
+    fs::rename(&tmp, path).map_err(|e| io_err("rename", path, e))
+}
+
+/// Opens the log for appending (stdout and stderr share it, as `docker logs`).
+fn open_log(path: &Path) -> Result<OwnedFd, RuntimeError> {
+    let f = fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .map_err(|e| io_err("open log", path, e))?;
+    Ok(OwnedFd::from(f))
+}
+
+/// Fill unset streams: stdin from /dev/null, stdout and stderr to the log.
+fn complete_stdio(stdio: Stdio, log: &Path) -> Result<[OwnedFd; 3], RuntimeError> {
+    let stdin = match stdio.stdin {
+        Some(fd) => fd,
+        None => OwnedFd::from(
+            fs::File::open("/dev/null").map_err(|e| io_err("open", Path::new("/dev/null"), e))?,
+        ),
+    };
+    let stdout = match stdio.stdout {
+        Some(fd) => fd,
+        None => open_log(log)?,
+    };
+    let stderr = match stdio.stderr {
+        Some(fd) => fd,
+        None => open_log(log)?,
+    };
+    Ok([stdin, stdout, stderr])
+}
+
+/// The workload's command: Kubernetes/Docker rules for Entrypoint and Cmd.
+fn command_line(
+    spec: &WorkloadSpec,
+    entrypoint: Option<&Vec<String>>,
+    cmd: Option<&Vec<String>>,
+) -> Result<Vec<String>, RuntimeError> {
+    let mut args: Vec<String> = match &spec.command {
+        Some(c) => c.clone(),
+        None => entrypoint.cloned().unwrap_or_default(),
+    };
+    match &spec.args {
+        Some(a) => args.extend(a.iter().cloned()),
+        // An explicit command drops the image's Cmd, as in Kubernetes.
+        None if spec.command.is_none() => args.extend(cmd.cloned().unwrap_or_default()),
+        None => {}
+    }
+    if args.is_empty() {
+        return Err(RuntimeError::InvalidSpec(format!(
+            "workload {}: no command given and the image has neither Entrypoint nor Cmd",
+            spec.id
+        )));
+    }
+    Ok(args)
+}
+
+/// Image env, then the spec's, later keys replacing earlier ones.
+fn merge_env(image: &[String], extra: &[(String, String)]) -> Vec<String> {
+    let mut out: Vec<String> = Vec::new();
+    let mut put = |kv: String| {
+        let key = kv.split('=').next().unwrap_or("").to_string();
+        out.retain(|e| e.split('=').next() != Some(key.as_str()));
+        out.push(kv);
+    };
+    for e in image {
+        put(e.clone());
+    }
+    for (k, v) in extra {
+        put(format!("{k}={v}"));
+    }
+    if !out.iter().any(|e| e.starts_with("PATH=")) {
+        out.insert(0, evoke_runtime::image::DEFAULT_PATH.to_string());
+    }
+    out
+}
+
+/// Resolve an image's `User` (`name`, `uid`, `name:group`, `uid:gid`)
+/// against the rootfs's /etc/passwd and /etc/group.
+fn resolve_user(rootfs: &Path, user: &str) -> Result<User, RuntimeError> {
+    let (u, g) = match user.split_once(':') {
+        Some((u, g)) => (u, Some(g)),
+        None => (user, None),
+    };
+    let passwd = fs::read_to_string(rootfs.join("etc/passwd")).unwrap_or_default();
+    let lookup = |file: &str, name: &str| -> Option<(u32, u32)> {
+        file.lines().find_map(|l| {
+            let f: Vec<&str> = l.split(':').collect();
+            (f.len() >= 4 && f[0] == name)
+                .then(|| Some((f[2].parse().ok()?, f[3].parse().ok()?)))
+                .flatten()
+        })
+    };
+    let (uid, mut gid) = match u.parse::<u32>() {
+        Ok(uid) => (
+            uid,
+            passwd
+                .lines()
+                .find_map(|l| {
+                    let f: Vec<&str> = l.split(':').collect();
+                    (f.len() >= 4 && f[2] == u)
+                        .then(|| f[3].parse().ok())
+                        .flatten()
+                })
+                .unwrap_or(0),
+        ),
+        Err(_) => lookup(&passwd, u).ok_or_else(|| {
+            RuntimeError::InvalidSpec(format!("user {u:?} is not in the image's /etc/passwd"))
+        })?,
+    };
+    if let Some(g) = g {
+        gid = match g.parse::<u32>() {
+            Ok(gid) => gid,
+            Err(_) => {
+                let group = fs::read_to_string(rootfs.join("etc/group")).unwrap_or_default();
+                group
+                    .lines()
+                    .find_map(|l| {
+                        let f: Vec<&str> = l.split(':').collect();
+                        (f.len() >= 3 && f[0] == g)
+                            .then(|| f[2].parse().ok())
+                            .flatten()
+                    })
+                    .ok_or_else(|| {
+                        RuntimeError::InvalidSpec(format!(
+                            "group {g:?} is not in the image's /etc/group"
+                        ))
+                    })?
+            }
+        };
+    }
+    Ok(User { uid, gid })
+}
+
+fn pid_start_time(pid: i32) -> Option<u64> {
+    let s = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let rest = &s[s.rfind(')')? + 2..];
+    let fields: Vec<&str> = rest.split(' ').collect();
+    if matches!(fields.first(), Some(&"Z") | Some(&"X")) {
+        return None;
+    }
+    fields.get(19)?.parse().ok()
+}
+
+fn to_exit(s: crate::ExitStatus) -> ExitInfo {
+    ExitInfo {
+        code: s.code,
+        signal: s.signal,
+        oom_killed: s.oom_killed,
+        finished_at: SystemTime::now(),
+    }
+}
+
+/// Unknown ending: the parent that could have seen it is gone.
+fn lost_exit() -> ExitInfo {
+    ExitInfo {
+        code: -1,
+        signal: None,
+        oom_killed: false,
+        finished_at: SystemTime::now(),
+    }
+}
+
+/// The container tier: OCI images in namespaces, over overlayfs.
+#[derive(Debug, Clone)]
+pub struct ContainerTier {
+    dirs: Dirs,
+    engine_root: PathBuf,
+    images: ImageStore,
+}
+
+impl ContainerTier {
+    pub const NAME: &'static str = "container";
+
+    /// The tier keeping its state under `data_dir` (shared with the image store).
+    pub fn new(data_dir: &Path) -> Result<Self, RuntimeError> {
+        Ok(ContainerTier {
+            dirs: Dirs::new(data_dir.join("containers")),
+            engine_root: data_dir.join("engine"),
+            images: ImageStore::open(data_dir)?,
+        })
+    }
+
+    /// The image store this tier reads.
+    pub fn images(&self) -> &ImageStore {
+        &self.images
+    }
+
+    fn err(e: crate::Error) -> RuntimeError {
+        match e {
+            crate::Error::NotFound(id) => RuntimeError::NotFound(id),
+            other => tier_err(Self::NAME, other),
+        }
+    }
+
+    /// Mount the overlay rootfs and write `bundle/config.json`.
+    fn prepare(&self, dir: &Path, spec: &WorkloadSpec) -> Result<(String, PathBuf), RuntimeError> {
+        let image_ref = spec.image.as_deref().ok_or_else(|| {
+            RuntimeError::InvalidSpec(format!(
+                "workload {}: the container tier needs an image",
+                spec.id
+            ))
+        })?;
+        let image = self.images.resolve(image_ref)?;
+        let bundle = dir.join("bundle");
+        let rootfs = bundle.join("rootfs");
+        let upper = dir.join("upper");
+        let work = dir.join("work");
+        for d in [&rootfs, &upper, &work] {
+            fs::create_dir_all(d).map_err(|e| io_err("create", d, e))?;
+        }
+        // overlayfs lists the top layer first.
+        let lower: Vec<String> = image
+            .layer_dirs
+            .iter()
+            .rev()
+            .map(|p| p.display().to_string())
+            .collect();
+        if lower.is_empty() {
+            return Err(RuntimeError::InvalidSpec(format!(
+                "image {image_ref} has no layers"
+            )));
+        }
+        let opts = format!(
+            "lowerdir={},upperdir={},workdir={}",
+            lower.join(":"),
+            upper.display(),
+            work.display()
+        );
+        nix::mount::mount(
+            Some("overlay"),
+            &rootfs,
+            Some("overlay"),
+            nix::mount::MsFlags::empty(),
+            Some(opts.as_str()),
+        )
+        .map_err(|e| io_err("mount overlay on", &rootfs, e.into()))?;
+
+        let cfg = image.config.config().clone().unwrap_or_default();
+        let args = command_line(spec, cfg.entrypoint().as_ref(), cfg.cmd().as_ref())?;
+        let mut oci = crate::spec::default_spec(&args, "rootfs");
+        let hostname = spec
+            .hostname
+            .clone()
+            .unwrap_or_else(|| spec.id.chars().take(12).collect());
+        let mut extra_env = vec![("HOSTNAME".to_string(), hostname.clone())];
+        if spec.tty {
+            extra_env.push(("TERM".into(), "xterm".into()));
+        }
+        extra_env.extend(spec.env.iter().cloned());
+        let env = merge_env(cfg.env().as_deref().unwrap_or(&[]), &extra_env);
+        let cwd = spec
+            .workdir
+            .clone()
+            .or_else(|| cfg.working_dir().clone().filter(|w| !w.is_empty()))
+            .unwrap_or_else(|| "/".to_string());
+        if !cwd.starts_with('/') {
+            return Err(RuntimeError::InvalidSpec(format!(
+                "workdir {cwd:?} must be absolute"
+            )));
+        }
+        // Docker makes a missing working directory.
+        let cwd_host = rootfs.join(cwd.trim_start_matches('/'));
+        if !cwd_host.exists() {
+            fs::create_dir_all(&cwd_host).map_err(|e| io_err("create workdir", &cwd_host, e))?;
+        }
+        let user = match (&spec.user, cfg.user().as_deref()) {
+            (Some(u), _) => *u,
+            (None, Some(u)) if !u.is_empty() => resolve_user(&rootfs, u)?,
+            _ => User::default(),
+        };
+
+        let mut v =
+            serde_json::to_value(&oci).map_err(|e| RuntimeError::io("encode spec", e.into()))?;
+        let p = &mut v["process"];
+        p["env"] = serde_json::json!(env);
+        p["cwd"] = serde_json::json!(cwd);
+        p["user"] = serde_json::json!({"uid": user.uid, "gid": user.gid});
+        // With a tty the caller hands us a pty's replica side as stdio; the
+        // engine's console-socket path is for `evoke oci` callers.
+        p["terminal"] = serde_json::json!(false);
+        v["hostname"] = serde_json::json!(hostname);
+        let mounts = v["mounts"]
+            .as_array_mut()
+            .expect("the default spec has mounts");
+        for m in &spec.mounts {
+            let mut options = vec!["rbind", "rprivate"];
+            if m.read_only {
+                options.push("ro");
+            }
+            mounts.push(serde_json::json!({
+                "destination": m.container_path, "type": "bind",
+                "source": m.host_path, "options": options,
+            }));
+        }
+        let linux = &mut v["linux"];
+        let r = &spec.resources;
+        let mut res = linux["resources"].clone();
+        if let Some(m) = r.memory_bytes {
+            res["memory"] = serde_json::json!({"limit": m, "swap": m});
+        }
+        if let Some(c) = r.cpu {
+            res["cpu"] = serde_json::json!({"quota": c.quota_us, "period": c.period_us});
+        }
+        if let Some(p) = r.pids_limit {
+            res["pids"] = serde_json::json!({"limit": p});
+        }
+        linux["resources"] = res;
+        linux["cgroupsPath"] = serde_json::json!(format!("evoke/{}", spec.id));
+        if let Some(ns) = linux["namespaces"].as_array_mut() {
+            for n in ns.iter_mut() {
+                let path = match n["type"].as_str() {
+                    Some("network") => spec.network_namespace.as_ref(),
+                    Some("ipc") => spec.ipc_namespace.as_ref(),
+                    _ => None,
+                };
+                if let Some(p) = path {
+                    n["path"] = serde_json::json!(p);
+                }
+            }
+        }
+        oci = serde_json::from_value(v).map_err(|e| {
+            RuntimeError::InvalidSpec(format!("workload {}: building the OCI spec: {e}", spec.id))
+        })?;
+        let config = bundle.join("config.json");
+        oci.save(&config)
+            .map_err(|e| io_err("write", &config, std::io::Error::other(e.to_string())))?;
+        Ok((image.id, bundle))
+    }
+
+    fn unmount(&self, dir: &Path) {
+        let rootfs = dir.join("bundle/rootfs");
+        match nix::mount::umount2(&rootfs, nix::mount::MntFlags::MNT_DETACH) {
+            Ok(()) | Err(nix::Error::EINVAL) | Err(nix::Error::ENOENT) => {}
+            Err(e) => tracing::warn!(path = %rootfs.display(), error = %e, "unmounting rootfs"),
+        }
+    }
+
+    fn status_of(&self, id: &str) -> Result<WorkloadStatus, RuntimeError> {
+        let (dir, rec) = self.dirs.load(id)?;
+        let state = match self.dirs.exit_info(&dir) {
+            Some(info) => WorkloadState::Exited(info),
+            None => match crate::state(&self.engine_root, id) {
+                Ok(s) => match s.status {
+                    Status::Creating | Status::Created => WorkloadState::Created,
+                    Status::Running => WorkloadState::Running { pid: s.pid as u32 },
+                    Status::Stopped => WorkloadState::Exited(lost_exit()),
+                },
+                Err(crate::Error::NotFound(_)) if rec.started_at.is_none() => {
+                    WorkloadState::Created
+                }
+                Err(crate::Error::NotFound(_)) => WorkloadState::Exited(lost_exit()),
+                Err(e) => return Err(Self::err(e)),
+            },
+        };
+        Ok(status(&rec, state))
+    }
+}
+
+fn status(rec: &Record, state: WorkloadState) -> WorkloadStatus {
+    WorkloadStatus {
+        id: rec.spec.id.clone(),
+        image: rec.spec.image.clone(),
+        state,
+        created_at: rec.created_at,
+        started_at: rec.started_at,
+        labels: rec.spec.labels.clone(),
+        log_path: Some(rec.log_path.clone()),
+    }
+}
+
+/// Turn an [`ExecSpec`] into the OCI process to run, starting from the
+/// container's own (capabilities, no_new_privs, rlimits, env).
+fn exec_process(
+    bundle: &Path,
+    spec: &ExecSpec,
+) -> Result<oci_spec::runtime::Process, RuntimeError> {
+    if spec.command.is_empty() {
+        return Err(RuntimeError::InvalidSpec("exec needs a command".into()));
+    }
+    let config = bundle.join("config.json");
+    let oci = oci_spec::runtime::Spec::load(&config)
+        .map_err(|e| io_err("read", &config, std::io::Error::other(e.to_string())))?;
+    let base = oci.process().clone().unwrap_or_default();
+    let mut v =
+        serde_json::to_value(&base).map_err(|e| RuntimeError::io("encode process", e.into()))?;
+    let env: Vec<String> = base.env().clone().unwrap_or_default();
+    v["args"] = serde_json::json!(spec.command);
+    v["env"] = serde_json::json!(merge_env(&env, &spec.env));
+    v["terminal"] = serde_json::json!(false);
+    if let Some(w) = &spec.workdir {
+        v["cwd"] = serde_json::json!(w);
+    }
+    if let Some(u) = spec.user {
+        v["user"] = serde_json::json!({"uid": u.uid, "gid": u.gid});
+    }
+    serde_json::from_value(v).map_err(|e| RuntimeError::InvalidSpec(format!("exec process: {e}")))
+}
+
+impl WorkloadRuntime for ContainerTier {
+    fn name(&self) -> &str {
+        Self::NAME
+    }
+
+    fn available(&self) -> Result<(), RuntimeError> {
+        let unavailable = |reason: String| RuntimeError::Unavailable {
+            tier: Self::NAME.into(),
+            reason,
+        };
+        if !nix::unistd::geteuid().is_root() {
+            return Err(unavailable(
+                "containers need root (run evoke as root)".into(),
+            ));
+        }
+        let fs = fs::read_to_string("/proc/filesystems").unwrap_or_default();
+        if !fs.lines().any(|l| l.trim_end().ends_with("overlay")) {
+            return Err(unavailable(
+                "the kernel has no overlayfs (try `modprobe overlay`)".into(),
+            ));
+        }
+        crate::cgroups::detect().map_err(|e| unavailable(format!("no usable cgroups: {e}")))?;
+        Ok(())
+    }
+
+    fn create(&self, spec: &WorkloadSpec, stdio: Stdio) -> Result<WorkloadStatus, RuntimeError> {
+        let dir = self.dirs.make(&spec.id)?;
+        let result = (|| {
+            let log_path = spec
+                .log_path
+                .clone()
+                .unwrap_or_else(|| dir.join("container.log"));
+            let (image_id, bundle) = self.prepare(&dir, spec)?;
+            let rec = Record {
+                spec: spec.clone(),
+                image_id: Some(image_id),
+                created_at: SystemTime::now(),
+                started_at: None,
+                log_path: log_path.clone(),
+                pid: None,
+                cgroup: None,
+            };
+            self.dirs.save(&dir, &rec)?;
+            let [stdin, stdout, stderr] = complete_stdio(stdio, &log_path)?;
+            crate::create(
+                &self.engine_root,
+                &spec.id,
+                &bundle,
+                crate::CreateOptions {
+                    stdin: Some(stdin),
+                    stdout: Some(stdout),
+                    stderr: Some(stderr),
+                    console_socket: None,
+                    pid_file: None,
+                },
+            )
+            .map_err(Self::err)?;
+            Ok(status(&rec, WorkloadState::Created))
+        })();
+        if result.is_err() {
+            self.unmount(&dir);
+            let _ = fs::remove_dir_all(&dir);
+        }
+        result
+    }
+
+    fn start(&self, id: &str) -> Result<(), RuntimeError> {
+        let (dir, mut rec) = self.dirs.load(id)?;
+        crate::start(&self.engine_root, id).map_err(Self::err)?;
+        rec.started_at = Some(SystemTime::now());
+        self.dirs.save(&dir, &rec)
+    }
+
+    fn state(&self, id: &str) -> Result<WorkloadStatus, RuntimeError> {
+        self.status_of(id)
+    }
+
+    fn list(&self) -> Result<Vec<WorkloadStatus>, RuntimeError> {
+        let mut out = Vec::new();
+        for id in self.dirs.ids()? {
+            match self.status_of(&id) {
+                Ok(s) => out.push(s),
+                Err(RuntimeError::NotFound(_)) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(out)
+    }
+
+    fn signal(&self, id: &str, signal: i32) -> Result<(), RuntimeError> {
+        self.dirs.load(id)?;
+        let sig = nix::sys::signal::Signal::try_from(signal)
+            .map_err(|_| RuntimeError::InvalidSpec(format!("signal {signal} is not a signal")))?;
+        crate::kill(&self.engine_root, id, sig).map_err(Self::err)
+    }
+
+    fn wait(&self, id: &str, timeout: Option<Duration>) -> Result<Option<ExitInfo>, RuntimeError> {
+        let (dir, _) = self.dirs.load(id)?;
+        if let Some(info) = self.dirs.exit_info(&dir) {
+            return Ok(Some(info));
+        }
+        if timeout.is_none() {
+            // The engine reaps the init when we are its parent. Otherwise it
+            // polls until the process is gone and reports code -1; the real
+            // parent (a monitor) then writes exit.json, so look for it.
+            let s = match crate::wait(&self.engine_root, id) {
+                Ok(s) => s,
+                Err(crate::Error::NotFound(_)) => crate::ExitStatus {
+                    code: -1,
+                    signal: None,
+                    oom_killed: false,
+                },
+                Err(e) => return Err(Self::err(e)),
+            };
+            if s.code != -1 {
+                let info = to_exit(s);
+                write_json(&dir.join("exit.json"), &info)?;
+                return Ok(Some(info));
+            }
+            let until = std::time::Instant::now() + Duration::from_secs(5);
+            while std::time::Instant::now() < until {
+                if let Some(info) = self.dirs.exit_info(&dir) {
+                    return Ok(Some(info));
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            return Ok(Some(lost_exit()));
+        }
+        let deadline = timeout.map(|t| std::time::Instant::now() + t);
+        loop {
+            if let WorkloadState::Exited(info) = self.status_of(id)?.state {
+                return Ok(Some(info));
+            }
+            if deadline.is_some_and(|d| std::time::Instant::now() >= d) {
+                return Ok(None);
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    fn exec(&self, id: &str, spec: &ExecSpec, stdio: Stdio) -> Result<i32, RuntimeError> {
+        let (dir, rec) = self.dirs.load(id)?;
+        let process = exec_process(&dir.join("bundle"), spec)?;
+        let [stdin, stdout, stderr] = complete_stdio(stdio, &rec.log_path)?;
+        let pid = crate::exec(
+            &self.engine_root,
+            id,
+            &process,
+            crate::ExecOptions {
+                stdin: Some(stdin),
+                stdout: Some(stdout),
+                stderr: Some(stderr),
+                console_socket: None,
+            },
+        )
+        .map_err(Self::err)?;
+        let s = crate::wait_pid(pid).map_err(Self::err)?;
+        Ok(s.code)
+    }
+
+    fn remove(&self, id: &str, force: bool) -> Result<(), RuntimeError> {
+        let (dir, _) = self.dirs.load(id)?;
+        if let WorkloadState::Running { .. } = self.status_of(id)?.state {
+            if !force {
+                return Err(RuntimeError::InvalidState {
+                    id: id.to_string(),
+                    state: "running",
+                    action: "remove it (stop it first or force)",
+                });
+            }
+        }
+        match crate::delete(&self.engine_root, id, true) {
+            Ok(()) | Err(crate::Error::NotFound(_)) => {}
+            Err(e) => return Err(Self::err(e)),
+        }
+        self.unmount(&dir);
+        fs::remove_dir_all(&dir).map_err(|e| io_err("remove", &dir, e))
+    }
+}
+
+/// The process tier: the command runs on the host as a plain process, in a
+/// cgroup for its limits. No image rootfs; an image, if named, only supplies
+/// defaults for the command, env and working directory.
+#[derive(Debug, Clone)]
+pub struct ProcessTier {
+    dirs: Dirs,
+    images: ImageStore,
+}
+
+impl ProcessTier {
+    pub const NAME: &'static str = "process";
+
+    pub fn new(data_dir: &Path) -> Result<Self, RuntimeError> {
+        Ok(ProcessTier {
+            dirs: Dirs::new(data_dir.join("processes")),
+            images: ImageStore::open(data_dir)?,
+        })
+    }
+
+    fn status_of(&self, id: &str) -> Result<WorkloadStatus, RuntimeError> {
+        let (dir, rec) = self.dirs.load(id)?;
+        let state = match (self.dirs.exit_info(&dir), rec.pid) {
+            (Some(info), _) => WorkloadState::Exited(info),
+            (None, None) => WorkloadState::Created,
+            (None, Some((pid, start))) if pid_start_time(pid) == Some(start) => {
+                WorkloadState::Running { pid: pid as u32 }
+            }
+            (None, Some(_)) => WorkloadState::Exited(lost_exit()),
+        };
+        Ok(status(&rec, state))
+    }
+
+    fn cgroup(&self, rec: &Record) -> Option<Box<dyn crate::cgroups::CgroupManager>> {
+        rec.cgroup.as_ref().map(CgroupPaths::open)
+    }
+}
+
+/// Pids still waiting to be reaped by this process, by workload id; the
+/// process tier's `start` spawns children that `wait` must reap.
+static CHILDREN: std::sync::Mutex<BTreeMap<String, std::process::Child>> =
+    std::sync::Mutex::new(BTreeMap::new());
+
+impl WorkloadRuntime for ProcessTier {
+    fn name(&self) -> &str {
+        Self::NAME
+    }
+
+    fn available(&self) -> Result<(), RuntimeError> {
+        crate::cgroups::detect().map_err(|e| RuntimeError::Unavailable {
+            tier: Self::NAME.into(),
+            reason: format!("no usable cgroups: {e}"),
+        })?;
+        Ok(())
+    }
+
+    fn create(&self, spec: &WorkloadSpec, stdio: Stdio) -> Result<WorkloadStatus, RuntimeError> {
+        // Resolve the image first, so a bad reference leaves nothing behind.
+        let image = match &spec.image {
+            Some(r) => Some(self.images.resolve(r)?),
+            None => None,
+        };
+        let dir = self.dirs.make(&spec.id)?;
+        let result = (|| {
+            let cfg = image
+                .as_ref()
+                .and_then(|i| i.config.config().clone())
+                .unwrap_or_default();
+            let args = command_line(spec, cfg.entrypoint().as_ref(), cfg.cmd().as_ref())?;
+            let log_path = spec
+                .log_path
+                .clone()
+                .unwrap_or_else(|| dir.join("container.log"));
+            let hierarchy = crate::cgroups::detect().map_err(|e| tier_err(Self::NAME, e))?;
+            let cg = hierarchy
+                .create(&format!("evoke/{}", spec.id))
+                .map_err(|e| tier_err(Self::NAME, e))?;
+            let r = &spec.resources;
+            cg.set(&Resources {
+                memory_limit: r.memory_bytes.map(|m| m as i64),
+                memory_swap: r.memory_bytes.map(|m| m as i64),
+                cpu_quota: r.cpu.map(|c| c.quota_us as i64),
+                cpu_period: r.cpu.map(|c| c.period_us),
+                pids_limit: r.pids_limit,
+                ..Resources::default()
+            })
+            .map_err(|e| tier_err(Self::NAME, e))?;
+            let mut stored = spec.clone();
+            // Keep the resolved command so `start` (maybe in another process) has it.
+            stored.command = Some(args);
+            stored.args = Some(Vec::new());
+            let env_image = cfg.env().clone().unwrap_or_default();
+            stored.env = merge_env(&env_image, &spec.env)
+                .into_iter()
+                .filter_map(|kv| {
+                    kv.split_once('=')
+                        .map(|(k, v)| (k.to_string(), v.to_string()))
+                })
+                .collect();
+            if stored.workdir.is_none() {
+                stored.workdir = cfg.working_dir().clone().filter(|w| !w.is_empty());
+            }
+            let rec = Record {
+                spec: stored,
+                image_id: image.as_ref().map(|i| i.id.clone()),
+                created_at: SystemTime::now(),
+                started_at: None,
+                log_path,
+                pid: None,
+                cgroup: Some(cg.paths()),
+            };
+            self.dirs.save(&dir, &rec)?;
+            let [stdin, stdout, stderr] = complete_stdio(stdio, &rec.log_path)?;
+            // The streams wait in the directory's "pending" slot until start.
+            PENDING_STDIO
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .insert(spec.id.clone(), [stdin, stdout, stderr]);
+            Ok(status(&rec, WorkloadState::Created))
+        })();
+        if result.is_err() {
+            let _ = fs::remove_dir_all(&dir);
+        }
+        result
+    }
+
+    fn start(&self, id: &str) -> Result<(), RuntimeError> {
+        use std::os::unix::process::CommandExt;
+        let (dir, mut rec) = self.dirs.load(id)?;
+        if rec.pid.is_some() {
+            return Err(RuntimeError::InvalidState {
+                id: id.into(),
+                state: "running",
+                action: "start it again",
+            });
+        }
+        let stdio = PENDING_STDIO
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(id);
+        let [stdin, stdout, stderr] = match stdio {
+            Some(s) => s,
+            None => complete_stdio(Stdio::default(), &rec.log_path)?,
+        };
+        let args = rec.spec.command.clone().unwrap_or_default();
+        let (prog, rest) = args
+            .split_first()
+            .ok_or_else(|| RuntimeError::InvalidSpec(format!("workload {id} has no command")))?;
+        let mut cmd = std::process::Command::new(prog);
+        cmd.args(rest)
+            .env_clear()
+            .envs(rec.spec.env.iter().map(|(k, v)| (k, v)))
+            .stdin(stdin)
+            .stdout(stdout)
+            .stderr(stderr)
+            .process_group(0);
+        if let Some(w) = &rec.spec.workdir {
+            cmd.current_dir(w);
+        }
+        if let Some(u) = rec.spec.user {
+            cmd.uid(u.uid).gid(u.gid);
+        }
+        let procs = match &rec.cgroup {
+            Some(p) => spawn::open_procs(p)?,
+            None => Vec::new(),
+        };
+        let child = spawn::spawn_in_cgroup(&mut cmd, &procs)
+            .map_err(|e| RuntimeError::io(format!("start {prog}"), e))?;
+        let pid = child.id() as i32;
+        rec.pid = Some((pid, pid_start_time(pid).unwrap_or(0)));
+        rec.started_at = Some(SystemTime::now());
+        self.dirs.save(&dir, &rec)?;
+        CHILDREN
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(id.to_string(), child);
+        Ok(())
+    }
+
+    fn state(&self, id: &str) -> Result<WorkloadStatus, RuntimeError> {
+        self.status_of(id)
+    }
+
+    fn list(&self) -> Result<Vec<WorkloadStatus>, RuntimeError> {
+        let mut out = Vec::new();
+        for id in self.dirs.ids()? {
+            match self.status_of(&id) {
+                Ok(s) => out.push(s),
+                Err(RuntimeError::NotFound(_)) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(out)
+    }
+
+    fn signal(&self, id: &str, signal: i32) -> Result<(), RuntimeError> {
+        match self.status_of(id)?.state {
+            WorkloadState::Running { pid } => {
+                let sig = nix::sys::signal::Signal::try_from(signal).map_err(|_| {
+                    RuntimeError::InvalidSpec(format!("signal {signal} is not a signal"))
+                })?;
+                // The whole process group, as a container's pid namespace would.
+                nix::sys::signal::killpg(nix::unistd::Pid::from_raw(pid as i32), sig)
+                    .map_err(|e| RuntimeError::io(format!("signal workload {id}"), e.into()))
+            }
+            other => Err(RuntimeError::InvalidState {
+                id: id.into(),
+                state: other.word(),
+                action: "signal it",
+            }),
+        }
+    }
+
+    fn wait(&self, id: &str, timeout: Option<Duration>) -> Result<Option<ExitInfo>, RuntimeError> {
+        let (dir, rec) = self.dirs.load(id)?;
+        if let Some(info) = self.dirs.exit_info(&dir) {
+            return Ok(Some(info));
+        }
+        let child = CHILDREN
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(id);
+        if let (Some(mut child), None) = (child, timeout) {
+            use std::os::unix::process::ExitStatusExt;
+            let st = child
+                .wait()
+                .map_err(|e| RuntimeError::io(format!("wait for workload {id}"), e))?;
+            let oom = self
+                .cgroup(&rec)
+                .and_then(|cg| cg.oom_kills().ok())
+                .is_some_and(|n| n > 0);
+            let info = match (st.code(), st.signal()) {
+                (Some(c), _) => ExitInfo::exited(c),
+                (None, Some(s)) => ExitInfo::signaled(s, oom),
+                _ => lost_exit(),
+            };
+            write_json(&dir.join("exit.json"), &info)?;
+            return Ok(Some(info));
+        }
+        let deadline = timeout.map(|t| std::time::Instant::now() + t);
+        loop {
+            if let WorkloadState::Exited(info) = self.status_of(id)?.state {
+                return Ok(Some(info));
+            }
+            if deadline.is_some_and(|d| std::time::Instant::now() >= d) {
+                return Ok(None);
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    fn exec(&self, id: &str, spec: &ExecSpec, stdio: Stdio) -> Result<i32, RuntimeError> {
+        let (_, rec) = self.dirs.load(id)?;
+        let (prog, rest) = spec
+            .command
+            .split_first()
+            .ok_or_else(|| RuntimeError::InvalidSpec("exec needs a command".into()))?;
+        let [stdin, stdout, stderr] = complete_stdio(stdio, &rec.log_path)?;
+        let mut cmd = std::process::Command::new(prog);
+        cmd.args(rest)
+            .env_clear()
+            .envs(rec.spec.env.iter().map(|(k, v)| (k, v)))
+            .envs(spec.env.iter().map(|(k, v)| (k, v)))
+            .stdin(stdin)
+            .stdout(stdout)
+            .stderr(stderr);
+        if let Some(w) = spec.workdir.as_ref().or(rec.spec.workdir.as_ref()) {
+            cmd.current_dir(w);
+        }
+        let procs = match &rec.cgroup {
+            Some(p) => spawn::open_procs(p)?,
+            None => Vec::new(),
+        };
+        let mut child = spawn::spawn_in_cgroup(&mut cmd, &procs)
+            .map_err(|e| RuntimeError::io(format!("exec {prog}"), e))?;
+        let st = child
+            .wait()
+            .map_err(|e| RuntimeError::io(format!("wait for exec {prog}"), e))?;
+        use std::os::unix::process::ExitStatusExt;
+        Ok(st.code().unwrap_or_else(|| 128 + st.signal().unwrap_or(0)))
+    }
+
+    fn remove(&self, id: &str, force: bool) -> Result<(), RuntimeError> {
+        let (dir, rec) = self.dirs.load(id)?;
+        if let WorkloadState::Running { .. } = self.status_of(id)?.state {
+            if !force {
+                return Err(RuntimeError::InvalidState {
+                    id: id.to_string(),
+                    state: "running",
+                    action: "remove it (stop it first or force)",
+                });
+            }
+        }
+        if let Some(cg) = self.cgroup(&rec) {
+            cg.kill_all().map_err(|e| tier_err(Self::NAME, e))?;
+            cg.remove().map_err(|e| tier_err(Self::NAME, e))?;
+        }
+        if let Some(mut child) = CHILDREN
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(id)
+        {
+            let _ = child.wait();
+        }
+        fs::remove_dir_all(&dir).map_err(|e| io_err("remove", &dir, e))
+    }
+}
+
+/// Streams given to `create`, held until `start` spawns the process.
+static PENDING_STDIO: std::sync::Mutex<BTreeMap<String, [OwnedFd; 3]>> =
+    std::sync::Mutex::new(BTreeMap::new());
+
+/// Spawning a host process straight into its cgroup.
+mod spawn {
+    #![allow(unsafe_code)]
+
+    use std::fs::File;
+    use std::os::fd::AsRawFd;
+    use std::os::unix::process::CommandExt;
+    use std::path::PathBuf;
+
+    use evoke_runtime::RuntimeError;
+
+    use crate::cgroups::CgroupPaths;
+
+    /// Open the `cgroup.procs` file of every hierarchy of the cgroup.
+    pub(super) fn open_procs(paths: &CgroupPaths) -> Result<Vec<File>, RuntimeError> {
+        let files: Vec<PathBuf> = match paths {
+            CgroupPaths::V1(dirs) => dirs.values().map(|d| d.join("cgroup.procs")).collect(),
+            CgroupPaths::V2(dir) => vec![dir.join("cgroup.procs")],
+        };
+        files
+            .iter()
+            .map(|f| {
+                std::fs::OpenOptions::new()
+                    .write(true)
+                    .open(f)
+                    .map_err(|e| RuntimeError::io(format!("open {}", f.display()), e))
+            })
+            .collect()
+    }
+
+    /// Spawn `cmd` so that it joins the cgroup before it execs: the child
+    /// writes "0" (itself) to each `cgroup.procs`, so it cannot fork out of
+    /// its limits first, and no wrapper process or second exec is needed.
+    pub(super) fn spawn_in_cgroup(
+        cmd: &mut std::process::Command,
+        procs: &[File],
+    ) -> std::io::Result<std::process::Child> {
+        let fds: Vec<i32> = procs.iter().map(|f| f.as_raw_fd()).collect();
+        // SAFETY: the closure runs in the forked child before exec and only
+        // calls write(2), which is async-signal-safe; it allocates nothing.
+        unsafe {
+            cmd.pre_exec(move || {
+                for &fd in &fds {
+                    if libc::write(fd, b"0".as_ptr().cast(), 1) != 1 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                }
+                Ok(())
+            });
+        }
+        cmd.spawn()
+    }
+}
