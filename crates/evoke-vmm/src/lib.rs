@@ -21,6 +21,7 @@ pub mod layout;
 pub mod runner;
 pub mod seccomp;
 mod sys;
+pub mod tier;
 pub mod vm;
 
 pub use error::VmmError;

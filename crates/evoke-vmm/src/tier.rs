@@ -1,0 +1,678 @@
+//! The `microvm` tier: [`WorkloadRuntime`] on top of the VMM.
+//!
+//! `create` resolves the image, turns image config plus spec into the
+//! guest agent's [`GuestSpec`], builds the guest initramfs (cached agent and
+//! modules, the image rootfs, the spec) with evoke-guest's builder and
+//! writes the VMM process's config. `start` launches `evoke vmm --config`
+//! (one process per VM, in its own cgroup) and a supervisor thread that
+//! reads the agent's frames from the VMM's stdout: workload stdout/stderr go
+//! to the caller's fds as they arrive, the exit frame becomes the workload's
+//! exit status. State lives in `DATA_DIR/microvm/<id>/state.json`, so other
+//! processes see it.
+//!
+//! Lifecycle: Created (initramfs and config written) → Running (VMM process
+//! up; `pid` is the VMM's) → Exited (exit frame, or the VMM ended without
+//! one: guest panic or kill).
+
+use std::collections::HashMap;
+use std::fs::{self, File};
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, ChildStdin, Command, Stdio as ProcStdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use evoke_guest::initramfs::{find_agent, GuestBase, InitramfsBuilder, Part, DEFAULT_MODULES};
+use evoke_guest::proto::Frame;
+use evoke_guest::spec::{Channel, GuestSpec, Shutdown};
+use evoke_guest::Rootfs;
+use evoke_runtime::image::ImageStore;
+use evoke_runtime::workload::validate_id;
+use evoke_runtime::{
+    ExecSpec, ExitInfo, RuntimeError, Stdio, WorkloadRuntime, WorkloadSpec, WorkloadState,
+    WorkloadStatus,
+};
+
+use crate::cgroup::{self, VmmCgroup};
+use crate::runner::ProcessConfig;
+use crate::vm::{AgentDevice, Payload, VmConfig};
+
+const TIER: &str = "microvm";
+/// Guest RAM when the workload sets no memory limit.
+pub const DEFAULT_MEM_MIB: u64 = 512;
+/// The smallest guest the stock kernel and an initramfs fit in.
+pub const MIN_MEM_MIB: u64 = 128;
+/// The guest kernel's command line: serial console, reset on reboot and on
+/// panic (both end the VMM), no PCI probing, the i8042 only for its reset
+/// line, and a quiet boot (every console byte is a VM exit).
+pub const GUEST_CMDLINE: &str = "console=ttyS0 reboot=k panic=-1 pci=off i8042.noaux i8042.nomux i8042.nopnp i8042.dumbkbd quiet loglevel=1 rdinit=/init";
+
+fn tier_err(e: impl Into<Box<dyn std::error::Error + Send + Sync>>) -> RuntimeError {
+    RuntimeError::tier(TIER, e)
+}
+
+/// The microvm tier. Cheap to share: state is on disk plus the handles of
+/// VMs this process started.
+pub struct MicroVmTier {
+    data_dir: PathBuf,
+    root: PathBuf,
+    /// The binary that has the hidden `vmm` subcommand (evoke itself).
+    vmm_exe: PathBuf,
+    kernel: Option<PathBuf>,
+    pending: Mutex<HashMap<String, Stdio>>,
+    running: Mutex<HashMap<String, Arc<Mutex<Option<ChildStdin>>>>>,
+}
+
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+struct Record {
+    spec: WorkloadSpec,
+    status: WorkloadStatus,
+}
+
+impl MicroVmTier {
+    /// A tier keeping its state under `data_dir/microvm`, starting VMMs with
+    /// `vmm_exe vmm --config FILE`.
+    pub fn new(data_dir: &Path, vmm_exe: PathBuf) -> Self {
+        Self {
+            data_dir: data_dir.to_path_buf(),
+            root: data_dir.join(TIER),
+            vmm_exe,
+            kernel: None,
+            pending: Mutex::new(HashMap::new()),
+            running: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Use this guest kernel instead of `/boot/vmlinuz-*-cloud-amd64`.
+    pub fn with_kernel(mut self, kernel: PathBuf) -> Self {
+        self.kernel = Some(kernel);
+        self
+    }
+
+    fn dir(&self, id: &str) -> PathBuf {
+        self.root.join(id)
+    }
+
+    fn kernel(&self) -> Result<PathBuf, RuntimeError> {
+        match &self.kernel {
+            Some(k) if k.exists() => Ok(k.clone()),
+            Some(k) => Err(tier_err(crate::VmmError::KernelMissing { path: k.clone() })),
+            None => crate::boot::default_kernel().map_err(tier_err),
+        }
+    }
+
+    fn read_record(&self, id: &str) -> Result<Record, RuntimeError> {
+        let path = self.dir(id).join("state.json");
+        let text = match fs::read(&path) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Err(RuntimeError::NotFound(id.to_string()))
+            }
+            Err(e) => return Err(RuntimeError::io(path.display().to_string(), e)),
+        };
+        serde_json::from_slice(&text)
+            .map_err(|e| tier_err(format!("workload state {} is damaged: {e}", path.display())))
+    }
+
+    fn write_record(&self, rec: &Record) -> Result<(), RuntimeError> {
+        write_record_at(&self.dir(&rec.status.id), rec)
+    }
+}
+
+fn write_record_at(dir: &Path, rec: &Record) -> Result<(), RuntimeError> {
+    let path = dir.join("state.json");
+    let tmp = dir.join("state.json.tmp");
+    let bytes = serde_json::to_vec_pretty(rec).map_err(tier_err)?;
+    fs::write(&tmp, bytes).map_err(|e| RuntimeError::io(tmp.display().to_string(), e))?;
+    fs::rename(&tmp, &path).map_err(|e| RuntimeError::io(path.display().to_string(), e))
+}
+
+/// Docker's rules: `command` replaces the Entrypoint and drops the image's
+/// Cmd; `args` replaces the Cmd; env entries override the image's by key.
+pub fn guest_spec(
+    spec: &WorkloadSpec,
+    config: Option<&oci_config::Config>,
+) -> Result<GuestSpec, RuntimeError> {
+    let entrypoint = match &spec.command {
+        Some(c) => c.clone(),
+        None => config
+            .and_then(|c| c.entrypoint().clone())
+            .unwrap_or_default(),
+    };
+    let cmd = match (&spec.args, &spec.command) {
+        (Some(a), _) => a.clone(),
+        (None, Some(_)) => Vec::new(),
+        (None, None) => config.and_then(|c| c.cmd().clone()).unwrap_or_default(),
+    };
+    let argv: Vec<String> = entrypoint.into_iter().chain(cmd).collect();
+    if argv.is_empty() {
+        return Err(RuntimeError::InvalidSpec(format!(
+            "workload {} has no command and its image has no Entrypoint or Cmd",
+            spec.id
+        )));
+    }
+    let mut env: Vec<String> = config
+        .and_then(|c| c.env().clone())
+        .unwrap_or_else(|| GuestSpec::default().env);
+    for (k, v) in &spec.env {
+        env.retain(|e| e.split_once('=').map_or(e != k, |(ek, _)| ek != k));
+        env.push(format!("{k}={v}"));
+    }
+    let workdir = spec
+        .workdir
+        .clone()
+        .or_else(|| config.and_then(|c| c.working_dir().clone()))
+        .filter(|w| !w.is_empty())
+        .unwrap_or_else(|| "/".into());
+    let user = match spec.user {
+        Some(u) => u,
+        None => match config.and_then(|c| c.user().clone()).filter(|u| !u.is_empty()) {
+            Some(u) => u.parse().map_err(|_| {
+                RuntimeError::InvalidSpec(format!(
+                    "image user {u:?} is not numeric UID[:GID]; the microvm tier does no name lookup"
+                ))
+            })?,
+            None => Default::default(),
+        },
+    };
+    Ok(GuestSpec {
+        argv,
+        env,
+        workdir,
+        uid: user.uid,
+        gid: user.gid,
+        hostname: Some(
+            spec.hostname
+                .clone()
+                .unwrap_or_else(|| spec.id.chars().take(12).collect()),
+        ),
+        channel: Channel::VirtioConsole,
+        shutdown: Shutdown::Reboot,
+    })
+}
+
+/// The oci-spec image config type, named once.
+pub mod oci_config {
+    pub use oci_spec::image::Config;
+}
+
+/// Guest size from the workload's limits: memory as given (at least
+/// [`MIN_MEM_MIB`]), one vCPU per started CPU of quota.
+pub fn vm_size(spec: &WorkloadSpec) -> (u64, u8) {
+    let mem = spec
+        .resources
+        .memory_bytes
+        .map_or(DEFAULT_MEM_MIB, |b| (b >> 20).max(MIN_MEM_MIB));
+    let vcpus = spec
+        .resources
+        .cpu
+        .map_or(1, |c| c.millicores().div_ceil(1000).clamp(1, 64) as u8);
+    (mem, vcpus)
+}
+
+fn modules_dir_for(kernel: &Path) -> PathBuf {
+    let name = kernel
+        .file_name()
+        .and_then(|n| n.to_str())
+        .unwrap_or_default();
+    let version = name
+        .strip_prefix("vmlinuz-")
+        .or_else(|| name.strip_prefix("vmlinux-"))
+        .unwrap_or(name);
+    PathBuf::from("/lib/modules").join(version)
+}
+
+impl WorkloadRuntime for MicroVmTier {
+    fn name(&self) -> &str {
+        TIER
+    }
+
+    fn available(&self) -> Result<(), RuntimeError> {
+        let unavailable = |reason: String| RuntimeError::Unavailable {
+            tier: TIER.into(),
+            reason,
+        };
+        crate::kvm_check::check_linux_guest_support().map_err(|e| unavailable(e.to_string()))?;
+        self.kernel().map_err(|e| unavailable(e.to_string()))?;
+        find_agent().map_err(|e| unavailable(e.to_string()))?;
+        Ok(())
+    }
+
+    fn create(&self, spec: &WorkloadSpec, stdio: Stdio) -> Result<WorkloadStatus, RuntimeError> {
+        validate_id(&spec.id)?;
+        let dir = self.dir(&spec.id);
+        if dir.exists() {
+            return Err(RuntimeError::AlreadyExists(spec.id.clone()));
+        }
+        let image_ref = spec
+            .image
+            .as_deref()
+            .ok_or_else(|| RuntimeError::InvalidSpec("the microvm tier needs an image".into()))?;
+        let store = ImageStore::open(&self.data_dir)?;
+        let image = store.resolve(image_ref)?;
+        let gspec = guest_spec(spec, image.config.config().as_ref())?;
+        let kernel = self.kernel()?;
+        let agent = find_agent().map_err(tier_err)?;
+        let modules_dir = modules_dir_for(&kernel);
+
+        fs::create_dir_all(&dir).map_err(|e| RuntimeError::io(dir.display().to_string(), e))?;
+        let result = (|| {
+            let builder = InitramfsBuilder::new(self.root.join(".cache"));
+            let base = GuestBase {
+                agent: &agent,
+                modules_dir: &modules_dir,
+                modules: DEFAULT_MODULES,
+            };
+            let initramfs = builder
+                .build(
+                    &base,
+                    &Rootfs::Layers(image.layer_dirs.clone()),
+                    Some(&image.id),
+                    &gspec,
+                )
+                .map_err(tier_err)?;
+            let mut parts = Vec::new();
+            for (i, part) in initramfs.parts.into_iter().enumerate() {
+                match part {
+                    Part::File(p) => parts.push(p),
+                    Part::Bytes(b) => {
+                        let p = dir.join(format!("initrd-{i}.cpio"));
+                        fs::write(&p, b)
+                            .map_err(|e| RuntimeError::io(p.display().to_string(), e))?;
+                        parts.push(p);
+                    }
+                }
+            }
+            let (mem_mib, vcpus) = vm_size(spec);
+            let cfg = ProcessConfig {
+                vm: VmConfig {
+                    mem_mib,
+                    vcpus,
+                    payload: Payload::Linux {
+                        kernel,
+                        initrd: parts,
+                        cmdline: GUEST_CMDLINE.into(),
+                        protocol: Default::default(),
+                    },
+                    agent_device: AgentDevice::VirtioConsole,
+                    seccomp: true,
+                },
+                cgroup: Some(cgroup::spec_for(
+                    &format!("evoke-{}", spec.id),
+                    mem_mib << 20,
+                    vcpus,
+                )),
+                console_cap: 4 << 20,
+            };
+            let cfg_path = dir.join("vmm.json");
+            let bytes = serde_json::to_vec_pretty(&cfg).map_err(tier_err)?;
+            fs::write(&cfg_path, bytes)
+                .map_err(|e| RuntimeError::io(cfg_path.display().to_string(), e))?;
+            let status = WorkloadStatus {
+                id: spec.id.clone(),
+                image: Some(image_ref.to_string()),
+                state: WorkloadState::Created,
+                created_at: SystemTime::now(),
+                started_at: None,
+                labels: spec.labels.clone(),
+                log_path: Some(
+                    spec.log_path
+                        .clone()
+                        .unwrap_or_else(|| dir.join("output.log")),
+                ),
+            };
+            self.write_record(&Record {
+                spec: spec.clone(),
+                status: status.clone(),
+            })?;
+            Ok(status)
+        })();
+        match result {
+            Ok(status) => {
+                lock(&self.pending).insert(spec.id.clone(), stdio);
+                Ok(status)
+            }
+            Err(e) => {
+                let _ = fs::remove_dir_all(&dir);
+                Err(e)
+            }
+        }
+    }
+
+    fn start(&self, id: &str) -> Result<(), RuntimeError> {
+        let mut rec = self.read_record(id)?;
+        if rec.status.state != WorkloadState::Created {
+            return Err(RuntimeError::InvalidState {
+                id: id.into(),
+                state: rec.status.state.word(),
+                action: "start",
+            });
+        }
+        let stdio = lock(&self.pending).remove(id).unwrap_or_default();
+        let dir = self.dir(id);
+        let out: Box<dyn Write + Send> = match stdio.stdout {
+            Some(fd) => Box::new(File::from(fd)),
+            None => Box::new(open_log(&dir, &rec.spec)?),
+        };
+        let err: Box<dyn Write + Send> = match stdio.stderr {
+            Some(fd) => Box::new(File::from(fd)),
+            None => Box::new(open_log(&dir, &rec.spec)?),
+        };
+        let console_path = dir.join("console.log");
+        let console = File::create(&console_path)
+            .map_err(|e| RuntimeError::io(console_path.display().to_string(), e))?;
+        let mut child = Command::new(&self.vmm_exe)
+            .arg("vmm")
+            .arg("--config")
+            .arg(dir.join("vmm.json"))
+            .stdin(ProcStdio::piped())
+            .stdout(ProcStdio::piped())
+            .stderr(ProcStdio::from(console))
+            .spawn()
+            .map_err(|e| RuntimeError::io(format!("starting {}", self.vmm_exe.display()), e))?;
+        let pid = child.id();
+        let agent_out = child.stdout.take();
+        let stdin = Arc::new(Mutex::new(child.stdin.take()));
+        rec.status.state = WorkloadState::Running { pid };
+        rec.status.started_at = Some(SystemTime::now());
+        self.write_record(&rec)?;
+        lock(&self.running).insert(id.to_string(), stdin.clone());
+        let sup = Supervisor {
+            dir,
+            rec,
+            child,
+            out,
+            err,
+            stdin,
+        };
+        std::thread::Builder::new()
+            .name(format!("microvm-{id}"))
+            .spawn(move || sup.run(agent_out))
+            .map_err(|e| RuntimeError::io("starting the microvm supervisor thread", e))?;
+        Ok(())
+    }
+
+    fn state(&self, id: &str) -> Result<WorkloadStatus, RuntimeError> {
+        Ok(self.read_record(id)?.status)
+    }
+
+    fn list(&self) -> Result<Vec<WorkloadStatus>, RuntimeError> {
+        let entries = match fs::read_dir(&self.root) {
+            Ok(e) => e,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(e) => return Err(RuntimeError::io(self.root.display().to_string(), e)),
+        };
+        let mut out = Vec::new();
+        for e in entries.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if name.starts_with('.') {
+                continue;
+            }
+            if let Ok(rec) = self.read_record(&name) {
+                out.push(rec.status);
+            }
+        }
+        Ok(out)
+    }
+
+    fn signal(&self, id: &str, signal: i32) -> Result<(), RuntimeError> {
+        let rec = self.read_record(id)?;
+        let WorkloadState::Running { pid } = rec.status.state else {
+            return Err(RuntimeError::InvalidState {
+                id: id.into(),
+                state: rec.status.state.word(),
+                action: "signal",
+            });
+        };
+        let stdin = lock(&self.running).get(id).cloned();
+        let delivered = match (signal, stdin) {
+            // SIGKILL cannot be caught by the workload: end the whole VM.
+            (libc::SIGKILL, _) | (_, None) => false,
+            (sig, Some(stdin)) => match lock(&stdin).as_mut() {
+                Some(w) => Frame::Signal(sig).write_to(w).is_ok(),
+                None => false,
+            },
+        };
+        if !delivered {
+            let sig = nix::sys::signal::Signal::try_from(signal)
+                .map_err(|_| RuntimeError::InvalidSpec(format!("bad signal {signal}")))?;
+            nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), sig)
+                .map_err(|e| RuntimeError::io(format!("signalling vmm {pid}"), e.into()))?;
+        }
+        Ok(())
+    }
+
+    fn exec(&self, id: &str, _spec: &ExecSpec, _stdio: Stdio) -> Result<i32, RuntimeError> {
+        self.read_record(id)?;
+        Err(tier_err(
+            "exec into a running microVM is not supported yet (the agent channel carries one workload)",
+        ))
+    }
+
+    fn remove(&self, id: &str, force: bool) -> Result<(), RuntimeError> {
+        let rec = self.read_record(id)?;
+        if let WorkloadState::Running { .. } = rec.status.state {
+            if !force {
+                return Err(RuntimeError::InvalidState {
+                    id: id.into(),
+                    state: "running",
+                    action: "remove",
+                });
+            }
+            self.signal(id, libc::SIGKILL)?;
+            self.wait(id, Some(Duration::from_secs(10)))?;
+        }
+        lock(&self.running).remove(id);
+        lock(&self.pending).remove(id);
+        let cg = VmmCgroup::existing(&format!("evoke-{id}"), Path::new("/sys/fs/cgroup"));
+        for _ in 0..50 {
+            if cg.remove().is_ok() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let dir = self.dir(id);
+        fs::remove_dir_all(&dir).map_err(|e| RuntimeError::io(dir.display().to_string(), e))
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    match m.lock() {
+        Ok(g) => g,
+        Err(p) => p.into_inner(),
+    }
+}
+
+fn open_log(dir: &Path, spec: &WorkloadSpec) -> Result<File, RuntimeError> {
+    let path = spec
+        .log_path
+        .clone()
+        .unwrap_or_else(|| dir.join("output.log"));
+    fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&path)
+        .map_err(|e| RuntimeError::io(path.display().to_string(), e))
+}
+
+/// Owns a running VM's process and its streams until the VM ends.
+struct Supervisor {
+    dir: PathBuf,
+    rec: Record,
+    child: Child,
+    out: Box<dyn Write + Send>,
+    err: Box<dyn Write + Send>,
+    stdin: Arc<Mutex<Option<ChildStdin>>>,
+}
+
+impl Supervisor {
+    fn run(mut self, agent_out: Option<impl Read>) {
+        let mut exit: Option<ExitInfo> = None;
+        if let Some(mut r) = agent_out {
+            loop {
+                match Frame::read_from(&mut r) {
+                    Ok(Some(Frame::Stdout(b))) => {
+                        let _ = self.out.write_all(&b).and_then(|_| self.out.flush());
+                    }
+                    Ok(Some(Frame::Stderr(b))) => {
+                        let _ = self.err.write_all(&b).and_then(|_| self.err.flush());
+                    }
+                    Ok(Some(Frame::Exit(s))) => {
+                        exit = Some(ExitInfo {
+                            code: s.code,
+                            signal: (s.signal != 0).then_some(s.signal),
+                            oom_killed: s.oom_killed,
+                            finished_at: SystemTime::now(),
+                        });
+                    }
+                    Ok(Some(Frame::Error(msg))) => {
+                        let _ = writeln!(self.err, "evoke: microvm: {msg}");
+                        exit.get_or_insert(ExitInfo::exited(127));
+                    }
+                    Ok(Some(Frame::Ready | Frame::Signal(_))) => {}
+                    Ok(None) => break,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "agent channel broke");
+                        break;
+                    }
+                }
+            }
+        }
+        // Closing stdin lets the VMM's input thread finish.
+        lock(&self.stdin).take();
+        let status = self.child.wait();
+        let info = match exit {
+            Some(i) => i,
+            None => {
+                use std::os::unix::process::ExitStatusExt;
+                let tail = console_tail(&self.dir.join("console.log"));
+                match status.as_ref().ok().and_then(|s| s.signal()) {
+                    Some(sig) => {
+                        let _ = writeln!(
+                            self.err,
+                            "evoke: microvm: the vmm was killed by signal {sig}"
+                        );
+                        ExitInfo::signaled(sig, false)
+                    }
+                    None => {
+                        let _ = writeln!(
+                            self.err,
+                            "evoke: microvm: the guest ended without reporting an exit status (kernel panic or crash?); last console lines:\n{tail}"
+                        );
+                        ExitInfo::exited(1)
+                    }
+                }
+            }
+        };
+        self.rec.status.state = WorkloadState::Exited(info);
+        if let Err(e) = write_record_at(&self.dir, &self.rec) {
+            tracing::error!(error = %e, "cannot record microvm exit");
+        }
+    }
+}
+
+fn console_tail(path: &Path) -> String {
+    let text = fs::read(path).unwrap_or_default();
+    let text = String::from_utf8_lossy(&text);
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(15)..].join("\n")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use evoke_runtime::{CpuLimit, Resources, User};
+
+    fn image_config(json: &str) -> oci_config::Config {
+        serde_json::from_str(json).unwrap()
+    }
+
+    #[test]
+    fn image_entrypoint_cmd_env_and_workdir_become_the_guest_spec() {
+        let cfg = image_config(
+            r#"{"Entrypoint":["/bin/sh","-c"],"Cmd":["echo hi"],"Env":["PATH=/bin","A=1"],"WorkingDir":"/srv","User":"5:6"}"#,
+        );
+        let spec = WorkloadSpec {
+            id: "vm1".into(),
+            env: vec![("A".into(), "2".into()), ("B".into(), "3".into())],
+            ..Default::default()
+        };
+        let g = guest_spec(&spec, Some(&cfg)).unwrap();
+        assert_eq!(g.argv, ["/bin/sh", "-c", "echo hi"]);
+        assert_eq!(g.env, ["PATH=/bin", "A=2", "B=3"]);
+        assert_eq!(g.workdir, "/srv");
+        assert_eq!((g.uid, g.gid), (5, 6));
+        assert_eq!(g.channel, Channel::VirtioConsole);
+    }
+
+    #[test]
+    fn a_command_override_drops_the_image_cmd_and_args_replace_it() {
+        let cfg = image_config(r#"{"Entrypoint":["/e"],"Cmd":["c"]}"#);
+        let mut spec = WorkloadSpec {
+            id: "vm2".into(),
+            command: Some(vec!["/bin/true".into()]),
+            user: Some(User { uid: 1, gid: 2 }),
+            workdir: Some("/tmp".into()),
+            ..Default::default()
+        };
+        let g = guest_spec(&spec, Some(&cfg)).unwrap();
+        assert_eq!(g.argv, ["/bin/true"]);
+        assert_eq!((g.uid, g.gid, g.workdir.as_str()), (1, 2, "/tmp"));
+        spec.command = None;
+        spec.args = Some(vec!["x".into()]);
+        assert_eq!(guest_spec(&spec, Some(&cfg)).unwrap().argv, ["/e", "x"]);
+        let empty = WorkloadSpec {
+            id: "vm3".into(),
+            ..Default::default()
+        };
+        assert!(guest_spec(&empty, None).is_err());
+    }
+
+    #[test]
+    fn memory_and_cpus_size_the_vm() {
+        let mut spec = WorkloadSpec::default();
+        assert_eq!(vm_size(&spec), (DEFAULT_MEM_MIB, 1));
+        spec.resources = Resources {
+            memory_bytes: Some(256 << 20),
+            cpu: Some(CpuLimit::from_cpus(1.5).unwrap()),
+            pids_limit: None,
+        };
+        assert_eq!(vm_size(&spec), (256, 2));
+        spec.resources.memory_bytes = Some(1 << 20);
+        assert_eq!(vm_size(&spec).0, MIN_MEM_MIB);
+    }
+
+    #[test]
+    fn a_missing_image_is_the_shared_image_not_found_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let kernel = dir.path().join("vmlinuz-test");
+        fs::write(&kernel, b"not a kernel").unwrap();
+        let tier = MicroVmTier::new(dir.path(), PathBuf::from("/bin/false")).with_kernel(kernel);
+        let spec = WorkloadSpec {
+            id: "vm4".into(),
+            image: Some("no-such-image:latest".into()),
+            ..Default::default()
+        };
+        let err = tier.create(&spec, Stdio::default()).unwrap_err();
+        assert!(matches!(err, RuntimeError::ImageNotFound(_)), "{err}");
+        assert!(!dir.path().join("microvm/vm4").exists());
+        assert!(matches!(tier.state("vm4"), Err(RuntimeError::NotFound(_))));
+    }
+
+    #[test]
+    fn a_missing_kernel_names_the_setup_command() {
+        let dir = tempfile::tempdir().unwrap();
+        let tier = MicroVmTier::new(dir.path(), PathBuf::from("/bin/false"))
+            .with_kernel(dir.path().join("vmlinuz-gone"));
+        let err = tier.kernel().unwrap_err().to_string();
+        assert!(err.contains("scripts/setup"), "{err}");
+    }
+
+    #[test]
+    fn modules_come_from_the_kernel_version_in_its_file_name() {
+        assert_eq!(
+            modules_dir_for(Path::new("/boot/vmlinuz-6.1.0-56-cloud-amd64")),
+            PathBuf::from("/lib/modules/6.1.0-56-cloud-amd64")
+        );
+    }
+}
