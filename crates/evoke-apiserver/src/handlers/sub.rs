@@ -53,7 +53,7 @@ pub(crate) async fn update_scale(ctx: &Ctx, is_patch: bool) -> Result<Reply, Api
         let (kv, obj) = load(ctx, &name).await?;
         let current = scale_of(&obj);
         let scale = if is_patch {
-            let ty = PatchType::from_content_type(ctx.content_type.as_deref())?;
+            let ty = compat::patch_type(ctx.content_type.as_deref())?;
             if ty == PatchType::Apply {
                 return Err(ApiError::new(
                     415,

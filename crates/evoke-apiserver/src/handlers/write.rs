@@ -185,10 +185,17 @@ pub(crate) enum Part {
     Status,
 }
 
+/// The object as compared for a no-op write: without its resourceVersion
+/// and without managedFields timestamps, which alone are no change.
 fn without_rv(v: &Value) -> Value {
     let mut v = v.clone();
     if let Some(m) = v.get_mut("metadata").and_then(Value::as_object_mut) {
         m.remove("resourceVersion");
+        if let Some(entries) = m.get_mut("managedFields").and_then(Value::as_array_mut) {
+            for e in entries.iter_mut().filter_map(Value::as_object_mut) {
+                e.remove("time");
+            }
+        }
     }
     v
 }
@@ -341,7 +348,7 @@ pub(crate) async fn update(ctx: &Ctx) -> Result<Reply, ApiError> {
 
 pub(crate) async fn patch(ctx: &Ctx) -> Result<Reply, ApiError> {
     let res = ctx.res();
-    let ty = PatchType::from_content_type(ctx.content_type.as_deref())?;
+    let ty = compat::patch_type(ctx.content_type.as_deref())?;
     let name = ctx.name().to_string();
     let gr = res.group_resource();
     // A patch without a resourceVersion applies to whatever is current, so

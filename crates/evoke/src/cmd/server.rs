@@ -47,15 +47,19 @@ pub fn main(global: &Global, args: ServerArgs) -> anyhow::Result<u8> {
     runtime.block_on(run(global, args, mode))
 }
 
+/// SQLite under `<data-dir>/server/db` by default, etcd when an endpoint
+/// is given, as k3s does.
 async fn open_store(global: &Global, args: &ServerArgs) -> anyhow::Result<Arc<dyn Backend>> {
-    std::fs::create_dir_all(&global.data_dir)
-        .with_context(|| format!("creating data dir {}", global.data_dir.display()))?;
     if let Some(endpoint) = &args.datastore_endpoint {
-        anyhow::bail!("--datastore-endpoint {endpoint}: the etcd backend is not available yet");
+        let etcd = evoke_store::etcd::EtcdBackend::connect(endpoint, "/evoke")
+            .await
+            .with_context(|| format!("connecting to etcd at {endpoint}"))?;
+        return Ok(Arc::new(etcd));
     }
-    // The embedded store until the SQLite backend lands in evoke-store.
-    tracing::warn!("using the in-memory store: cluster state does not survive a restart");
-    Ok(Arc::new(evoke_store::memory::MemoryBackend::new()))
+    let path = global.data_dir.join("server").join("db").join("state.db");
+    let db = evoke_store::sqlite::SqliteBackend::open(&path)
+        .with_context(|| format!("opening the store at {}", path.display()))?;
+    Ok(Arc::new(db))
 }
 
 async fn run(global: &Global, args: ServerArgs, mode: u32) -> anyhow::Result<u8> {
@@ -81,7 +85,16 @@ async fn run(global: &Global, args: ServerArgs, mode: u32) -> anyhow::Result<u8>
     // ---- orchestration: start controllers, the scheduler and (unless
     // --disable-agent) the in-process node agent here, using `store`,
     // `server.addr` and `server.kubeconfig`. ----
-    let _ = args.disable_agent;
+    // (orchestration-owned call; the code lives in cmd/agent.rs)
+    crate::cmd::agent::start_orchestration(
+        global,
+        &server.kubeconfig,
+        &server.credentials.ca_cert_pem,
+        &server.credentials.token,
+        args.disable_agent,
+    )
+    .await
+    .context("starting orchestration")?;
 
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .context("installing the SIGTERM handler")?;

@@ -1,0 +1,583 @@
+//! The API server in-process on the memory store, driven by a second real
+//! client: the `kube` crate. These tests read as the Kubernetes API
+//! conventions evoke follows.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use evoke_apiserver::{Config, RunningServer, Server};
+use evoke_store::memory::MemoryBackend;
+use evoke_store::Backend;
+use futures::{StreamExt, TryStreamExt};
+use k8s_openapi::api::core::v1::ConfigMap;
+use kube::api::{Api, ListParams, PostParams, WatchEvent, WatchParams};
+use kube::config::{KubeConfigOptions, Kubeconfig};
+use serde_json::{json, Value};
+
+struct Harness {
+    _dir: tempfile::TempDir,
+    server: Option<RunningServer>,
+    store: Arc<dyn Backend>,
+    client: kube::Client,
+}
+
+async fn kube_config(path: &std::path::Path) -> kube::Config {
+    let kc = Kubeconfig::read_from(path).expect("kubeconfig parses");
+    kube::Config::from_custom_kubeconfig(kc, &KubeConfigOptions::default())
+        .await
+        .expect("kube config")
+}
+
+async fn start() -> Harness {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut cfg = Config::new(dir.path());
+    cfg.port = 0;
+    let store: Arc<dyn Backend> = Arc::new(MemoryBackend::new());
+    let server = Server::start(cfg, store.clone())
+        .await
+        .expect("server starts");
+    let client = kube::Client::try_from(kube_config(&server.kubeconfig).await).expect("client");
+    Harness {
+        _dir: dir,
+        server: Some(server),
+        store,
+        client,
+    }
+}
+
+impl Harness {
+    /// A raw request; returns the status code and the JSON body.
+    async fn call(
+        &self,
+        method: &str,
+        path: &str,
+        content_type: &str,
+        body: impl Into<Vec<u8>>,
+    ) -> (u16, Value) {
+        self.call_accept(method, path, content_type, "application/json", body)
+            .await
+    }
+
+    async fn call_accept(
+        &self,
+        method: &str,
+        path: &str,
+        content_type: &str,
+        accept: &str,
+        body: impl Into<Vec<u8>>,
+    ) -> (u16, Value) {
+        let req = http::Request::builder()
+            .method(method)
+            .uri(path)
+            .header("content-type", content_type)
+            .header("accept", accept)
+            .body(kube::client::Body::from(body.into()))
+            .expect("request");
+        let resp = self.client.send(req).await.expect("response");
+        let code = resp.status().as_u16();
+        let bytes = resp.into_body().collect_bytes().await.expect("body");
+        (code, serde_json::from_slice(&bytes).unwrap_or(Value::Null))
+    }
+
+    async fn json(&self, method: &str, path: &str, body: Value) -> (u16, Value) {
+        self.call(method, path, "application/json", body.to_string())
+            .await
+    }
+
+    async fn get(&self, path: &str) -> (u16, Value) {
+        self.call("GET", path, "application/json", Vec::new()).await
+    }
+}
+
+fn cm(name: &str, labels: Value) -> Value {
+    json!({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": name, "labels": labels}, "data": {"k": "v"}})
+}
+
+const CMS: &str = "/api/v1/namespaces/default/configmaps";
+
+#[tokio::test]
+async fn kube_client_creates_lists_and_watches_a_configmap() {
+    let h = start().await;
+    let api: Api<ConfigMap> = Api::namespaced(h.client.clone(), "default");
+    let obj: ConfigMap = serde_json::from_value(cm("one", json!({"app": "a"}))).expect("cm");
+    let created = api
+        .create(&PostParams::default(), &obj)
+        .await
+        .expect("create");
+    let rv = created.metadata.resource_version.clone().expect("rv");
+    assert!(created.metadata.uid.is_some() && created.metadata.creation_timestamp.is_some());
+
+    let list = api
+        .list(&ListParams::default().labels("app=a"))
+        .await
+        .expect("list");
+    assert_eq!(list.items.len(), 1);
+
+    let mut stream = api
+        .watch(&WatchParams::default().timeout(10), &rv)
+        .await
+        .expect("watch")
+        .boxed();
+    let mut two = obj.clone();
+    two.metadata.name = Some("two".into());
+    api.create(&PostParams::default(), &two)
+        .await
+        .expect("create two");
+    let ev = tokio::time::timeout(Duration::from_secs(5), stream.try_next())
+        .await
+        .expect("event in time")
+        .expect("stream ok")
+        .expect("an event");
+    match ev {
+        WatchEvent::Added(c) => assert_eq!(c.metadata.name.as_deref(), Some("two")),
+        other => panic!("expected ADDED, got {other:?}"),
+    }
+    api.delete("two", &Default::default())
+        .await
+        .expect("delete");
+    let ev = tokio::time::timeout(Duration::from_secs(5), stream.try_next())
+        .await
+        .expect("event in time")
+        .expect("stream ok")
+        .expect("an event");
+    assert!(matches!(ev, WatchEvent::Deleted(_)), "{ev:?}");
+}
+
+#[tokio::test]
+async fn requests_without_credentials_are_401_status() {
+    let h = start().await;
+    let mut cfg = kube_config(&h.server.as_ref().expect("server").kubeconfig).await;
+    cfg.auth_info = Default::default();
+    let anon = kube::Client::try_from(cfg).expect("client");
+    let api: Api<ConfigMap> = Api::namespaced(anon, "default");
+    match api.list(&ListParams::default()).await {
+        Err(kube::Error::Api(s)) => assert_eq!(s.code, 401),
+        other => panic!("expected 401, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn bad_input_gets_the_status_kube_apiserver_gives() {
+    let h = start().await;
+    let (c, s) = h.call("POST", CMS, "application/json", "{not json").await;
+    assert_eq!((c, s["kind"].as_str()), (400, Some("Status")));
+    assert_eq!(h.get("/api/v1/namespaces/default/widgets").await.0, 404);
+    assert_eq!(h.get("/apis/nope.io/v1").await.0, 404);
+    assert_eq!(h.json("POST", CMS, cm("dup", json!({}))).await.0, 201);
+    let (c, s) = h.json("POST", CMS, cm("dup", json!({}))).await;
+    assert_eq!((c, s["reason"].as_str()), (409, Some("AlreadyExists")));
+    let (c, s) = h.json("POST", CMS, cm("Bad_Name", json!({}))).await;
+    assert_eq!((c, s["reason"].as_str()), (422, Some("Invalid")));
+    let big = vec![b' '; 3 * 1024 * 1024 + 10];
+    assert_eq!(h.call("POST", CMS, "application/json", big).await.0, 413);
+    let (c, _) = h
+        .call("PATCH", &format!("{CMS}/dup"), "text/plain", "{}")
+        .await;
+    assert_eq!(c, 415);
+    assert_eq!(h.json("PUT", CMS, cm("dup", json!({}))).await.0, 405);
+    let (c, s) = h
+        .call("POST", CMS, "application/vnd.kubernetes.protobuf", "k8s\0")
+        .await;
+    assert_eq!((c, s["kind"].as_str()), (415, Some("Status")));
+    // Creating in a namespace that does not exist is a 404 naming it.
+    let (c, s) = h
+        .json(
+            "POST",
+            "/api/v1/namespaces/nope/configmaps",
+            cm("x", json!({})),
+        )
+        .await;
+    assert_eq!(
+        (c, s["message"].as_str()),
+        (404, Some("namespaces \"nope\" not found"))
+    );
+}
+
+#[tokio::test]
+async fn update_with_a_stale_resource_version_is_a_conflict() {
+    let h = start().await;
+    let (_, created) = h.json("POST", CMS, cm("c", json!({}))).await;
+    let mut first = created.clone();
+    first["data"]["k"] = "2".into();
+    assert_eq!(h.json("PUT", &format!("{CMS}/c"), first).await.0, 200);
+    let mut stale = created;
+    stale["data"]["k"] = "3".into();
+    let (c, s) = h.json("PUT", &format!("{CMS}/c"), stale).await;
+    assert_eq!((c, s["reason"].as_str()), (409, Some("Conflict")));
+}
+
+#[tokio::test]
+async fn generate_name_uid_and_generation_follow_the_conventions() {
+    let h = start().await;
+    let deploy = json!({"apiVersion": "apps/v1", "kind": "Deployment",
+        "metadata": {"generateName": "web-"},
+        "spec": {"replicas": 1, "selector": {"matchLabels": {"app": "web"}},
+            "template": {"metadata": {"labels": {"app": "web"}}, "spec": {"containers": [{"name": "c", "image": "busybox"}]}}}});
+    let path = "/apis/apps/v1/namespaces/default/deployments";
+    let (c, d) = h.json("POST", path, deploy).await;
+    assert_eq!(c, 201, "{d}");
+    let name = d["metadata"]["name"]
+        .as_str()
+        .expect("generated name")
+        .to_string();
+    assert!(name.starts_with("web-") && name.len() == 9, "{name}");
+    assert_eq!(d["metadata"]["generation"], 1);
+    let (c, _) = h
+        .call(
+            "PATCH",
+            &format!("{path}/{name}"),
+            "application/merge-patch+json",
+            json!({"metadata": {"labels": {"x": "y"}}}).to_string(),
+        )
+        .await;
+    assert_eq!(c, 200);
+    let (_, d2) = h.get(&format!("{path}/{name}")).await;
+    assert_eq!(
+        d2["metadata"]["generation"], 1,
+        "metadata changes keep the generation"
+    );
+    let (c, d3) = h
+        .call(
+            "PATCH",
+            &format!("{path}/{name}/scale"),
+            "application/merge-patch+json",
+            json!({"spec": {"replicas": 3}}).to_string(),
+        )
+        .await;
+    assert_eq!(
+        (c, d3["kind"].as_str(), d3["spec"]["replicas"].as_i64()),
+        (200, Some("Scale"), Some(3))
+    );
+    let (_, d4) = h.get(&format!("{path}/{name}")).await;
+    assert_eq!(
+        (
+            d4["spec"]["replicas"].as_i64(),
+            d4["metadata"]["generation"].as_i64()
+        ),
+        (Some(3), Some(2))
+    );
+    assert_eq!(d4["metadata"]["uid"], d["metadata"]["uid"]);
+    let (_, scale) = h.get(&format!("{path}/{name}/scale")).await;
+    assert_eq!(scale["status"]["selector"], "app=web");
+}
+
+#[tokio::test]
+async fn lists_filter_by_selectors_and_paginate_with_continue() {
+    let h = start().await;
+    for i in 0..7 {
+        let tier = if i % 2 == 0 { "even" } else { "odd" };
+        assert_eq!(
+            h.json("POST", CMS, cm(&format!("c{i}"), json!({"tier": tier})))
+                .await
+                .0,
+            201
+        );
+    }
+    let (_, l) = h.get(&format!("{CMS}?labelSelector=tier%3Deven")).await;
+    assert_eq!(l["items"].as_array().map(Vec::len), Some(4));
+    let (_, l) = h
+        .get(&format!("{CMS}?fieldSelector=metadata.name%3Dc3"))
+        .await;
+    assert_eq!(l["items"][0]["metadata"]["name"], "c3");
+    let mut names = Vec::new();
+    let mut cont = String::new();
+    for _ in 0..10 {
+        let (c, page) = h
+            .get(&format!("{CMS}?limit=3&labelSelector=tier&continue={cont}"))
+            .await;
+        assert_eq!(c, 200, "{page}");
+        for it in page["items"].as_array().expect("items") {
+            names.push(it["metadata"]["name"].as_str().expect("name").to_string());
+        }
+        match page["metadata"]["continue"].as_str() {
+            Some(t) if !t.is_empty() => cont = t.to_string(),
+            _ => break,
+        }
+    }
+    assert_eq!(names, ["c0", "c1", "c2", "c3", "c4", "c5", "c6"]);
+    let (_, all) = h.get("/api/v1/configmaps").await;
+    assert_eq!(all["items"].as_array().map(Vec::len), Some(7));
+    // deletecollection honours the selector.
+    let (c, _) = h
+        .call(
+            "DELETE",
+            &format!("{CMS}?labelSelector=tier%3Dodd"),
+            "application/json",
+            "",
+        )
+        .await;
+    assert_eq!(c, 200);
+    let (_, l) = h.get(CMS).await;
+    assert_eq!(l["items"].as_array().map(Vec::len), Some(4));
+}
+
+/// Reads watch events from a raw response body until `n` lines arrived.
+async fn watch_lines(h: &Harness, path: &str, n: usize) -> Vec<Value> {
+    let req = http::Request::builder()
+        .uri(path)
+        .body(kube::client::Body::empty())
+        .expect("req");
+    let resp = h.client.send(req).await.expect("watch");
+    assert_eq!(resp.status().as_u16(), 200);
+    let mut body = resp.into_body();
+    let mut buf = Vec::new();
+    let mut out = Vec::new();
+    let read = async {
+        use http_body_util::BodyExt;
+        while let Some(frame) = body.frame().await {
+            let Ok(frame) = frame else { break };
+            if let Some(d) = frame.data_ref() {
+                buf.extend_from_slice(d);
+            }
+            while let Some(i) = buf.iter().position(|b| *b == b'\n') {
+                let line: Vec<u8> = buf.drain(..=i).collect();
+                out.push(serde_json::from_slice::<Value>(&line).expect("event json"));
+                if out.len() >= n {
+                    return;
+                }
+            }
+        }
+    };
+    let _ = tokio::time::timeout(Duration::from_secs(10), read).await;
+    out
+}
+
+#[tokio::test]
+async fn watch_from_zero_replays_state_and_from_a_compacted_revision_is_gone() {
+    let h = start().await;
+    h.json("POST", CMS, cm("w1", json!({}))).await;
+    let evs = watch_lines(
+        &h,
+        &format!("{CMS}?watch=1&resourceVersion=0&timeoutSeconds=5"),
+        1,
+    )
+    .await;
+    assert_eq!(evs[0]["type"], "ADDED");
+    assert_eq!(evs[0]["object"]["metadata"]["name"], "w1");
+    // The legacy /watch/ path works too, and sendInitialEvents ends with a bookmark.
+    let evs = watch_lines(&h, "/api/v1/watch/namespaces/default/configmaps?sendInitialEvents=true&allowWatchBookmarks=true&resourceVersionMatch=NotOlderThan&timeoutSeconds=5", 2).await;
+    assert_eq!(
+        (evs[0]["type"].as_str(), evs[1]["type"].as_str()),
+        (Some("ADDED"), Some("BOOKMARK"))
+    );
+    assert_eq!(
+        evs[1]["object"]["metadata"]["annotations"]["k8s.io/initial-events-end"],
+        "true"
+    );
+    for i in 0..3 {
+        h.json("POST", CMS, cm(&format!("x{i}"), json!({}))).await;
+    }
+    let rev = h.store.revision().await.expect("rev");
+    h.store.compact(rev).await.expect("compact");
+    let evs = watch_lines(&h, &format!("{CMS}?watch=true&resourceVersion=2"), 1).await;
+    assert_eq!(evs[0]["type"], "ERROR");
+    assert_eq!(evs[0]["object"]["code"], 410);
+}
+
+#[tokio::test]
+async fn finalizers_hold_a_deleted_object_until_they_are_removed() {
+    let h = start().await;
+    let mut o = cm("held", json!({}));
+    o["metadata"]["finalizers"] = json!(["example.com/hold"]);
+    h.json("POST", CMS, o).await;
+    let (c, d) = h
+        .call("DELETE", &format!("{CMS}/held"), "application/json", "")
+        .await;
+    assert_eq!(c, 200);
+    assert!(d["metadata"]["deletionTimestamp"].is_string(), "{d}");
+    assert_eq!(h.get(&format!("{CMS}/held")).await.0, 200);
+    let (c, _) = h
+        .call(
+            "PATCH",
+            &format!("{CMS}/held"),
+            "application/merge-patch+json",
+            json!({"metadata": {"finalizers": null}}).to_string(),
+        )
+        .await;
+    assert_eq!(c, 200);
+    assert_eq!(h.get(&format!("{CMS}/held")).await.0, 404);
+    // Orphan propagation adds the orphan finalizer, as kube does.
+    h.json("POST", CMS, cm("orph", json!({}))).await;
+    let (_, d) = h
+        .json(
+            "DELETE",
+            &format!("{CMS}/orph"),
+            json!({"propagationPolicy": "Orphan"}),
+        )
+        .await;
+    assert_eq!(d["metadata"]["finalizers"], json!(["orphan"]));
+}
+
+fn pod(name: &str, node: Option<&str>) -> Value {
+    let mut p = json!({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": name},
+        "spec": {"containers": [{"name": "c", "image": "busybox"}]}});
+    if let Some(n) = node {
+        p["spec"]["nodeName"] = n.into();
+    }
+    p
+}
+
+#[tokio::test]
+async fn pods_on_a_node_are_deleted_gracefully_and_unscheduled_ones_at_once() {
+    let h = start().await;
+    let pods = "/api/v1/namespaces/default/pods";
+    assert_eq!(h.json("POST", pods, pod("free", None)).await.0, 201);
+    h.call("DELETE", &format!("{pods}/free"), "application/json", "")
+        .await;
+    assert_eq!(h.get(&format!("{pods}/free")).await.0, 404);
+
+    h.json("POST", pods, pod("bound", None)).await;
+    let binding = json!({"apiVersion": "v1", "kind": "Binding", "metadata": {"name": "bound"}, "target": {"kind": "Node", "name": "n1"}});
+    assert_eq!(
+        h.json("POST", &format!("{pods}/bound/binding"), binding.clone())
+            .await
+            .0,
+        201
+    );
+    let (c, s) = h
+        .json("POST", &format!("{pods}/bound/binding"), binding)
+        .await;
+    assert_eq!(c, 409, "{s}");
+    let (_, p) = h.get(&format!("{pods}/bound")).await;
+    assert_eq!(p["spec"]["nodeName"], "n1");
+    let (c, d) = h
+        .call("DELETE", &format!("{pods}/bound"), "application/json", "")
+        .await;
+    assert_eq!(c, 200);
+    assert_eq!(d["metadata"]["deletionGracePeriodSeconds"], 30);
+    assert_eq!(
+        h.get(&format!("{pods}/bound")).await.0,
+        200,
+        "still there while the node stops it"
+    );
+    h.json(
+        "DELETE",
+        &format!("{pods}/bound"),
+        json!({"gracePeriodSeconds": 0}),
+    )
+    .await;
+    assert_eq!(h.get(&format!("{pods}/bound")).await.0, 404);
+}
+
+#[tokio::test]
+async fn status_is_changed_only_through_the_status_subresource() {
+    let h = start().await;
+    let pods = "/api/v1/namespaces/default/pods";
+    let (_, p) = h.json("POST", pods, pod("s", None)).await;
+    let mut with_status = p.clone();
+    with_status["status"] = json!({"phase": "Running"});
+    let (_, after_main) = h
+        .json("PUT", &format!("{pods}/s"), with_status.clone())
+        .await;
+    assert_ne!(after_main["status"]["phase"], "Running");
+    let (c, after_status) = h
+        .json("PUT", &format!("{pods}/s/status"), with_status)
+        .await;
+    assert_eq!(
+        (c, after_status["status"]["phase"].as_str()),
+        (200, Some("Running"))
+    );
+}
+
+#[tokio::test]
+async fn server_side_apply_creates_then_is_idempotent_and_reports_conflicts() {
+    let h = start().await;
+    let body = "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: ssa\ndata:\n  a: \"1\"\n";
+    let path = format!("{CMS}/ssa?fieldManager=alice");
+    let (c, o) = h
+        .call("PATCH", &path, "application/apply-patch+yaml", body)
+        .await;
+    assert_eq!(c, 201, "{o}");
+    assert_eq!(o["metadata"]["managedFields"][0]["manager"], "alice");
+    let (c, o2) = h
+        .call("PATCH", &path, "application/apply-patch+yaml", body)
+        .await;
+    assert_eq!(c, 200);
+    assert_eq!(
+        o2["metadata"]["resourceVersion"],
+        o["metadata"]["resourceVersion"]
+    );
+    let other = body.replace("\"1\"", "\"2\"");
+    let (c, s) = h
+        .call(
+            "PATCH",
+            &format!("{CMS}/ssa?fieldManager=bob"),
+            "application/apply-patch+yaml",
+            other.clone(),
+        )
+        .await;
+    assert_eq!(c, 409, "{s}");
+    let (c, o3) = h
+        .call(
+            "PATCH",
+            &format!("{CMS}/ssa?fieldManager=bob&force=true"),
+            "application/apply-patch+yaml",
+            other,
+        )
+        .await;
+    assert_eq!((c, o3["data"]["a"].as_str()), (200, Some("2")));
+    let (c, _) = h
+        .call(
+            "PATCH",
+            &format!("{CMS}/ssa"),
+            "application/apply-patch+yaml",
+            body,
+        )
+        .await;
+    assert_eq!(c, 422, "apply needs a field manager");
+}
+
+#[tokio::test]
+async fn dry_run_writes_nothing_and_tables_are_served_on_request() {
+    let h = start().await;
+    let (c, o) = h
+        .json("POST", &format!("{CMS}?dryRun=All"), cm("dry", json!({})))
+        .await;
+    assert_eq!((c, o["metadata"]["name"].as_str()), (201, Some("dry")));
+    assert_eq!(h.get(&format!("{CMS}/dry")).await.0, 404);
+    let accept = "application/json;as=Table;v=v1;g=meta.k8s.io,application/json";
+    let (c, t) = h
+        .call_accept(
+            "GET",
+            "/api/v1/namespaces",
+            "application/json",
+            accept,
+            Vec::new(),
+        )
+        .await;
+    assert_eq!((c, t["kind"].as_str()), (200, Some("Table")));
+    assert!(t["rows"].as_array().is_some_and(|r| r.len() >= 4), "{t}");
+}
+
+#[tokio::test]
+async fn discovery_serves_legacy_and_aggregated_documents() {
+    let h = start().await;
+    let (_, v) = h.get("/api").await;
+    assert_eq!(v["versions"], json!(["v1"]));
+    let accept =
+        "application/json;g=apidiscovery.k8s.io;v=v2;as=APIGroupDiscoveryList,application/json";
+    let (c, agg) = h
+        .call_accept("GET", "/apis", "application/json", accept, Vec::new())
+        .await;
+    assert_eq!(
+        (c, agg["kind"].as_str()),
+        (200, Some("APIGroupDiscoveryList"))
+    );
+    let names: Vec<&str> = agg["items"]
+        .as_array()
+        .expect("items")
+        .iter()
+        .filter_map(|g| g["metadata"]["name"].as_str())
+        .collect();
+    assert!(
+        names.contains(&"apps") && names.contains(&"coordination.k8s.io"),
+        "{names:?}"
+    );
+    let (_, apps) = h.get("/apis/apps/v1").await;
+    assert_eq!(apps["groupVersion"], "apps/v1");
+    let (_, version) = h.get("/version").await;
+    assert_eq!(version["minor"], "32");
+    assert_eq!(h.get("/readyz").await.0, 200);
+    let (_, idx) = h.get("/openapi/v3").await;
+    assert!(idx["paths"]["apis/apps/v1"]["serverRelativeURL"].is_string());
+}
