@@ -148,7 +148,7 @@ impl ImageStore {
                 }
             }
             self.add_to_index(&manifest_digest, &img.tags)?;
-            tracing::info!(manifest = %manifest_digest, tags = ?img.tags, "image stored");
+            tracing::debug!(manifest = %manifest_digest, tags = ?img.tags, "image stored");
             out.push(manifest_digest);
         }
         let index = self.read_index()?;

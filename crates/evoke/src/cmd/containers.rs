@@ -1,5 +1,16 @@
 //! `evoke ps|logs|exec|stop|kill|rm`: manage containers made by `evoke run`.
+//! Containers are found across all tiers by name, full id or unique id
+//! prefix, as Docker does.
 
+use std::io::{Read, Write};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use anyhow::{bail, Context};
+use evoke_runtime::image::human_duration;
+use evoke_runtime::{ExecSpec, Stdio, WorkloadRuntime, WorkloadState, WorkloadStatus};
+
+use crate::cmd::run::{display_name, tiers, COMMAND_LABEL, NAME_LABEL};
 use crate::Global;
 
 #[derive(clap::Args, Debug)]
@@ -61,21 +72,230 @@ pub struct RmArgs {
     pub containers: Vec<String>,
 }
 
-pub fn ps(_g: &Global, _a: PsArgs) -> anyhow::Result<u8> {
-    anyhow::bail!("ps is not wired yet")
+/// Every workload of every tier, with its tier.
+fn all(g: &Global) -> anyhow::Result<Vec<(Arc<dyn WorkloadRuntime>, WorkloadStatus)>> {
+    let mut out = Vec::new();
+    for t in tiers(&g.data_dir)? {
+        for s in t.list()? {
+            out.push((t.clone(), s));
+        }
+    }
+    Ok(out)
 }
-pub fn logs(_g: &Global, _a: LogsArgs) -> anyhow::Result<u8> {
-    anyhow::bail!("logs is not wired yet")
+
+/// Find one container by name, id or unique id prefix.
+fn find(g: &Global, needle: &str) -> anyhow::Result<(Arc<dyn WorkloadRuntime>, WorkloadStatus)> {
+    let every = all(g)?;
+    if let Some(hit) = every.iter().find(|(_, s)| {
+        s.id == needle || s.labels.get(NAME_LABEL).map(String::as_str) == Some(needle)
+    }) {
+        return Ok(hit.clone());
+    }
+    let mut hits = every
+        .into_iter()
+        .filter(|(_, s)| !needle.is_empty() && s.id.starts_with(needle));
+    match (hits.next(), hits.next()) {
+        (Some(h), None) => Ok(h),
+        (Some(_), Some(_)) => bail!("container id prefix {needle:?} is ambiguous"),
+        _ => bail!("no such container: {needle}"),
+    }
 }
-pub fn exec(_g: &Global, _a: ExecArgs) -> anyhow::Result<u8> {
-    anyhow::bail!("exec is not wired yet")
+
+fn ago(t: SystemTime) -> String {
+    human_duration(
+        SystemTime::now()
+            .duration_since(t)
+            .unwrap_or_default()
+            .as_secs(),
+    )
 }
-pub fn stop(_g: &Global, _a: StopArgs) -> anyhow::Result<u8> {
-    anyhow::bail!("stop is not wired yet")
+
+fn status_text(s: &WorkloadStatus) -> String {
+    match &s.state {
+        WorkloadState::Created => "Created".into(),
+        WorkloadState::Running { .. } => {
+            format!("Up {}", ago(s.started_at.unwrap_or(s.created_at)))
+        }
+        WorkloadState::Exited(info) => {
+            let mut t = format!("Exited ({}) {} ago", info.code, ago(info.finished_at));
+            if info.oom_killed {
+                t.push_str(" (OOMKilled)");
+            }
+            t
+        }
+    }
 }
-pub fn kill(_g: &Global, _a: KillArgs) -> anyhow::Result<u8> {
-    anyhow::bail!("kill is not wired yet")
+
+fn truncate(s: &str, n: usize) -> String {
+    if s.chars().count() <= n {
+        s.to_string()
+    } else {
+        s.chars().take(n - 1).collect::<String>() + "…"
+    }
 }
-pub fn rm(_g: &Global, _a: RmArgs) -> anyhow::Result<u8> {
-    anyhow::bail!("rm is not wired yet")
+
+pub fn ps(g: &Global, a: PsArgs) -> anyhow::Result<u8> {
+    let mut rows: Vec<_> = all(g)?
+        .into_iter()
+        .map(|(_, s)| s)
+        .filter(|s| a.all || matches!(s.state, WorkloadState::Running { .. }))
+        .collect();
+    rows.sort_by(|x, y| y.created_at.cmp(&x.created_at));
+    let mut out = std::io::stdout().lock();
+    if a.quiet {
+        for s in rows {
+            writeln!(out, "{}", &s.id[..s.id.len().min(12)])?;
+        }
+        return Ok(0);
+    }
+    writeln!(
+        out,
+        "{:<14}{:<20}{:<24}{:<24}{:<40}{:<8}NAMES",
+        "CONTAINER ID", "IMAGE", "COMMAND", "CREATED", "STATUS", "PORTS"
+    )?;
+    for s in rows {
+        let cmd = s.labels.get(COMMAND_LABEL).cloned().unwrap_or_default();
+        writeln!(
+            out,
+            "{:<14}{:<20}{:<24}{:<24}{:<40}{:<8}{}",
+            &s.id[..s.id.len().min(12)],
+            truncate(s.image.as_deref().unwrap_or(""), 19),
+            truncate(&format!("\"{cmd}\""), 23),
+            format!("{} ago", ago(s.created_at)),
+            status_text(&s),
+            "",
+            display_name(&s),
+        )?;
+    }
+    Ok(0)
+}
+
+pub fn logs(g: &Global, a: LogsArgs) -> anyhow::Result<u8> {
+    let (rt, s) = find(g, &a.container)?;
+    let path = s
+        .log_path
+        .clone()
+        .with_context(|| format!("container {} keeps no log", a.container))?;
+    let mut f = match std::fs::File::open(&path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound && !a.follow => return Ok(0),
+        Err(e) => return Err(e).with_context(|| format!("open log {}", path.display())),
+    };
+    let mut out = std::io::stdout().lock();
+    let mut buf = vec![0u8; 64 << 10];
+    loop {
+        let n = f
+            .read(&mut buf)
+            .with_context(|| format!("read {}", path.display()))?;
+        if n > 0 {
+            out.write_all(&buf[..n])?;
+            continue;
+        }
+        if !a.follow {
+            break;
+        }
+        out.flush()?;
+        let ended = !matches!(
+            rt.state(&s.id).map(|s| s.state),
+            Ok(WorkloadState::Running { .. } | WorkloadState::Created)
+        );
+        if ended {
+            // One last pass for what was written just before the end.
+            std::io::copy(&mut f, &mut out)?;
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    out.flush()?;
+    Ok(0)
+}
+
+pub fn exec(g: &Global, a: ExecArgs) -> anyhow::Result<u8> {
+    let (rt, s) = find(g, &a.container)?;
+    if !matches!(s.state, WorkloadState::Running { .. }) {
+        bail!("container {} is not running", a.container);
+    }
+    let env = a
+        .env
+        .iter()
+        .filter_map(|e| match e.split_once('=') {
+            Some((k, v)) => Some((k.to_string(), v.to_string())),
+            None => std::env::var(e).ok().map(|v| (e.clone(), v)),
+        })
+        .collect();
+    let spec = ExecSpec {
+        command: a.command.clone(),
+        env,
+        workdir: a.workdir.clone(),
+        user: None,
+        tty: a.tty,
+    };
+    let dup =
+        |fd: std::os::fd::BorrowedFd<'_>| fd.try_clone_to_owned().context("dup a standard stream");
+    use std::os::fd::AsFd;
+    let mut proxy = None;
+    let stdio = if a.tty {
+        let pty = nix::pty::openpty(None, None).context("openpty")?;
+        let s = pty.slave;
+        let io = Stdio {
+            stdin: Some(dup(s.as_fd())?),
+            stdout: Some(dup(s.as_fd())?),
+            stderr: Some(s),
+        };
+        proxy = Some(pty.master);
+        io
+    } else {
+        Stdio {
+            stdin: if a.interactive {
+                Some(dup(std::io::stdin().as_fd())?)
+            } else {
+                None
+            },
+            stdout: Some(dup(std::io::stdout().as_fd())?),
+            stderr: Some(dup(std::io::stderr().as_fd())?),
+        }
+    };
+    // The pty copy must run while exec blocks, so start it first.
+    let p = proxy.map(|m| crate::cmd::run::tty::proxy(m, a.interactive));
+    let code = rt.exec(&s.id, &spec, stdio)?;
+    if let Some(p) = p {
+        p.finish();
+    }
+    Ok(u8::try_from(code).unwrap_or(255))
+}
+
+pub fn stop(g: &Global, a: StopArgs) -> anyhow::Result<u8> {
+    for c in &a.containers {
+        let (rt, s) = find(g, c)?;
+        if matches!(s.state, WorkloadState::Running { .. }) {
+            rt.stop(&s.id, Duration::from_secs(a.time))?;
+        }
+        println!("{c}");
+    }
+    Ok(0)
+}
+
+pub fn kill(g: &Global, a: KillArgs) -> anyhow::Result<u8> {
+    let sig = evoke_container::parse_signal(&a.signal)?;
+    for c in &a.containers {
+        let (rt, s) = find(g, c)?;
+        if !matches!(s.state, WorkloadState::Running { .. }) {
+            bail!("container {c} is not running");
+        }
+        rt.signal(&s.id, sig as i32)?;
+        println!("{c}");
+    }
+    Ok(0)
+}
+
+pub fn rm(g: &Global, a: RmArgs) -> anyhow::Result<u8> {
+    for c in &a.containers {
+        let (rt, s) = find(g, c)?;
+        if matches!(s.state, WorkloadState::Running { .. }) && !a.force {
+            bail!("cannot remove running container {c}: stop it first or use rm -f");
+        }
+        rt.remove(&s.id, a.force)?;
+        println!("{c}");
+    }
+    Ok(0)
 }

@@ -1,6 +1,27 @@
 //! `evoke run`: run a command from an image, like `docker run`.
+//!
+//! The flags become a [`WorkloadSpec`] for the tier named by `--tier`. In the
+//! foreground this process creates, starts and waits for the workload (it
+//! is the parent, so it sees the exit code and OOM kill). With `-d` a
+//! detached monitor process does that instead ([`evoke_runtime::monitor`]).
+
+use std::collections::BTreeMap;
+use std::io::{Read, Write};
+use std::os::fd::{AsFd, OwnedFd};
+use std::path::Path;
+use std::sync::Arc;
+
+use anyhow::{bail, Context};
+use evoke_container::tier::{ContainerTier, ProcessTier};
+use evoke_runtime::{
+    CpuLimit, Resources, RuntimeError, Stdio, User, WorkloadRuntime, WorkloadSpec, WorkloadStatus,
+};
 
 use crate::Global;
+
+/// Label keys evoke's CLI keeps on workloads.
+pub const NAME_LABEL: &str = "evoke.name";
+pub const COMMAND_LABEL: &str = "evoke.command";
 
 #[derive(clap::Args, Debug)]
 pub struct RunArgs {
@@ -47,6 +68,314 @@ pub struct RunArgs {
     pub command: Vec<String>,
 }
 
-pub fn main(_global: &Global, _args: RunArgs) -> anyhow::Result<u8> {
-    anyhow::bail!("run is not wired yet")
+/// Every tier this binary has, in `ps` order.
+pub fn tiers(data_dir: &Path) -> anyhow::Result<Vec<Arc<dyn WorkloadRuntime>>> {
+    Ok(vec![
+        Arc::new(ContainerTier::new(data_dir)?),
+        Arc::new(ProcessTier::new(data_dir)?),
+    ])
+}
+
+/// The tier called `name`.
+pub fn tier(data_dir: &Path, name: &str) -> anyhow::Result<Arc<dyn WorkloadRuntime>> {
+    match name {
+        "container" => Ok(Arc::new(ContainerTier::new(data_dir)?)),
+        "process" => Ok(Arc::new(ProcessTier::new(data_dir)?)),
+        "microvm" => {
+            // The VMM is built for hosts with VT-x/AMD-V; say why not here.
+            let reason = match evoke_vmm::kvm_check::check_linux_guest_support() {
+                Err(e) => e.to_string(),
+                Ok(()) => "this evoke has no microvm tier wired in yet".to_string(),
+            };
+            Err(RuntimeError::Unavailable {
+                tier: "microvm".into(),
+                reason,
+            }
+            .into())
+        }
+        other => bail!("unknown tier {other:?}: use process, container or microvm"),
+    }
+}
+
+/// A fresh 64-hex-digit id, like Docker's.
+pub fn new_id() -> anyhow::Result<String> {
+    let mut b = [0u8; 32];
+    std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| f.read_exact(&mut b))
+        .context("read /dev/urandom")?;
+    Ok(b.iter().map(|x| format!("{x:02x}")).collect())
+}
+
+/// `64m`, `1g`, `512k`, `100` (bytes), as Docker's --memory.
+pub fn parse_bytes(s: &str) -> anyhow::Result<u64> {
+    let t = s.trim().to_ascii_lowercase();
+    let t = t.strip_suffix('b').unwrap_or(&t);
+    let (num, mult) = match t.chars().last() {
+        Some('k') => (&t[..t.len() - 1], 1u64 << 10),
+        Some('m') => (&t[..t.len() - 1], 1 << 20),
+        Some('g') => (&t[..t.len() - 1], 1 << 30),
+        _ => (t, 1),
+    };
+    let n: f64 = num
+        .parse()
+        .with_context(|| format!("invalid size {s:?} (use e.g. 64m or 1g)"))?;
+    if !(n.is_finite() && n > 0.0) {
+        bail!("invalid size {s:?}: must be positive");
+    }
+    Ok((n * mult as f64) as u64)
+}
+
+/// `-e K=V`, or `-e K` to pass this process's value (skipped when unset).
+fn parse_env(vars: &[String]) -> Vec<(String, String)> {
+    vars.iter()
+        .filter_map(|e| match e.split_once('=') {
+            Some((k, v)) => Some((k.to_string(), v.to_string())),
+            None => std::env::var(e).ok().map(|v| (e.clone(), v)),
+        })
+        .collect()
+}
+
+fn dup(fd: impl AsFd) -> anyhow::Result<OwnedFd> {
+    fd.as_fd()
+        .try_clone_to_owned()
+        .context("dup a standard stream")
+}
+
+/// The name a workload is known by (its label, else its short id).
+pub fn display_name(s: &WorkloadStatus) -> String {
+    s.labels
+        .get(NAME_LABEL)
+        .cloned()
+        .unwrap_or_else(|| s.id.chars().take(12).collect())
+}
+
+pub fn main(global: &Global, args: RunArgs) -> anyhow::Result<u8> {
+    let rt = tier(&global.data_dir, &args.tier)?;
+    rt.available()?;
+    let id = new_id()?;
+    let name = match &args.name {
+        Some(n) => {
+            if n.is_empty()
+                || !n
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"_.-".contains(&b))
+            {
+                bail!("invalid container name {n:?}: use [a-zA-Z0-9_.-]");
+            }
+            for t in tiers(&global.data_dir)? {
+                if t.list()?
+                    .iter()
+                    .any(|s| s.labels.get(NAME_LABEL) == Some(n))
+                {
+                    bail!("the container name {n:?} is already in use");
+                }
+            }
+            n.clone()
+        }
+        None => id[..12].to_string(),
+    };
+    let mut labels = BTreeMap::new();
+    labels.insert(NAME_LABEL.to_string(), name.clone());
+    labels.insert(COMMAND_LABEL.to_string(), args.command.join(" "));
+    let cpu = match args.cpus {
+        Some(c) => Some(CpuLimit::from_cpus(c)?),
+        None => None,
+    };
+    let spec = WorkloadSpec {
+        id: id.clone(),
+        image: Some(args.image.clone()),
+        command: None,
+        args: (!args.command.is_empty()).then(|| args.command.clone()),
+        env: parse_env(&args.env),
+        workdir: args.workdir.clone(),
+        user: args.user.as_deref().map(str::parse::<User>).transpose()?,
+        tty: args.tty,
+        stdin: args.interactive,
+        resources: Resources {
+            memory_bytes: args.memory.as_deref().map(parse_bytes).transpose()?,
+            cpu,
+            pids_limit: args.pids_limit,
+        },
+        labels,
+        ..WorkloadSpec::default()
+    };
+
+    if args.detach {
+        evoke_runtime::monitor::spawn_detached(rt.as_ref(), &spec, args.rm)?;
+        println!("{id}");
+        return Ok(0);
+    }
+
+    let mut pty_master = None;
+    let stdio = if args.tty {
+        let pty = nix::pty::openpty(None, None).context("openpty")?;
+        let s = pty.slave;
+        pty_master = Some(pty.master);
+        Stdio {
+            stdin: Some(dup(&s)?),
+            stdout: Some(dup(&s)?),
+            stderr: Some(s),
+        }
+    } else {
+        Stdio {
+            stdin: if args.interactive {
+                Some(dup(std::io::stdin())?)
+            } else {
+                None
+            },
+            stdout: Some(dup(std::io::stdout())?),
+            stderr: Some(dup(std::io::stderr())?),
+        }
+    };
+    rt.create(&spec, stdio)?;
+    let started = rt.start(&id);
+    if let Err(e) = started {
+        let _ = rt.remove(&id, true);
+        return Err(e.into());
+    }
+    forward_signals(rt.clone(), &id);
+    let proxy = pty_master.map(|m| tty::proxy(m, args.interactive));
+    let info = rt.wait(&id, None)?.context("the workload did not end")?;
+    if let Some(p) = proxy {
+        p.finish();
+    }
+    if info.oom_killed {
+        eprintln!(
+            "evoke: container {name} was OOMKilled (exit code {})",
+            info.code
+        );
+    }
+    if args.rm {
+        rt.remove(&id, true)?;
+    }
+    let _ = std::io::stdout().flush();
+    Ok(u8::try_from(info.code).unwrap_or(255))
+}
+
+/// SIGINT, SIGTERM and SIGHUP to this process go to the workload instead,
+/// as with `docker run` (the workload is in its own session).
+fn forward_signals(rt: Arc<dyn WorkloadRuntime>, id: &str) {
+    use nix::sys::signal::{SigSet, Signal};
+    let mut set = SigSet::empty();
+    for s in [Signal::SIGINT, Signal::SIGTERM, Signal::SIGHUP] {
+        set.add(s);
+    }
+    // Block in this thread (inherited by the thread below); the workload was
+    // created already, so it does not inherit the mask.
+    if set.thread_block().is_err() {
+        return;
+    }
+    let id = id.to_string();
+    std::thread::spawn(move || {
+        while let Ok(sig) = set.wait() {
+            if rt.signal(&id, sig as i32).is_err() {
+                break;
+            }
+        }
+    });
+}
+
+/// Copying between this terminal and a workload's pty.
+pub mod tty {
+    use std::io::{Read, Write};
+    use std::os::fd::{AsFd, OwnedFd};
+
+    use nix::sys::termios;
+
+    /// A running copy; `finish` restores the terminal.
+    pub struct Proxy {
+        saved: Option<termios::Termios>,
+        out: Option<std::thread::JoinHandle<()>>,
+    }
+
+    /// Put this terminal in raw mode and copy the pty's output to stdout
+    /// (and, if `input`, stdin to the pty) until the workload closes it.
+    pub fn proxy(master: OwnedFd, input: bool) -> Proxy {
+        let stdin = std::io::stdin();
+        let saved = termios::tcgetattr(stdin.as_fd()).ok();
+        if let Some(t) = &saved {
+            let mut raw = t.clone();
+            termios::cfmakeraw(&mut raw);
+            let _ = termios::tcsetattr(stdin.as_fd(), termios::SetArg::TCSANOW, &raw);
+        }
+        let mut reader = std::fs::File::from(master);
+        if input {
+            if let Ok(w) = reader.try_clone() {
+                std::thread::spawn(move || {
+                    let mut w = w;
+                    let mut buf = [0u8; 4096];
+                    let mut inp = std::io::stdin();
+                    while let Ok(n) = inp.read(&mut buf) {
+                        if n == 0 || w.write_all(&buf[..n]).is_err() {
+                            break;
+                        }
+                    }
+                });
+            }
+        }
+        let out = std::thread::spawn(move || {
+            let mut buf = [0u8; 4096];
+            let mut stdout = std::io::stdout();
+            // EIO once every holder of the replica side has closed it.
+            while let Ok(n) = reader.read(&mut buf) {
+                if n == 0 || stdout.write_all(&buf[..n]).is_err() {
+                    break;
+                }
+                let _ = stdout.flush();
+            }
+        });
+        Proxy {
+            saved,
+            out: Some(out),
+        }
+    }
+
+    impl Proxy {
+        pub fn finish(mut self) {
+            if let Some(h) = self.out.take() {
+                let _ = h.join();
+            }
+        }
+    }
+
+    impl Drop for Proxy {
+        fn drop(&mut self) {
+            if let Some(t) = &self.saved {
+                let _ = termios::tcsetattr(std::io::stdin().as_fd(), termios::SetArg::TCSANOW, t);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn memory_sizes_parse_like_docker() {
+        assert_eq!(parse_bytes("64m").unwrap(), 64 << 20);
+        assert_eq!(parse_bytes("1g").unwrap(), 1 << 30);
+        assert_eq!(parse_bytes("512k").unwrap(), 512 << 10);
+        assert_eq!(parse_bytes("100").unwrap(), 100);
+        assert_eq!(parse_bytes("64MB").unwrap(), 64 << 20);
+        assert!(parse_bytes("lots").is_err());
+        assert!(parse_bytes("-1m").is_err());
+    }
+
+    #[test]
+    fn env_without_value_comes_from_this_process() {
+        std::env::set_var("EVOKE_TEST_PASSTHROUGH", "yes");
+        let env = parse_env(&[
+            "A=1".into(),
+            "EVOKE_TEST_PASSTHROUGH".into(),
+            "UNSET_X_Y".into(),
+        ]);
+        assert_eq!(
+            env,
+            vec![
+                ("A".into(), "1".into()),
+                ("EVOKE_TEST_PASSTHROUGH".into(), "yes".into())
+            ]
+        );
+    }
 }
