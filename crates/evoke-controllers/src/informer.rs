@@ -21,6 +21,9 @@ where
 {
     pub store: Store<K>,
     changed: watch::Receiver<u64>,
+    /// True once the first list is in the store. (The store's own
+    /// `wait_until_ready` wakes only one of several concurrent waiters.)
+    ready: watch::Receiver<bool>,
 }
 
 impl<K> Informer<K>
@@ -32,6 +35,7 @@ where
     pub fn spawn(api: Api<K>, config: watcher::Config) -> Informer<K> {
         let (store, writer) = reflector::store();
         let (tx, rx) = watch::channel(0u64);
+        let (ready_tx, ready_rx) = watch::channel(false);
         let kind = K::kind(&Default::default()).into_owned();
         tokio::spawn(async move {
             let mut stream =
@@ -40,7 +44,10 @@ where
             while let Some(ev) = stream.next().await {
                 match ev {
                     Ok(watcher::Event::Init) | Ok(watcher::Event::InitApply(_)) => {}
-                    Ok(_) => {
+                    Ok(ev) => {
+                        if matches!(ev, watcher::Event::InitDone) {
+                            let _ = ready_tx.send(true);
+                        }
                         n += 1;
                         if tx.send(n).is_err() {
                             return;
@@ -50,12 +57,17 @@ where
                 }
             }
         });
-        Informer { store, changed: rx }
+        Informer {
+            store,
+            changed: rx,
+            ready: ready_rx,
+        }
     }
 
     /// Waits until the first list is in the cache.
     pub async fn ready(&self) {
-        let _ = self.store.wait_until_ready().await;
+        let mut r = self.ready.clone();
+        let _ = r.wait_for(|ready| *ready).await;
     }
 
     /// A receiver that sees every change.

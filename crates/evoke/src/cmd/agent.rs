@@ -1,4 +1,17 @@
-//! `evoke agent`: join this machine to a server as a node.
+//! `evoke agent`: join this machine to a server as a node; and the
+//! orchestration components `evoke server` starts in its own process
+//! (scheduler, controllers and, unless --disable-agent, a node agent).
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::Arc;
+
+use anyhow::Context;
+use evoke_container::tier::{ContainerTier, ProcessTier};
+use evoke_node::network::{LoopbackNetwork, PodNetwork};
+use evoke_node::token::JoinToken;
+use evoke_runtime::WorkloadRuntime;
+use evoke_vmm::tier::MicroVmTier;
 
 use crate::Global;
 
@@ -15,6 +28,143 @@ pub struct AgentArgs {
     pub node_name: Option<String>,
 }
 
-pub fn main(_global: &Global, _args: AgentArgs) -> anyhow::Result<u8> {
-    anyhow::bail!("the agent is not wired yet")
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|s| s.trim().to_string())
+        .ok()
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| "evoke-node".into())
+}
+
+/// The tiers this build offers; one that cannot start is left out with a
+/// warning, and pods asking for it get a condition and an event saying so.
+fn tiers(data_dir: &Path) -> Vec<Arc<dyn WorkloadRuntime>> {
+    let mut v: Vec<Arc<dyn WorkloadRuntime>> = Vec::new();
+    match ContainerTier::new(data_dir) {
+        Ok(t) => v.push(Arc::new(t)),
+        Err(e) => tracing::warn!(error = %e, "container tier unavailable"),
+    }
+    match ProcessTier::new(data_dir) {
+        Ok(t) => v.push(Arc::new(t)),
+        Err(e) => tracing::warn!(error = %e, "process tier unavailable"),
+    }
+    // The microvm tier is always listed: on a host whose KVM cannot boot
+    // Linux guests its availability check says why, and pods show that.
+    match std::env::current_exe() {
+        Ok(exe) => v.push(Arc::new(MicroVmTier::new(data_dir, exe))),
+        Err(e) => tracing::warn!(error = %e, "microvm tier: cannot find the evoke binary"),
+    }
+    v
+}
+
+fn agent_config(
+    data_dir: &Path,
+    node_name: String,
+    labels: BTreeMap<String, String>,
+) -> evoke_node::AgentConfig {
+    let network: Arc<dyn PodNetwork> = Arc::new(LoopbackNetwork);
+    evoke_node::AgentConfig {
+        node_name,
+        host_ip: evoke_node::detect_host_ip(),
+        data_dir: data_dir.to_path_buf(),
+        tiers: tiers(data_dir),
+        default_tier: "container".into(),
+        network,
+        labels,
+        port: 10250,
+    }
+}
+
+pub fn main(global: &Global, args: AgentArgs) -> anyhow::Result<u8> {
+    let token = JoinToken::parse(&args.token).context("--token")?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    runtime.block_on(async {
+        let client = evoke_node::token::client(&args.server, &token)
+            .await
+            .with_context(|| format!("joining {}", args.server))?;
+        let name = args.node_name.clone().unwrap_or_else(hostname);
+        let agent = evoke_node::Agent::new(
+            client,
+            agent_config(&global.data_dir, name, BTreeMap::new()),
+        );
+        agent.run().await.context("node agent")?;
+        Ok(0)
+    })
+}
+
+/// Starts the scheduler, the controllers and (unless `disable_agent`) the
+/// in-process node agent against the server whose admin kubeconfig is at
+/// `kubeconfig`; writes the join token for other nodes next to it.
+pub async fn start_orchestration(
+    global: &Global,
+    kubeconfig: &Path,
+    ca_pem: &str,
+    secret: &str,
+    disable_agent: bool,
+) -> anyhow::Result<()> {
+    let token = JoinToken::for_server(ca_pem, secret).context("making the join token")?;
+    let token_path = global.data_dir.join("server").join("node-token");
+    write_private(&token_path, &format!("{token}\n"))
+        .with_context(|| format!("writing {}", token_path.display()))?;
+    let client = evoke_node::token::client_from_kubeconfig(kubeconfig)
+        .await
+        .context("orchestration client")?;
+    let rc_client = client.clone();
+    tokio::spawn(async move {
+        // The API may still be settling; keep trying until the classes exist.
+        for attempt in 0..30 {
+            match evoke_node::runtimeclass::ensure(rc_client.clone()).await {
+                Ok(()) => return,
+                Err(e) if attempt == 29 => {
+                    tracing::error!(error = %e, "could not create runtime classes")
+                }
+                Err(_) => tokio::time::sleep(std::time::Duration::from_millis(500)).await,
+            }
+        }
+    });
+    let sched = evoke_scheduler::Scheduler::new(client.clone());
+    tokio::spawn(async move {
+        if let Err(e) = sched.run().await {
+            tracing::error!(error = %e, "scheduler stopped");
+        }
+    });
+    tokio::spawn(evoke_controllers::run(client.clone()));
+    if !disable_agent {
+        let labels = BTreeMap::from([
+            (
+                "node-role.kubernetes.io/control-plane".to_string(),
+                "true".to_string(),
+            ),
+            (
+                "node-role.kubernetes.io/master".to_string(),
+                "true".to_string(),
+            ),
+        ]);
+        let agent =
+            evoke_node::Agent::new(client, agent_config(&global.data_dir, hostname(), labels));
+        tokio::spawn(async move {
+            if let Err(e) = agent.run().await {
+                tracing::error!(error = %e, "node agent stopped");
+            }
+        });
+    }
+    tracing::info!(disable_agent, "orchestration started");
+    Ok(())
+}
+
+fn write_private(path: &Path, text: &str) -> std::io::Result<()> {
+    use std::os::unix::fs::OpenOptionsExt;
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)?;
+    std::io::Write::write_all(&mut f, text.as_bytes())
 }
