@@ -66,6 +66,15 @@ pub fn server_side_apply(
     }
     let api_version = res.api_version();
     let applied_set = managed_fields::field_set(res, applied, true);
+    // An apply to the main resource does not touch status when the kind has
+    // a status subresource, as in kube.
+    let mut applied = applied.clone();
+    if res.subresources.contains(&"status") {
+        if let Some(o) = applied.as_object_mut() {
+            o.remove("status");
+        }
+    }
+    let applied = &applied;
     let Some(current) = current else {
         let mut obj = applied.clone();
         strip_nulls(&mut obj);
@@ -490,6 +499,17 @@ mod tests {
             .filter_map(|c| c["name"].as_str())
             .collect();
         assert_eq!(names, vec!["c", "log"]);
+    }
+
+    #[test]
+    fn apply_to_the_main_resource_leaves_status_alone() {
+        let mut live = deploy(1, "x");
+        live["status"] = json!({"replicas": 1});
+        let mut applied = deploy(1, "x");
+        applied["status"] = json!({"replicas": 9});
+        let out =
+            server_side_apply(res(), Some(&live), &applied, "kubectl", false, T0).expect("applies");
+        assert_eq!(out["status"]["replicas"], 1);
     }
 
     #[test]

@@ -665,6 +665,14 @@ impl Schema {
         }
     }
 
+    /// True when the schema is a struct with declared properties, so keys
+    /// outside them are unknown fields.
+    pub fn has_properties(&self) -> bool {
+        self.resolved()
+            .and_then(|o| o.get("properties"))
+            .is_some_and(Value::is_object)
+    }
+
     /// True when the schema is a free-form map (`additionalProperties`), such
     /// as labels or a ConfigMap's data.
     pub fn is_map(&self) -> bool {

@@ -73,6 +73,96 @@ pub fn validate(res: &Resource, obj: &Value, old: Option<&Value>) -> Result<(), 
     }
 }
 
+/// Fields of `obj` its kind's schema does not declare, as kube names them
+/// (`spec.containers[0].foo`), in document order.
+pub fn unknown_fields(res: &Resource, obj: &Value) -> Vec<String> {
+    let mut out = Vec::new();
+    walk_unknown(
+        obj,
+        crate::schema::Schema::for_resource(res),
+        "",
+        &mut out,
+        0,
+    );
+    out
+}
+
+fn walk_unknown(
+    v: &Value,
+    schema: crate::schema::Schema,
+    path: &str,
+    out: &mut Vec<String>,
+    depth: usize,
+) {
+    if depth > 100 || !schema.is_known() {
+        return;
+    }
+    let join = |k: &str| {
+        if path.is_empty() {
+            k.to_string()
+        } else {
+            format!("{path}.{k}")
+        }
+    };
+    match v {
+        Value::Object(m) if schema.has_properties() => {
+            for (k, x) in m {
+                let child = schema.property(k);
+                if child.is_known() {
+                    walk_unknown(x, child, &join(k), out, depth + 1);
+                } else {
+                    out.push(join(k));
+                }
+            }
+        }
+        Value::Object(m) if schema.is_map() => {
+            for (k, x) in m {
+                walk_unknown(x, schema.values(), &join(k), out, depth + 1);
+            }
+        }
+        Value::Array(items) => {
+            for (i, x) in items.iter().enumerate() {
+                walk_unknown(x, schema.items(), &format!("{path}[{i}]"), out, depth + 1);
+            }
+        }
+        _ => {}
+    }
+}
+
+/// Applies a request's `fieldValidation` directive (`Strict`, `Warn` or
+/// `Ignore`; kube's default is `Warn`) to the unknown fields of `obj`.
+/// Strict refuses them with kube's 400; otherwise the returned strings are
+/// the `Warning` headers to send (`unknown field "spec.foo"`).
+pub fn field_validation(
+    res: &Resource,
+    obj: &Value,
+    directive: Option<&str>,
+) -> Result<Vec<String>, ApiError> {
+    let directive = directive.unwrap_or("Warn");
+    let mode = match directive.to_ascii_lowercase().as_str() {
+        "" | "warn" => "Warn",
+        "strict" => "Strict",
+        "ignore" => "Ignore",
+        _ => return Err(ApiError::bad_request(format!(
+            "fieldValidation must be one of \"Ignore\", \"Warn\", or \"Strict\", got {directive:?}"
+        ))),
+    };
+    if mode == "Ignore" {
+        return Ok(Vec::new());
+    }
+    let unknown: Vec<String> = unknown_fields(res, obj)
+        .into_iter()
+        .map(|f| format!("unknown field \"{f}\""))
+        .collect();
+    if mode == "Strict" && !unknown.is_empty() {
+        return Err(ApiError::bad_request(format!(
+            "strict decoding error: {}",
+            unknown.join(", ")
+        )));
+    }
+    Ok(unknown)
+}
+
 /// Deserializes into the k8s-openapi type, so wrong field types are caught
 /// with serde's message, as kube-apiserver's decoder would.
 fn typecheck(res: &Resource, obj: &Value, name: &str) -> Result<(), ApiError> {
@@ -1208,6 +1298,40 @@ mod tests {
         let ns = json!({"apiVersion":"v1","kind":"Namespace","metadata":{"name":"a.b"}});
         let e = check("v1", "Namespace", ns, None).expect_err("label");
         assert_eq!(fields(&e), vec!["metadata.name"]);
+    }
+
+    #[test]
+    fn unknown_fields_are_named_by_path_and_refused_when_strict() {
+        let res = by_kind("apps/v1", "Deployment").expect("deploy");
+        let d = json!({"apiVersion":"apps/v1","kind":"Deployment","metadata":{"name":"w","labels":{"any":"x"},"bogus":1},
+            "spec":{"replicas":1,"replica":2,"template":{"spec":{"containers":[{"name":"c","image":"x","imagePullPolicyy":"Always",
+            "resources":{"limits":{"cpu":"1"}}}]}},"strategy":{"rollingUpdate":{"maxSurge":1}}}});
+        assert_eq!(
+            unknown_fields(res, &d),
+            vec![
+                "metadata.bogus",
+                "spec.replica",
+                "spec.template.spec.containers[0].imagePullPolicyy"
+            ]
+        );
+        let e = field_validation(res, &d, Some("Strict")).expect_err("strict");
+        assert_eq!(e.code, 400);
+        assert!(
+            e.message
+                .starts_with("strict decoding error: unknown field \"metadata.bogus\""),
+            "{}",
+            e.message
+        );
+        assert_eq!(field_validation(res, &d, None).expect("warn").len(), 3);
+        assert!(field_validation(res, &d, Some("Ignore"))
+            .expect("ignore")
+            .is_empty());
+        assert_eq!(
+            field_validation(res, &d, Some("Nope"))
+                .expect_err("bad directive")
+                .code,
+            400
+        );
     }
 
     #[test]
