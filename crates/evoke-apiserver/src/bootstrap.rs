@@ -36,7 +36,7 @@ pub(crate) async fn ensure_defaults(store: &dyn Backend) -> Result<(), StartErro
             "apiVersion": "v1", "kind": "Namespace",
             "metadata": {"name": name, "uid": uuid::Uuid::new_v4().to_string(), "creationTimestamp": now,
                 "labels": {"kubernetes.io/metadata.name": name}},
-            "spec": {},
+            "spec": {"finalizers": ["kubernetes"]},
             "status": {"phase": "Active"},
         });
         create_if_missing(store, object::key(ns, None, name), obj).await?;

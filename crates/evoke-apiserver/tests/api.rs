@@ -581,3 +581,41 @@ async fn discovery_serves_legacy_and_aggregated_documents() {
     let (_, idx) = h.get("/openapi/v3").await;
     assert!(idx["paths"]["apis/apps/v1"]["serverRelativeURL"].is_string());
 }
+
+#[tokio::test]
+async fn deleted_namespace_terminates_until_finalized_and_refuses_new_content() {
+    let h = start().await;
+    let ns = json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "gone"}});
+    let (c, created) = h.json("POST", "/api/v1/namespaces", ns).await;
+    assert_eq!(c, 201, "{created}");
+    assert_eq!(created["spec"]["finalizers"], json!(["kubernetes"]));
+    let (c, d) = h
+        .call("DELETE", "/api/v1/namespaces/gone", "application/json", "")
+        .await;
+    assert_eq!(
+        (c, d["status"]["phase"].as_str()),
+        (200, Some("Terminating"))
+    );
+    let (c, _) = h
+        .json(
+            "POST",
+            "/api/v1/namespaces/gone/configmaps",
+            cm("late", json!({})),
+        )
+        .await;
+    assert_eq!(c, 403);
+    let mut fin = d.clone();
+    fin["spec"]["finalizers"] = json!([]);
+    let (c, _) = h.json("PUT", "/api/v1/namespaces/gone/finalize", fin).await;
+    assert_eq!(c, 200);
+    assert_eq!(h.get("/api/v1/namespaces/gone").await.0, 404);
+    let (c, _) = h
+        .call(
+            "DELETE",
+            "/api/v1/namespaces/default",
+            "application/json",
+            "",
+        )
+        .await;
+    assert_eq!(c, 403, "default may not be deleted");
+}

@@ -2,11 +2,11 @@
 //! finalizers, finalizers holding an object with a deletionTimestamp, and
 //! graceful deletion of pods that a node runs.
 
-use evoke_types::registry::RESOURCES;
 use evoke_types::status::ApiError;
 use serde_json::{json, Value};
 
 use super::read::{read_page, Filter};
+use super::write::all_finalizers;
 use super::{load, Ctx};
 use crate::error::store_to_api;
 use crate::object::{self, meta_mut, meta_str};
@@ -68,43 +68,17 @@ const PROTECTED_NAMESPACES: &[&str] = &["default", "kube-system", "kube-public"]
 pub(crate) async fn delete(ctx: &Ctx) -> Result<Reply, ApiError> {
     let opts = DeleteOpts::parse(ctx)?;
     let name = ctx.name().to_string();
-    if ctx.res().kind == "Namespace" {
-        if PROTECTED_NAMESPACES.contains(&name.as_str()) {
-            let mut e = ApiError::new(
-                403,
-                "Forbidden",
-                format!("namespaces \"{name}\" is forbidden: this namespace may not be deleted"),
-            );
-            e.name = Some(name);
-            return Err(e);
-        }
-        if !opts.dry_run {
-            load(ctx, &name).await?;
-            purge_namespace(ctx, &name).await?;
-        }
+    if ctx.res().kind == "Namespace" && PROTECTED_NAMESPACES.contains(&name.as_str()) {
+        let mut e = ApiError::new(
+            403,
+            "Forbidden",
+            format!("namespaces \"{name}\" is forbidden: this namespace may not be deleted"),
+        );
+        e.name = Some(name);
+        return Err(e);
     }
     let out = delete_now(ctx, &name, &opts).await?;
     Ok(respond::json(200, &out))
-}
-
-/// Removes every namespaced object in namespace `ns`, at once.
-async fn purge_namespace(ctx: &Ctx, ns: &str) -> Result<(), ApiError> {
-    for res in RESOURCES.iter().filter(|r| r.namespaced) {
-        let page = read_page(&ctx.state, res, Some(ns), &Filter::everything(), None, None).await?;
-        for obj in page.items {
-            let name = object::name(&obj).unwrap_or_default().to_string();
-            match ctx
-                .state
-                .store
-                .delete(&object::key(res, Some(ns), &name), None)
-                .await
-            {
-                Ok(_) | Err(evoke_store::StoreError::NotFound(_)) => {}
-                Err(e) => return Err(store_to_api(e, &res.group_resource(), &name)),
-            }
-        }
-    }
-    Ok(())
 }
 
 fn precondition_failed(what: &str, want: &str, got: &str) -> ApiError {
@@ -178,8 +152,13 @@ pub(crate) async fn delete_now(
                 return Ok(obj);
             }
         }
-        let fins = object::finalizers(&new);
+        let fins = all_finalizers(&new);
         if grace > 0 || !fins.is_empty() {
+            // A namespace being deleted says so in its phase; the namespace
+            // controller empties it, then clears spec.finalizers.
+            if res.kind == "Namespace" {
+                new["status"]["phase"] = "Terminating".into();
+            }
             let m = meta_mut(&mut new);
             if grace > 0 || !already {
                 let at = now + chrono::Duration::seconds(grace);

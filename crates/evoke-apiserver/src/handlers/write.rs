@@ -183,6 +183,20 @@ pub(crate) enum Part {
     Main,
     /// Only status, through `/status`.
     Status,
+    /// Only a namespace's spec.finalizers, through `/finalize`.
+    Finalize,
+}
+
+/// Every finalizer holding `obj`: metadata.finalizers, plus a namespace's
+/// spec.finalizers (which its controller clears through `/finalize`).
+pub(crate) fn all_finalizers(obj: &Value) -> Vec<String> {
+    let mut f = object::finalizers(obj);
+    if obj["kind"] == "Namespace" {
+        if let Some(a) = obj["spec"]["finalizers"].as_array() {
+            f.extend(a.iter().filter_map(|v| v.as_str().map(String::from)));
+        }
+    }
+    f
 }
 
 /// The object as compared for a no-op write: without its resourceVersion
@@ -221,7 +235,15 @@ pub(crate) async fn finish_update(
         }
         _ => {}
     }
-    if part == Part::Status {
+    if part == Part::Finalize {
+        let mut merged = old.clone();
+        merged["spec"]["finalizers"] = new["spec"]["finalizers"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default()
+            .into();
+        new = merged;
+    } else if part == Part::Status {
         let mut merged = old.clone();
         merged["status"] = new.get("status").cloned().unwrap_or(Value::Null);
         if merged["status"].is_null() {
@@ -269,7 +291,9 @@ pub(crate) async fn finish_update(
         let g = old["metadata"]["generation"].as_i64().unwrap_or(0) + 1;
         meta_mut(&mut new).insert("generation".into(), g.into());
     }
-    compat::default_object(res, &mut new);
+    if part != Part::Finalize {
+        compat::default_object(res, &mut new);
+    }
     compat::validate(res, &new, Some(old))?;
     if without_rv(&new) == without_rv(old) {
         return Ok(old.clone());
@@ -317,10 +341,10 @@ fn rv_precondition(new: &Value, kv: &KeyValue, gr: &str, name: &str) -> Result<(
 }
 
 fn part_of(ctx: &Ctx) -> Part {
-    if ctx.t.sub.as_deref() == Some("status") {
-        Part::Status
-    } else {
-        Part::Main
+    match ctx.t.sub.as_deref() {
+        Some("status") => Part::Status,
+        Some("finalize") => Part::Finalize,
+        _ => Part::Main,
     }
 }
 
