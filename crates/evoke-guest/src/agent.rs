@@ -528,3 +528,38 @@ fn deliver_signals(inbox: &mut Vec<u8>, pid: Pid) {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn host_frames_are_taken_whole_and_partial_ones_wait_for_more_bytes() {
+        let mut wire = Vec::new();
+        Frame::Signal(0).write_to(&mut wire).unwrap();
+        Frame::Signal(0).write_to(&mut wire).unwrap();
+        let mut inbox = wire[..7].to_vec();
+        // Signal 0 to a process group that does not exist: nothing happens.
+        let nobody = Pid::from_raw(i32::MAX - 1);
+        deliver_signals(&mut inbox, nobody);
+        // A signal frame is 9 bytes: 7 are not enough to act on.
+        assert_eq!(inbox.len(), 7);
+        inbox.extend_from_slice(&wire[7..]);
+        deliver_signals(&mut inbox, nobody);
+        assert!(inbox.is_empty());
+    }
+
+    #[test]
+    fn exec_failures_map_to_dockers_exit_codes() {
+        let err = |kind| AgentError::Io {
+            what: "exec x".into(),
+            source: io::Error::from(kind),
+        };
+        assert_eq!(exec_failure_code(&err(io::ErrorKind::NotFound)), 127);
+        assert_eq!(
+            exec_failure_code(&err(io::ErrorKind::PermissionDenied)),
+            126
+        );
+        assert_eq!(exec_failure_code(&AgentError::NoChannel("x".into())), 125);
+    }
+}
