@@ -268,11 +268,15 @@ pub async fn client(server: &str, token: &JoinToken) -> Result<kube::Client, Nod
 /// A kube client from a kubeconfig file (the in-process agent and the
 /// control-plane components use the admin kubeconfig the server wrote).
 pub async fn client_from_kubeconfig(path: &std::path::Path) -> Result<kube::Client, NodeError> {
-    let kc = kube::config::Kubeconfig::read_from(path).map_err(|e| NodeError::Token(format!("kubeconfig {}: {e}", path.display())))?;
+    let kc = kube::config::Kubeconfig::read_from(path)
+        .map_err(|e| NodeError::Token(format!("kubeconfig {}: {e}", path.display())))?;
     let cfg = kube::Config::from_custom_kubeconfig(kc, &Default::default())
         .await
         .map_err(|e| NodeError::Token(format!("kubeconfig {}: {e}", path.display())))?;
-    kube::Client::try_from(cfg).map_err(|e| NodeError::Api { what: format!("client from {}", path.display()), source: e })
+    kube::Client::try_from(cfg).map_err(|e| NodeError::Api {
+        what: format!("client from {}", path.display()),
+        source: e,
+    })
 }
 
 #[cfg(test)]

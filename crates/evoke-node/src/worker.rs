@@ -600,8 +600,11 @@ impl Worker {
         };
         let tx = self.tx.clone();
         tokio::task::spawn_blocking(move || {
+            // Without a timeout the tier reaps the process when this agent
+            // is its parent, which is the only way to learn a true exit
+            // code and OOM kill; the thread is parked until the exit.
             let exit = loop {
-                match tier.wait(&id, Some(Duration::from_secs(60))) {
+                match tier.wait(&id, None) {
                     Ok(Some(exit)) => break exit,
                     Ok(None) => {
                         if tx.is_closed() {
