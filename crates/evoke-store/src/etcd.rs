@@ -36,6 +36,9 @@ fn prefix_end(key: &[u8]) -> Vec<u8> {
     vec![0]
 }
 
+/// Keys per range request when listing.
+const LIST_PAGE: usize = 500;
+
 /// An etcd-backed [`Backend`].
 pub struct EtcdBackend {
     client: Client,
@@ -201,34 +204,62 @@ impl Backend for EtcdBackend {
             }
             _ => start.clone(),
         };
-        let mut get = GetOptions::new().with_range(end);
-        if let Some(limit) = opts.limit {
-            // etcd's limit 0 means unlimited; ours means an empty page.
-            get = get.with_limit(i64::try_from(limit.max(1)).unwrap_or(i64::MAX));
-        }
-        if let Some(rev) = opts.revision {
-            get = get.with_revision(rev);
-        }
-        let requested = opts.revision.unwrap_or(0);
-        let resp = match self.client.clone().get(from, Some(get)).await {
-            Ok(r) => r,
-            Err(e) => return Err(self.map_err(e, requested).await),
-        };
-        let revision = match opts.revision {
-            Some(r) => r,
-            None => self.header_revision(resp.header())?,
-        };
-        let mut items = Vec::with_capacity(resp.kvs().len());
-        for kv in resp.kvs() {
-            if let Some(kv) = self.kv(kv)? {
-                items.push(kv);
+        // Read in pages, all at the first page's revision: one huge range
+        // would exceed gRPC's 4 MiB message limit (about 2,500 pods).
+        let mut at = opts.revision;
+        let mut from = from;
+        let mut items = Vec::new();
+        let mut more = false;
+        loop {
+            let want = match opts.limit {
+                Some(l) => l.saturating_sub(items.len()),
+                None => usize::MAX,
+            };
+            if want == 0 {
+                // Our limit is reached: is there anything after it?
+                let probe = GetOptions::new()
+                    .with_range(end.clone())
+                    .with_count_only()
+                    .with_revision(at.unwrap_or(0));
+                let resp = match self.client.clone().get(from.clone(), Some(probe)).await {
+                    Ok(r) => r,
+                    Err(e) => return Err(self.map_err(e, at.unwrap_or(0)).await),
+                };
+                more = resp.count() > 0;
+                break;
+            }
+            let page = i64::try_from(want.min(LIST_PAGE)).unwrap_or(LIST_PAGE as i64);
+            let get = GetOptions::new()
+                .with_range(end.clone())
+                .with_limit(page)
+                .with_revision(at.unwrap_or(0));
+            let resp = match self.client.clone().get(from.clone(), Some(get)).await {
+                Ok(r) => r,
+                Err(e) => return Err(self.map_err(e, at.unwrap_or(0)).await),
+            };
+            if at.is_none() {
+                at = Some(self.header_revision(resp.header())?);
+            }
+            for kv in resp.kvs() {
+                if let Some(kv) = self.kv(kv)? {
+                    items.push(kv);
+                }
+            }
+            if !resp.more() {
+                break;
+            }
+            match resp.kvs().last() {
+                Some(last) => {
+                    from = last.key().to_vec();
+                    from.push(0);
+                }
+                None => break,
             }
         }
-        let mut more = resp.more();
-        if opts.limit == Some(0) {
-            more = !items.is_empty() || more;
-            items.clear();
-        }
+        let revision = match at {
+            Some(r) => r,
+            None => self.revision().await?,
+        };
         Ok(ListResult {
             items,
             revision,

@@ -464,6 +464,56 @@ pub async fn a_lagging_watcher_catches_up_from_history(b: Arc<dyn Backend>) {
     no_event_for(&mut w, Duration::from_millis(200)).await;
 }
 
+pub async fn list_of_more_than_four_mib_returns_everything_in_pages_or_whole(b: Arc<dyn Backend>) {
+    let n = 1200;
+    let mut tasks = Vec::new();
+    for w in 0..16 {
+        let b = b.clone();
+        tasks.push(tokio::spawn(async move {
+            for i in (w..n).step_by(16) {
+                b.create(&format!("/big/{i:05}"), vec![b'x'; 4096])
+                    .await
+                    .expect("create");
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.expect("writer");
+    }
+    let all = b
+        .list("/big/", ListOptions::default())
+        .await
+        .expect("list all");
+    assert_eq!(all.items.len(), n);
+    assert!(!all.more);
+    let first = b
+        .list(
+            "/big/",
+            ListOptions {
+                limit: Some(700),
+                ..Default::default()
+            },
+        )
+        .await
+        .expect("first page");
+    assert_eq!(first.items.len(), 700);
+    assert!(first.more);
+    let rest = b
+        .list(
+            "/big/",
+            ListOptions {
+                start_after: first.items.last().map(|kv| kv.key.clone()),
+                revision: Some(first.revision),
+                limit: Some(700),
+            },
+        )
+        .await
+        .expect("second page");
+    assert_eq!(rest.items.len(), n - 700);
+    assert!(!rest.more);
+    assert_eq!(rest.items[0].key, "/big/00700");
+}
+
 macro_rules! backend_suite {
     ($setup:path) => {
         backend_suite!(@tests $setup;
@@ -486,6 +536,7 @@ macro_rules! backend_suite {
             compaction_keeps_current_values_and_refuses_older_reads,
             compacting_twice_or_backwards_is_harmless,
             a_lagging_watcher_catches_up_from_history,
+            list_of_more_than_four_mib_returns_everything_in_pages_or_whole,
         );
     };
     (@tests $setup:path; $($name:ident),* $(,)?) => {
