@@ -509,6 +509,61 @@ mod tests {
     }
 
     #[test]
+    fn defaults_only_write_fields_the_schemas_declare() {
+        let cases = [
+            (
+                "v1",
+                "Pod",
+                json!({"spec":{"containers":[{"name":"c","image":"x","ports":[{"containerPort":1}],
+                "livenessProbe":{"httpGet":{"port":1}},"lifecycle":{"preStop":{"httpGet":{"port":1}}},
+                "env":[{"name":"A","valueFrom":{"fieldRef":{"fieldPath":"metadata.name"}}}]}],
+                "volumes":[{"name":"v"},{"name":"s","secret":{"secretName":"s"}},{"name":"h","hostPath":{"path":"/"}}]}}),
+            ),
+            (
+                "apps/v1",
+                "Deployment",
+                json!({"spec":{"template":{"spec":{"containers":[{"name":"c","image":"x"}]}}}}),
+            ),
+            (
+                "apps/v1",
+                "ReplicaSet",
+                json!({"spec":{"template":{"spec":{"containers":[{"name":"c","image":"x"}]}}}}),
+            ),
+            (
+                "v1",
+                "Service",
+                json!({"spec":{"type":"LoadBalancer","clusterIP":"10.43.0.1","ports":[{"port":1}]}}),
+            ),
+            ("v1", "Namespace", json!({"metadata":{"name":"n"}})),
+            ("v1", "Secret", json!({})),
+            (
+                "v1",
+                "Endpoints",
+                json!({"subsets":[{"ports":[{"port":1}]}]}),
+            ),
+            (
+                "discovery.k8s.io/v1",
+                "EndpointSlice",
+                json!({"ports":[{"port":1}]}),
+            ),
+            (
+                "v1",
+                "Node",
+                json!({"status":{"daemonEndpoints":{"kubeletEndpoint":{}}}}),
+            ),
+        ];
+        for (av, kind, obj) in cases {
+            let res = by_kind(av, kind).expect("served");
+            let out = defaulted(av, kind, obj);
+            assert_eq!(
+                crate::validate::unknown_fields(res, &out),
+                Vec::<String>::new(),
+                "{kind}"
+            );
+        }
+    }
+
+    #[test]
     fn namespaces_and_secrets_get_their_defaults() {
         let n = defaulted("v1", "Namespace", json!({"metadata":{"name":"dev"}}));
         assert_eq!(

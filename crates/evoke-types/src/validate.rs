@@ -143,9 +143,11 @@ pub fn field_validation(
         "" | "warn" => "Warn",
         "strict" => "Strict",
         "ignore" => "Ignore",
-        _ => return Err(ApiError::bad_request(format!(
+        _ => {
+            return Err(ApiError::bad_request(format!(
             "fieldValidation must be one of \"Ignore\", \"Warn\", or \"Strict\", got {directive:?}"
-        ))),
+        )))
+        }
     };
     if mode == "Ignore" {
         return Ok(Vec::new());
@@ -451,6 +453,11 @@ fn pod_spec(spec: &Value, path: &str, v: &mut Errs) {
     }
     enum_field(s, "restartPolicy", path, RESTART, v);
     enum_field(s, "dnsPolicy", path, DNS_POLICIES, v);
+    if let Some(rc) = s.get("runtimeClassName").and_then(Value::as_str) {
+        if let Some(msg) = dns_subdomain(rc) {
+            v.invalid(&format!("{path}.runtimeClassName"), &Value::from(rc), &msg);
+        }
+    }
     for key in ["terminationGracePeriodSeconds", "activeDeadlineSeconds"] {
         if let Some(n) = s.get(key).and_then(Value::as_i64) {
             let min = if key == "activeDeadlineSeconds" { 1 } else { 0 };
@@ -552,10 +559,16 @@ fn container(
         for (i, e) in env.iter().enumerate() {
             match e.get("name").and_then(Value::as_str) {
                 None | Some("") => v.required(&format!("{path}.env[{i}].name"), ""),
+                Some(n) if n.contains('=') || !n.bytes().all(|b| (0x20..0x7f).contains(&b)) => v.invalid(
+                    &format!("{path}.env[{i}].name"),
+                    &Value::from(n),
+                    "a valid environment variable name must consist only of printable ASCII characters other than '='",
+                ),
                 Some(_) => {}
             }
         }
     }
+    resources(c.get("resources"), &format!("{path}.resources"), v);
     if let Some(mounts) = c.get("volumeMounts").and_then(Value::as_array) {
         let mut paths = HashSet::new();
         for (i, m) in mounts.iter().enumerate() {
@@ -674,6 +687,33 @@ fn workload(kind: &str, o: &Map<String, Value>, v: &mut Errs) {
         ),
         None => v.required("spec.template", ""),
     }
+    for key in [
+        "minReadySeconds",
+        "revisionHistoryLimit",
+        "progressDeadlineSeconds",
+    ] {
+        if let Some(n) = spec.get(key).and_then(Value::as_i64) {
+            if n < 0 {
+                v.invalid(
+                    &format!("spec.{key}"),
+                    &Value::from(n),
+                    "must be greater than or equal to 0",
+                );
+            }
+        }
+    }
+    if let (Some(p), Some(m)) = (
+        spec.get("progressDeadlineSeconds").and_then(Value::as_i64),
+        spec.get("minReadySeconds").and_then(Value::as_i64),
+    ) {
+        if kind == "Deployment" && p <= m {
+            v.invalid(
+                "spec.progressDeadlineSeconds",
+                &Value::from(p),
+                "must be greater than minReadySeconds",
+            );
+        }
+    }
     if kind == "Deployment" {
         if let Some(st) = spec.get("strategy").and_then(Value::as_object) {
             enum_field(
@@ -683,6 +723,9 @@ fn workload(kind: &str, o: &Map<String, Value>, v: &mut Errs) {
                 &["Recreate", "RollingUpdate"],
                 v,
             );
+            if let Some(ru) = st.get("rollingUpdate") {
+                rolling_update(ru, v);
+            }
             if st.get("type").and_then(Value::as_str) == Some("Recreate")
                 && st.contains_key("rollingUpdate")
             {
@@ -702,6 +745,139 @@ fn workload(kind: &str, o: &Map<String, Value>, v: &mut Errs) {
                     );
                 }
             }
+        }
+    }
+}
+
+/// A Kubernetes quantity (`100m`, `1.5`, `512Mi`, `1e3`, `2G`) as a number.
+/// `None` when it is not one.
+pub fn parse_quantity(q: &str) -> Option<f64> {
+    let q = q.trim();
+    let split = q
+        .find(|c: char| !(c.is_ascii_digit() || c == '.' || c == '+' || c == '-'))
+        .unwrap_or(q.len());
+    let (num, suffix) = q.split_at(split);
+    let base: f64 = num.parse().ok()?;
+    let mult = match suffix {
+        "" => 1.0,
+        "n" => 1e-9,
+        "u" => 1e-6,
+        "m" => 1e-3,
+        "k" => 1e3,
+        "M" => 1e6,
+        "G" => 1e9,
+        "T" => 1e12,
+        "P" => 1e15,
+        "E" => 1e18,
+        "Ki" => 1024.0,
+        "Mi" => 1024f64.powi(2),
+        "Gi" => 1024f64.powi(3),
+        "Ti" => 1024f64.powi(4),
+        "Pi" => 1024f64.powi(5),
+        "Ei" => 1024f64.powi(6),
+        s if s.starts_with(['e', 'E']) => {
+            10f64.powi(s.get(1..)?.parse::<i32>().ok()?.clamp(-400, 400))
+        }
+        _ => return None,
+    };
+    let v = base * mult;
+    v.is_finite().then_some(v)
+}
+
+fn resources(r: Option<&Value>, path: &str, v: &mut Errs) {
+    let Some(r) = r else {
+        return;
+    };
+    let get = |k: &str| r.get(k).and_then(Value::as_object);
+    let (req, lim) = (get("requests"), get("limits"));
+    for (field, map) in [("requests", req), ("limits", lim)] {
+        for (name, q) in map.into_iter().flatten() {
+            let text = match q {
+                Value::String(s) => s.clone(),
+                Value::Number(n) => n.to_string(),
+                _ => String::new(),
+            };
+            match parse_quantity(&text) {
+                None => v.invalid(
+                    &format!("{path}.{field}[{name}]"),
+                    q,
+                    "quantities must match the regular expression '^([+-]?[0-9.]+)([eEinumkKMGTP]*[-+]?[0-9]*)$'",
+                ),
+                Some(n) if n < 0.0 => v.invalid(
+                    &format!("{path}.{field}[{name}]"),
+                    q,
+                    "must be greater than or equal to 0",
+                ),
+                Some(_) => {}
+            }
+        }
+    }
+    if let (Some(req), Some(lim)) = (req, lim) {
+        for (name, rq) in req {
+            let num = |x: &Value| match x {
+                Value::String(s) => parse_quantity(s),
+                Value::Number(n) => n.as_f64(),
+                _ => None,
+            };
+            if let (Some(a), Some(b)) = (num(rq), lim.get(name).and_then(num)) {
+                if a > b {
+                    v.invalid(
+                        &format!("{path}.requests"),
+                        rq,
+                        &format!(
+                            "must be less than or equal to {name} limit of {}",
+                            show(lim.get(name).unwrap_or(&Value::Null)).trim_matches('"')
+                        ),
+                    );
+                }
+            }
+        }
+    }
+}
+
+fn rolling_update(ru: &Value, v: &mut Errs) {
+    let parse = |k: &str| -> Option<(Value, f64)> {
+        let x = ru.get(k)?;
+        let n = match x {
+            Value::Number(n) => n.as_f64()?,
+            // NaN marks a string that is not a percentage.
+            Value::String(s) => s
+                .strip_suffix('%')
+                .and_then(|p| p.parse::<f64>().ok())
+                .unwrap_or(f64::NAN),
+            _ => return None,
+        };
+        Some((x.clone(), n))
+    };
+    let surge = parse("maxSurge");
+    let unavail = parse("maxUnavailable");
+    for (k, val) in [("maxSurge", &surge), ("maxUnavailable", &unavail)] {
+        if let Some((x, n)) = val {
+            if n.is_nan() {
+                v.invalid(&format!("spec.strategy.rollingUpdate.{k}"), x, "a valid percent string must be a numeric string followed by an ending '%' (e.g. '1%',  or '93%', regex used for validation is '[0-9]+%')");
+            } else if *n < 0.0 {
+                v.invalid(
+                    &format!("spec.strategy.rollingUpdate.{k}"),
+                    x,
+                    "must be greater than or equal to 0",
+                );
+            } else if x.is_string() && k == "maxUnavailable" && *n > 100.0 {
+                v.invalid(
+                    &format!("spec.strategy.rollingUpdate.{k}"),
+                    x,
+                    "must not be greater than 100%",
+                );
+            }
+        }
+    }
+    let zero = |o: &Option<(Value, f64)>| o.as_ref().is_some_and(|(_, n)| *n == 0.0);
+    if zero(&surge) && zero(&unavail) {
+        if let Some((x, _)) = &unavail {
+            v.invalid(
+                "spec.strategy.rollingUpdate.maxUnavailable",
+                x,
+                "may not be 0 when `maxSurge` is 0",
+            );
         }
     }
 }
@@ -1331,6 +1507,62 @@ mod tests {
                 .expect_err("bad directive")
                 .code,
             400
+        );
+    }
+
+    #[test]
+    fn requests_above_limits_and_bad_quantities_are_invalid() {
+        let p = pod(
+            json!({"containers":[{"name":"c","image":"x","resources":{"requests":{"cpu":"2","memory":"1Gi"},"limits":{"cpu":"1500m","memory":"2Gi"}}}]}),
+        );
+        let e = check("v1", "Pod", p, None).expect_err("over limit");
+        assert_eq!(fields(&e), vec!["spec.containers[0].resources.requests"]);
+        assert!(
+            e.message
+                .contains("must be less than or equal to cpu limit of 1500m"),
+            "{}",
+            e.message
+        );
+        let p = pod(
+            json!({"containers":[{"name":"c","image":"x","resources":{"limits":{"memory":"lots"}}}]}),
+        );
+        let e = check("v1", "Pod", p, None).expect_err("bad quantity");
+        assert_eq!(
+            fields(&e),
+            vec!["spec.containers[0].resources.limits[memory]"]
+        );
+        for (q, want) in [
+            ("100m", Some(0.1)),
+            ("1Gi", Some(1073741824.0)),
+            ("2", Some(2.0)),
+            ("1e3", Some(1000.0)),
+            ("1.5k", Some(1500.0)),
+            ("x", None),
+            ("1Q", None),
+            ("", None),
+        ] {
+            assert_eq!(parse_quantity(q), want, "{q}");
+        }
+    }
+
+    #[test]
+    fn rolling_update_parameters_are_checked() {
+        let mut d = deployment(json!({"matchLabels":{"app":"web"}}), json!({"app":"web"}));
+        d["spec"]["strategy"] =
+            json!({"type":"RollingUpdate","rollingUpdate":{"maxSurge":0,"maxUnavailable":"0%"}});
+        let e = check("apps/v1", "Deployment", d.clone(), None).expect_err("both zero");
+        assert_eq!(
+            fields(&e),
+            vec!["spec.strategy.rollingUpdate.maxUnavailable"]
+        );
+        d["spec"]["strategy"] = json!({"type":"RollingUpdate","rollingUpdate":{"maxSurge":"abc","maxUnavailable":"150%"}});
+        let e = check("apps/v1", "Deployment", d, None).expect_err("bad values");
+        assert_eq!(
+            fields(&e),
+            vec![
+                "spec.strategy.rollingUpdate.maxSurge",
+                "spec.strategy.rollingUpdate.maxUnavailable"
+            ]
         );
     }
 
