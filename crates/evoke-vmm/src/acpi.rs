@@ -135,9 +135,46 @@ fn aml_device(name: &[u8; 4], body: &[u8]) -> Vec<u8> {
     v
 }
 
-/// The DSDT's AML: `Scope(\_SB) { Device(VRnn) {...} ... }`.
-pub fn dsdt_aml(devices: &[MmioDevice]) -> Vec<u8> {
+/// A legacy 16550 UART as the DSDT describes it.
+#[derive(Debug, Clone, Copy)]
+pub struct SerialDevice {
+    pub port: u16,
+    pub irq: u8,
+}
+
+/// `Buffer` with an I/O port range and an ISA IRQ (edge, active high).
+fn aml_serial_crs(dev: &SerialDevice) -> Vec<u8> {
+    let mut res = vec![0x47, 0x01]; // IO, 16-bit decode
+    res.extend_from_slice(&dev.port.to_le_bytes());
+    res.extend_from_slice(&dev.port.to_le_bytes());
+    res.extend_from_slice(&[1, 8]); // alignment, length
+    res.push(0x22); // IRQNoFlags
+    res.extend_from_slice(&(1u16 << dev.irq).to_le_bytes());
+    res.extend_from_slice(&[0x79, 0]);
+    let mut body = aml_integer(res.len() as u32);
+    body.extend_from_slice(&res);
+    let mut v = vec![0x11];
+    v.extend_from_slice(&pkg_length(body.len()));
+    v.extend_from_slice(&body);
+    v
+}
+
+/// The DSDT's AML: `Scope(\_SB) { Device(COMn) {...} Device(VRnn) {...} }`.
+///
+/// The UARTs must be declared: with hardware-reduced ACPI Linux has no
+/// legacy PIC and maps no ISA IRQ by itself, so a UART found only by legacy
+/// probing could not get its interrupt (its tty fails with EIO). Declared as
+/// `PNP0501`, the 8250 PNP driver takes the port with an ACPI-mapped IRQ.
+pub fn dsdt_aml(serials: &[SerialDevice], devices: &[MmioDevice]) -> Vec<u8> {
     let mut scope_body = b"\\_SB_".to_vec();
+    for (i, dev) in serials.iter().enumerate() {
+        let name = [b'C', b'O', b'M', b'1' + i as u8];
+        // EisaId("PNP0501")
+        let mut body = aml_name_string(b"_HID", &[0x0c, 0x41, 0xd0, 0x05, 0x01]);
+        body.extend(aml_name_string(b"_UID", &aml_integer(i as u32)));
+        body.extend(aml_name_string(b"_CRS", &aml_serial_crs(dev)));
+        scope_body.extend(aml_device(&name, &body));
+    }
     for (i, dev) in devices.iter().enumerate() {
         let name = format!("VR{i:02X}");
         let mut name4 = [b'_'; 4];
@@ -205,12 +242,13 @@ fn rsdp(xsdt_addr: u64) -> Vec<u8> {
 pub fn write_tables(
     mem: &GuestMemoryMmap,
     ncpus: u8,
+    serials: &[SerialDevice],
     devices: &[MmioDevice],
 ) -> Result<u64, VmmError> {
     let align = |a: u64| (a + 63) & !63;
     let memerr = |_| VmmError::Setup("cannot write acpi tables into guest memory");
     let xsdt_addr = ACPI_RSDP_ADDR + 64;
-    let dsdt = sdt(b"DSDT", 2, &dsdt_aml(devices));
+    let dsdt = sdt(b"DSDT", 2, &dsdt_aml(serials, devices));
     let madt = madt(ncpus);
     // XSDT with two entries is 36 + 16 bytes.
     let fadt_addr = align(xsdt_addr + 52);
@@ -265,18 +303,24 @@ mod tests {
 
     #[test]
     fn dsdt_declares_each_virtio_mmio_window_as_lnro0005_with_its_irq() {
-        let aml = dsdt_aml(&[
-            MmioDevice {
-                base: 0xd000_0000,
-                size: 0x1000,
-                irq: 5,
-            },
-            MmioDevice {
-                base: 0xd000_1000,
-                size: 0x1000,
-                irq: 6,
-            },
-        ]);
+        let aml = dsdt_aml(
+            &[SerialDevice {
+                port: 0x3f8,
+                irq: 4,
+            }],
+            &[
+                MmioDevice {
+                    base: 0xd000_0000,
+                    size: 0x1000,
+                    irq: 5,
+                },
+                MmioDevice {
+                    base: 0xd000_1000,
+                    size: 0x1000,
+                    irq: 6,
+                },
+            ],
+        );
         let find = |needle: &[u8]| aml.windows(needle.len()).any(|w| w == needle);
         assert_eq!(aml[0], 0x10);
         assert!(find(b"\\_SB_"));
@@ -284,5 +328,8 @@ mod tests {
         assert!(find(b"LNRO0005\0"));
         assert!(find(&0xd000_1000u32.to_le_bytes()));
         assert!(find(&[0x89, 6, 0, 0b11, 1, 6, 0, 0, 0]));
+        assert!(find(b"COM1"));
+        assert!(find(&[0x0c, 0x41, 0xd0, 0x05, 0x01]), "EisaId PNP0501");
+        assert!(find(&[0x47, 1, 0xf8, 3, 0xf8, 3, 1, 8, 0x22, 0x10, 0]));
     }
 }

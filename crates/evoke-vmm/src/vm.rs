@@ -342,7 +342,17 @@ impl Vm {
                         irq: VIRTIO_IRQ_BASE + i as u32,
                     })
                     .collect();
-                let rsdp = acpi::write_tables(&mem, config.vcpus, &mmio)?;
+                let mut serials = vec![acpi::SerialDevice {
+                    port: COM1_PORT,
+                    irq: COM1_IRQ as u8,
+                }];
+                if devices.com2.is_some() {
+                    serials.push(acpi::SerialDevice {
+                        port: COM2_PORT,
+                        irq: COM2_IRQ as u8,
+                    });
+                }
+                let rsdp = acpi::write_tables(&mem, config.vcpus, &serials, &mmio)?;
                 let spec = BootSpec {
                     kernel,
                     initrd,

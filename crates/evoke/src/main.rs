@@ -65,6 +65,9 @@ enum Command {
     Image(cmd::image::ImageCommand),
     /// OCI runtime commands, a drop-in for runc and crun.
     Oci(cmd::oci::OciArgs),
+    /// The microVM monitor process (started by the microvm tier).
+    #[command(hide = true)]
+    Vmm(cmd::vmm::VmmArgs),
 }
 
 fn main() -> ExitCode {
@@ -82,6 +85,7 @@ fn main() -> ExitCode {
         Command::Rm(a) => cmd::containers::rm(&cli.global, a),
         Command::Image(c) => cmd::image::main(&cli.global, c),
         Command::Oci(a) => cmd::oci::main(&cli.global, a),
+        Command::Vmm(a) => cmd::vmm::main(&cli.global, a),
     };
     match result {
         Ok(code) => ExitCode::from(code),

@@ -6,3 +6,4 @@ pub mod image;
 pub mod oci;
 pub mod run;
 pub mod server;
+pub mod vmm;

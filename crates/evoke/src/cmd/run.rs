@@ -14,7 +14,7 @@ use std::sync::Arc;
 use anyhow::{bail, Context};
 use evoke_container::tier::{ContainerTier, ProcessTier};
 use evoke_runtime::{
-    CpuLimit, Resources, RuntimeError, Stdio, User, WorkloadRuntime, WorkloadSpec, WorkloadStatus,
+    CpuLimit, Resources, Stdio, User, WorkloadRuntime, WorkloadSpec, WorkloadStatus,
 };
 
 use crate::Global;
@@ -73,6 +73,7 @@ pub fn tiers(data_dir: &Path) -> anyhow::Result<Vec<Arc<dyn WorkloadRuntime>>> {
     Ok(vec![
         Arc::new(ContainerTier::new(data_dir)?),
         Arc::new(ProcessTier::new(data_dir)?),
+        tier(data_dir, "microvm")?,
     ])
 }
 
@@ -81,18 +82,10 @@ pub fn tier(data_dir: &Path, name: &str) -> anyhow::Result<Arc<dyn WorkloadRunti
     match name {
         "container" => Ok(Arc::new(ContainerTier::new(data_dir)?)),
         "process" => Ok(Arc::new(ProcessTier::new(data_dir)?)),
-        "microvm" => {
-            // The VMM is built for hosts with VT-x/AMD-V; say why not here.
-            let reason = match evoke_vmm::kvm_check::check_linux_guest_support() {
-                Err(e) => e.to_string(),
-                Ok(()) => "this evoke has no microvm tier wired in yet".to_string(),
-            };
-            Err(RuntimeError::Unavailable {
-                tier: "microvm".into(),
-                reason,
-            }
-            .into())
-        }
+        "microvm" => Ok(Arc::new(evoke_vmm::tier::MicroVmTier::new(
+            data_dir,
+            std::env::current_exe().context("locating the evoke binary for the vmm")?,
+        ))),
         other => bail!("unknown tier {other:?}: use process, container or microvm"),
     }
 }
