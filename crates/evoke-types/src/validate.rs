@@ -50,6 +50,26 @@ pub fn validate(res: &Resource, obj: &Value, old: Option<&Value>) -> Result<(), 
         ("apps", "Deployment") | ("apps", "ReplicaSet") => workload(res.kind, o, &mut v),
         ("", "Service") => service(o, &mut v),
         ("", "ConfigMap") => data_keys(o, &["data", "binaryData"], &mut v),
+        ("", "Endpoints") => endpoints(o, &mut v),
+        ("discovery.k8s.io", "EndpointSlice") => endpoint_slice(o, &mut v),
+        ("coordination.k8s.io", "Lease") => {
+            for key in ["leaseDurationSeconds", "leaseTransitions"] {
+                if let Some(n) = o
+                    .get("spec")
+                    .and_then(|s| s.get(key))
+                    .and_then(Value::as_i64)
+                {
+                    let min = if key == "leaseDurationSeconds" { 1 } else { 0 };
+                    if n < min {
+                        v.invalid(
+                            &format!("spec.{key}"),
+                            &Value::from(n),
+                            &format!("must be greater than or equal to {min}"),
+                        );
+                    }
+                }
+            }
+        }
         ("", "Secret") => data_keys(o, &["data", "stringData"], &mut v),
         ("node.k8s.io", "RuntimeClass") => match o.get("handler").and_then(Value::as_str) {
             None | Some("") => v.required("handler", ""),
@@ -981,6 +1001,28 @@ fn service(o: &Map<String, Value>, v: &mut Errs) {
         }
     }
     enum_field(spec, "sessionAffinity", "spec", &["ClientIP", "None"], v);
+    if ty == "ExternalName" {
+        if let Some(n) = spec
+            .get("externalName")
+            .and_then(Value::as_str)
+            .filter(|n| !n.is_empty())
+        {
+            if let Some(msg) = dns_subdomain(n.trim_end_matches('.')) {
+                v.invalid("spec.externalName", &Value::from(n), &msg);
+            }
+        }
+    }
+    if let Some(sel) = spec.get("selector").and_then(Value::as_object) {
+        for (k, val) in sel {
+            if let Some(msg) = qualified_name(k) {
+                v.invalid("spec.selector", &Value::from(k.as_str()), &msg);
+            }
+            let s = val.as_str().unwrap_or_default();
+            if s.len() > 63 || (!s.is_empty() && !label_value_ok(s)) {
+                v.invalid("spec.selector", val, "a valid label must be an empty string or consist of alphanumeric characters, '-', '_' or '.', and must start and end with an alphanumeric character");
+            }
+        }
+    }
     let Some(ports) = ports else {
         return;
     };
@@ -1073,6 +1115,104 @@ fn data_keys(o: &Map<String, Value>, fields: &[&str], v: &mut Errs) {
     }
 }
 
+fn ip_ok(s: &str) -> bool {
+    s.parse::<std::net::IpAddr>().is_ok()
+}
+
+fn endpoints(o: &Map<String, Value>, v: &mut Errs) {
+    for (i, subset) in o
+        .get("subsets")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+        .enumerate()
+    {
+        for key in ["addresses", "notReadyAddresses"] {
+            for (j, a) in subset
+                .get(key)
+                .and_then(Value::as_array)
+                .into_iter()
+                .flatten()
+                .enumerate()
+            {
+                let f = format!("subsets[{i}].{key}[{j}].ip");
+                match a.get("ip").and_then(Value::as_str) {
+                    None | Some("") => v.required(&f, ""),
+                    Some(ip) if !ip_ok(ip) => v.invalid(
+                        &f,
+                        &Value::from(ip),
+                        "must be a valid IP address, (e.g. 10.9.8.7 or 2001:db8::ffff)",
+                    ),
+                    Some(_) => {}
+                }
+            }
+        }
+        for (j, p) in subset
+            .get("ports")
+            .and_then(Value::as_array)
+            .into_iter()
+            .flatten()
+            .enumerate()
+        {
+            let f = format!("subsets[{i}].ports[{j}].port");
+            match p.get("port").and_then(Value::as_i64) {
+                Some(n) if (1..=65535).contains(&n) => {}
+                Some(n) => v.invalid(
+                    &f,
+                    &Value::from(n),
+                    "must be between 1 and 65535, inclusive",
+                ),
+                None => v.required(&f, ""),
+            }
+        }
+    }
+}
+
+fn endpoint_slice(o: &Map<String, Value>, v: &mut Errs) {
+    let ty = o.get("addressType").and_then(Value::as_str);
+    match ty {
+        None | Some("") => v.required("addressType", ""),
+        Some("IPv4" | "IPv6" | "FQDN") => {}
+        Some(other) => v.unsupported(
+            "addressType",
+            &Value::from(other),
+            &["FQDN", "IPv4", "IPv6"],
+        ),
+    }
+    for (i, e) in o
+        .get("endpoints")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+        .enumerate()
+    {
+        let addrs = e.get("addresses").and_then(Value::as_array);
+        match addrs {
+            Some(a) if !a.is_empty() => {
+                for (j, addr) in a.iter().enumerate() {
+                    let s = addr.as_str().unwrap_or_default();
+                    let ok = match ty {
+                        Some("IPv4") => s.parse::<std::net::Ipv4Addr>().is_ok(),
+                        Some("IPv6") => s.parse::<std::net::Ipv6Addr>().is_ok(),
+                        _ => dns_subdomain(s).is_none(),
+                    };
+                    if !ok {
+                        v.invalid(
+                            &format!("endpoints[{i}].addresses[{j}]"),
+                            addr,
+                            "must be a valid address of the slice's addressType",
+                        );
+                    }
+                }
+            }
+            _ => v.required(
+                &format!("endpoints[{i}].addresses"),
+                "must contain at least 1 address",
+            ),
+        }
+    }
+}
+
 fn immutable(res: &Resource, new: &Value, old: &Value, v: &mut Errs) {
     let meta = |o: &Value, k: &str| -> Value {
         o.get("metadata")
@@ -1113,6 +1253,29 @@ fn immutable(res: &Resource, new: &Value, old: &Value, v: &mut Errs) {
                     "spec.clusterIPs[0]",
                     &Value::from(ni),
                     "may not change once set",
+                );
+            }
+        }
+        ("", "Secret") if old.get("type") != new.get("type") && new.get("type").is_some() => {
+            v.invalid(
+                "type",
+                new.get("type").unwrap_or(&Value::Null),
+                "field is immutable",
+            );
+        }
+        ("", "Node") => {
+            let cidr = |o: &Value| {
+                o.get("spec")
+                    .and_then(|s| s.get("podCIDR"))
+                    .and_then(Value::as_str)
+                    .unwrap_or_default()
+                    .to_string()
+            };
+            let (n, o) = (cidr(new), cidr(old));
+            if !o.is_empty() && n != o {
+                v.forbidden(
+                    "spec.podCIDRs",
+                    "node updates may not change podCIDR except from \"\" to valid",
                 );
             }
         }
@@ -1564,6 +1727,25 @@ mod tests {
                 "spec.strategy.rollingUpdate.maxUnavailable"
             ]
         );
+    }
+
+    #[test]
+    fn endpoints_slices_and_secrets_are_checked() {
+        let ep = json!({"apiVersion":"v1","kind":"Endpoints","metadata":{"name":"e"},"subsets":[{"addresses":[{"ip":"10.0.0.300"}],"ports":[{"port":0}]}]});
+        let e = check("v1", "Endpoints", ep, None).expect_err("bad ip and port");
+        assert_eq!(
+            fields(&e),
+            vec!["subsets[0].addresses[0].ip", "subsets[0].ports[0].port"]
+        );
+        let es = json!({"apiVersion":"discovery.k8s.io/v1","kind":"EndpointSlice","metadata":{"name":"e"},"addressType":"IPv4","endpoints":[{"addresses":["fe80::1"]}]});
+        let e =
+            check("discovery.k8s.io/v1", "EndpointSlice", es, None).expect_err("v6 in v4 slice");
+        assert_eq!(fields(&e), vec!["endpoints[0].addresses[0]"]);
+        let old =
+            json!({"apiVersion":"v1","kind":"Secret","metadata":{"name":"s"},"type":"Opaque"});
+        let new = json!({"apiVersion":"v1","kind":"Secret","metadata":{"name":"s"},"type":"kubernetes.io/tls"});
+        let e = check("v1", "Secret", new, Some(old)).expect_err("type change");
+        assert_eq!(fields(&e), vec!["type"]);
     }
 
     #[test]
