@@ -91,6 +91,25 @@ impl Params {
     }
 }
 
+const OPENAPI_V2_PROTOBUF: &str = "application/com.github.proto-openapi.spec.v2.v1.0+protobuf";
+
+/// A protobuf OpenAPI v2 `Document` with only `swagger: "2.0"` (field 1)
+/// and `info` (field 2: title 1, version 2), hand-encoded.
+fn empty_v2_protobuf() -> Vec<u8> {
+    fn field(out: &mut Vec<u8>, number: u8, bytes: &[u8]) {
+        out.push(number << 3 | 2);
+        out.push(bytes.len() as u8);
+        out.extend_from_slice(bytes);
+    }
+    let mut info = Vec::new();
+    field(&mut info, 1, b"Kubernetes");
+    field(&mut info, 2, b"v1.32.0");
+    let mut doc = Vec::new();
+    field(&mut doc, 1, b"2.0");
+    field(&mut doc, 2, &info);
+    doc
+}
+
 fn not_found() -> ApiError {
     ApiError::new(
         404,
@@ -208,6 +227,12 @@ async fn route(state: Arc<State>, req: Request<Bytes>) -> Result<Reply, ApiError
         }
         ["openapi", "v2"] => {
             get_only(&method, &path)?;
+            // kubectl asks for v2 only in protobuf, and only to validate
+            // kinds the v3 documents do not describe (which it then
+            // skips), so it gets an empty protobuf document.
+            if accept.contains("protobuf") && !accept.contains("json") {
+                return Ok(respond::full(200, OPENAPI_V2_PROTOBUF, empty_v2_protobuf()));
+            }
             Ok(respond::json(200, &compat::openapi_v2()))
         }
         ["openapi", "v3"] => {
