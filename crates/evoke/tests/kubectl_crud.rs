@@ -1,0 +1,337 @@
+//! The real kubectl against `evoke server`: create, apply, get in every
+//! output format, describe, label, annotate, patch, scale, edit, delete,
+//! get -w, wait, server-side apply, and kube's error messages.
+
+mod common;
+
+use std::io::Read;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use common::{require_kubectl, start_server, KUBECTL};
+
+const CM: &str = "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: demo\n  labels: {app: web}\ndata:\n  a: \"1\"\n";
+
+const DEPLOY: &str = "apiVersion: apps/v1
+kind: Deployment
+metadata:
+  name: web
+spec:
+  replicas: 1
+  selector:
+    matchLabels: {app: web}
+  template:
+    metadata:
+      labels: {app: web}
+    spec:
+      containers:
+      - name: c
+        image: busybox
+        command: [sleep, \"3600\"]
+";
+
+#[test]
+fn apply_twice_is_unchanged_and_a_changed_field_updates_through_the_three_way_merge() {
+    if !require_kubectl() {
+        return;
+    }
+    let s = start_server();
+    let out = s.ok_with(&["apply", "-f", "-"], Some(CM));
+    assert!(out.contains("configmap/demo created"), "{out}");
+    let out = s.ok_with(&["apply", "-f", "-"], Some(CM));
+    assert!(out.contains("configmap/demo unchanged"), "{out}");
+    // A label added by someone else survives the next apply.
+    s.ok(&["label", "cm", "demo", "extra=kept"]);
+    let changed = CM.replace("\"1\"", "\"2\"");
+    let out = s.ok_with(&["apply", "-f", "-"], Some(&changed));
+    assert!(out.contains("configmap/demo configured"), "{out}");
+    let v = s.ok(&[
+        "get",
+        "cm",
+        "demo",
+        "-o",
+        "jsonpath={.data.a} {.metadata.labels.extra}",
+    ]);
+    assert_eq!(v, "2 kept");
+    // Dropping a field from the file removes it from the object, and
+    // leaves what others set.
+    let two = changed.replace("{app: web}", "{app: web, tier: fe}");
+    s.ok_with(&["apply", "-f", "-"], Some(&two));
+    s.ok_with(&["apply", "-f", "-"], Some(&changed));
+    let v = s.ok(&["get", "cm", "demo", "-o", "jsonpath={.metadata.labels}"]);
+    assert!(
+        !v.contains("tier") && v.contains("extra") && v.contains("app"),
+        "{v}"
+    );
+}
+
+#[test]
+fn get_prints_yaml_json_wide_jsonpath_and_describe() {
+    if !require_kubectl() {
+        return;
+    }
+    let s = start_server();
+    s.ok_with(&["create", "-f", "-"], Some(CM));
+    let yaml = s.ok(&["get", "cm", "demo", "-o", "yaml"]);
+    assert!(
+        yaml.contains("kind: ConfigMap") && yaml.contains("resourceVersion:"),
+        "{yaml}"
+    );
+    let json: serde_json::Value =
+        serde_json::from_str(&s.ok(&["get", "cm", "-o", "json"])).expect("json");
+    assert_eq!(json["items"][0]["metadata"]["name"], "demo");
+    let table = s.ok(&["get", "cm", "demo"]);
+    assert!(
+        table.starts_with("NAME") && table.contains("DATA") && table.contains("demo"),
+        "{table}"
+    );
+    s.ok_with(&["create", "-f", "-"], Some(DEPLOY));
+    let wide = s.ok(&["get", "deploy", "web", "-o", "wide"]);
+    assert!(
+        wide.contains("CONTAINERS") && wide.contains("busybox") && wide.contains("app=web"),
+        "{wide}"
+    );
+    let jp = s.ok(&[
+        "get",
+        "deploy",
+        "web",
+        "-o",
+        "jsonpath={.spec.template.spec.containers[0].image}",
+    ]);
+    assert_eq!(jp, "busybox");
+    let desc = s.ok(&["describe", "cm", "demo"]);
+    assert!(
+        desc.contains("Name:") && desc.contains("demo") && desc.contains("Data"),
+        "{desc}"
+    );
+    let nss = s.ok(&["get", "ns"]);
+    assert!(nss.contains("STATUS") && nss.contains("Active"), "{nss}");
+}
+
+#[test]
+fn label_annotate_patch_scale_and_edit_change_the_object() {
+    if !require_kubectl() {
+        return;
+    }
+    let s = start_server();
+    s.ok_with(&["create", "-f", "-"], Some(DEPLOY));
+    s.ok(&["label", "deploy", "web", "team=a"]);
+    s.ok(&["annotate", "deploy", "web", "note=hello"]);
+    s.ok(&["scale", "deploy", "web", "--replicas=3"]);
+    assert_eq!(
+        s.ok(&["get", "deploy", "web", "-o", "jsonpath={.spec.replicas}"]),
+        "3"
+    );
+    s.ok(&["patch", "deploy", "web", "-p", r#"{"spec":{"replicas":2}}"#]);
+    s.ok(&[
+        "patch",
+        "deploy",
+        "web",
+        "--type=merge",
+        "-p",
+        r#"{"metadata":{"labels":{"merged":"yes"}}}"#,
+    ]);
+    s.ok(&[
+        "patch",
+        "deploy",
+        "web",
+        "--type=json",
+        "-p",
+        r#"[{"op":"add","path":"/spec/minReadySeconds","value":5}]"#,
+    ]);
+    let out = s.kubectl_with(
+        &["edit", "deploy", "web"],
+        None,
+        &[(
+            "KUBE_EDITOR",
+            "sed -i s/minReadySeconds:\\ 5/minReadySeconds:\\ 7/",
+        )],
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v = s.ok(&[
+        "get",
+        "deploy",
+        "web",
+        "-o",
+        "jsonpath={.metadata.labels.team} {.metadata.annotations.note} {.spec.replicas} {.metadata.labels.merged} {.spec.minReadySeconds}",
+    ]);
+    assert_eq!(v, "a hello 2 yes 7");
+    let gen = s.ok(&[
+        "get",
+        "deploy",
+        "web",
+        "-o",
+        "jsonpath={.metadata.generation}",
+    ]);
+    assert!(
+        gen.parse::<i64>().expect("generation") >= 4,
+        "spec changes bump generation: {gen}"
+    );
+}
+
+#[test]
+fn get_watch_streams_changes_and_wait_sees_conditions_and_deletion() {
+    if !require_kubectl() {
+        return;
+    }
+    let s = start_server();
+    let mut watcher = Command::new(KUBECTL)
+        .env("KUBECONFIG", &s.kubeconfig)
+        .args(["get", "cm", "-w", "--output-watch-events"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("kubectl get -w");
+    std::thread::sleep(Duration::from_millis(700));
+    s.ok_with(&["create", "-f", "-"], Some(CM));
+    s.ok(&["label", "cm", "demo", "ready=yes"]);
+    let wait = s.ok(&[
+        "wait",
+        "--for=jsonpath={.metadata.labels.ready}=yes",
+        "cm/demo",
+        "--timeout=10s",
+    ]);
+    assert!(wait.contains("condition met"), "{wait}");
+    let deleter = {
+        let kubeconfig = s.kubeconfig.clone();
+        std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(300));
+            Command::new(KUBECTL)
+                .env("KUBECONFIG", kubeconfig)
+                .args(["delete", "cm", "demo"])
+                .output()
+                .expect("delete")
+        })
+    };
+    s.ok(&["wait", "--for=delete", "cm/demo", "--timeout=10s"]);
+    assert!(deleter.join().expect("deleter").status.success());
+    std::thread::sleep(Duration::from_millis(500));
+    let _ = watcher.kill();
+    let mut out = String::new();
+    watcher
+        .stdout
+        .take()
+        .expect("stdout")
+        .read_to_string(&mut out)
+        .expect("read");
+    let _ = watcher.wait();
+    for ev in ["ADDED", "MODIFIED", "DELETED"] {
+        assert!(
+            out.lines().any(|l| l.starts_with(ev) && l.contains("demo")),
+            "no {ev} in:\n{out}"
+        );
+    }
+    assert_eq!(s.kubectl(&["get", "cm", "demo"]).status.code(), Some(1));
+}
+
+#[test]
+fn server_side_apply_is_idempotent_and_reports_conflicts_with_other_managers() {
+    if !require_kubectl() {
+        return;
+    }
+    let s = start_server();
+    let out = s.ok_with(&["apply", "--server-side", "-f", "-"], Some(CM));
+    assert!(out.contains("serverside-applied"), "{out}");
+    let rv = s.ok(&[
+        "get",
+        "cm",
+        "demo",
+        "-o",
+        "jsonpath={.metadata.resourceVersion}",
+    ]);
+    s.ok_with(&["apply", "--server-side", "-f", "-"], Some(CM));
+    let rv2 = s.ok(&[
+        "get",
+        "cm",
+        "demo",
+        "-o",
+        "jsonpath={.metadata.resourceVersion}",
+    ]);
+    assert_eq!(rv, rv2, "a second identical apply writes nothing");
+    let changed = CM.replace("\"1\"", "\"9\"");
+    let err = s.fails(
+        &[
+            "apply",
+            "--server-side",
+            "--field-manager",
+            "other",
+            "-f",
+            "-",
+        ],
+        Some(&changed),
+    );
+    assert!(err.contains("conflict"), "{err}");
+    s.ok_with(
+        &[
+            "apply",
+            "--server-side",
+            "--field-manager",
+            "other",
+            "--force-conflicts",
+            "-f",
+            "-",
+        ],
+        Some(&changed),
+    );
+    assert_eq!(
+        s.ok(&["get", "cm", "demo", "-o", "jsonpath={.data.a}"]),
+        "9"
+    );
+    let mf = s.ok(&[
+        "get",
+        "cm",
+        "demo",
+        "--show-managed-fields",
+        "-o",
+        "jsonpath={.metadata.managedFields[*].manager}",
+    ]);
+    assert!(mf.contains("other"), "{mf}");
+}
+
+#[test]
+fn errors_read_as_kube_apiserver_writes_them() {
+    if !require_kubectl() {
+        return;
+    }
+    let s = start_server();
+    let bad = CM.replace("name: demo", "name: Bad_Name");
+    let err = s.fails(&["create", "-f", "-"], Some(&bad));
+    assert!(
+        err.contains("is invalid") && err.contains("metadata.name"),
+        "{err}"
+    );
+    let err = s.fails(
+        &["create", "-f", "-"],
+        Some("apiVersion: v1\nkind: ConfigMap\nmetadata: [oops\n"),
+    );
+    assert!(
+        err.contains("error") && (err.contains("yaml") || err.contains("YAML")),
+        "{err}"
+    );
+    let err = s.fails(
+        &["create", "-f", "-"],
+        Some("apiVersion: v1\nkind: Widget\nmetadata:\n  name: x\n"),
+    );
+    assert!(err.contains("no matches for kind \"Widget\""), "{err}");
+    s.ok_with(&["create", "-f", "-"], Some(CM));
+    let err = s.fails(&["create", "-f", "-"], Some(CM));
+    assert!(
+        err.contains("AlreadyExists") && err.contains("already exists"),
+        "{err}"
+    );
+    let err = s.fails(&["get", "cm", "missing"], None);
+    assert!(
+        err.contains("NotFound") && err.contains("\"missing\" not found"),
+        "{err}"
+    );
+    let err = s.fails(&["get", "widgets"], None);
+    assert!(err.contains("doesn't have a resource type"), "{err}");
+    let err = s.fails(&["create", "-n", "nope", "-f", "-"], Some(CM));
+    assert!(err.contains("namespaces \"nope\" not found"), "{err}");
+    let err = s.fails(&["delete", "ns", "default"], None);
+    assert!(err.contains("forbidden"), "{err}");
+}
