@@ -594,3 +594,79 @@ fn after_kill_9_of_the_server_a_restart_adopts_running_pods_without_duplicates()
         );
     }
 }
+
+#[test]
+fn pod_with_init_container_env_sources_volumes_probes_and_a_sidecar_sharing_its_network_becomes_ready(
+) {
+    if !prerequisites() {
+        return;
+    }
+    let tmp = tempfile::tempdir().expect("tempdir");
+    build_image(tmp.path(), "busybox:1");
+    let c = Cluster::start(tmp.path());
+    let yaml = "apiVersion: v1
+kind: ConfigMap
+metadata: {name: cfg}
+data: {greeting: hi, file.txt: from-configmap}
+---
+apiVersion: v1
+kind: Secret
+metadata: {name: sec}
+stringData: {pw: s3cret}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: feat}
+spec:
+  terminationGracePeriodSeconds: 1
+  initContainers:
+  - {name: init, image: busybox:1, command: [sh, -c, 'echo init-ran > /work/init.txt'], volumeMounts: [{name: work, mountPath: /work}]}
+  containers:
+  - name: main
+    image: busybox:1
+    command: [sh, -c, 'echo \"$GREETING $PW $POD\" > /work/env.txt; cat /cfg/file.txt /sec/pw > /work/files.txt; exec httpd -f -p 8080 -h /work']
+    env:
+    - {name: GREETING, valueFrom: {configMapKeyRef: {name: cfg, key: greeting}}}
+    - {name: PW, valueFrom: {secretKeyRef: {name: sec, key: pw}}}
+    - {name: POD, valueFrom: {fieldRef: {fieldPath: metadata.name}}}
+    volumeMounts:
+    - {name: work, mountPath: /work}
+    - {name: cfg, mountPath: /cfg}
+    - {name: sec, mountPath: /sec}
+    readinessProbe: {httpGet: {path: /env.txt, port: 8080}, periodSeconds: 1}
+    livenessProbe: {tcpSocket: {port: 8080}, periodSeconds: 2}
+  - name: side
+    image: busybox:1
+    command: [sh, -c, 'while true; do wget -q -O /work/side.txt http://127.0.0.1:8080/env.txt; sleep 1; done']
+    volumeMounts: [{name: work, mountPath: /work}]
+    readinessProbe: {exec: {command: [test, -s, /work/side.txt]}, periodSeconds: 1}
+  volumes:
+  - {name: work, emptyDir: {}}
+  - {name: cfg, configMap: {name: cfg}}
+  - {name: sec, secret: {secretName: sec}}
+";
+    c.ok_with(&["apply", "-f", "-"], Some(yaml));
+    c.wait_for("both containers ready", 40, || {
+        running(&c.json(&["get", "pod", "feat"]))
+    });
+    let uid = c.json(&["get", "pod", "feat"])["metadata"]["uid"]
+        .as_str()
+        .expect("uid")
+        .to_string();
+    let work = tmp.path().join("pods").join(&uid).join("volumes/work");
+    let read = |f: &str| std::fs::read_to_string(work.join(f)).unwrap_or_default();
+    assert_eq!(read("init.txt"), "init-ran\n");
+    assert_eq!(read("env.txt"), "hi s3cret feat\n");
+    assert_eq!(read("files.txt"), "from-configmaps3cret");
+    // The sidecar reached the main container on 127.0.0.1: one network per pod.
+    assert_eq!(read("side.txt"), "hi s3cret feat\n");
+    let p = c.json(&["get", "pod", "feat"]);
+    assert_eq!(
+        p["status"]["initContainerStatuses"][0]["state"]["terminated"]["exitCode"],
+        0
+    );
+    assert_eq!(
+        p["status"]["containerStatuses"][0]["restartCount"], 0,
+        "liveness must not kill a healthy container"
+    );
+}
