@@ -393,9 +393,20 @@ pub fn record_update(
     let old_obj = old.unwrap_or(&empty);
     let old_set = field_set(res, old_obj, false);
     let new_set = field_set(res, new, false);
+    // Added paths, and paths whose value changed. A list item or map entry
+    // that holds an object on both sides is the same member: only its own
+    // fields count as changed, so an image bump does not take the item.
     let changed: FieldSet = new_set
         .iter()
-        .filter(|p| !old_set.contains(*p) || get(old_obj, p) != get(new, p))
+        .filter(|p| {
+            if !old_set.contains(*p) {
+                return true;
+            }
+            match (get(old_obj, p), get(new, p)) {
+                (Some(a), Some(b)) if a.is_object() && b.is_object() => false,
+                (a, b) => a != b,
+            }
+        })
         .cloned()
         .collect();
     let removed: FieldSet = old_set.difference(&new_set).cloned().collect();
@@ -544,6 +555,25 @@ mod tests {
         assert_eq!(
             scaled["metadata"]["managedFields"][1]["fieldsV1"],
             json!({"f:spec":{"f:replicas":{}}})
+        );
+    }
+
+    #[test]
+    fn changing_a_field_of_a_list_item_does_not_take_the_item() {
+        let res = deploy();
+        let mut created =
+            json!({"spec":{"template":{"spec":{"containers":[{"name":"c","image":"x:1"}]}}}});
+        record_update(res, None, &mut created, "creator", "t");
+        let mut bumped = created.clone();
+        bumped["spec"]["template"]["spec"]["containers"][0]["image"] = json!("x:2");
+        record_update(res, Some(&created), &mut bumped, "bumper", "t");
+        let e = entries(&bumped);
+        assert_eq!(
+            paths(&e[1].fields),
+            vec![".spec.template.spec.containers[name=\"c\"].image"]
+        );
+        assert!(
+            paths(&e[0].fields).contains(&".spec.template.spec.containers[name=\"c\"]".to_string())
         );
     }
 
