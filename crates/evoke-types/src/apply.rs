@@ -221,8 +221,9 @@ fn conflict_error(res: &Resource, name: &str, conflicts: &[(String, String, Path
         )
     } else {
         let mut s = format!("Apply failed with {n} {plural}:");
-        for (m, v) in &managers {
-            s.push_str(&format!(" conflicts with \"{m}\"{}:", using(v)));
+        for (i, (m, v)) in managers.iter().enumerate() {
+            let lead = if i == 0 { " " } else { "" };
+            s.push_str(&format!("{lead}conflicts with \"{m}\"{}:", using(v)));
             for (cm, cv, p) in conflicts {
                 if cm == m && cv == v {
                     s.push_str(&format!("\n- {}", managed_fields::path_string(p)));
@@ -396,6 +397,29 @@ mod tests {
         .expect_err("two");
         assert!(e.message.starts_with("Apply failed with 2 conflicts: conflicts with \"kubectl-client-side-apply\" using apps/v1:"), "{}", e.message);
         assert!(e.message.contains("\n- .spec.replicas"), "{}", e.message);
+    }
+
+    #[test]
+    fn conflicts_are_grouped_by_manager() {
+        let mut live = deploy(1, "nginx");
+        record_update(res(), None, &mut live, "a", T0);
+        let mut scaled = live.clone();
+        scaled["spec"]["replicas"] = json!(2);
+        record_update(res(), Some(&live), &mut scaled, "b", T0);
+        let e = server_side_apply(
+            res(),
+            Some(&scaled),
+            &deploy(3, "nginx:2"),
+            "kubectl",
+            false,
+            T0,
+        )
+        .expect_err("conflicts");
+        assert_eq!(
+            e.message,
+            "Apply failed with 2 conflicts: conflicts with \"a\" using apps/v1:\n- .spec.template.spec.containers[name=\"c\"].image\nconflicts with \"b\" using apps/v1:\n- .spec.replicas"
+        );
+        assert_eq!(e.causes.len(), 2);
     }
 
     #[test]
