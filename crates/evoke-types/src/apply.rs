@@ -113,8 +113,14 @@ pub fn server_side_apply(
         return Err(conflict_error(res, applied_name(applied), &conflicts));
     }
     if force {
+        // Forcing takes only the conflicting fields; fields applied with
+        // the value another manager set stay shared.
         for e in list.iter_mut().filter(|e| !is_mine(e)) {
-            e.fields.retain(|p| !applied_set.contains(p));
+            e.fields.retain(|p| {
+                !conflicts
+                    .iter()
+                    .any(|(m, v, c)| *m == e.manager && *v == e.api_version && c == p)
+            });
         }
     }
 
