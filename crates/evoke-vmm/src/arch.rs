@@ -100,12 +100,13 @@ const MSR_LSTAR: u32 = 0xc000_0082;
 const MSR_CSTAR: u32 = 0xc000_0083;
 const MSR_SYSCALL_MASK: u32 = 0xc000_0084;
 const MSR_KERNEL_GS_BASE: u32 = 0xc000_0102;
-const MSR_IA32_TSC: u32 = 0x10;
 const MSR_IA32_MISC_ENABLE: u32 = 0x1a0;
 const MSR_MTRR_DEF_TYPE: u32 = 0x2ff;
 
 /// Boot MSRs: syscall MSRs cleared, fast strings on, MTRRs enabled with
-/// write-back as the default type.
+/// write-back as the default type. The TSC is left to KVM, which keeps the
+/// vCPUs' TSCs in sync when they are created together (writing it per vCPU
+/// made Linux find them unsynchronised).
 pub fn setup_msrs(vcpu: &VcpuFd) -> Result<(), VmmError> {
     let entry = |index, data| kvm_msr_entry {
         index,
@@ -121,7 +122,6 @@ pub fn setup_msrs(vcpu: &VcpuFd) -> Result<(), VmmError> {
         entry(MSR_KERNEL_GS_BASE, 0),
         entry(MSR_SYSCALL_MASK, 0),
         entry(MSR_LSTAR, 0),
-        entry(MSR_IA32_TSC, 0),
         entry(MSR_IA32_MISC_ENABLE, 1),
         entry(MSR_MTRR_DEF_TYPE, (1 << 11) | 6),
     ];

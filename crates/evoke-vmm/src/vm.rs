@@ -18,13 +18,13 @@ use std::time::{Duration, Instant};
 use kvm_bindings::{kvm_pit_config, KVM_PIT_SPEAKER_DUMMY};
 use kvm_ioctls::{VcpuExit, VcpuFd, VmFd};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
-use vm_superio::I8042Device;
 use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
 
 use crate::acpi::{self, MmioDevice};
 use crate::arch::{self, EntryMode};
 use crate::boot::{self, BootProtocol, BootSpec};
+use crate::devices::i8042::{I8042Action, I8042};
 use crate::devices::serial::SerialPort;
 use crate::devices::virtio::{self, MmioTransport};
 use crate::devices::EventFdTrigger;
@@ -161,8 +161,7 @@ impl StopHandle {
 struct Devices {
     com1: Mutex<SerialPort>,
     com2: Option<Mutex<SerialPort>>,
-    i8042: Mutex<I8042Device<EventFdTrigger>>,
-    i8042_reset: EventFdTrigger,
+    i8042: Mutex<I8042>,
     virtio: Vec<(u64, Mutex<MmioTransport>)>,
     shared: Arc<Shared>,
 }
@@ -194,8 +193,7 @@ impl Devices {
         } else if let Some(c) = self.com2.as_ref().filter(|c| lock(c).contains(port)) {
             lock(c).write(port, v);
         } else if port == I8042_DATA_PORT || port == I8042_CMD_PORT {
-            let _ = lock(&self.i8042).write((port - I8042_DATA_PORT) as u8, v);
-            if self.i8042_reset.0.read().is_ok() {
+            if lock(&self.i8042).write((port - I8042_DATA_PORT) as u8, v) == I8042Action::Reset {
                 self.shared.finish(ExitReason::Reset);
             }
         } else if port == BOOT_MARK_PORT {
@@ -311,16 +309,10 @@ impl Vm {
                 (None, vec![(VIRTIO_MMIO_BASE, Mutex::new(dev))])
             }
         };
-        let i8042_reset = EventFdTrigger::new().map_err(sys("i8042 reset eventfd"))?;
         let devices = Arc::new(Devices {
             com1: Mutex::new(com1),
             com2,
-            i8042: Mutex::new(I8042Device::new(
-                i8042_reset
-                    .try_clone()
-                    .map_err(sys("i8042 reset eventfd"))?,
-            )),
-            i8042_reset,
+            i8042: Mutex::new(I8042::new()),
             virtio,
             shared: shared.clone(),
         });

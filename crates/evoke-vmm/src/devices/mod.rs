@@ -1,7 +1,8 @@
-//! Device models: the 8250 serial ports, the i8042 reset line, a
+//! Device models: the 8250 serial ports, a minimal i8042, a
 //! virtio-mmio transport with a virtio-console behind it, and the bounded
 //! output sinks they write to. None of them needs a VM to be tested.
 
+pub mod i8042;
 pub mod serial;
 pub mod sink;
 pub mod virtio;
