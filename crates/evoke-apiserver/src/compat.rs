@@ -1,10 +1,13 @@
 //! The seam to `evoke_types` for decoding, defaulting, validation, patch,
-//! apply, managedFields, tables and OpenAPI. Until a function lands there,
-//! a small local stand-in with the same signature lives here, so handlers
-//! call one place and switching over is a one-line change per function.
+//! apply, managedFields, tables and OpenAPI: handlers call one place, and
+//! the OpenAPI documents are serialised once here.
 
+use std::collections::HashMap;
+use std::sync::{Mutex, OnceLock};
+
+use bytes::Bytes;
 use evoke_types::status::ApiError;
-use serde_json::{json, Value};
+use serde_json::Value;
 
 pub(crate) use evoke_types::decode::decode;
 
@@ -12,6 +15,7 @@ pub(crate) use evoke_types::apply::server_side_apply;
 pub(crate) use evoke_types::managed_fields::record_update;
 pub(crate) use evoke_types::patch::{apply_patch, PatchType};
 pub(crate) use evoke_types::table::to_table;
+pub(crate) use evoke_types::validate::field_validation;
 
 /// The patch type a PATCH request's Content-Type names, or 415.
 pub(crate) fn patch_type(content_type: Option<&str>) -> Result<PatchType, ApiError> {
@@ -28,69 +32,32 @@ pub(crate) fn patch_type(content_type: Option<&str>) -> Result<PatchType, ApiErr
 pub(crate) use evoke_types::defaults::default_object;
 pub(crate) use evoke_types::validate::validate;
 
-pub(crate) fn openapi_v2() -> Value {
-    json!({"swagger": "2.0", "info": {"title": "evoke", "version": "v1.32.0"}, "paths": {}, "definitions": {}})
+/// A document serialised once: the OpenAPI documents are large and never
+/// change while the server runs.
+fn cached(cell: &'static OnceLock<Bytes>, make: impl FnOnce() -> Value) -> Bytes {
+    cell.get_or_init(|| Bytes::from(serde_json::to_vec(&make()).unwrap_or_default()))
+        .clone()
 }
 
-/// Group versions as OpenAPI v3 names them: `api/v1`, `apis/apps/v1`.
-fn v3_group_versions() -> Vec<(String, &'static str, &'static str)> {
-    let mut out: Vec<(String, &'static str, &'static str)> = Vec::new();
-    for r in evoke_types::registry::RESOURCES {
-        let name = if r.group.is_empty() {
-            format!("api/{}", r.version)
-        } else {
-            format!("apis/{}/{}", r.group, r.version)
-        };
-        if !out.iter().any(|(n, _, _)| *n == name) {
-            out.push((name, r.group, r.version));
-        }
-    }
-    out
+pub(crate) fn openapi_v2() -> Bytes {
+    static DOC: OnceLock<Bytes> = OnceLock::new();
+    cached(&DOC, || evoke_types::openapi::v2().clone())
 }
 
-pub(crate) fn openapi_v3_index(base: &str) -> Value {
-    let mut paths = serde_json::Map::new();
-    for (name, _, _) in v3_group_versions() {
-        paths.insert(
-            name.clone(),
-            json!({"serverRelativeURL": format!("{base}/{name}?hash=evoke-{}", env!("CARGO_PKG_VERSION"))}),
-        );
-    }
-    json!({"paths": paths})
+pub(crate) fn openapi_v3_index() -> Bytes {
+    static DOC: OnceLock<Bytes> = OnceLock::new();
+    cached(&DOC, evoke_types::openapi::v3_index)
 }
 
-/// Stand-in v3 document: paths whose write operations declare the query
-/// parameters kubectl probes for (fieldValidation, fieldManager, dryRun),
-/// so kubectl validates on the server instead of downloading v2.
-pub(crate) fn openapi_v3(group_version: &str) -> Option<Value> {
-    let (name, group, version) = v3_group_versions()
-        .into_iter()
-        .find(|(n, _, _)| n == group_version)?;
-    let query = |n: &str| json!({"name": n, "in": "query", "schema": {"type": "string"}, "uniqueItems": true});
-    let params = json!([
-        query("dryRun"),
-        query("fieldManager"),
-        query("fieldValidation")
-    ]);
-    let mut paths = serde_json::Map::new();
-    for r in evoke_types::registry::RESOURCES
-        .iter()
-        .filter(|r| r.group == group && r.version == version)
-    {
-        let gvk = json!({"group": r.group, "version": r.version, "kind": r.kind});
-        let op = |action: &str| json!({"x-kubernetes-action": action, "x-kubernetes-group-version-kind": gvk, "parameters": params, "responses": {}});
-        let base = if r.namespaced {
-            format!("/{name}/namespaces/{{namespace}}/{}", r.plural)
-        } else {
-            format!("/{name}/{}", r.plural)
-        };
-        paths.insert(base.clone(), json!({"post": op("post")}));
-        paths.insert(
-            format!("{base}/{{name}}"),
-            json!({"put": op("put"), "patch": op("patch")}),
-        );
+pub(crate) fn openapi_v3(group_version: &str) -> Option<Bytes> {
+    static DOCS: OnceLock<Mutex<HashMap<String, Bytes>>> = OnceLock::new();
+    let docs = DOCS.get_or_init(Default::default);
+    let mut map = docs.lock().unwrap_or_else(|p| p.into_inner());
+    if let Some(b) = map.get(group_version) {
+        return Some(b.clone());
     }
-    Some(
-        json!({"openapi": "3.0.0", "info": {"title": "Kubernetes", "version": "v1.32.0"}, "paths": paths, "components": {"schemas": {}}}),
-    )
+    let doc = evoke_types::openapi::v3(group_version)?;
+    let bytes = Bytes::from(serde_json::to_vec(doc).unwrap_or_default());
+    map.insert(group_version.to_string(), bytes.clone());
+    Some(bytes)
 }

@@ -233,16 +233,20 @@ async fn route(state: Arc<State>, req: Request<Bytes>) -> Result<Reply, ApiError
             if accept.contains("protobuf") && !accept.contains("json") {
                 return Ok(respond::full(200, OPENAPI_V2_PROTOBUF, empty_v2_protobuf()));
             }
-            Ok(respond::json(200, &compat::openapi_v2()))
+            Ok(respond::full(200, "application/json", compat::openapi_v2()))
         }
         ["openapi", "v3"] => {
             get_only(&method, &path)?;
-            Ok(respond::json(200, &compat::openapi_v3_index("/openapi/v3")))
+            Ok(respond::full(
+                200,
+                "application/json",
+                compat::openapi_v3_index(),
+            ))
         }
         ["openapi", "v3", rest @ ..] => {
             get_only(&method, &path)?;
             compat::openapi_v3(&rest.join("/"))
-                .map(|d| respond::json(200, &d))
+                .map(|d| respond::full(200, "application/json", d))
                 .ok_or_else(not_found)
         }
         ["api", "v1", rest @ ..] => {

@@ -104,9 +104,9 @@ fn classify(
     }
 }
 
-pub(crate) async fn watch(ctx: Ctx) -> Result<Reply, ApiError> {
+pub(crate) async fn watch(ctx: &Ctx) -> Result<Reply, ApiError> {
     let res = ctx.res();
-    let filter = Filter::from_ctx(&ctx)?;
+    let filter = Filter::from_ctx(ctx)?;
     let pinned = ctx.t.name.clone();
     let matches = move |o: &Value| {
         filter.matches(o) && pinned.as_deref().is_none_or(|n| object::name(o) == Some(n))

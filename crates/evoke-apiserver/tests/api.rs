@@ -619,3 +619,53 @@ async fn deleted_namespace_terminates_until_finalized_and_refuses_new_content() 
         .await;
     assert_eq!(c, 403, "default may not be deleted");
 }
+
+#[tokio::test]
+async fn unknown_fields_are_refused_when_strict_and_warned_about_otherwise() {
+    let h = start().await;
+    let mut o = cm("strict", json!({}));
+    o["bogus"] = json!(1);
+    let (c, s) = h
+        .json("POST", &format!("{CMS}?fieldValidation=Strict"), o.clone())
+        .await;
+    assert_eq!(c, 400, "{s}");
+    assert!(
+        s["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("unknown field \"bogus\"")),
+        "{s}"
+    );
+    let req = http::Request::builder()
+        .method("POST")
+        .uri(CMS)
+        .header("content-type", "application/json")
+        .body(kube::client::Body::from(o.to_string().into_bytes()))
+        .expect("request");
+    let resp = h.client.send(req).await.expect("response");
+    assert_eq!(resp.status().as_u16(), 201);
+    let warning = resp
+        .headers()
+        .get("warning")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default();
+    assert!(
+        warning.starts_with("299 - ") && warning.contains("bogus"),
+        "{warning}"
+    );
+}
+
+#[tokio::test]
+async fn openapi_documents_describe_the_served_kinds() {
+    let h = start().await;
+    let (c, idx) = h.get("/openapi/v3").await;
+    assert_eq!(c, 200);
+    let url = idx["paths"]["api/v1"]["serverRelativeURL"]
+        .as_str()
+        .expect("api/v1 url")
+        .to_string();
+    let (c, doc) = h.get(&url).await;
+    assert_eq!(c, 200);
+    assert!(doc["components"]["schemas"]["io.k8s.api.core.v1.Pod"].is_object());
+    let (c, v2) = h.get("/openapi/v2").await;
+    assert_eq!((c, v2["swagger"].as_str()), (200, Some("2.0")));
+}

@@ -334,4 +334,39 @@ fn errors_read_as_kube_apiserver_writes_them() {
     assert!(err.contains("namespaces \"nope\" not found"), "{err}");
     let err = s.fails(&["delete", "ns", "default"], None);
     assert!(err.contains("forbidden"), "{err}");
+    // kubectl validates on the server: unknown fields are refused by
+    // default and only warned about with --validate=warn.
+    let bogus = CM.replace("name: demo", "name: other") + "bogus: 1\n";
+    let err = s.fails(&["create", "-f", "-"], Some(&bogus));
+    assert!(
+        err.contains("strict decoding error: unknown field \"bogus\""),
+        "{err}"
+    );
+    let out = s.kubectl_with(&["create", "--validate=warn", "-f", "-"], Some(&bogus), &[]);
+    assert!(out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("Warning: unknown field \"bogus\""));
+}
+
+#[test]
+fn explain_describes_every_served_kind() {
+    if !require_kubectl() {
+        return;
+    }
+    let s = start_server();
+    for kind in [
+        "pods",
+        "deployments",
+        "configmaps",
+        "leases",
+        "endpointslices",
+        "runtimeclasses",
+    ] {
+        let out = s.ok(&["explain", kind]);
+        assert!(
+            out.contains("KIND:") && out.contains("FIELDS:"),
+            "{kind}: {out}"
+        );
+    }
+    let out = s.ok(&["explain", "deployment.spec.replicas"]);
+    assert!(out.contains("<integer>"), "{out}");
 }

@@ -213,15 +213,7 @@ pub(crate) async fn delete_collection(ctx: &Ctx) -> Result<Reply, ApiError> {
     let mut deleted = Vec::new();
     for obj in page.items {
         let name = object::name(&obj).unwrap_or_default().to_string();
-        let mut sub = Ctx {
-            state: ctx.state.clone(),
-            t: ctx.t.clone(),
-            params: ctx.params.clone(),
-            accept: ctx.accept.clone(),
-            content_type: ctx.content_type.clone(),
-            user_agent: ctx.user_agent.clone(),
-            body: bytes::Bytes::new(),
-        };
+        let mut sub = ctx.derived(ctx.t.clone());
         sub.t.namespace = meta_str(&obj, "namespace")
             .map(String::from)
             .or(sub.t.namespace);

@@ -29,9 +29,40 @@ pub(crate) struct Ctx {
     pub content_type: Option<String>,
     pub user_agent: String,
     pub body: Bytes,
+    /// `Warning` headers to send with the response (unknown fields).
+    pub warnings: std::sync::Mutex<Vec<String>>,
 }
 
 impl Ctx {
+    /// A context for another target of the same request, with no body
+    /// (pods/binding acting on the pod, deletecollection on each item).
+    pub(crate) fn derived(&self, t: Target) -> Ctx {
+        Ctx {
+            state: self.state.clone(),
+            t,
+            params: self.params.clone(),
+            accept: self.accept.clone(),
+            content_type: self.content_type.clone(),
+            user_agent: self.user_agent.clone(),
+            body: Bytes::new(),
+            warnings: Default::default(),
+        }
+    }
+
+    /// Applies `?fieldValidation` to `obj`: Strict refuses unknown fields,
+    /// Warn (the default) collects them as warnings.
+    pub(crate) fn check_fields(&self, obj: &Value) -> Result<(), ApiError> {
+        let found =
+            crate::compat::field_validation(self.res(), obj, self.params.get("fieldValidation"))?;
+        if !found.is_empty() {
+            self.warnings
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .extend(found);
+        }
+        Ok(())
+    }
+
     pub(crate) fn res(&self) -> &'static Resource {
         self.t.res
     }
@@ -85,38 +116,52 @@ pub(crate) async fn resource(
         content_type: header(http::header::CONTENT_TYPE),
         user_agent: header(http::header::USER_AGENT).unwrap_or_default(),
         body: req.into_body(),
+        warnings: Default::default(),
         state,
         t,
     };
+    let mut reply = dispatch(&ctx, &method, &path).await?;
+    let warnings = std::mem::take(&mut *ctx.warnings.lock().unwrap_or_else(|p| p.into_inner()));
+    for w in warnings {
+        // RFC 7234 warn-text: a quoted string with `\` escapes.
+        let text = format!("299 - \"{}\"", w.replace('\\', "\\\\").replace('"', "\\\""));
+        if let Ok(v) = http::HeaderValue::from_str(&text) {
+            reply.headers_mut().append("warning", v);
+        }
+    }
+    Ok(reply)
+}
+
+async fn dispatch(ctx: &Ctx, method: &Method, path: &str) -> Result<Reply, ApiError> {
     let has_name = ctx.t.name.is_some();
     let sub = ctx.t.sub.clone();
     let is_watch = ctx.t.watch_path || ctx.params.flag("watch");
     // `bindings` is a create-only resource: it binds the named pod.
     if ctx.t.res.plural == "bindings" {
-        return match (&method, has_name) {
-            (&Method::POST, false) => sub::bind(&ctx, None).await,
-            _ => Err(respond::method_not_allowed(&method, &path)),
+        return match (method, has_name) {
+            (&Method::POST, false) => sub::bind(ctx, None).await,
+            _ => Err(respond::method_not_allowed(method, path)),
         };
     }
-    match (&method, has_name, sub.as_deref()) {
+    match (method, has_name, sub.as_deref()) {
         (&Method::GET, _, None) if is_watch => crate::watch::watch(ctx).await,
-        (&Method::GET, false, None) => read::list(&ctx).await,
-        (&Method::GET, true, None | Some("status")) => read::get(&ctx).await,
-        (&Method::GET, true, Some("scale")) => sub::get_scale(&ctx).await,
-        (&Method::POST, false, None) => write::create(&ctx).await,
-        (&Method::POST, true, Some("binding")) => sub::bind(&ctx, ctx.t.name.clone()).await,
-        (&Method::POST, true, Some("eviction")) => sub::evict(&ctx).await,
-        (&Method::PUT, true, None | Some("status")) => write::update(&ctx).await,
-        (&Method::PUT, true, Some("finalize")) => write::update(&ctx).await,
-        (&Method::PATCH, true, None | Some("status")) => write::patch(&ctx).await,
+        (&Method::GET, false, None) => read::list(ctx).await,
+        (&Method::GET, true, None | Some("status")) => read::get(ctx).await,
+        (&Method::GET, true, Some("scale")) => sub::get_scale(ctx).await,
+        (&Method::POST, false, None) => write::create(ctx).await,
+        (&Method::POST, true, Some("binding")) => sub::bind(ctx, ctx.t.name.clone()).await,
+        (&Method::POST, true, Some("eviction")) => sub::evict(ctx).await,
+        (&Method::PUT, true, None | Some("status")) => write::update(ctx).await,
+        (&Method::PUT, true, Some("finalize")) => write::update(ctx).await,
+        (&Method::PATCH, true, None | Some("status")) => write::patch(ctx).await,
         (&Method::PUT | &Method::PATCH, true, Some("scale")) => {
-            sub::update_scale(&ctx, method == Method::PATCH).await
+            sub::update_scale(ctx, method == Method::PATCH).await
         }
-        (&Method::DELETE, true, None) => delete::delete(&ctx).await,
+        (&Method::DELETE, true, None) => delete::delete(ctx).await,
         (&Method::DELETE, false, None) if ctx.res().kind != "Namespace" => {
-            delete::delete_collection(&ctx).await
+            delete::delete_collection(ctx).await
         }
-        _ => Err(respond::method_not_allowed(&method, &path)),
+        _ => Err(respond::method_not_allowed(method, path)),
     }
 }
 

@@ -112,15 +112,7 @@ pub(crate) async fn bind(ctx: &Ctx, url_name: Option<String>) -> Result<Reply, A
     let mut pod_ctx_t = ctx.t.clone();
     pod_ctx_t.res = pods;
     pod_ctx_t.sub = None;
-    let pctx = Ctx {
-        state: ctx.state.clone(),
-        t: pod_ctx_t,
-        params: ctx.params.clone(),
-        accept: ctx.accept.clone(),
-        content_type: ctx.content_type.clone(),
-        user_agent: ctx.user_agent.clone(),
-        body: bytes::Bytes::new(),
-    };
+    let pctx = ctx.derived(pod_ctx_t);
     for attempt in 0..5 {
         let (kv, pod) = load(&pctx, &name).await?;
         if let Some(cur) = pod["spec"]["nodeName"].as_str().filter(|n| !n.is_empty()) {
@@ -153,15 +145,7 @@ pub(crate) async fn evict(ctx: &Ctx) -> Result<Reply, ApiError> {
     opts.dry_run |= ctx.params.dry_run();
     let mut pctx_t = ctx.t.clone();
     pctx_t.sub = None;
-    let pctx = Ctx {
-        state: ctx.state.clone(),
-        t: pctx_t,
-        params: ctx.params.clone(),
-        accept: ctx.accept.clone(),
-        content_type: ctx.content_type.clone(),
-        user_agent: ctx.user_agent.clone(),
-        body: bytes::Bytes::new(),
-    };
+    let pctx = ctx.derived(pctx_t);
     delete_now(&pctx, ctx.name(), &opts).await?;
     Ok(respond::json(201, &respond::success_status(201)))
 }

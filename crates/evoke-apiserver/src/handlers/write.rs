@@ -74,6 +74,7 @@ fn has_spec(obj: &Value) -> bool {
 pub(crate) async fn create(ctx: &Ctx) -> Result<Reply, ApiError> {
     let mut obj = compat::decode(&ctx.body, ctx.content_type.as_deref())?;
     check_kind(ctx.res(), &mut obj)?;
+    ctx.check_fields(&obj)?;
     let created = create_object(ctx, obj, true).await?;
     Ok(respond::json(201, &created))
 }
@@ -352,6 +353,7 @@ pub(crate) async fn update(ctx: &Ctx) -> Result<Reply, ApiError> {
     let res = ctx.res();
     let mut new = compat::decode(&ctx.body, ctx.content_type.as_deref())?;
     check_kind(res, &mut new)?;
+    ctx.check_fields(&new)?;
     let name = ctx.name().to_string();
     match object::name(&new) {
         Some(n) if n != name => {
@@ -388,6 +390,9 @@ pub(crate) async fn patch(ctx: &Ctx) -> Result<Reply, ApiError> {
         } else {
             let (kv, old) = current.ok_or_else(|| ApiError::not_found(&gr, &name))?;
             let new = compat::apply_patch(res, ty, &old, &ctx.body)?;
+            if attempt == 0 {
+                ctx.check_fields(&new)?;
+            }
             rv_precondition(&new, &kv, &gr, &name)?;
             finish_update(ctx, &kv, &old, new, part_of(ctx), true)
                 .await
@@ -427,6 +432,7 @@ async fn apply(
     let force = ctx.params.flag("force");
     let mut applied = compat::decode(&ctx.body, Some("application/apply-patch+yaml"))?;
     check_kind(res, &mut applied)?;
+    ctx.check_fields(&applied)?;
     match object::name(&applied) {
         Some(n) if n != name => {
             return Err(ApiError::bad_request(format!(
