@@ -343,7 +343,10 @@ impl Agent {
                                 });
                             }
                             let (n, u) = (self.ctx.network.clone(), uid.clone());
-                            tokio::task::spawn_blocking(move || n.teardown(&u));
+                            tokio::task::spawn_blocking(move || {
+                                let _ = n.teardown(&u);
+                                crate::ipc::teardown(&u);
+                            });
                         }
                     }
                 }

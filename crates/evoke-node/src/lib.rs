@@ -11,6 +11,7 @@
 
 pub mod agent;
 pub mod backoff;
+pub mod ipc;
 pub mod network;
 pub mod node;
 pub mod probe;

@@ -81,6 +81,7 @@ pub struct Worker {
     volume_dirs: HashMap<String, PathBuf>,
     refs: Option<Refs>,
     net: PodNet,
+    ipc: Option<PathBuf>,
     adopted: Vec<WorkloadStatus>,
     last_written: Option<PodStatus>,
     setup_retry_at: Option<Instant>,
@@ -140,6 +141,7 @@ impl Worker {
             volume_dirs: HashMap::new(),
             refs: None,
             net: PodNet::default(),
+            ipc: None,
             adopted,
             last_written: None,
             setup_retry_at: None,
@@ -310,6 +312,15 @@ impl Worker {
                 .map_err(|e| ("NetworkNotReady".to_string(), e.to_string()))?
         };
         self.net = net.map_err(|e| ("NetworkNotReady".to_string(), e.to_string()))?;
+        // Containers of a pod share IPC, except on the host (process tier).
+        if !host_network && self.pod.spec.as_ref().and_then(|s| s.host_ipc) != Some(true) {
+            let uid = self.pod.uid().unwrap_or_default();
+            let p = tokio::task::spawn_blocking(move || crate::ipc::setup(&uid))
+                .await
+                .map_err(|e| ("IpcNotReady".to_string(), e.to_string()))?
+                .map_err(|e| ("IpcNotReady".to_string(), e.to_string()))?;
+            self.ipc = Some(p);
+        }
         self.facts.pod_ip = self.net.ip.clone();
         Ok(())
     }
@@ -509,6 +520,7 @@ impl Worker {
             }
         };
         spec.network_namespace = self.net.netns.clone();
+        spec.ipc_namespace = self.ipc.clone();
         let id = spec.id.clone();
         let pod_uid = self.pod.uid().unwrap_or_default();
         let res = tokio::task::spawn_blocking(move || -> Result<(), RuntimeError> {
@@ -928,6 +940,7 @@ impl Worker {
             if let Err(e) = network.teardown(&uid) {
                 tracing::warn!(pod_uid = %uid, error = %e, "network teardown failed");
             }
+            crate::ipc::teardown(&uid);
             let _ = std::fs::remove_dir_all(&dir);
         })
         .await;

@@ -624,7 +624,7 @@ spec:
   containers:
   - name: main
     image: busybox:1
-    command: [sh, -c, 'echo \"$GREETING $PW $POD\" > /work/env.txt; cat /cfg/file.txt /sec/pw > /work/files.txt; exec httpd -f -p 8080 -h /work']
+    command: [sh, -c, 'readlink /proc/self/ns/ipc > /work/ipc-main; echo \"$GREETING $PW $POD\" > /work/env.txt; cat /cfg/file.txt /sec/pw > /work/files.txt; exec httpd -f -p 8080 -h /work']
     env:
     - {name: GREETING, valueFrom: {configMapKeyRef: {name: cfg, key: greeting}}}
     - {name: PW, valueFrom: {secretKeyRef: {name: sec, key: pw}}}
@@ -637,7 +637,7 @@ spec:
     livenessProbe: {tcpSocket: {port: 8080}, periodSeconds: 2}
   - name: side
     image: busybox:1
-    command: [sh, -c, 'while true; do wget -q -O /work/side.txt http://127.0.0.1:8080/env.txt; sleep 1; done']
+    command: [sh, -c, 'readlink /proc/self/ns/ipc > /work/ipc-side; while true; do wget -q -O /work/side.txt http://127.0.0.1:8080/env.txt; sleep 1; done']
     volumeMounts: [{name: work, mountPath: /work}]
     readinessProbe: {exec: {command: [test, -s, /work/side.txt]}, periodSeconds: 1}
   volumes:
