@@ -1,5 +1,5 @@
-//! Request bodies to JSON values. kubectl sends JSON; people with curl send
-//! YAML; protobuf is refused with 415 so clients fall back to JSON.
+//! Request bodies to JSON values. kubectl sends JSON, or protobuf from its
+//! typed commands (see [`crate::protobuf`]); people with curl send YAML.
 
 use serde_json::Value;
 
@@ -10,6 +10,7 @@ use crate::status::ApiError;
 pub enum Encoding {
     Json,
     Yaml,
+    Protobuf,
 }
 
 /// Picks the encoding from a `Content-Type` header value. `None` (no header)
@@ -31,6 +32,7 @@ pub fn encoding_of(content_type: &str) -> Result<Encoding, ApiError> {
         | "application/x-yaml"
         | "text/yaml"
         | "application/apply-patch+yaml" => Ok(Encoding::Yaml),
+        "application/vnd.kubernetes.protobuf" => Ok(Encoding::Protobuf),
         _ => Err(unsupported(content_type)),
     }
 }
@@ -54,6 +56,8 @@ pub fn parse(body: &[u8], content_type: Option<&str>) -> Result<Value, ApiError>
     match enc {
         Some(Encoding::Json) => from_json(body),
         Some(Encoding::Yaml) => from_yaml(body),
+        Some(Encoding::Protobuf) => crate::protobuf::decode(body)
+            .map_err(|e| ApiError::bad_request(format!("error decoding protobuf body: {e}"))),
         // No declared type: JSON is a subset of YAML, but JSON's errors are
         // clearer, so try it first when the body looks like JSON.
         None => {
@@ -81,7 +85,7 @@ fn from_yaml(body: &[u8]) -> Result<Value, ApiError> {
 
 /// Decodes an object body. It must be a JSON object naming its `apiVersion`
 /// and `kind`; anything else is a 400 with kube-apiserver's wording.
-/// Protobuf and other unknown media types are 415.
+/// Unknown media types are 415.
 pub fn decode(body: &[u8], content_type: Option<&str>) -> Result<Value, ApiError> {
     let v = parse(body, content_type)?;
     let Some(obj) = v.as_object() else {
@@ -180,8 +184,8 @@ mod tests {
             (
                 b"\x0a\x02",
                 Some("application/vnd.kubernetes.protobuf"),
-                415,
-                "unknown format",
+                400,
+                "protobuf",
             ),
             (b"x", Some("text/plain"), 415, "unknown format"),
             (b"a: 1\n---\nb: 2\n", Some("application/yaml"), 400, "YAML"),

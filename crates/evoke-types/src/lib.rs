@@ -20,6 +20,7 @@ pub mod defaults;
 pub mod managed_fields;
 pub mod openapi;
 pub mod patch;
+pub mod protobuf;
 pub mod registry;
 pub mod schema;
 pub mod status;
