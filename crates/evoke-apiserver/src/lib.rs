@@ -75,6 +75,8 @@ pub(crate) struct State {
     pub token: String,
     /// `https://host:port`, for discovery's serverAddressByClientCIDRs.
     pub server_address: String,
+    /// Held from a Service's address allocation until it is stored.
+    pub service_lock: tokio::sync::Mutex<()>,
 }
 
 /// Entry point: see [`Server::start`].
@@ -144,6 +146,7 @@ impl Server {
             store,
             token: creds.token.clone(),
             server_address: format!("{host}:{}", addr.port()),
+            service_lock: tokio::sync::Mutex::new(()),
         });
         let (stop, stopped) = signal::channel(false);
         let task = tokio::spawn(http::serve(listener, Arc::new(tls_config), state, stopped));

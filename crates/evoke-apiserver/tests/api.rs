@@ -178,7 +178,8 @@ async fn bad_input_gets_the_status_kube_apiserver_gives() {
     let (c, s) = h
         .call("POST", CMS, "application/vnd.kubernetes.protobuf", "k8s\0")
         .await;
-    assert_eq!((c, s["kind"].as_str()), (415, Some("Status")));
+    assert!(matches!(c, 400 | 415), "a truncated protobuf body is refused: {c}");
+    assert_eq!(s["kind"], "Status");
     // Creating in a namespace that does not exist is a 404 naming it.
     let (c, s) = h
         .json(
@@ -668,4 +669,80 @@ async fn openapi_documents_describe_the_served_kinds() {
     assert!(doc["components"]["schemas"]["io.k8s.api.core.v1.Pod"].is_object());
     let (c, v2) = h.get("/openapi/v2").await;
     assert_eq!((c, v2["swagger"].as_str()), (200, Some("2.0")));
+}
+
+#[tokio::test]
+async fn services_get_distinct_cluster_ips_and_node_ports() {
+    let h = start().await;
+    let svcs = "/api/v1/namespaces/default/services";
+    let svc = |name: &str, spec: Value| json!({"apiVersion": "v1", "kind": "Service", "metadata": {"name": name}, "spec": spec});
+    let (c, a) = h
+        .json(
+            "POST",
+            svcs,
+            svc(
+                "a",
+                json!({"selector": {"app": "a"}, "ports": [{"port": 80}]}),
+            ),
+        )
+        .await;
+    assert_eq!(c, 201, "{a}");
+    let (_, b) = h
+        .json(
+            "POST",
+            svcs,
+            svc(
+                "b",
+                json!({"type": "NodePort", "selector": {"app": "b"}, "ports": [{"port": 80}]}),
+            ),
+        )
+        .await;
+    let ip_a = a["spec"]["clusterIP"].as_str().expect("ip a").to_string();
+    let ip_b = b["spec"]["clusterIP"].as_str().expect("ip b").to_string();
+    assert!(
+        ip_a.starts_with("10.43.") && ip_b.starts_with("10.43.") && ip_a != ip_b,
+        "{ip_a} {ip_b}"
+    );
+    assert_ne!(
+        ip_a, "10.43.0.1",
+        "the kubernetes Service keeps its address"
+    );
+    assert_eq!(a["spec"]["clusterIPs"], json!([ip_a]));
+    let np = b["spec"]["ports"][0]["nodePort"]
+        .as_u64()
+        .expect("node port");
+    assert!((30000..=32767).contains(&np));
+    let (c, s) = h
+        .json(
+            "POST",
+            svcs,
+            svc("c", json!({"clusterIP": ip_a, "ports": [{"port": 80}]})),
+        )
+        .await;
+    assert_eq!((c, s["reason"].as_str()), (422, Some("Invalid")), "{s}");
+    let (c, d) = h
+        .json(
+            "POST",
+            svcs,
+            svc(
+                "dns",
+                json!({"clusterIP": "10.43.0.10", "ports": [{"port": 53, "protocol": "UDP"}]}),
+            ),
+        )
+        .await;
+    assert_eq!(
+        (c, d["spec"]["clusterIP"].as_str()),
+        (201, Some("10.43.0.10"))
+    );
+    let (c, hl) = h
+        .json(
+            "POST",
+            svcs,
+            svc(
+                "headless",
+                json!({"clusterIP": "None", "ports": [{"port": 80}]}),
+            ),
+        )
+        .await;
+    assert_eq!((c, hl["spec"]["clusterIP"].as_str()), (201, Some("None")));
 }

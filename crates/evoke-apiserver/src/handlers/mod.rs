@@ -5,6 +5,7 @@
 
 mod delete;
 pub(crate) mod read;
+mod service;
 mod sub;
 mod write;
 

@@ -129,6 +129,12 @@ pub(crate) async fn create_object(
         }
         obj["status"] = serde_json::json!({"phase": "Active"});
     }
+    // Services get their addresses under a lock held until they are stored.
+    let _service_guard = if res.kind == "Service" {
+        Some(ctx.state.service_lock.lock().await)
+    } else {
+        None
+    };
     // A generated name may collide; try a few suffixes like kube does.
     for attempt in 0..3 {
         let mut candidate = obj.clone();
@@ -142,6 +148,9 @@ pub(crate) async fn create_object(
             );
         }
         compat::default_object(res, &mut candidate);
+        if res.kind == "Service" {
+            super::service::allocate(&ctx.state, res, &mut candidate).await?;
+        }
         compat::validate(res, &candidate, None)?;
         let name = object::name(&candidate).unwrap_or_default().to_string();
         if let Some(ns) = &ctx.t.namespace {
