@@ -2,7 +2,18 @@
 //! state lives. Keys are strings such as `/registry/pods/default/web`;
 //! values are opaque bytes (the API server stores JSON). Every write bumps
 //! one global revision, as etcd does, and every watcher sees the writes in
-//! revision order. Start at [`Backend`]; the backends are chosen at start-up.
+//! revision order. Start at [`Backend`]; the backends are chosen at start-up
+//! by [`open`].
+//!
+//! - [`memory::MemoryBackend`]: the reference semantics and the test double.
+//! - [`sqlite::SqliteBackend`]: the embedded default (WAL, durable commits,
+//!   one writer thread with group commit).
+//! - [`etcd::EtcdBackend`]: etcd's v3 API, for clusters that outgrow one
+//!   machine.
+//! - `watch` (private): replay-then-live watch plumbing for the in-process
+//!   backends; [`compactor`]: the background task that bounds history.
+//!
+//! `tests/conformance.rs` is the behaviour every backend must show.
 
 use std::path::Path;
 use std::pin::Pin;
