@@ -366,4 +366,74 @@ mod tests {
         assert!(err.contains("scripts/setup"), "{err}");
         assert!(err.contains("vmlinuz-nope"), "{err}");
     }
+
+    #[test]
+    fn debian_bzimage_loads_with_zero_page_cmdline_initrd_and_e820() {
+        let kernel = match default_kernel() {
+            Ok(k) => k,
+            Err(e) if std::env::var_os("CI").is_some() => panic!("CI runs scripts/setup: {e}"),
+            Err(e) => {
+                eprintln!("skipping: {e}");
+                return;
+            }
+        };
+        let mem_size = 128u64 << 20;
+        let mem =
+            GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), mem_size as usize)]).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let (a, b) = (dir.path().join("a.cpio"), dir.path().join("b.cpio"));
+        std::fs::write(&a, b"first").unwrap();
+        std::fs::write(&b, b"second").unwrap();
+        let parts = [a, b];
+        let spec = BootSpec {
+            kernel: &kernel,
+            initrd: &parts,
+            cmdline: "console=ttyS0 quiet",
+            protocol: BootProtocol::Auto,
+            mem_size,
+            rsdp: ACPI_RSDP_ADDR,
+        };
+        let entry = load(&mem, &spec).unwrap();
+        assert_eq!(entry.mode, EntryMode::Long64);
+        assert_eq!(entry.entry, HIGH_MEMORY_START + 0x200);
+        let params: boot_params = mem.read_obj(GuestAddress(ZERO_PAGE_ADDR)).unwrap();
+        assert_eq!({ params.hdr.boot_flag }, KERNEL_BOOT_FLAG_MAGIC);
+        assert_eq!({ params.hdr.header }, KERNEL_HDR_MAGIC);
+        assert_eq!({ params.hdr.type_of_loader }, 0xff);
+        assert_eq!({ params.hdr.cmd_line_ptr } as u64, CMDLINE_ADDR);
+        assert_eq!({ params.acpi_rsdp_addr }, ACPI_RSDP_ADDR);
+        assert_eq!(params.e820_entries, 3);
+        let mut cmdline = [0u8; 19];
+        mem.read_slice(&mut cmdline, GuestAddress(CMDLINE_ADDR))
+            .unwrap();
+        assert_eq!(&cmdline, b"console=ttyS0 quiet");
+        // Parts are 4-byte aligned back to back: "first", 3 bytes of
+        // padding, "second".
+        let (addr, size) = ({ params.hdr.ramdisk_image }, { params.hdr.ramdisk_size });
+        assert_eq!(size, 14);
+        assert_eq!(addr % 4096, 0);
+        let mut got = [0u8; 14];
+        mem.read_slice(&mut got, GuestAddress(u64::from(addr)))
+            .unwrap();
+        assert_eq!(&got[..5], b"first");
+        assert_eq!(&got[8..], b"second");
+    }
+
+    #[test]
+    fn pvh_needs_an_elf_kernel() {
+        let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 4 << 20)]).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let k = dir.path().join("vmlinuz-fake");
+        std::fs::write(&k, vec![0u8; 4096]).unwrap();
+        let spec = BootSpec {
+            kernel: &k,
+            initrd: &[],
+            cmdline: "",
+            protocol: BootProtocol::Pvh,
+            mem_size: 4 << 20,
+            rsdp: 0,
+        };
+        let err = load(&mem, &spec).unwrap_err().to_string();
+        assert!(err.contains("pvh needs an uncompressed elf"), "{err}");
+    }
 }
