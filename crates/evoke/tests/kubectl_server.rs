@@ -170,3 +170,51 @@ fn kubeconfig_path_mode_and_token_flags_are_honoured() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+#[test]
+fn objects_survive_a_restart_on_the_embedded_sqlite_store() {
+    if !require_kubectl() {
+        return;
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let s = start_server_in(dir.path(), &[]);
+    s.ok(&["create", "namespace", "keep"]);
+    s.stop();
+    let s = start_server_in(dir.path(), &[]);
+    let out = s.ok(&["get", "ns", "keep", "-o", "name"]);
+    assert_eq!(out.trim(), "namespace/keep");
+}
+
+#[test]
+fn datastore_endpoint_runs_the_server_on_etcd() {
+    if !require_kubectl() {
+        return;
+    }
+    if evoke_store::etcd::LocalEtcd::binary().is_none() {
+        if std::env::var("CI").is_ok_and(|v| v == "true") {
+            panic!("etcd is not installed; scripts/setup installs etcd-server");
+        }
+        eprintln!("skipping: etcd is not installed");
+        return;
+    }
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let etcd = rt
+        .block_on(evoke_store::etcd::LocalEtcd::start(None))
+        .expect("etcd starts");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let endpoint = etcd.endpoint().to_string();
+    let s = start_server_in(dir.path(), &["--datastore-endpoint", &endpoint]);
+    let cm = "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: in-etcd\ndata:\n  a: \"1\"\n";
+    s.ok_with(&["apply", "-f", "-"], Some(cm));
+    s.stop();
+    let s = start_server_in(dir.path(), &["--datastore-endpoint", &endpoint]);
+    assert_eq!(
+        s.ok(&["get", "cm", "in-etcd", "-o", "jsonpath={.data.a}"]),
+        "1"
+    );
+    drop(s);
+    drop(etcd);
+}
