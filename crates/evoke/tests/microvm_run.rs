@@ -1,0 +1,96 @@
+//! `evoke run --tier microvm`, end to end through the binary, inside the
+//! vmhost test host (real nested KVM). One test-host boot per test; each
+//! `evoke run` there boots a guest, so checks are batched into few runs.
+
+mod vmhost;
+
+use vmhost::{run_in_test_host, test_host_ready};
+
+/// Shell prelude: a busybox image tagged `bb` in the test host's store.
+const IMAGE: &str = r#"
+fail() { echo "CHECK FAILED: $*"; exit 1; }
+# The pids of VMM processes (busybox here has no pgrep).
+vmm_pids() {
+  for d in /proc/[0-9]*; do
+    case "$( { tr '\0' ' ' <"$d/cmdline"; } 2>/dev/null)" in *"evoke vmm"*) echo "${d#/proc/}" ;; esac
+  done
+}
+mkdir -p /tmp/img/bin /tmp/img/etc
+cp /bin/busybox /tmp/img/bin/busybox
+for a in sh echo cat grep pwd sed env sleep true; do ln -sf busybox /tmp/img/bin/$a; done
+evoke image build-dir /tmp/img --tag bb || fail "evoke image build-dir"
+"#;
+
+#[test]
+fn microvm_workload_gets_its_output_exit_code_env_workdir_memory_and_cpus() {
+    if !test_host_ready() {
+        return;
+    }
+    let script = format!(
+        r#"{IMAGE}
+evoke run --rm --tier microvm --memory 256m -e GREETING=hello -w /srv bb \
+  sh -c 'echo "$GREETING from $(pwd)"; echo to-stderr >&2; grep MemTotal /proc/meminfo; exit 42' \
+  >/tmp/out 2>/tmp/err
+rc=$?
+cat /tmp/out; cat /tmp/err
+[ "$rc" = 42 ] || fail "exit code: got $rc, want 42"
+grep -qx "hello from /srv" /tmp/out || fail "env or workdir not applied"
+grep -qx "to-stderr" /tmp/err || fail "stderr not forwarded"
+mem=$(sed -n 's/^MemTotal: *\([0-9]*\) kB/\1/p' /tmp/out)
+[ -n "$mem" ] && [ "$mem" -gt 180000 ] && [ "$mem" -le 262144 ] || fail "MemTotal $mem kB does not match --memory 256m"
+
+evoke run --rm --tier microvm --memory 512m --cpus 2 bb \
+  sh -c 'grep MemTotal /proc/meminfo; echo "cpus $(grep -c ^processor /proc/cpuinfo)"' >/tmp/out2 || fail "second run"
+cat /tmp/out2
+mem2=$(sed -n 's/^MemTotal: *\([0-9]*\) kB/\1/p' /tmp/out2)
+[ -n "$mem2" ] && [ "$mem2" -gt 400000 ] && [ "$mem2" -le 524288 ] || fail "MemTotal $mem2 kB does not match --memory 512m"
+grep -qx "cpus 2" /tmp/out2 || fail "--cpus 2 did not give the guest 2 CPUs"
+echo ALL-CHECKS-PASSED
+"#
+    );
+    let (code, out) = run_in_test_host(&script);
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("ALL-CHECKS-PASSED"), "{out}");
+}
+
+#[test]
+fn microvm_guest_panic_and_a_killed_vmm_end_the_run_with_a_clear_failure() {
+    if !test_host_ready() {
+        return;
+    }
+    let script = format!(
+        r#"{IMAGE}
+evoke run --rm --tier microvm bb sh -c 'echo going down; echo c > /proc/sysrq-trigger' >/tmp/p.out 2>/tmp/p.err
+rc=$?
+cat /tmp/p.out /tmp/p.err
+[ "$rc" != 0 ] || fail "a guest panic reported success"
+grep -q "going down" /tmp/p.out || fail "output before the panic was lost"
+[ -s /tmp/p.err ] || fail "no message for a panicked guest"
+
+evoke run --rm --tier microvm bb sh -c 'echo started; sleep 600' >/tmp/k.out 2>/tmp/k.err &
+run=$!
+i=0
+while ! grep -q started /tmp/k.out 2>/dev/null; do
+  i=$((i + 1)); [ "$i" -lt 600 ] || fail "workload did not start"; sleep 0.2
+done
+vmm=$(vmm_pids | head -n1)
+[ -n "$vmm" ] || fail "no VMM process found"
+kill -9 "$vmm"
+i=0
+while kill -0 "$run" 2>/dev/null; do
+  i=$((i + 1)); [ "$i" -lt 150 ] || fail "evoke run did not end after its VMM was killed"; sleep 0.2
+done
+wait "$run"
+rc=$?
+cat /tmp/k.err
+[ "$rc" != 0 ] || fail "a killed VMM reported success"
+[ -s /tmp/k.err ] || fail "no message for a killed VMM"
+left=$(vmm_pids)
+[ -z "$left" ] || fail "VMM processes left behind: $left"
+echo ALL-CHECKS-PASSED
+"#
+    );
+    let (code, out) = run_in_test_host(&script);
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("ALL-CHECKS-PASSED"), "{out}");
+}
