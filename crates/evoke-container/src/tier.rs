@@ -1076,3 +1076,87 @@ mod spawn {
         cmd.spawn()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(command: Option<&[&str]>, args: Option<&[&str]>) -> WorkloadSpec {
+        let v = |a: &[&str]| a.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        WorkloadSpec {
+            id: "t".into(),
+            command: command.map(v),
+            args: args.map(v),
+            ..WorkloadSpec::default()
+        }
+    }
+
+    fn strings(a: &[&str]) -> Vec<String> {
+        a.iter().map(|s| s.to_string()).collect()
+    }
+
+    #[test]
+    fn args_replace_cmd_and_keep_the_entrypoint() {
+        let ep = strings(&["/bin/echo"]);
+        let cmd = strings(&["default"]);
+        let line = command_line(&spec(None, Some(&["x"])), Some(&ep), Some(&cmd)).unwrap();
+        assert_eq!(line, strings(&["/bin/echo", "x"]));
+        let line = command_line(&spec(None, None), Some(&ep), Some(&cmd)).unwrap();
+        assert_eq!(line, strings(&["/bin/echo", "default"]));
+    }
+
+    #[test]
+    fn a_command_replaces_entrypoint_and_drops_cmd() {
+        let ep = strings(&["/bin/echo"]);
+        let cmd = strings(&["default"]);
+        let line = command_line(&spec(Some(&["/bin/true"]), None), Some(&ep), Some(&cmd)).unwrap();
+        assert_eq!(line, strings(&["/bin/true"]));
+    }
+
+    #[test]
+    fn no_command_anywhere_is_an_error_naming_the_workload() {
+        let err = command_line(&spec(None, None), None, None).unwrap_err();
+        assert!(err.to_string().contains("workload t"), "{err}");
+    }
+
+    #[test]
+    fn spec_env_overrides_image_env_and_path_is_always_set() {
+        let env = merge_env(
+            &strings(&["A=image", "B=image"]),
+            &[("B".into(), "flag".into()), ("C".into(), "x=y".into())],
+        );
+        assert_eq!(env[0], evoke_runtime::image::DEFAULT_PATH);
+        assert_eq!(&env[1..], &strings(&["A=image", "B=flag", "C=x=y"])[..]);
+    }
+
+    #[test]
+    fn image_user_names_are_looked_up_in_the_rootfs() {
+        let t = tempfile::tempdir().unwrap();
+        fs::create_dir_all(t.path().join("etc")).unwrap();
+        fs::write(
+            t.path().join("etc/passwd"),
+            "root:x:0:0::/root:/bin/sh\napp:x:1000:1001::/home/app:/bin/sh\n",
+        )
+        .unwrap();
+        fs::write(t.path().join("etc/group"), "root:x:0:\nstaff:x:50:\n").unwrap();
+        let u = |s| resolve_user(t.path(), s).unwrap();
+        assert_eq!(
+            u("app"),
+            User {
+                uid: 1000,
+                gid: 1001
+            }
+        );
+        assert_eq!(
+            u("1000"),
+            User {
+                uid: 1000,
+                gid: 1001
+            }
+        );
+        assert_eq!(u("app:staff"), User { uid: 1000, gid: 50 });
+        assert_eq!(u("42:7"), User { uid: 42, gid: 7 });
+        assert!(resolve_user(t.path(), "ghost").is_err());
+        assert!(resolve_user(t.path(), "app:ghosts").is_err());
+    }
+}
