@@ -386,6 +386,13 @@ fn pod_status(o: &Value, _: DateTime<Utc>) -> Value {
     if !s(o, &["status", "reason"]).is_empty() {
         reason = s(o, &["status", "reason"]).to_string();
     }
+    let gated = statuses(o, "conditions").iter().any(|c| {
+        c.get("type").and_then(Value::as_str) == Some("PodScheduled")
+            && c.get("reason").and_then(Value::as_str) == Some("SchedulingGated")
+    });
+    if gated {
+        reason = "SchedulingGated".into();
+    }
     let inits = statuses(o, "initContainerStatuses");
     let init_total = o
         .get("spec")
@@ -460,15 +467,15 @@ fn pod_status(o: &Value, _: DateTime<Utc>) -> Value {
             reason = "Running".into();
         }
     }
-    if o.get("metadata")
+    let deleting = o
+        .get("metadata")
         .and_then(|m| m.get("deletionTimestamp"))
-        .is_some_and(|t| !t.is_null())
-    {
-        reason = if s(o, &["status", "reason"]) == "NodeLost" {
-            "Unknown".into()
-        } else {
-            "Terminating".into()
-        };
+        .is_some_and(|t| !t.is_null());
+    let terminal = matches!(s(o, &["status", "phase"]), "Succeeded" | "Failed");
+    if deleting && s(o, &["status", "reason"]) == "NodeLost" {
+        reason = "Unknown".into();
+    } else if deleting && !terminal {
+        reason = "Terminating".into();
     }
     json!(reason)
 }
@@ -964,6 +971,14 @@ mod tests {
             (
                 json!({"status":{"phase":"Pending","containerStatuses":[{"state":{"waiting":{"reason":"ContainerCreating"}}}]}}),
                 "ContainerCreating",
+            ),
+            (
+                json!({"status":{"phase":"Pending","conditions":[{"type":"PodScheduled","status":"False","reason":"SchedulingGated"}]}}),
+                "SchedulingGated",
+            ),
+            (
+                json!({"metadata":{"deletionTimestamp":"2024-01-10T11:00:00Z"},"status":{"phase":"Succeeded"}}),
+                "Succeeded",
             ),
         ];
         for (pod, want) in cases {
