@@ -574,18 +574,21 @@ impl LocalEtcd {
                 StoreError::Backend(format!("create etcd data dir {}: {e}", dir.display()))
             })?;
             let client = format!("http://127.0.0.1:{}", free_port()?);
+            // A unique member name lets us tell our etcd from another one
+            // that won a race for the same port.
+            let name = format!("evoke-{}-{}", std::process::id(), free_port()?);
             let peer = format!("http://127.0.0.1:{}", free_port()?);
             let log = std::fs::File::create(dir.join("etcd.log")).map_err(|e| {
                 StoreError::Backend(format!("create {}: {e}", dir.join("etcd.log").display()))
             })?;
             let child = std::process::Command::new(&bin)
-                .arg("--name=evoke-test")
+                .arg(format!("--name={name}"))
                 .arg(format!("--data-dir={}", dir.join("data").display()))
                 .arg(format!("--listen-client-urls={client}"))
                 .arg(format!("--advertise-client-urls={client}"))
                 .arg(format!("--listen-peer-urls={peer}"))
                 .arg(format!("--initial-advertise-peer-urls={peer}"))
-                .arg(format!("--initial-cluster=evoke-test={peer}"))
+                .arg(format!("--initial-cluster={name}={peer}"))
                 .arg("--log-level=warn")
                 .stdin(std::process::Stdio::null())
                 .stdout(
@@ -610,9 +613,13 @@ impl LocalEtcd {
                     break;
                 }
                 if let Ok(mut c) = Client::connect([&client], None).await {
-                    if c.status().await.is_ok() {
-                        tracing::debug!(endpoint = %client, "local etcd ready");
-                        return Ok(me);
+                    if let Ok(members) = c.member_list().await {
+                        if members.members().iter().any(|m| m.name() == name) {
+                            tracing::debug!(endpoint = %client, "local etcd ready");
+                            return Ok(me);
+                        }
+                        last = format!("another etcd answered on {client}");
+                        break;
                     }
                 }
                 if std::time::Instant::now() > deadline {

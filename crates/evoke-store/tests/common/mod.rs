@@ -25,12 +25,21 @@ pub fn in_ci() -> bool {
     std::env::var("CI").is_ok_and(|v| v == "true" || v == "1")
 }
 
+/// True when etcd is installed; panics under CI=true when it is not,
+/// else prints why the test is skipped.
+pub fn etcd_available() -> bool {
+    if evoke_store::etcd::LocalEtcd::binary().is_some() {
+        return true;
+    }
+    if in_ci() {
+        panic!("etcd is not installed but CI=true: scripts/setup installs etcd-server");
+    }
+    eprintln!("skipping: etcd is not installed (apt-get install etcd-server)");
+    false
+}
+
 pub async fn etcd() -> Option<(Arc<dyn Backend>, Guard)> {
-    if evoke_store::etcd::LocalEtcd::binary().is_none() {
-        if in_ci() {
-            panic!("etcd is not installed but CI=true: scripts/setup installs etcd-server");
-        }
-        eprintln!("skipping: etcd is not installed (apt-get install etcd-server)");
+    if !etcd_available() {
         return None;
     }
     let server = evoke_store::etcd::LocalEtcd::start(None)
