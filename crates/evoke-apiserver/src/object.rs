@@ -48,14 +48,66 @@ pub(crate) fn from_kv(kv: &KeyValue) -> Result<Value, ApiError> {
 }
 
 /// Serialises an object for the store, without its resourceVersion (the
-/// store's revision is the truth).
+/// store's revision is the truth). apiVersion, kind and metadata come first
+/// so that reads can splice the resourceVersion in without parsing (see
+/// [`raw_with_rv`]).
 pub(crate) fn to_bytes(obj: &Value) -> Vec<u8> {
-    let mut o = obj.clone();
-    if let Some(m) = o.get_mut("metadata").and_then(Value::as_object_mut) {
+    let Some(src) = obj.as_object() else {
+        return serde_json::to_vec(obj).unwrap_or_default();
+    };
+    let mut out = Map::new();
+    for k in ["apiVersion", "kind", "metadata"] {
+        if let Some(v) = src.get(k) {
+            out.insert(k.into(), v.clone());
+        }
+    }
+    for (k, v) in src {
+        if !out.contains_key(k) {
+            out.insert(k.clone(), v.clone());
+        }
+    }
+    if let Some(m) = out.get_mut("metadata").and_then(Value::as_object_mut) {
         m.remove("resourceVersion");
         m.remove("selfLink");
     }
-    serde_json::to_vec(&o).unwrap_or_default()
+    serde_json::to_vec(&out).unwrap_or_default()
+}
+
+/// The stored bytes with `metadata.resourceVersion` set to `rev`, spliced
+/// in without parsing. Works on what [`to_bytes`] wrote: the first `{`
+/// after the opening one must start the top-level metadata (apiVersion and
+/// kind are strings, and a `{` inside a string cannot follow `"metadata":`
+/// unescaped). Returns None for any other layout.
+pub(crate) fn raw_with_rv(value: &[u8], rev: i64) -> Option<Vec<u8>> {
+    const KEY: &[u8] = b"\"metadata\":{";
+    if value.first() != Some(&b'{') {
+        return None;
+    }
+    let brace = 1 + value[1..].iter().position(|b| *b == b'{')?;
+    let start = brace.checked_sub(KEY.len() - 1)?;
+    if &value[start..=brace] != KEY {
+        return None;
+    }
+    let field = format!("\"resourceVersion\":\"{rev}\"");
+    let mut out = Vec::with_capacity(value.len() + field.len() + 1);
+    out.extend_from_slice(&value[..=brace]);
+    out.extend_from_slice(field.as_bytes());
+    if value.get(brace + 1) != Some(&b'}') {
+        out.push(b',');
+    }
+    out.extend_from_slice(&value[brace + 1..]);
+    Some(out)
+}
+
+/// A stored object as response bytes with its resourceVersion: spliced
+/// when possible, else parsed and re-serialised.
+pub(crate) fn kv_bytes(kv: &KeyValue, rev: i64) -> Result<Vec<u8>, ApiError> {
+    if let Some(b) = raw_with_rv(&kv.value, rev) {
+        return Ok(b);
+    }
+    let mut v = from_kv(kv)?;
+    set_rv(&mut v, rev);
+    Ok(serde_json::to_vec(&v).unwrap_or_default())
 }
 
 pub(crate) fn set_rv(obj: &mut Value, rev: i64) {
@@ -140,6 +192,24 @@ mod tests {
         assert_eq!(key(nodes, None, "n1"), "/registry/core/nodes/n1");
         assert_eq!(prefix(deploy, Some("a")), "/registry/apps/deployments/a/");
         assert_eq!(prefix(pods, None), "/registry/core/pods/");
+    }
+
+    #[test]
+    fn resource_version_is_spliced_into_stored_bytes_as_parsing_would_set_it() {
+        for obj in [
+            serde_json::json!({"data": {"x": "\"metadata\":{"}, "metadata": {"name": "a", "labels": {"k": "v"}}, "kind": "ConfigMap", "apiVersion": "v1"}),
+            serde_json::json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {}}),
+            serde_json::json!({"metadata": {"name": "b"}, "spec": {"template": {"metadata": {"name": "inner"}}}}),
+        ] {
+            let bytes = to_bytes(&obj);
+            let spliced = raw_with_rv(&bytes, 42).expect("layout written by to_bytes");
+            let parsed: Value = serde_json::from_slice(&spliced).expect("still json");
+            let mut want = obj.clone();
+            set_rv(&mut want, 42);
+            assert_eq!(parsed, want);
+        }
+        assert_eq!(raw_with_rv(br#"{"spec":{},"metadata":{}}"#, 1), None);
+        assert_eq!(raw_with_rv(b"[]", 1), None);
     }
 
     #[test]

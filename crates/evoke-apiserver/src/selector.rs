@@ -104,6 +104,10 @@ impl LabelSelector {
         Ok(Self(reqs))
     }
 
+    pub(crate) fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
     pub(crate) fn matches(&self, obj: &Value) -> bool {
         let labels = object::labels(obj);
         let get = |k: &str| labels.get(k).and_then(Value::as_str);
@@ -142,6 +146,10 @@ impl FieldSelector {
             reqs.push((path.to_string(), eq, value.trim().to_string()));
         }
         Ok(Self(reqs))
+    }
+
+    pub(crate) fn is_empty(&self) -> bool {
+        self.0.is_empty()
     }
 
     pub(crate) fn matches(&self, obj: &Value) -> bool {

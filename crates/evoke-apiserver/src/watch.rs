@@ -104,10 +104,29 @@ fn classify(
     }
 }
 
+/// A watch event line built from the stored bytes, for unfiltered watches.
+fn raw_event(ev: &Event) -> Result<Bytes, ApiError> {
+    let (ty, kv, rev) = match ev {
+        Event::Put { kv, prev: None } => ("ADDED", kv, kv.mod_revision),
+        Event::Put { kv, prev: Some(_) } => ("MODIFIED", kv, kv.mod_revision),
+        Event::Delete { prev, revision } => ("DELETED", prev, *revision),
+    };
+    let obj = object::kv_bytes(kv, rev)?;
+    let mut b = Vec::with_capacity(obj.len() + 32);
+    b.extend_from_slice(br#"{"type":""#);
+    b.extend_from_slice(ty.as_bytes());
+    b.extend_from_slice(br#"","object":"#);
+    b.extend_from_slice(&obj);
+    b.extend_from_slice(b"}\n");
+    Ok(Bytes::from(b))
+}
+
 pub(crate) async fn watch(ctx: &Ctx) -> Result<Reply, ApiError> {
     let res = ctx.res();
     let filter = Filter::from_ctx(ctx)?;
     let pinned = ctx.t.name.clone();
+    // Without selectors or tables, events are spliced from stored bytes.
+    let simple = filter.is_empty() && pinned.is_none() && !ctx.wants_table();
     let matches = move |o: &Value| {
         filter.matches(o) && pinned.as_deref().is_none_or(|n| object::name(o) == Some(n))
     };
@@ -180,6 +199,13 @@ pub(crate) async fn watch(ctx: &Ctx) -> Result<Reply, ApiError> {
                     Some(Err(e)) => {
                         let _ = tx.send(error_event(&to_watch_error(e))).await;
                         break;
+                    }
+                    Some(Ok(ev)) if simple => {
+                        last = ev.revision();
+                        match raw_event(&ev) {
+                            Ok(b) => b,
+                            Err(e) => error_event(&e),
+                        }
                     }
                     Some(Ok(ev)) => {
                         last = ev.revision();

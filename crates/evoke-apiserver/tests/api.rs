@@ -178,7 +178,10 @@ async fn bad_input_gets_the_status_kube_apiserver_gives() {
     let (c, s) = h
         .call("POST", CMS, "application/vnd.kubernetes.protobuf", "k8s\0")
         .await;
-    assert!(matches!(c, 400 | 415), "a truncated protobuf body is refused: {c}");
+    assert!(
+        matches!(c, 400 | 415),
+        "a truncated protobuf body is refused: {c}"
+    );
     assert_eq!(s["kind"], "Status");
     // Creating in a namespace that does not exist is a 404 naming it.
     let (c, s) = h

@@ -14,15 +14,29 @@ use crate::selector::{FieldSelector, LabelSelector};
 use crate::{compat, State};
 
 pub(crate) async fn get(ctx: &Ctx) -> Result<Reply, ApiError> {
-    let (_, obj) = load(ctx, ctx.name()).await?;
-    if ctx.wants_table() {
-        let rv = obj["metadata"]["resourceVersion"].clone();
-        return Ok(respond::json(
+    if !ctx.wants_table() {
+        // The common case needs no parsing: the stored bytes plus the rv.
+        let name = ctx.name();
+        let gr = ctx.res().group_resource();
+        let kv = ctx
+            .state
+            .store
+            .get(&ctx.key(name))
+            .await
+            .map_err(|e| store_to_api(e, &gr, name))?
+            .ok_or_else(|| ApiError::not_found(&gr, name))?;
+        return Ok(respond::full(
             200,
-            &compat::to_table(ctx.res(), &[obj], json!({"resourceVersion": rv})),
+            "application/json",
+            object::kv_bytes(&kv, kv.mod_revision)?,
         ));
     }
-    Ok(respond::json(200, &obj))
+    let (_, obj) = load(ctx, ctx.name()).await?;
+    let rv = obj["metadata"]["resourceVersion"].clone();
+    Ok(respond::json(
+        200,
+        &compat::to_table(ctx.res(), &[obj], json!({"resourceVersion": rv})),
+    ))
 }
 
 /// The selectors of a list or watch request.
@@ -45,6 +59,11 @@ impl Filter {
             labels: LabelSelector::default(),
             fields: FieldSelector::default(),
         }
+    }
+
+    /// True when the filter lets everything through.
+    pub(crate) fn is_empty(&self) -> bool {
+        self.labels.is_empty() && self.fields.is_empty()
     }
 
     pub(crate) fn matches(&self, obj: &Value) -> bool {
@@ -173,6 +192,9 @@ pub(crate) async fn list(ctx: &Ctx) -> Result<Reply, ApiError> {
             start = Some((rv, String::new()));
         }
     }
+    if filter.is_empty() && !ctx.wants_table() {
+        return list_raw(ctx, limit, start).await;
+    }
     let page = read_page(
         &ctx.state,
         res,
@@ -201,6 +223,59 @@ pub(crate) async fn list(ctx: &Ctx) -> Result<Reply, ApiError> {
             "items": page.items,
         }),
     ))
+}
+
+/// A list without selectors or tables, built from the stored bytes without
+/// parsing them: the path informers and `kubectl get -o json` take.
+async fn list_raw(
+    ctx: &Ctx,
+    limit: Option<usize>,
+    start: Option<(i64, String)>,
+) -> Result<Reply, ApiError> {
+    let res = ctx.res();
+    let (revision, start_after) = match start {
+        Some((rv, key)) => (Some(rv), Some(key)),
+        None => (None, None),
+    };
+    let page = ctx
+        .state
+        .store
+        .list(
+            &object::prefix(res, ctx.t.namespace.as_deref()),
+            ListOptions { start_after, limit, revision },
+        )
+        .await
+        .map_err(|e| match e {
+            evoke_store::StoreError::Compacted { .. } => ApiError::gone(
+                "The provided continue parameter is too old to display a consistent list result. You can start a new list without the continue parameter.",
+            ),
+            other => store_to_api(other, &res.group_resource(), ""),
+        })?;
+    let mut meta = json!({"resourceVersion": page.revision.to_string()});
+    if page.more && limit.is_some() {
+        if let Some(last) = page.items.last() {
+            meta["continue"] = encode_continue(page.revision, &last.key).into();
+        }
+    }
+    let size: usize = page.items.iter().map(|kv| kv.value.len() + 32).sum();
+    let mut body = Vec::with_capacity(size + 256);
+    body.extend_from_slice(
+        format!(
+            r#"{{"kind":"{}List","apiVersion":"{}","metadata":{},"items":["#,
+            res.kind,
+            res.api_version(),
+            meta
+        )
+        .as_bytes(),
+    );
+    for (i, kv) in page.items.iter().enumerate() {
+        if i > 0 {
+            body.push(b',');
+        }
+        body.extend_from_slice(&object::kv_bytes(kv, kv.mod_revision)?);
+    }
+    body.extend_from_slice(b"]}");
+    Ok(respond::full(200, "application/json", body))
 }
 
 #[cfg(test)]
