@@ -41,8 +41,11 @@ pub struct AgentConfig {
     pub network: Arc<dyn PodNetwork>,
     /// Extra node labels (e.g. the control-plane role).
     pub labels: BTreeMap<String, String>,
-    /// The port of the node's log and exec endpoint, reported in the Node.
-    pub port: u16,
+    /// Where the node endpoint (logs) listens, e.g. `0.0.0.0:10250`; port
+    /// 0 picks a free one. The bound port is reported in the Node.
+    pub listen: String,
+    /// The bearer token the node endpoint requires (the cluster token).
+    pub token: Option<String>,
 }
 
 /// State shared by the agent and its workers.
@@ -55,6 +58,8 @@ pub struct Ctx {
     pub default_tier: String,
     pub network: Arc<dyn PodNetwork>,
     pub recorder: Recorder,
+    /// namespace/name -> uid of the pods this node runs (for the endpoint).
+    pub pods: crate::server::PodIndex,
 }
 
 impl Ctx {
@@ -69,6 +74,8 @@ impl Ctx {
 pub struct Agent {
     ctx: Arc<Ctx>,
     labels: BTreeMap<String, String>,
+    listen: String,
+    token: Option<String>,
     port: u16,
 }
 
@@ -103,9 +110,12 @@ impl Agent {
                 default_tier: cfg.default_tier,
                 network: cfg.network,
                 recorder,
+                pods: Default::default(),
             }),
             labels: cfg.labels,
-            port: cfg.port,
+            listen: cfg.listen,
+            token: cfg.token,
+            port: 0,
         }
     }
 
@@ -259,7 +269,15 @@ impl Agent {
     }
 
     /// Runs forever: registration, heartbeat, pod workers.
-    pub async fn run(self) -> Result<(), NodeError> {
+    pub async fn run(mut self) -> Result<(), NodeError> {
+        self.port = crate::server::serve(
+            &self.listen,
+            self.ctx.data_dir.clone(),
+            self.token.clone(),
+            self.ctx.pods.clone(),
+        )
+        .await?;
+        tracing::info!(port = self.port, "node endpoint listening");
         let node_uid = loop {
             match self.register().await {
                 Ok(uid) => break uid,
@@ -309,6 +327,13 @@ impl Agent {
                         }
                         None => {
                             let adopted = leftovers.remove(&uid).unwrap_or_default();
+                            let key =
+                                format!("{}/{}", p.namespace().unwrap_or_default(), p.name_any());
+                            self.ctx
+                                .pods
+                                .write()
+                                .unwrap_or_else(|e| e.into_inner())
+                                .insert(key, uid.clone());
                             let (tx, rx) = watch::channel(Some(p.clone()));
                             let w = Worker::new(self.ctx.clone(), p, rx, adopted);
                             tokio::spawn(w.run());
@@ -317,6 +342,12 @@ impl Agent {
                     }
                 }
                 Event::Delete(p) => {
+                    let key = format!("{}/{}", p.namespace().unwrap_or_default(), p.name_any());
+                    self.ctx
+                        .pods
+                        .write()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .remove(&key);
                     if let Some(tx) = workers.remove(&p.uid().unwrap_or_default()) {
                         let _ = tx.send(None);
                         // Keep the sender alive until the worker has seen it.

@@ -16,6 +16,7 @@ pub mod network;
 pub mod node;
 pub mod probe;
 pub mod runtimeclass;
+pub mod server;
 pub mod spec;
 pub mod status;
 pub mod token;

@@ -61,6 +61,7 @@ fn agent_config(
     data_dir: &Path,
     node_name: String,
     labels: BTreeMap<String, String>,
+    token: &str,
 ) -> evoke_node::AgentConfig {
     let network: Arc<dyn PodNetwork> = Arc::new(LoopbackNetwork);
     evoke_node::AgentConfig {
@@ -71,7 +72,9 @@ fn agent_config(
         default_tier: "container".into(),
         network,
         labels,
-        port: 10250,
+        // Port 0: several agents (tests, a server plus agents) share a host.
+        listen: "0.0.0.0:0".into(),
+        token: Some(token.to_string()),
     }
 }
 
@@ -88,7 +91,7 @@ pub fn main(global: &Global, args: AgentArgs) -> anyhow::Result<u8> {
         let name = args.node_name.clone().unwrap_or_else(hostname);
         let agent = evoke_node::Agent::new(
             client,
-            agent_config(&global.data_dir, name, BTreeMap::new()),
+            agent_config(&global.data_dir, name, BTreeMap::new(), &token.secret),
         );
         agent.run().await.context("node agent")?;
         Ok(0)
@@ -143,8 +146,10 @@ pub async fn start_orchestration(
                 "true".to_string(),
             ),
         ]);
-        let agent =
-            evoke_node::Agent::new(client, agent_config(&global.data_dir, hostname(), labels));
+        let agent = evoke_node::Agent::new(
+            client,
+            agent_config(&global.data_dir, hostname(), labels, secret),
+        );
         tokio::spawn(async move {
             if let Err(e) = agent.run().await {
                 tracing::error!(error = %e, "node agent stopped");

@@ -1,0 +1,293 @@
+//! The node's HTTP endpoint, the kubelet's read-only API for the API
+//! server: `GET /containerLogs/{namespace}/{pod}/{container}` with the
+//! query parameters kubectl's `logs` passes through (`follow`, `previous`,
+//! `tailLines`). The API server proxies `pods/log` here, at the node's
+//! InternalIP and `status.daemonEndpoints.kubeletEndpoint.port`, with its
+//! bearer token (the cluster token).
+//!
+//! Logs live at `<data_dir>/pods/<uid>/logs/<container>/<attempt>.log`;
+//! the current attempt is the highest number, `previous` the one before.
+
+use std::collections::HashMap;
+use std::io::{Read, Seek, SeekFrom};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use axum::body::Body;
+use axum::extract::{Path as UrlPath, Query, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::Router;
+
+/// namespace/name -> uid of the pods this node runs.
+pub type PodIndex = Arc<RwLock<HashMap<String, String>>>;
+
+#[derive(Clone)]
+struct App {
+    data_dir: PathBuf,
+    token: Option<String>,
+    pods: PodIndex,
+}
+
+#[derive(Debug, Default, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct LogQuery {
+    #[serde(default)]
+    pub follow: bool,
+    #[serde(default)]
+    pub previous: bool,
+    pub tail_lines: Option<usize>,
+}
+
+/// The attempts with a log file, ascending.
+pub fn attempts(dir: &Path) -> Vec<u32> {
+    let mut v: Vec<u32> = std::fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| {
+            e.file_name()
+                .to_string_lossy()
+                .strip_suffix(".log")
+                .and_then(|n| n.parse().ok())
+        })
+        .collect();
+    v.sort_unstable();
+    v
+}
+
+/// The last `n` lines of `text`.
+pub fn tail(text: &[u8], n: usize) -> &[u8] {
+    if n == 0 {
+        return &text[text.len()..];
+    }
+    let body = text.strip_suffix(b"\n").unwrap_or(text);
+    let mut seen = 0;
+    for (i, b) in body.iter().enumerate().rev() {
+        if *b == b'\n' {
+            seen += 1;
+            if seen == n {
+                return &text[i + 1..];
+            }
+        }
+    }
+    text
+}
+
+fn error(code: StatusCode, msg: String) -> Response {
+    (code, msg).into_response()
+}
+
+async fn logs(
+    State(app): State<App>,
+    UrlPath((ns, pod, container)): UrlPath<(String, String, String)>,
+    Query(q): Query<LogQuery>,
+    headers: HeaderMap,
+) -> Response {
+    if let Some(t) = app.token.as_deref() {
+        let given = headers
+            .get("authorization")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("");
+        if given.strip_prefix("Bearer ") != Some(t) {
+            return error(StatusCode::UNAUTHORIZED, "unauthorized\n".into());
+        }
+    }
+    let uid = app
+        .pods
+        .read()
+        .unwrap_or_else(|e| e.into_inner())
+        .get(&format!("{ns}/{pod}"))
+        .cloned();
+    let Some(uid) = uid else {
+        return error(
+            StatusCode::NOT_FOUND,
+            format!("pod {ns}/{pod} is not on this node\n"),
+        );
+    };
+    let dir = app
+        .data_dir
+        .join("pods")
+        .join(&uid)
+        .join("logs")
+        .join(&container);
+    let all = attempts(&dir);
+    let pick = if q.previous {
+        all.len().checked_sub(2).map(|i| all[i])
+    } else {
+        all.last().copied()
+    };
+    let Some(attempt) = pick else {
+        let what = if q.previous {
+            "previous terminated container"
+        } else {
+            "container"
+        };
+        return error(
+            StatusCode::BAD_REQUEST,
+            format!("{what} \"{container}\" in pod \"{pod}\" not found\n"),
+        );
+    };
+    let path = dir.join(format!("{attempt}.log"));
+    let text = std::fs::read(&path).unwrap_or_default();
+    let start = match q.tail_lines {
+        Some(n) => text.len() - tail(&text, n).len(),
+        None => 0,
+    };
+    let first = text[start..].to_vec();
+    if !q.follow || q.previous {
+        return (StatusCode::OK, first).into_response();
+    }
+    // Follow: send what exists, then what is appended, until a newer
+    // attempt starts or the pod leaves this node.
+    let offset = text.len() as u64;
+    let state = (
+        Some(first),
+        path,
+        offset,
+        dir,
+        attempt,
+        app.pods.clone(),
+        format!("{ns}/{pod}"),
+    );
+    let stream = futures::stream::unfold(
+        state,
+        |(first, path, offset, dir, attempt, pods, key)| async move {
+            if let Some(f) = first {
+                return Some((
+                    Ok::<_, std::io::Error>(f),
+                    (None, path, offset, dir, attempt, pods, key),
+                ));
+            }
+            loop {
+                let mut buf = Vec::new();
+                if let Ok(mut f) = std::fs::File::open(&path) {
+                    if f.seek(SeekFrom::Start(offset)).is_ok() {
+                        let _ = f.read_to_end(&mut buf);
+                    }
+                }
+                if !buf.is_empty() {
+                    let next = offset + buf.len() as u64;
+                    return Some((Ok(buf), (None, path, next, dir, attempt, pods, key)));
+                }
+                let gone = !pods
+                    .read()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .contains_key(&key);
+                if gone || attempts(&dir).last().is_some_and(|a| *a > attempt) {
+                    return None;
+                }
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        },
+    );
+    Response::builder()
+        .header("content-type", "text/plain")
+        .body(Body::from_stream(stream))
+        .unwrap_or_else(|e| error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))
+}
+
+async fn healthz() -> &'static str {
+    "ok"
+}
+
+/// Binds `addr` (port 0 picks one) and serves in the background; returns
+/// the bound port.
+pub async fn serve(
+    addr: &str,
+    data_dir: PathBuf,
+    token: Option<String>,
+    pods: PodIndex,
+) -> Result<u16, crate::NodeError> {
+    let app = App {
+        data_dir,
+        token,
+        pods,
+    };
+    let router = Router::new()
+        .route("/containerLogs/{ns}/{pod}/{container}", get(logs))
+        .route("/healthz", get(healthz))
+        .with_state(app);
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|source| crate::NodeError::Io {
+            path: addr.into(),
+            source,
+        })?;
+    let port = listener
+        .local_addr()
+        .map_err(|source| crate::NodeError::Io {
+            path: addr.into(),
+            source,
+        })?
+        .port();
+    tokio::spawn(async move {
+        if let Err(e) = axum::serve(listener, router).await {
+            tracing::error!(error = %e, "node endpoint stopped");
+        }
+    });
+    Ok(port)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    #[test]
+    fn tail_returns_the_last_lines() {
+        assert_eq!(tail(b"a\nb\nc\n", 2), b"b\nc\n");
+        assert_eq!(tail(b"a\nb\nc", 1), b"c");
+        assert_eq!(tail(b"a\n", 5), b"a\n");
+        assert_eq!(tail(b"a\n", 0), b"");
+    }
+
+    async fn get(port: u16, path: &str, token: &str) -> String {
+        let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .unwrap();
+        let req = format!("GET {path} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\nConnection: close\r\n\r\n");
+        s.write_all(req.as_bytes()).await.unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).await.unwrap();
+        out
+    }
+
+    #[tokio::test]
+    async fn logs_current_previous_and_tail_with_a_token() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("pods/u1/logs/c");
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("0.log"), "first run\n").unwrap();
+        std::fs::write(dir.join("1.log"), "one\ntwo\nthree\n").unwrap();
+        let pods: PodIndex = Arc::new(RwLock::new(HashMap::from([(
+            "ns/p".to_string(),
+            "u1".to_string(),
+        )])));
+        let port = serve(
+            "127.0.0.1:0",
+            tmp.path().to_path_buf(),
+            Some("tok".into()),
+            pods,
+        )
+        .await
+        .unwrap();
+        assert!(get(port, "/containerLogs/ns/p/c", "tok")
+            .await
+            .ends_with("one\ntwo\nthree\n"));
+        assert!(get(port, "/containerLogs/ns/p/c?previous=true", "tok")
+            .await
+            .ends_with("first run\n"));
+        assert!(get(port, "/containerLogs/ns/p/c?tailLines=1", "tok")
+            .await
+            .ends_with("\r\n\r\nthree\n"));
+        assert!(get(port, "/containerLogs/ns/p/c", "wrong")
+            .await
+            .starts_with("HTTP/1.1 401"));
+        assert!(get(port, "/containerLogs/ns/other/c", "tok")
+            .await
+            .starts_with("HTTP/1.1 404"));
+    }
+}
