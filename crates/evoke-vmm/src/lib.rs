@@ -23,6 +23,7 @@ pub mod seccomp;
 mod sys;
 pub mod tier;
 pub mod vm;
+pub mod vmlinux;
 
 pub use error::VmmError;
 pub use vm::{ExitReason, Vm, VmConfig};

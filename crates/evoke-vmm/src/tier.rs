@@ -2,7 +2,8 @@
 //!
 //! `create` resolves the image, turns image config plus spec into the
 //! guest agent's [`GuestSpec`], builds the guest initramfs (cached agent and
-//! modules, the image rootfs, the spec) with evoke-guest's builder and
+//! modules, the image rootfs, the spec) with evoke-guest's builder, extracts
+//! (once) the kernel's uncompressed vmlinux to boot it through PVH, and
 //! writes the VMM process's config. `start` launches `evoke vmm --config`
 //! (one process per VM, in its own cgroup) and a supervisor thread that
 //! reads the agent's frames from the VMM's stdout: workload stdout/stderr go
@@ -44,8 +45,9 @@ pub const DEFAULT_MEM_MIB: u64 = 512;
 pub const MIN_MEM_MIB: u64 = 128;
 /// The guest kernel's command line: serial console, reset on reboot and on
 /// panic (both end the VMM), no PCI probing, the i8042 only for its reset
-/// line, and a quiet boot (every console byte is a VM exit).
-pub const GUEST_CMDLINE: &str = "console=ttyS0 reboot=k panic=-1 pci=off i8042.noaux i8042.nomux i8042.nopnp i8042.dumbkbd quiet loglevel=1 rdinit=/init";
+/// line, and a quiet boot (every console byte is a VM exit) that still
+/// shows errors and panics in the console log.
+pub const GUEST_CMDLINE: &str = "console=ttyS0 reboot=k panic=-1 pci=off i8042.noaux i8042.nomux i8042.nopnp i8042.dumbkbd quiet rdinit=/init";
 
 fn tier_err(e: impl Into<Box<dyn std::error::Error + Send + Sync>>) -> RuntimeError {
     RuntimeError::tier(TIER, e)
@@ -284,12 +286,21 @@ impl WorkloadRuntime for MicroVmTier {
                 }
             }
             let (mem_mib, vcpus) = vm_size(spec);
+            // Boot the uncompressed kernel through PVH when it can be had:
+            // the guest then skips decompressing itself.
+            let boot_kernel = match crate::vmlinux::cached(&kernel, &self.root.join(".cache")) {
+                Ok(v) => v,
+                Err(e) => {
+                    tracing::info!(error = %e, "booting the bzimage instead of a pvh vmlinux");
+                    kernel.clone()
+                }
+            };
             let cfg = ProcessConfig {
                 vm: VmConfig {
                     mem_mib,
                     vcpus,
                     payload: Payload::Linux {
-                        kernel,
+                        kernel: boot_kernel,
                         initrd: parts,
                         cmdline: GUEST_CMDLINE.into(),
                         protocol: Default::default(),

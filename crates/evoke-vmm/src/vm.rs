@@ -133,7 +133,7 @@ impl Shared {
             Err(p) => p.into_inner(),
         };
         if g.is_none() {
-            tracing::info!(
+            tracing::debug!(
                 ?reason,
                 elapsed_ms = self.started.elapsed().as_millis() as u64,
                 "vm exit"
