@@ -83,7 +83,9 @@ async fn handle(state: Arc<State>, verified_cert: bool, req: Request<Incoming>) 
     let method = req.method().clone();
     let uri = req.uri().clone();
     let started = std::time::Instant::now();
+    let public_ca = uri.path() == "/cacerts" && method == http::Method::GET;
     let reply = match auth::authenticate(req.headers(), verified_cert, &state.token) {
+        None if public_ca => respond::full(200, "text/plain; charset=utf-8", state.ca_pem.clone()),
         None => {
             tracing::info!(%method, path = uri.path(), "unauthenticated request refused");
             respond::error(&ApiError::unauthorized())

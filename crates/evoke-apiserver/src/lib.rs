@@ -73,6 +73,9 @@ impl Config {
 pub(crate) struct State {
     pub store: Arc<dyn Backend>,
     pub token: String,
+    /// The cluster CA, served without authentication at `/cacerts` (as
+    /// k3s does) so agents can pin it against their join token's hash.
+    pub ca_pem: String,
     /// `https://host:port`, for discovery's serverAddressByClientCIDRs.
     pub server_address: String,
     /// Held from a Service's address allocation until it is stored.
@@ -145,6 +148,7 @@ impl Server {
         let state = Arc::new(State {
             store,
             token: creds.token.clone(),
+            ca_pem: creds.ca_cert_pem.clone(),
             server_address: format!("{host}:{}", addr.port()),
             service_lock: tokio::sync::Mutex::new(()),
         });

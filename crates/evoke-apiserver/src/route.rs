@@ -191,6 +191,14 @@ async fn route(state: Arc<State>, req: Request<Bytes>) -> Result<Reply, ApiError
         .to_string();
     let segs: Vec<&str> = path.split('/').filter(|s| !s.is_empty()).collect();
     match segs.as_slice() {
+        ["cacerts"] => {
+            get_only(&method, &path)?;
+            Ok(respond::full(
+                200,
+                "text/plain; charset=utf-8",
+                state.ca_pem.clone(),
+            ))
+        }
         ["version"] => {
             get_only(&method, &path)?;
             Ok(respond::json(200, &discovery::version()))

@@ -247,7 +247,10 @@ pub fn server_config(creds: &Credentials) -> Result<rustls::ServerConfig, StartE
             what: "client verifier",
             reason: e.to_string(),
         })?;
-    let chain = parse_certs(&creds.serving_cert_pem, "serving")?;
+    // The CA travels with the chain, so a joining agent can check it
+    // against the hash in its token before it sends any secret.
+    let mut chain = parse_certs(&creds.serving_cert_pem, "serving")?;
+    chain.extend(parse_certs(&creds.ca_cert_pem, "ca")?);
     let key = rustls_pemfile::private_key(&mut creds.serving_key_pem.as_bytes())
         .ok()
         .flatten()

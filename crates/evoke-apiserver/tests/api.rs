@@ -749,3 +749,20 @@ async fn services_get_distinct_cluster_ips_and_node_ports() {
         .await;
     assert_eq!((c, hl["spec"]["clusterIP"].as_str()), (201, Some("None")));
 }
+
+#[tokio::test]
+async fn the_ca_is_served_without_credentials_at_cacerts() {
+    let h = start().await;
+    let mut cfg = kube_config(&h.server.as_ref().expect("server").kubeconfig).await;
+    cfg.auth_info = Default::default();
+    let anon = kube::Client::try_from(cfg).expect("client");
+    let req = http::Request::builder()
+        .uri("/cacerts")
+        .body(kube::client::Body::empty())
+        .expect("req");
+    let resp = anon.send(req).await.expect("cacerts");
+    assert_eq!(resp.status().as_u16(), 200);
+    let body = resp.into_body().collect_bytes().await.expect("body");
+    let ca = &h.server.as_ref().expect("server").credentials.ca_cert_pem;
+    assert_eq!(String::from_utf8_lossy(&body), ca.as_str());
+}
