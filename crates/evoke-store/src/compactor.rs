@@ -4,6 +4,9 @@
 //! `retain` old, but never closer than `keep_revisions` to the head (so a
 //! watcher that reconnects soon after a burst can still resume). Each pass
 //! is idempotent and needs no hint about what changed.
+//!
+//! The SQLite and etcd backends run one by default (see their `open_with`
+//! and `connect_with`); [`spawn`] runs one for any other [`Backend`].
 
 use std::collections::VecDeque;
 use std::sync::{Arc, Weak};
@@ -50,8 +53,19 @@ impl Compactor {
     /// One pass: samples the revision and compacts if something is due.
     /// Returns the revision compacted to, if it compacted.
     pub async fn pass(&mut self, backend: &dyn Backend) -> Result<Option<i64>, StoreError> {
-        let now = Instant::now();
         let head = backend.revision().await?;
+        let compacted = backend.compacted_revision().await?;
+        let Some(target) = self.decide(Instant::now(), head, compacted) else {
+            return Ok(None);
+        };
+        backend.compact(target).await?;
+        tracing::info!(revision = target, head, "compacted store history");
+        Ok(Some(target))
+    }
+
+    /// Notes `head` as seen at `now` and returns the revision to compact
+    /// to, if any is due.
+    pub fn decide(&mut self, now: Instant, head: i64, compacted: i64) -> Option<i64> {
         self.samples.push_back((now, head));
         // The newest sample that is old enough; drop the ones before it.
         let mut target = None;
@@ -62,16 +76,13 @@ impl Compactor {
             target = Some(rev);
             self.samples.pop_front();
         }
-        let Some(target) = target else {
-            return Ok(None);
-        };
-        let target = target.min(head - self.policy.keep_revisions);
-        if target <= backend.compacted_revision().await? {
-            return Ok(None);
-        }
-        backend.compact(target).await?;
-        tracing::info!(revision = target, head, "compacted store history");
-        Ok(Some(target))
+        let target = target?.min(head - self.policy.keep_revisions);
+        (target > compacted).then_some(target)
+    }
+
+    /// Time between passes.
+    pub fn interval(&self) -> Duration {
+        self.policy.interval
     }
 }
 

@@ -21,7 +21,10 @@ use etcd_client::{
     PutOptions, Txn, TxnOp, TxnOpResponse, WatchOptions,
 };
 
-use crate::{Backend, Event, KeyValue, ListOptions, ListResult, StoreError, WatchStream};
+use crate::compactor::Compactor;
+use crate::{
+    Backend, CompactionPolicy, Event, KeyValue, ListOptions, ListResult, StoreError, WatchStream,
+};
 
 /// The end of the key range that holds every key starting with `key`.
 fn prefix_end(key: &[u8]) -> Vec<u8> {
@@ -44,13 +47,26 @@ pub struct EtcdBackend {
     client: Client,
     endpoint: String,
     prefix: String,
+    /// Dropping this stops the background compaction task.
+    _stop_compactor: Option<tokio::sync::oneshot::Sender<()>>,
 }
 
 impl EtcdBackend {
     /// Connects to etcd at `endpoint` (e.g. `http://127.0.0.1:2379`) and
     /// keeps every key under `prefix` (e.g. `/evoke`), which must not be
-    /// empty.
+    /// empty. A background task compacts history by the default
+    /// [`CompactionPolicy`] until the backend is dropped.
     pub async fn connect(endpoint: &str, prefix: &str) -> Result<Self, StoreError> {
+        Self::connect_with(endpoint, prefix, Some(CompactionPolicy::default())).await
+    }
+
+    /// As [`connect`](Self::connect), with the given compaction policy
+    /// (None: only explicit [`Backend::compact`] calls compact).
+    pub async fn connect_with(
+        endpoint: &str,
+        prefix: &str,
+        compaction: Option<CompactionPolicy>,
+    ) -> Result<Self, StoreError> {
         if prefix.is_empty() {
             return Err(StoreError::Backend(format!(
                 "etcd {endpoint}: the key prefix must not be empty"
@@ -68,11 +84,42 @@ impl EtcdBackend {
             .await
             .map_err(|e| StoreError::Backend(format!("etcd {endpoint}: status: {e}")))?;
         tracing::info!(endpoint, prefix, "connected to etcd");
-        Ok(Self {
+        let mut me = Self {
             client,
             endpoint: endpoint.to_owned(),
             prefix: prefix.to_owned(),
-        })
+            _stop_compactor: None,
+        };
+        if let Some(policy) = compaction {
+            let (stop, mut stopped) = tokio::sync::oneshot::channel();
+            me._stop_compactor = Some(stop);
+            let worker = me.handle();
+            tokio::spawn(async move {
+                let mut compactor = Compactor::new(policy);
+                let mut ticker = tokio::time::interval(compactor.interval());
+                ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                loop {
+                    tokio::select! {
+                        _ = &mut stopped => return,
+                        _ = ticker.tick() => {}
+                    }
+                    if let Err(e) = compactor.pass(&worker).await {
+                        tracing::warn!(endpoint = %worker.endpoint, error = %e, "etcd compaction failed; retrying next pass");
+                    }
+                }
+            });
+        }
+        Ok(me)
+    }
+
+    /// A second handle on the same connection, without the compactor.
+    fn handle(&self) -> Self {
+        Self {
+            client: self.client.clone(),
+            endpoint: self.endpoint.clone(),
+            prefix: self.prefix.clone(),
+            _stop_compactor: None,
+        }
     }
 
     fn full(&self, key: &str) -> Vec<u8> {
@@ -409,11 +456,7 @@ impl Backend for EtcdBackend {
             .watch(start, Some(opts))
             .await
             .map_err(|e| self.err(e))?;
-        let me = EtcdBackend {
-            client: self.client.clone(),
-            endpoint: self.endpoint.clone(),
-            prefix: self.prefix.clone(),
-        };
+        let me = self.handle();
         let state = (stream, me, VecDeque::<Event>::new(), false);
         Ok(Box::pin(futures::stream::unfold(
             state,

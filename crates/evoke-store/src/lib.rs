@@ -177,9 +177,9 @@ pub const ETCD_PREFIX: &str = "/evoke";
 
 /// Opens the store the server runs on: etcd when `datastore_endpoint` is an
 /// `http://` or `https://` URL, else SQLite at
-/// `<data_dir>/server/db/state.db`. Also starts the background compactor
-/// (default [`CompactionPolicy`]), which stops when the store is dropped;
-/// call this inside a tokio runtime.
+/// `<data_dir>/server/db/state.db`. Both compact their history in the
+/// background by the default [`CompactionPolicy`]. Call this inside a tokio
+/// runtime.
 pub async fn open(
     data_dir: &Path,
     datastore_endpoint: Option<&str>,
@@ -201,6 +201,5 @@ pub async fn open(
             Arc::new(b)
         }
     };
-    compactor::spawn(&backend, CompactionPolicy::default());
     Ok(backend)
 }

@@ -12,13 +12,18 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicI64, Ordering};
-use std::sync::{mpsc, Arc, Mutex};
+use std::sync::mpsc::{self, RecvTimeoutError};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
 
 use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
 use tokio::sync::{broadcast, oneshot};
 
+use crate::compactor::Compactor;
 use crate::watch::{self, History};
-use crate::{Backend, Event, KeyValue, ListOptions, ListResult, StoreError, WatchStream};
+use crate::{
+    Backend, CompactionPolicy, Event, KeyValue, ListOptions, ListResult, StoreError, WatchStream,
+};
 
 /// At most this many writes share one transaction.
 const MAX_BATCH: usize = 512;
@@ -132,8 +137,18 @@ fn configure(conn: &Connection) -> rusqlite::Result<()> {
 
 impl SqliteBackend {
     /// Opens (creating if needed) the database at `path`, and starts its
-    /// writer thread.
+    /// writer thread, which also compacts history by the default
+    /// [`CompactionPolicy`].
     pub fn open(path: impl AsRef<Path>) -> Result<Self, StoreError> {
+        Self::open_with(path, Some(CompactionPolicy::default()))
+    }
+
+    /// As [`open`](Self::open), with the given compaction policy (None: only
+    /// explicit [`Backend::compact`] calls compact).
+    pub fn open_with(
+        path: impl AsRef<Path>,
+        compaction: Option<CompactionPolicy>,
+    ) -> Result<Self, StoreError> {
         let path = path.as_ref().to_path_buf();
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
             std::fs::create_dir_all(dir).map_err(|e| {
@@ -162,6 +177,7 @@ impl SqliteBackend {
             revision,
             counters: counters.clone(),
             tx: tx.clone(),
+            compactor: compaction.map(Compactor::new),
         };
         let thread = std::thread::Builder::new()
             .name("evoke-store-writer".into())
@@ -587,6 +603,8 @@ struct Writer {
     revision: i64,
     counters: Arc<Counters>,
     tx: broadcast::Sender<Arc<Event>>,
+    /// Background compaction, run between batches on its timer.
+    compactor: Option<Compactor>,
 }
 
 type Reply = oneshot::Sender<Result<Event, StoreError>>;
@@ -594,7 +612,23 @@ type Reply = oneshot::Sender<Result<Event, StoreError>>;
 impl Writer {
     fn run(&mut self, rx: mpsc::Receiver<Request>) {
         let mut batch: Vec<(Op, Reply)> = Vec::new();
-        while let Ok(first) = rx.recv() {
+        let mut next_pass = self
+            .compactor
+            .as_ref()
+            .map(|c| Instant::now() + c.interval());
+        loop {
+            let first = match next_pass {
+                None => rx.recv().map_err(|_| RecvTimeoutError::Disconnected),
+                Some(at) => rx.recv_timeout(at.saturating_duration_since(Instant::now())),
+            };
+            let first = match first {
+                Ok(req) => req,
+                Err(RecvTimeoutError::Timeout) => {
+                    next_pass = self.compaction_pass();
+                    continue;
+                }
+                Err(RecvTimeoutError::Disconnected) => break,
+            };
             let mut next = Some(first);
             while let Some(req) = next.take() {
                 match req {
@@ -610,8 +644,25 @@ impl Writer {
                 }
             }
             self.commit_batch(&mut batch);
+            if next_pass.is_some_and(|at| Instant::now() >= at) {
+                next_pass = self.compaction_pass();
+            }
         }
         tracing::debug!(path = %self.path.display(), "sqlite writer stopped");
+    }
+
+    /// Runs the background compactor once; returns when it is next due.
+    fn compaction_pass(&mut self) -> Option<Instant> {
+        let compacted = self.counters.compacted.load(Ordering::SeqCst);
+        let head = self.revision;
+        let c = self.compactor.as_mut()?;
+        let next = Instant::now() + c.interval();
+        if let Some(target) = c.decide(Instant::now(), head, compacted) {
+            if let Err(e) = self.compact(target) {
+                tracing::warn!(path = %self.path.display(), error = %e, "sqlite compaction failed; retrying next pass");
+            }
+        }
+        Some(next)
     }
 
     /// Applies the queued writes in one transaction, then answers each and

@@ -232,3 +232,77 @@ async fn etcd_history_is_compacted_too() {
         .unwrap_err();
     assert!(matches!(err, StoreError::Compacted { .. }), "{err}");
 }
+
+fn quick_policy() -> CompactionPolicy {
+    CompactionPolicy {
+        interval: Duration::from_millis(50),
+        retain: Duration::ZERO,
+        keep_revisions: 10,
+    }
+}
+
+/// Waits until `b` has compacted to `want`.
+async fn wait_compacted(b: &dyn Backend, want: i64) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+    loop {
+        let c = b.compacted_revision().await.unwrap();
+        if c == want {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "background compaction reached {c}, want {want}"
+        );
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqlite_compacts_its_history_in_the_background() {
+    let dir = tempfile::tempdir().unwrap();
+    let b = SqliteBackend::open_with(dir.path().join("state.db"), Some(quick_policy())).unwrap();
+    let mut rev = b.create("/bg/a", vec![0]).await.unwrap().mod_revision;
+    for i in 0..200u8 {
+        rev = b.update("/bg/a", rev, vec![i]).await.unwrap().mod_revision;
+    }
+    wait_compacted(&b, rev - 10).await;
+    // Ten newer revisions plus the value as of the compaction point.
+    assert_eq!(b.log_rows().await.unwrap(), 11);
+    assert_eq!(b.get("/bg/a").await.unwrap().unwrap().value, vec![199]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn etcd_compacts_its_history_in_the_background() {
+    if !common::etcd_available() {
+        return;
+    }
+    let server = evoke_store::etcd::LocalEtcd::start(None).await.unwrap();
+    let b = evoke_store::EtcdBackend::connect_with(server.endpoint(), "/bg", Some(quick_policy()))
+        .await
+        .unwrap();
+    let mut rev = b.create("/bg/a", vec![0]).await.unwrap().mod_revision;
+    for i in 0..100u8 {
+        rev = b.update("/bg/a", rev, vec![i]).await.unwrap().mod_revision;
+    }
+    // The compactor's own bookkeeping write may land first; wait for any
+    // point at or past ten behind the last update.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+    while b.compacted_revision().await.unwrap() < rev - 10 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "etcd compacted in time"
+        );
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    let err = b
+        .list(
+            "/bg/",
+            evoke_store::ListOptions {
+                revision: Some(rev - 50),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap_err();
+    assert!(matches!(err, StoreError::Compacted { .. }), "{err}");
+}
