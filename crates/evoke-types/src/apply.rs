@@ -64,6 +64,17 @@ pub fn server_side_apply(
             }],
         ));
     }
+    if let Some((path, key)) = duplicate_key(applied, Schema::for_resource(res), "", 0) {
+        return Err(ApiError::invalid(
+            res.kind,
+            applied_name(applied),
+            vec![Cause {
+                reason: "FieldValueDuplicate".into(),
+                message: format!("Duplicate value: duplicate entries for key {key}"),
+                field: path,
+            }],
+        ));
+    }
     let api_version = res.api_version();
     let applied_set = managed_fields::field_set(res, applied, true);
     // An apply to the main resource does not touch status when the kind has
@@ -164,6 +175,42 @@ pub fn server_side_apply(
     list.push(apply_entry(manager, &api_version, now, applied_set));
     managed_fields::set_entries(&mut obj, &list);
     Ok(obj)
+}
+
+/// The first keyed list in `v` with two items of the same key, as the
+/// list's path and the key (`[name="web"]`). Apply cannot tell which of
+/// them a manager owns, so kube refuses such configurations.
+fn duplicate_key(v: &Value, schema: Schema, path: &str, depth: usize) -> Option<(String, String)> {
+    if depth > 100 {
+        return None;
+    }
+    match v {
+        Value::Object(m) => m.iter().find_map(|(k, x)| {
+            let child = if schema.property(k).is_known() {
+                schema.property(k)
+            } else {
+                schema.values()
+            };
+            duplicate_key(x, child, &format!("{path}.{k}"), depth + 1)
+        }),
+        Value::Array(items) => {
+            if let ListKind::Map(keys) = schema.list_kind() {
+                let mut seen = std::collections::HashSet::new();
+                for item in items {
+                    if let Some(k) = managed_fields::item_element(item, keys) {
+                        if !seen.insert(k.clone()) {
+                            let shown = managed_fields::path_string(&[k]);
+                            return Some((path.trim_start_matches('.').to_string(), shown));
+                        }
+                    }
+                }
+            }
+            items
+                .iter()
+                .find_map(|x| duplicate_key(x, schema.items(), path, depth + 1))
+        }
+        _ => None,
+    }
 }
 
 fn applied_name(v: &Value) -> &str {
@@ -540,6 +587,21 @@ mod tests {
         let out =
             server_side_apply(res(), Some(&live), &applied, "kubectl", false, T0).expect("applies");
         assert_eq!(out["status"]["replicas"], 1);
+    }
+
+    #[test]
+    fn duplicate_keys_in_an_applied_list_are_invalid() {
+        let mut d = deploy(1, "x");
+        d["spec"]["template"]["spec"]["containers"] =
+            json!([{"name":"c","image":"a"},{"name":"c","image":"b"}]);
+        let e = server_side_apply(res(), None, &d, "kubectl", false, T0).expect_err("duplicates");
+        assert_eq!(e.code, 422);
+        assert_eq!(e.causes[0].field, "spec.template.spec.containers");
+        assert!(
+            e.message.contains("duplicate entries for key [name=\"c\"]"),
+            "{}",
+            e.message
+        );
     }
 
     #[test]

@@ -23,7 +23,14 @@ fuzz_target!(|data: &[u8]| {
         let _ = evoke_types::validate::validate(res, &obj, Some(&obj));
         evoke_types::defaults::default_object(res, &mut obj);
         let _ = evoke_types::validate::validate(res, &obj, None);
-        let _ = evoke_types::table::to_table(res, std::slice::from_ref(&obj), serde_json::json!({}));
-        evoke_types::managed_fields::record_update(res, None, &mut obj, "fuzz", "2024-01-01T00:00:00Z");
+        let _ =
+            evoke_types::table::to_table(res, std::slice::from_ref(&obj), serde_json::json!({}));
+        evoke_types::managed_fields::record_update(
+            res,
+            None,
+            &mut obj,
+            "fuzz",
+            "2024-01-01T00:00:00Z",
+        );
     }
 });
