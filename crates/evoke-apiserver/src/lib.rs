@@ -53,6 +53,8 @@ pub struct Config {
     pub kubeconfig_path: Option<PathBuf>,
     /// File mode of the kubeconfig.
     pub kubeconfig_mode: u32,
+    /// How often a quiet watch with `allowWatchBookmarks` gets a BOOKMARK.
+    pub bookmark_interval: std::time::Duration,
 }
 
 impl Config {
@@ -65,6 +67,7 @@ impl Config {
             token: None,
             kubeconfig_path: None,
             kubeconfig_mode: 0o600,
+            bookmark_interval: watch::BOOKMARK_EVERY,
         }
     }
 }
@@ -78,6 +81,7 @@ pub(crate) struct State {
     pub ca_pem: String,
     /// `https://host:port`, for discovery's serverAddressByClientCIDRs.
     pub server_address: String,
+    pub bookmark_interval: std::time::Duration,
     /// Held from a Service's address allocation until it is stored.
     pub service_lock: tokio::sync::Mutex<()>,
 }
@@ -151,6 +155,7 @@ impl Server {
             ca_pem: creds.ca_cert_pem.clone(),
             server_address: format!("{host}:{}", addr.port()),
             service_lock: tokio::sync::Mutex::new(()),
+            bookmark_interval: config.bookmark_interval,
         });
         let (stop, stopped) = signal::channel(false);
         let task = tokio::spawn(http::serve(listener, Arc::new(tls_config), state, stopped));

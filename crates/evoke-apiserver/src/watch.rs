@@ -11,7 +11,7 @@
 //!    ERROR event (410 Expired when R has been compacted).
 //!
 //! With `allowWatchBookmarks`, a BOOKMARK with the last delivered revision
-//! is sent every [`BOOKMARK_EVERY`] of quiet.
+//! is sent every `Config::bookmark_interval` (default [`BOOKMARK_EVERY`]).
 
 use std::time::Duration;
 
@@ -31,7 +31,7 @@ use crate::handlers::Ctx;
 use crate::object;
 use crate::respond::Reply;
 
-/// How often an idle watch with bookmarks enabled reports its revision.
+/// How often a watch with bookmarks enabled reports its revision.
 pub(crate) const BOOKMARK_EVERY: Duration = Duration::from_secs(15);
 /// The watch length when the client gives no timeoutSeconds (kube picks
 /// 30–60 minutes).
@@ -171,6 +171,7 @@ pub(crate) async fn watch(ctx: &Ctx) -> Result<Reply, ApiError> {
     let prefix = object::prefix(res, namespace.as_deref());
     let (tx, rx) = mpsc::channel::<Bytes>(64);
     let store = ctx.state.store.clone();
+    let every = ctx.state.bookmark_interval.max(Duration::from_millis(10));
     tokio::spawn(async move {
         for b in first {
             if tx.send(b).await.is_err() {
@@ -187,7 +188,7 @@ pub(crate) async fn watch(ctx: &Ctx) -> Result<Reply, ApiError> {
         let deadline = tokio::time::sleep(timeout);
         tokio::pin!(deadline);
         let mut last = start;
-        let mut tick = tokio::time::interval(BOOKMARK_EVERY);
+        let mut tick = tokio::time::interval(every);
         tick.tick().await;
         loop {
             let out = tokio::select! {

@@ -29,9 +29,14 @@ async fn kube_config(path: &std::path::Path) -> kube::Config {
 }
 
 async fn start() -> Harness {
+    start_with(|_| {}).await
+}
+
+async fn start_with(tune: impl FnOnce(&mut Config)) -> Harness {
     let dir = tempfile::tempdir().expect("tempdir");
     let mut cfg = Config::new(dir.path());
     cfg.port = 0;
+    tune(&mut cfg);
     let store: Arc<dyn Backend> = Arc::new(MemoryBackend::new());
     let server = Server::start(cfg, store.clone())
         .await
@@ -765,4 +770,40 @@ async fn the_ca_is_served_without_credentials_at_cacerts() {
     let body = resp.into_body().collect_bytes().await.expect("body");
     let ca = &h.server.as_ref().expect("server").credentials.ca_cert_pem;
     assert_eq!(String::from_utf8_lossy(&body), ca.as_str());
+}
+
+#[tokio::test]
+async fn quiet_watches_with_bookmarks_get_the_latest_delivered_revision() {
+    let h = start_with(|c| c.bookmark_interval = Duration::from_millis(200)).await;
+    let (_, created) = h.json("POST", CMS, cm("b", json!({}))).await;
+    let rv = created["metadata"]["resourceVersion"]
+        .as_str()
+        .expect("rv")
+        .to_string();
+    let evs = watch_lines(
+        &h,
+        &format!("{CMS}?watch=1&allowWatchBookmarks=true&resourceVersion={rv}&timeoutSeconds=5"),
+        2,
+    )
+    .await;
+    assert_eq!(evs.len(), 2);
+    for ev in &evs {
+        assert_eq!(ev["type"], "BOOKMARK");
+        assert_eq!(ev["object"]["kind"], "ConfigMap");
+        assert_eq!(ev["object"]["metadata"]["resourceVersion"], rv.as_str());
+    }
+}
+
+#[tokio::test]
+async fn eviction_deletes_the_pod_with_its_options() {
+    let h = start().await;
+    let pods = "/api/v1/namespaces/default/pods";
+    h.json("POST", pods, pod("ev", Some("n1"))).await;
+    let eviction = json!({"apiVersion": "policy/v1", "kind": "Eviction", "metadata": {"name": "ev"},
+        "deleteOptions": {"gracePeriodSeconds": 0}});
+    let (c, s) = h
+        .json("POST", &format!("{pods}/ev/eviction"), eviction)
+        .await;
+    assert_eq!(c, 201, "{s}");
+    assert_eq!(h.get(&format!("{pods}/ev")).await.0, 404);
 }
