@@ -506,14 +506,20 @@ impl DeploymentController {
         self.pods.ready().await;
         let triggers = vec![self.deployments.subscribe(), self.sets.subscribe()];
         let me = self.clone();
-        crate::informer::run_loop("deployment", triggers, Duration::from_secs(10), move || {
-            let me = me.clone();
-            async move {
-                for d in me.deployments.store.state() {
-                    me.reconcile(&d).await;
+        crate::informer::run_loop(
+            "deployment",
+            triggers,
+            Duration::from_secs(10),
+            Duration::from_millis(5),
+            move || {
+                let me = me.clone();
+                async move {
+                    for d in me.deployments.store.state() {
+                        me.reconcile(&d).await;
+                    }
                 }
-            }
-        })
+            },
+        )
         .await;
     }
 

@@ -242,10 +242,16 @@ impl EndpointsController {
         self.slices.ready().await;
         let triggers = vec![self.services.subscribe(), self.pods.subscribe()];
         let me = self.clone();
-        crate::informer::run_loop("endpoints", triggers, Duration::from_secs(30), move || {
-            let me = me.clone();
-            async move { me.reconcile().await }
-        })
+        crate::informer::run_loop(
+            "endpoints",
+            triggers,
+            Duration::from_secs(30),
+            Duration::from_millis(50),
+            move || {
+                let me = me.clone();
+                async move { me.reconcile().await }
+            },
+        )
         .await;
     }
 

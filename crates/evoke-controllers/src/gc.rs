@@ -178,6 +178,7 @@ impl GarbageCollector {
             "garbage-collector",
             triggers,
             Duration::from_secs(30),
+            Duration::from_millis(500),
             move || {
                 let me = me.clone();
                 async move { me.collect().await }
@@ -221,7 +222,20 @@ impl GarbageCollector {
                 .map(|o| Node::of(o.as_ref())),
         );
         objs.extend(self.sets.store.state().iter().map(|o| Node::of(o.as_ref())));
-        objs.extend(self.pods.store.state().iter().map(|o| Node::of(o.as_ref())));
+        // Pods own nothing here; only those with owners can be collected.
+        objs.extend(
+            self.pods
+                .store
+                .state()
+                .iter()
+                .filter(|p| {
+                    p.metadata
+                        .owner_references
+                        .as_ref()
+                        .is_some_and(|o| !o.is_empty())
+                })
+                .map(|o| Node::of(o.as_ref())),
+        );
         let p = plan(&objs);
         for i in &p.maybe_orphaned {
             let dep = &objs[*i];

@@ -76,13 +76,15 @@ where
     }
 }
 
-/// Runs `step` whenever one of `triggers` fires (batched over a few
-/// milliseconds) and at least every `resync`, forever. Level-triggered: the
-/// step looks at the whole cache, never at what changed.
+/// Runs `step` whenever one of `triggers` fires and at least every
+/// `resync`, forever, but not more often than every `batch` (events in
+/// between are handled together). Level-triggered: the step looks at the
+/// whole cache, never at what changed.
 pub async fn run_loop<F, Fut>(
     name: &'static str,
     mut triggers: Vec<watch::Receiver<u64>>,
     resync: Duration,
+    batch: Duration,
     mut step: F,
 ) where
     F: FnMut() -> Fut,
@@ -103,7 +105,7 @@ pub async fn run_loop<F, Fut>(
             _ = tokio::time::sleep(resync) => {}
         }
         // Let a burst of events land before looking again.
-        tokio::time::sleep(Duration::from_millis(5)).await;
+        tokio::time::sleep(batch).await;
         for t in triggers.iter_mut() {
             t.mark_unchanged();
         }

@@ -40,16 +40,22 @@ impl NamespaceController {
         self.namespaces.ready().await;
         let triggers = vec![self.namespaces.subscribe()];
         let me = self.clone();
-        crate::informer::run_loop("namespace", triggers, Duration::from_secs(5), move || {
-            let me = me.clone();
-            async move {
-                for ns in me.namespaces.store.state() {
-                    if ns.metadata.deletion_timestamp.is_some() {
-                        me.drain(&ns).await;
+        crate::informer::run_loop(
+            "namespace",
+            triggers,
+            Duration::from_secs(5),
+            Duration::from_millis(500),
+            move || {
+                let me = me.clone();
+                async move {
+                    for ns in me.namespaces.store.state() {
+                        if ns.metadata.deletion_timestamp.is_some() {
+                            me.drain(&ns).await;
+                        }
                     }
                 }
-            }
-        })
+            },
+        )
         .await;
     }
 

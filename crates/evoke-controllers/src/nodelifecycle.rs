@@ -175,6 +175,7 @@ impl NodeLifecycleController {
             "node-lifecycle",
             triggers,
             Duration::from_secs(5),
+            Duration::from_millis(500),
             move || {
                 let me = me.clone();
                 async move { me.reconcile().await }

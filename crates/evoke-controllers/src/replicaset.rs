@@ -209,10 +209,16 @@ impl ReplicaSetController {
         self.sets.ready().await;
         let triggers = vec![self.pods.subscribe(), self.sets.subscribe()];
         let me = self.clone();
-        crate::informer::run_loop("replicaset", triggers, Duration::from_secs(10), move || {
-            let me = me.clone();
-            async move { me.reconcile_all().await }
-        })
+        crate::informer::run_loop(
+            "replicaset",
+            triggers,
+            Duration::from_secs(10),
+            Duration::from_millis(5),
+            move || {
+                let me = me.clone();
+                async move { me.reconcile_all().await }
+            },
+        )
         .await;
     }
 
