@@ -14,7 +14,10 @@ use tokio::sync::broadcast;
 use crate::{Event, StoreError, WatchStream};
 
 /// How many events a watcher may fall behind before it re-reads history.
-pub(crate) const LIVE_BUFFER: usize = 8192;
+/// The ring keeps its last events (values included) alive, so it is kept
+/// small: a watcher that falls behind it loses nothing, it just reads the
+/// gap from the store.
+pub(crate) const LIVE_BUFFER: usize = 1024;
 
 /// How many history events one replay step reads.
 const REPLAY_PAGE: usize = 1000;

@@ -440,7 +440,7 @@ pub async fn a_lagging_watcher_catches_up_from_history(b: Arc<dyn Backend>) {
     let now = b.revision().await.expect("revision");
     let mut w = b.watch("/lag/", now).await.expect("watch");
     // More writes than the live buffer holds, while the watcher is idle.
-    let n = 9000;
+    let n = 3000;
     let mut tasks = Vec::new();
     for t in 0..8 {
         let b = b.clone();
