@@ -140,7 +140,7 @@ pub fn ps(g: &Global, a: PsArgs) -> anyhow::Result<u8> {
         .map(|(_, s)| s)
         .filter(|s| a.all || matches!(s.state, WorkloadState::Running { .. }))
         .collect();
-    rows.sort_by(|x, y| y.created_at.cmp(&x.created_at));
+    rows.sort_by_key(|s| std::cmp::Reverse(s.created_at));
     let mut out = std::io::stdout().lock();
     if a.quiet {
         for s in rows {
