@@ -4,8 +4,8 @@
 //! guest agent's [`GuestSpec`], builds the guest initramfs (cached agent and
 //! modules, the image rootfs, the spec) with evoke-guest's builder, extracts
 //! (once) the kernel's uncompressed vmlinux to boot it through PVH, and
-//! writes the VMM process's config. `start` launches `evoke vmm --config`
-//! (one process per VM, in its own cgroup) and a supervisor thread that
+//! writes the VMM process's config. `start` launches `evoke-vmm --config`
+//! (or `evoke vmm --config`; one process per VM, in its own cgroup) and a supervisor thread that
 //! reads the agent's frames from the VMM's stdout: workload stdout/stderr go
 //! to the caller's fds as they arrive, the exit frame becomes the workload's
 //! exit status. State lives in `DATA_DIR/microvm/<id>/state.json`, so other
@@ -89,6 +89,19 @@ impl MicroVmTier {
     pub fn with_kernel(mut self, kernel: PathBuf) -> Self {
         self.kernel = Some(kernel);
         self
+    }
+
+    /// `evoke-vmm` next to the evoke binary when it is there (a small
+    /// binary: less VMM memory overhead), else `evoke vmm`.
+    fn vmm_command(&self) -> Command {
+        let small = self.vmm_exe.with_file_name("evoke-vmm");
+        if small.is_file() {
+            Command::new(small)
+        } else {
+            let mut c = Command::new(&self.vmm_exe);
+            c.arg("vmm");
+            c
+        }
     }
 
     fn dir(&self, id: &str) -> PathBuf {
@@ -372,8 +385,8 @@ impl WorkloadRuntime for MicroVmTier {
         let console_path = dir.join("console.log");
         let console = File::create(&console_path)
             .map_err(|e| RuntimeError::io(console_path.display().to_string(), e))?;
-        let mut child = Command::new(&self.vmm_exe)
-            .arg("vmm")
+        let mut child = self
+            .vmm_command()
             .arg("--config")
             .arg(dir.join("vmm.json"))
             .stdin(ProcStdio::piped())

@@ -1,5 +1,10 @@
-//! A standalone VMM command for benchmarks and experiments without the rest
-//! of evoke: `vmm KERNEL [--initrd CPIO]... [--cmdline S] [--memory MIB]
+//! `evoke-vmm`: the VMM process as a small binary of its own. `evoke vmm`
+//! does the same, but maps the whole evoke binary; this one keeps the VMM's
+//! memory overhead small. The microvm tier uses it when it sits next to the
+//! evoke binary.
+//!
+//! `evoke-vmm --config FILE` (a runner::ProcessConfig as JSON), or
+//! `evoke-vmm [--kernel] KERNEL [--initrd CPIO]... [--cmdline S] [--memory MIB]
 //! [--cpus N] [--agent-device virtio-console|serial] [--boot-protocol
 //! auto|linux64|pvh] [--no-seccomp]`. Serial console on stderr, agent channel
 //! on stdin/stdout; exits 0 when the guest resets or powers off.
@@ -22,8 +27,9 @@ fn main() -> ExitCode {
     let mut agent_device = AgentDevice::VirtioConsole;
     let mut protocol = Default::default();
     let mut seccomp = true;
+    let mut config_file: Option<PathBuf> = None;
     let usage = || {
-        eprintln!("usage: vmm KERNEL [--initrd CPIO]... [--cmdline S] [--memory MIB] [--cpus N] [--agent-device D] [--boot-protocol P] [--no-seccomp]");
+        eprintln!("usage: evoke-vmm --config FILE | evoke-vmm KERNEL [--initrd CPIO]... [--cmdline S] [--memory MIB] [--cpus N] [--agent-device D] [--boot-protocol P] [--no-seccomp]");
         ExitCode::from(2)
     };
     while let Some(a) = args.next() {
@@ -56,36 +62,59 @@ fn main() -> ExitCode {
                 }
             }
             "--no-seccomp" => seccomp = false,
+            "--kernel" => match value() {
+                Some(v) => kernel = Some(PathBuf::from(v)),
+                None => return usage(),
+            },
+            "--config" => match value() {
+                Some(v) => config_file = Some(PathBuf::from(v)),
+                None => return usage(),
+            },
             k if !k.starts_with('-') && kernel.is_none() => kernel = Some(PathBuf::from(k)),
             _ => return usage(),
         }
     }
-    let Some(kernel) = kernel else {
-        return usage();
-    };
-    let cfg = ProcessConfig {
-        vm: VmConfig {
-            mem_mib,
-            vcpus,
-            payload: Payload::Linux {
-                kernel,
-                initrd,
-                cmdline,
-                protocol,
+    let cfg = if let Some(path) = config_file {
+        let parsed = std::fs::read(&path)
+            .map_err(|e| e.to_string())
+            .and_then(|b| serde_json::from_slice::<ProcessConfig>(&b).map_err(|e| e.to_string()));
+        match parsed {
+            Ok(c) => c,
+            Err(e) => {
+                eprintln!("evoke-vmm: {}: {e}", path.display());
+                return ExitCode::from(2);
+            }
+        }
+    } else {
+        let Some(kernel) = kernel else {
+            return usage();
+        };
+        ProcessConfig {
+            vm: VmConfig {
+                mem_mib,
+                vcpus,
+                payload: Payload::Linux {
+                    kernel,
+                    initrd,
+                    cmdline,
+                    protocol,
+                },
+                agent_device,
+                seccomp,
             },
-            agent_device,
-            seccomp,
-        },
-        cgroup: None,
-        console_cap: 16 << 20,
+            cgroup: None,
+            console_cap: 16 << 20,
+        }
     };
     match run_process(&cfg) {
         Ok(reason) => {
-            eprintln!("vmm: guest exit: {reason:?}");
+            if let evoke_vmm::ExitReason::VcpuError(msg) = &reason {
+                eprintln!("evoke-vmm: {msg}");
+            }
             ExitCode::from(exit_code(&reason))
         }
         Err(e) => {
-            eprintln!("vmm: {e}");
+            eprintln!("evoke-vmm: {e}");
             ExitCode::from(1)
         }
     }
