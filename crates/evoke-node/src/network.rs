@@ -74,12 +74,25 @@ fn ip(args: &[&str]) -> Result<(), NodeError> {
     }
 }
 
+/// `ip netns add` mounts /var/run/netns on first use; concurrent first
+/// calls can trip over each other, so this process makes them one at a
+/// time and retries once (another process may have raced us).
+static NETNS_LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 impl PodNetwork for LoopbackNetwork {
     fn setup(&self, pod_uid: &str, _: &str, _: &str) -> Result<PodNet, NodeError> {
         let name = netns_name(pod_uid);
         let path = PathBuf::from("/var/run/netns").join(&name);
         if !path.exists() {
-            ip(&["netns", "add", &name])?;
+            let _guard = NETNS_LOCK.lock().unwrap_or_else(|e| e.into_inner());
+            if let Err(e) = ip(&["netns", "add", &name]) {
+                if !path.exists() {
+                    tracing::debug!(error = %e, "ip netns add failed; retrying once");
+                    std::thread::sleep(std::time::Duration::from_millis(50));
+                    let _ = std::fs::remove_file(&path);
+                    ip(&["netns", "add", &name])?;
+                }
+            }
         }
         ip(&["-n", &name, "link", "set", "lo", "up"])?;
         Ok(PodNet {
