@@ -48,18 +48,15 @@ pub fn main(global: &Global, args: ServerArgs) -> anyhow::Result<u8> {
 }
 
 /// SQLite under `<data-dir>/server/db` by default, etcd when an endpoint
-/// is given, as k3s does.
+/// is given, as k3s does; both compact their history in the background.
 async fn open_store(global: &Global, args: &ServerArgs) -> anyhow::Result<Arc<dyn Backend>> {
-    if let Some(endpoint) = &args.datastore_endpoint {
-        let etcd = evoke_store::etcd::EtcdBackend::connect(endpoint, "/evoke")
-            .await
-            .with_context(|| format!("connecting to etcd at {endpoint}"))?;
-        return Ok(Arc::new(etcd));
-    }
-    let path = global.data_dir.join("server").join("db").join("state.db");
-    let db = evoke_store::sqlite::SqliteBackend::open(&path)
-        .with_context(|| format!("opening the store at {}", path.display()))?;
-    Ok(Arc::new(db))
+    let endpoint = args.datastore_endpoint.as_deref();
+    evoke_store::open(&global.data_dir, endpoint)
+        .await
+        .with_context(|| match endpoint {
+            Some(e) => format!("connecting to the datastore at {e}"),
+            None => format!("opening the store under {}", global.data_dir.display()),
+        })
 }
 
 async fn run(global: &Global, args: ServerArgs, mode: u32) -> anyhow::Result<u8> {
