@@ -1,14 +1,20 @@
 //! evoke's KVM microVM monitor, built on the rust-vmm crates.
 //!
 //! Start reading at [`vm::VmConfig`] and [`vm::Vm::run`]: a config names the
-//! kernel, initramfs, command line, memory, vCPUs and where the console and
-//! the agent channel go; `run` creates the VM, loads the kernel
-//! ([`boot`]), describes the machine ([`acpi`], the zero page), starts one
-//! thread per vCPU ([`arch`] sets their registers) and dispatches port and
-//! MMIO exits to the [`devices`] until the guest resets or powers off.
-//! [`seccomp`] confines every VMM thread, [`cgroup`] the VMM process.
-//! [`tier`] is the `microvm` WorkloadRuntime on top of all this.
-//! [`kvm_check`] says early, in one line, why a host cannot run guests.
+//! payload (kernel, initramfs parts, command line), memory, vCPUs and which
+//! device carries the agent channel; `run` creates the VM, loads the kernel
+//! ([`boot`]: bzImage, or ELF vmlinux via PVH or the 64-bit protocol),
+//! describes the machine ([`acpi`]: MADT for the vCPUs, DSDT for the UARTs and
+//! virtio-mmio devices; the zero page or PVH start info), starts one thread
+//! per vCPU ([`arch`] sets CPUID, MSRs, LAPIC and registers) and dispatches
+//! port and MMIO exits to the [`devices`] (8250 UARTs, i8042, virtio-mmio
+//! console) until the guest resets or powers off, or the host stops it.
+//!
+//! Around it: [`seccomp`] confines every VMM thread, [`cgroup`] the VMM
+//! process; [`runner`] is the VMM process (`evoke vmm`, or the small
+//! `evoke-vmm` binary in `src/bin`); [`tier`] is the `microvm`
+//! WorkloadRuntime on top; [`vmlinux`] extracts the uncompressed kernel for
+//! PVH; [`kvm_check`] says early, in one line, why a host cannot run guests.
 
 pub mod acpi;
 pub mod arch;
