@@ -293,18 +293,21 @@ fn add_paths(paths: &mut Map<String, Value>, prefix: &str, r: &Resource, v3: boo
     };
     let kind_words = r.kind;
     let id = |verb: &str, suffix: &str| {
-        let scope = if r.namespaced { "Namespaced" } else { "" };
-        let gv = format!(
-            "{}{}",
-            capitalize(r.group.split('.').next().unwrap_or_default()),
-            capitalize(r.version)
-        );
-        let gv = if gv.is_empty() {
-            "CoreV1".to_string()
-        } else if r.group.is_empty() {
+        // kube's ids: readCoreV1NamespacedPodStatus, listAppsV1DeploymentForAllNamespaces.
+        let all = suffix == "ForAllNamespaces";
+        let scope = if r.namespaced && !all {
+            "Namespaced"
+        } else {
+            ""
+        };
+        let gv = if r.group.is_empty() {
             format!("Core{}", capitalize(r.version))
         } else {
-            gv
+            format!(
+                "{}{}",
+                capitalize(r.group.split('.').next().unwrap_or_default()),
+                capitalize(r.version)
+            )
         };
         format!("{verb}{gv}{scope}{kind_words}{suffix}")
     };
@@ -314,9 +317,11 @@ fn add_paths(paths: &mut Map<String, Value>, prefix: &str, r: &Resource, v3: boo
               params: &Value,
               response: Value,
               request: Option<Value>| {
+        // "read:Status" names the verb and the operation id's suffix.
+        let (verb, suffix) = verb.split_once(':').unwrap_or((verb, ""));
         let mut o = Map::new();
         o.insert("description".into(), json!(desc));
-        o.insert("operationId".into(), json!(id(verb, "")));
+        o.insert("operationId".into(), json!(id(verb, suffix)));
         o.insert("tags".into(), json!([tag(r)]));
         if !params.as_array().is_none_or(Vec::is_empty) {
             o.insert("parameters".into(), params.clone());
@@ -420,9 +425,9 @@ fn add_paths(paths: &mut Map<String, Value>, prefix: &str, r: &Resource, v3: boo
         paths.insert(
             format!("{base}/{{name}}/status"),
             json!({
-                "get": op("read", "get", format!("read status of the specified {}", r.kind), &none, refer(&def), None),
-                "put": op("replace", "put", format!("replace status of the specified {}", r.kind), &write_params, refer(&def), Some(refer(&def))),
-                "patch": op("patch", "patch", format!("partially update status of the specified {}", r.kind), &patch_params, refer(&def), Some(refer(&format!("{META}Patch")))),
+                "get": op("read:Status", "get", format!("read status of the specified {}", r.kind), &none, refer(&def), None),
+                "put": op("replace:Status", "put", format!("replace status of the specified {}", r.kind), &write_params, refer(&def), Some(refer(&def))),
+                "patch": op("patch:Status", "patch", format!("partially update status of the specified {}", r.kind), &patch_params, refer(&def), Some(refer(&format!("{META}Patch")))),
                 "parameters": item_params,
             }),
         );
@@ -430,7 +435,7 @@ fn add_paths(paths: &mut Map<String, Value>, prefix: &str, r: &Resource, v3: boo
     if r.namespaced {
         paths.insert(
             format!("{prefix}/{}", r.plural),
-            json!({"get": op("listForAllNamespaces", "list", format!("list or watch objects of kind {}", r.kind), &none, refer(&format!("{def}List")), None)}),
+            json!({"get": op("list:ForAllNamespaces", "list", format!("list or watch objects of kind {}", r.kind), &none, refer(&format!("{def}List")), None)}),
         );
     }
 }
@@ -575,6 +580,28 @@ mod tests {
         let v2doc = v2();
         assert_eq!(v2doc["swagger"], "2.0");
         assert!(v2doc["paths"]["/api/v1/namespaces/{namespace}/pods/{name}"]["patch"].is_object());
+    }
+
+    #[test]
+    fn operation_ids_are_unique_and_read_like_kubes() {
+        let mut ids = std::collections::HashSet::new();
+        for item in v2()["paths"].as_object().expect("paths").values() {
+            for (method, op) in item.as_object().expect("item") {
+                if method == "parameters" {
+                    continue;
+                }
+                let id = op["operationId"].as_str().expect("id").to_string();
+                assert!(ids.insert(id.clone()), "duplicate operationId {id}");
+            }
+        }
+        for id in [
+            "readCoreV1NamespacedPodStatus",
+            "listAppsV1DeploymentForAllNamespaces",
+            "patchCoreV1Node",
+            "createCoreV1NamespacedBinding",
+        ] {
+            assert!(ids.contains(id), "{id} missing");
+        }
     }
 
     #[test]
