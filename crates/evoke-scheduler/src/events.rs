@@ -25,12 +25,22 @@ impl EventType {
 }
 
 /// Writes Events on behalf of one component (e.g. `default-scheduler`).
+///
+/// Events go through a bounded queue to one background writer with a few
+/// requests in flight, so they never compete with the work they describe
+/// (a burst of bindings goes first); when the queue is full, new events
+/// are dropped, as client-go's broadcaster does.
 #[derive(Clone)]
 pub struct Recorder {
-    client: Client,
     component: String,
     host: Option<String>,
+    tx: tokio::sync::mpsc::Sender<Event>,
 }
+
+/// Events waiting to be written, per recorder.
+pub const QUEUE: usize = 4096;
+/// Event writes in flight, per recorder.
+const IN_FLIGHT: usize = 4;
 
 static SEQ: AtomicU64 = AtomicU64::new(0);
 
@@ -48,11 +58,33 @@ pub fn reference<K: Resource<DynamicType = ()>>(obj: &K) -> ObjectReference {
 }
 
 impl Recorder {
+    /// A recorder whose writer runs on the current tokio runtime.
     pub fn new(client: Client, component: &str, host: Option<&str>) -> Recorder {
+        let (tx, rx) = tokio::sync::mpsc::channel::<Event>(QUEUE);
+        tokio::spawn(async move {
+            use futures::StreamExt;
+            let events =
+                futures::stream::unfold(
+                    rx,
+                    |mut rx| async move { rx.recv().await.map(|e| (e, rx)) },
+                );
+            events
+                .for_each_concurrent(IN_FLIGHT, |ev| {
+                    let client = client.clone();
+                    async move {
+                        let ns = ev.namespace().unwrap_or_else(|| "default".into());
+                        let api: Api<Event> = Api::namespaced(client, &ns);
+                        if let Err(e) = api.create(&PostParams::default(), &ev).await {
+                            tracing::debug!(error = %e, "could not record event");
+                        }
+                    }
+                })
+                .await;
+        });
         Recorder {
-            client,
             component: component.to_string(),
             host: host.map(str::to_string),
+            tx,
         }
     }
 
@@ -105,14 +137,9 @@ impl Recorder {
     /// an Event is advice and must never stop the work it describes.
     pub fn publish(&self, obj: &ObjectReference, type_: EventType, reason: &str, message: &str) {
         let ev = self.build(obj, type_, reason, message);
-        let client = self.client.clone();
         tracing::debug!(reason, message, object = ?obj.name, "event");
-        tokio::spawn(async move {
-            let ns = ev.namespace().unwrap_or_else(|| "default".into());
-            let api: Api<Event> = Api::namespaced(client, &ns);
-            if let Err(e) = api.create(&PostParams::default(), &ev).await {
-                tracing::debug!(error = %e, "could not record event");
-            }
-        });
+        if self.tx.try_send(ev).is_err() {
+            tracing::debug!(reason, "event queue full; event dropped");
+        }
     }
 }
