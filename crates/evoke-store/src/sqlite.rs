@@ -111,6 +111,9 @@ struct Counters {
 /// finished the requests already queued.
 pub struct SqliteBackend {
     path: PathBuf,
+    /// Exclusive lock on `<path>.lock`: one process owns the store, since
+    /// the revision counter and the watch broadcast live in that process.
+    _lock: nix::fcntl::Flock<std::fs::File>,
     writer: Mutex<Option<mpsc::Sender<Request>>>,
     thread: Mutex<Option<std::thread::JoinHandle<()>>>,
     readers: Arc<ReadPool>,
@@ -155,6 +158,7 @@ impl SqliteBackend {
                 StoreError::Backend(format!("create directory {}: {e}", dir.display()))
             })?;
         }
+        let lock = lock_file(&path)?;
         let conn = Connection::open(&path).map_err(|e| sql_err(&path, e))?;
         // Must precede table creation to take effect on a new file: freed
         // pages are tracked so compaction can hand them back to the OS.
@@ -189,6 +193,7 @@ impl SqliteBackend {
                 idle: Mutex::new(Vec::new()),
             }),
             path,
+            _lock: lock,
             writer: Mutex::new(Some(req_tx)),
             thread: Mutex::new(Some(thread)),
             counters,
@@ -276,6 +281,27 @@ impl Drop for SqliteBackend {
             let _ = t.join();
         }
     }
+}
+
+/// Takes the store's lock file, failing at once if another process has it.
+fn lock_file(db: &Path) -> Result<nix::fcntl::Flock<std::fs::File>, StoreError> {
+    let path = PathBuf::from(format!("{}.lock", db.display()));
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .map_err(|e| StoreError::Backend(format!("open {}: {e}", path.display())))?;
+    nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock).map_err(
+        |(_, errno)| match errno {
+            nix::errno::Errno::EWOULDBLOCK => StoreError::Backend(format!(
+                "sqlite {}: in use by another process (lock {})",
+                db.display(),
+                path.display()
+            )),
+            e => StoreError::Backend(format!("lock {}: {e}", path.display())),
+        },
+    )
 }
 
 fn read_meta(conn: &Connection) -> rusqlite::Result<(i64, i64)> {
