@@ -699,4 +699,106 @@ mod tests {
             PathBuf::from("/lib/modules/6.1.0-56-cloud-amd64")
         );
     }
+
+    /// Runs a supervisor over `sh -c SCRIPT` as the "VMM", with `frames`
+    /// available to the script as the file $1; returns stdout, stderr and
+    /// the recorded exit.
+    fn supervise(frames: &[Frame], script: &str) -> (Vec<u8>, Vec<u8>, ExitInfo) {
+        use crate::devices::sink::TailBuffer;
+        let dir = tempfile::tempdir().unwrap();
+        let wire = dir.path().join("frames");
+        let mut bytes = Vec::new();
+        for f in frames {
+            f.write_to(&mut bytes).unwrap();
+        }
+        fs::write(&wire, bytes).unwrap();
+        fs::write(
+            dir.path().join("console.log"),
+            b"line 1\nKernel panic - not syncing\n",
+        )
+        .unwrap();
+        let mut child = Command::new("sh")
+            .args(["-c", script, "sh"])
+            .arg(&wire)
+            .stdin(ProcStdio::piped())
+            .stdout(ProcStdio::piped())
+            .spawn()
+            .unwrap();
+        let agent_out = child.stdout.take();
+        let (out, err) = (TailBuffer::new(1 << 16), TailBuffer::new(1 << 16));
+        let spec = WorkloadSpec {
+            id: "sup".into(),
+            ..Default::default()
+        };
+        let rec = Record {
+            status: WorkloadStatus {
+                id: "sup".into(),
+                image: None,
+                state: WorkloadState::Running { pid: child.id() },
+                created_at: SystemTime::now(),
+                started_at: None,
+                labels: Default::default(),
+                log_path: None,
+            },
+            spec,
+        };
+        let sup = Supervisor {
+            dir: dir.path().to_path_buf(),
+            rec,
+            stdin: Arc::new(Mutex::new(child.stdin.take())),
+            child,
+            out: Box::new(out.clone()),
+            err: Box::new(err.clone()),
+        };
+        sup.run(agent_out);
+        let text = fs::read(dir.path().join("state.json")).unwrap();
+        let rec: Record = serde_json::from_slice(&text).unwrap();
+        let WorkloadState::Exited(info) = rec.status.state else {
+            panic!("not exited: {:?}", rec.status.state)
+        };
+        (out.contents(), err.contents(), info)
+    }
+
+    #[test]
+    fn agent_frames_become_the_workloads_output_and_exit_status() {
+        let frames = [
+            Frame::Ready,
+            Frame::Stdout(b"out\n".to_vec()),
+            Frame::Stderr(b"err\n".to_vec()),
+            Frame::Exit(evoke_guest::proto::ExitStatus {
+                code: 42,
+                signal: 0,
+                oom_killed: false,
+            }),
+        ];
+        let (out, err, info) = supervise(&frames, "cat \"$1\"");
+        assert_eq!(out, b"out\n");
+        assert_eq!(err, b"err\n");
+        assert_eq!((info.code, info.signal), (42, None));
+    }
+
+    #[test]
+    fn a_guest_that_ends_without_an_exit_frame_fails_with_the_console_tail() {
+        let (out, err, info) = supervise(&[Frame::Stdout(b"going down\n".to_vec())], "cat \"$1\"");
+        assert_eq!(out, b"going down\n");
+        let err = String::from_utf8_lossy(&err);
+        assert!(err.contains("without reporting an exit status"), "{err}");
+        assert!(err.contains("Kernel panic"), "{err}");
+        assert_eq!(info.code, 1);
+    }
+
+    #[test]
+    fn a_killed_vmm_ends_the_workload_with_128_plus_the_signal() {
+        let (_out, err, info) = supervise(&[], "kill -9 $$");
+        assert_eq!((info.code, info.signal), (137, Some(9)));
+        assert!(String::from_utf8_lossy(&err).contains("killed by signal 9"));
+    }
+
+    #[test]
+    fn an_agent_error_frame_is_reported_as_exit_127() {
+        let (_out, err, info) =
+            supervise(&[Frame::Error("no such file: /bin/x".into())], "cat \"$1\"");
+        assert_eq!(info.code, 127);
+        assert!(String::from_utf8_lossy(&err).contains("no such file: /bin/x"));
+    }
 }
