@@ -670,3 +670,59 @@ spec:
         "liveness must not kill a healthy container"
     );
 }
+
+#[test]
+fn agent_refuses_to_join_a_server_whose_ca_does_not_match_the_token() {
+    if !prerequisites() {
+        return;
+    }
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let c = Cluster::start(tmp.path());
+    // The server wrote its own join token, K10<ca sha256>::server:<secret>.
+    let token = std::fs::read_to_string(tmp.path().join("server/node-token")).expect("node-token");
+    let token = token.trim();
+    assert!(
+        token.starts_with("K10") && token.contains("::server:"),
+        "{token}"
+    );
+    let server = std::fs::read_to_string(&c.kubeconfig)
+        .expect("kubeconfig")
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("server: ").map(str::to_string))
+        .expect("server url in kubeconfig");
+    // Same secret, another CA hash: the agent must stop before sending it.
+    let forged = format!(
+        "K10{}::server:{}",
+        "0".repeat(64),
+        token.rsplit(':').next().unwrap_or("")
+    );
+    let agent_dir = tempfile::tempdir().expect("agent dir");
+    let out = Command::new(env!("CARGO_BIN_EXE_evoke"))
+        .arg("--data-dir")
+        .arg(agent_dir.path())
+        .args([
+            "agent",
+            "--server",
+            &server,
+            "--token",
+            &forged,
+            "--node-name",
+            "intruder",
+        ])
+        .output()
+        .expect("run evoke agent");
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("refusing to send credentials"), "{err}");
+    let nodes = c.ok(&["get", "nodes", "-o", "name"]);
+    assert!(!nodes.contains("intruder"), "{nodes}");
+    // A malformed token is refused before any connection.
+    let out = Command::new(env!("CARGO_BIN_EXE_evoke"))
+        .arg("--data-dir")
+        .arg(agent_dir.path())
+        .args(["agent", "--server", &server, "--token", "not-a-token"])
+        .output()
+        .expect("run evoke agent");
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("expected K10"));
+}
