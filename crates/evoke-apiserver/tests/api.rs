@@ -807,3 +807,63 @@ async fn eviction_deletes_the_pod_with_its_options() {
     assert_eq!(c, 201, "{s}");
     assert_eq!(h.get(&format!("{pods}/ev")).await.0, 404);
 }
+
+#[tokio::test]
+async fn pod_logs_are_proxied_from_the_node_endpoint_with_the_cluster_token() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let h = start().await;
+    let token = h.server.as_ref().expect("server").credentials.token.clone();
+    // A stand-in node endpoint: answers one request, checking the token.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let port = listener.local_addr().expect("addr").port();
+    let node = tokio::spawn(async move {
+        let (mut s, _) = listener.accept().await.expect("accept");
+        let mut buf = vec![0u8; 4096];
+        let n = s.read(&mut buf).await.expect("read");
+        let req = String::from_utf8_lossy(&buf[..n]).to_string();
+        let body = if req.contains(&format!("Bearer {token}")) {
+            "hello from c\n"
+        } else {
+            "no token\n"
+        };
+        let resp = format!("HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}", body.len());
+        s.write_all(resp.as_bytes()).await.expect("write");
+        req.lines().next().unwrap_or_default().to_string()
+    });
+    let n1 = json!({"apiVersion": "v1", "kind": "Node", "metadata": {"name": "n1"},
+        "status": {"addresses": [{"type": "InternalIP", "address": "127.0.0.1"}],
+            "daemonEndpoints": {"kubeletEndpoint": {"Port": port}}}});
+    let (c, s) = h.json("POST", "/api/v1/nodes", n1).await;
+    assert_eq!(c, 201, "{s}");
+    // Status is only written through /status, as the node agent does.
+    let mut with_status = s.clone();
+    with_status["status"] = json!({"addresses": [{"type": "InternalIP", "address": "127.0.0.1"}],
+        "daemonEndpoints": {"kubeletEndpoint": {"Port": port}}});
+    assert_eq!(
+        h.json("PUT", "/api/v1/nodes/n1/status", with_status)
+            .await
+            .0,
+        200
+    );
+    h.json(
+        "POST",
+        "/api/v1/namespaces/default/pods",
+        pod("logged", Some("n1")),
+    )
+    .await;
+    let req = http::Request::builder()
+        .uri("/api/v1/namespaces/default/pods/logged/log?tailLines=5")
+        .body(kube::client::Body::empty())
+        .expect("req");
+    let resp = h.client.send(req).await.expect("log");
+    assert_eq!(resp.status().as_u16(), 200);
+    let body = resp.into_body().collect_bytes().await.expect("body");
+    assert_eq!(String::from_utf8_lossy(&body), "hello from c\n");
+    let line = node.await.expect("node task");
+    assert_eq!(
+        line,
+        "GET /containerLogs/default/logged/c?tailLines=5 HTTP/1.1"
+    );
+}

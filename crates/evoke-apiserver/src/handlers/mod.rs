@@ -4,6 +4,7 @@
 //! (status, scale, binding, eviction).
 
 mod delete;
+mod proxy;
 pub(crate) mod read;
 mod service;
 mod sub;
@@ -149,6 +150,7 @@ async fn dispatch(ctx: &Ctx, method: &Method, path: &str) -> Result<Reply, ApiEr
         (&Method::GET, false, None) => read::list(ctx).await,
         (&Method::GET, true, None | Some("status")) => read::get(ctx).await,
         (&Method::GET, true, Some("scale")) => sub::get_scale(ctx).await,
+        (&Method::GET, true, Some("log")) => proxy::logs(ctx).await,
         (&Method::POST, false, None) => write::create(ctx).await,
         (&Method::POST, true, Some("binding")) => sub::bind(ctx, ctx.t.name.clone()).await,
         (&Method::POST, true, Some("eviction")) => sub::evict(ctx).await,
