@@ -436,6 +436,10 @@ impl Vm {
                             return;
                         }
                     }
+                    // If this thread ends any other way (a panic in a
+                    // device model), the VM must still stop, or `run` would
+                    // wait for an exit that never comes.
+                    let _guard = EndsVm(&shared);
                     run_vcpu(index as u8, vcpu, &devices, &shared);
                 })
                 .map_err(|source| VmmError::SpawnVcpu {
@@ -498,6 +502,20 @@ impl Vm {
             .clone()
             .unwrap_or(ExitReason::Stopped);
         Ok(reason)
+    }
+}
+
+/// Ends the VM when dropped (first reason wins, so a normal exit keeps its
+/// own reason).
+struct EndsVm<'a>(&'a Shared);
+
+impl Drop for EndsVm<'_> {
+    fn drop(&mut self) {
+        if !self.0.stop.load(Ordering::SeqCst) {
+            self.0.finish(ExitReason::VcpuError(
+                "a vcpu thread ended unexpectedly".into(),
+            ));
+        }
     }
 }
 
