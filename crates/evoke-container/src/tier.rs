@@ -411,9 +411,9 @@ impl ContainerTier {
         p["env"] = serde_json::json!(env);
         p["cwd"] = serde_json::json!(cwd);
         p["user"] = serde_json::json!({"uid": user.uid, "gid": user.gid});
-        // With a tty the caller hands us a pty's replica side as stdio; the
-        // engine's console-socket path is for `evoke oci` callers.
-        p["terminal"] = serde_json::json!(false);
+        // With a tty the engine makes the pty inside the container and
+        // hands us its master (see `console`).
+        p["terminal"] = serde_json::json!(spec.tty);
         v["hostname"] = serde_json::json!(hostname);
         let mounts = v["mounts"]
             .as_array_mut()
@@ -522,7 +522,7 @@ fn exec_process(
     let env: Vec<String> = base.env().clone().unwrap_or_default();
     v["args"] = serde_json::json!(spec.command);
     v["env"] = serde_json::json!(merge_env(&env, &spec.env));
-    v["terminal"] = serde_json::json!(false);
+    v["terminal"] = serde_json::json!(spec.tty);
     if let Some(w) = &spec.workdir {
         v["cwd"] = serde_json::json!(w);
     }
@@ -576,19 +576,36 @@ impl WorkloadRuntime for ContainerTier {
             };
             self.dirs.save(&dir, &rec)?;
             let [stdin, stdout, stderr] = complete_stdio(stdio, &log_path)?;
+            let console = match spec.tty {
+                true => Some(console::ConsoleSocket::bind(&spec.id)?),
+                false => None,
+            };
+            let (io, pump_io) = match console {
+                // The pty carries all three streams; ours feed the pump.
+                Some(_) => ([None, None, None], Some((stdin, stdout))),
+                None => ([Some(stdin), Some(stdout), Some(stderr)], None),
+            };
+            let [i, o, e] = io;
             crate::create(
                 &self.engine_root,
                 &spec.id,
                 &bundle,
                 crate::CreateOptions {
-                    stdin: Some(stdin),
-                    stdout: Some(stdout),
-                    stderr: Some(stderr),
-                    console_socket: None,
+                    stdin: i,
+                    stdout: o,
+                    stderr: e,
+                    console_socket: console.as_ref().map(|c| c.path.clone()),
                     pid_file: None,
                 },
             )
             .map_err(Self::err)?;
+            if let (Some(c), Some((input, output))) = (&console, pump_io) {
+                let master = c.receive()?;
+                PUMPS
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .insert(spec.id.clone(), console::pump(master, input, output));
+            }
             Ok(status(&rec, WorkloadState::Created))
         })();
         if result.is_err() {
@@ -649,6 +666,10 @@ impl WorkloadRuntime for ContainerTier {
             if s.code != -1 {
                 let info = to_exit(s);
                 write_json(&dir.join("exit.json"), &info)?;
+                let pump = PUMPS.lock().unwrap_or_else(|e| e.into_inner()).remove(id);
+                if let Some(p) = pump {
+                    let _ = p.join();
+                }
                 return Ok(Some(info));
             }
             let until = std::time::Instant::now() + Duration::from_secs(5);
@@ -676,19 +697,35 @@ impl WorkloadRuntime for ContainerTier {
         let (dir, rec) = self.dirs.load(id)?;
         let process = exec_process(&dir.join("bundle"), spec)?;
         let [stdin, stdout, stderr] = complete_stdio(stdio, &rec.log_path)?;
+        let console = match spec.tty {
+            true => Some(console::ConsoleSocket::bind(id)?),
+            false => None,
+        };
+        let (io, pump_io) = match console {
+            Some(_) => ([None, None, None], Some((stdin, stdout))),
+            None => ([Some(stdin), Some(stdout), Some(stderr)], None),
+        };
+        let [i, o, e] = io;
         let pid = crate::exec(
             &self.engine_root,
             id,
             &process,
             crate::ExecOptions {
-                stdin: Some(stdin),
-                stdout: Some(stdout),
-                stderr: Some(stderr),
-                console_socket: None,
+                stdin: i,
+                stdout: o,
+                stderr: e,
+                console_socket: console.as_ref().map(|c| c.path.clone()),
             },
         )
         .map_err(Self::err)?;
+        let pump = match (&console, pump_io) {
+            (Some(c), Some((input, output))) => Some(console::pump(c.receive()?, input, output)),
+            _ => None,
+        };
         let s = crate::wait_pid(pid).map_err(Self::err)?;
+        if let Some(p) = pump {
+            let _ = p.join();
+        }
         Ok(s.code)
     }
 
@@ -1019,6 +1056,10 @@ impl WorkloadRuntime for ProcessTier {
     }
 }
 
+/// Output copies of tty workloads this process started, joined by `wait`.
+static PUMPS: std::sync::Mutex<BTreeMap<String, std::thread::JoinHandle<()>>> =
+    std::sync::Mutex::new(BTreeMap::new());
+
 /// Streams given to `create`, held until `start` spawns the process.
 static PENDING_STDIO: std::sync::Mutex<BTreeMap<String, [OwnedFd; 3]>> =
     std::sync::Mutex::new(BTreeMap::new());
@@ -1074,6 +1115,110 @@ mod spawn {
             });
         }
         cmd.spawn()
+    }
+}
+
+/// Terminals for `tty` workloads: the engine makes the pty inside the
+/// container (its own devpts, so `tty` and job control work) and sends the
+/// master side over a unix socket; we copy between it and the caller's
+/// streams.
+mod console {
+    #![allow(unsafe_code)]
+
+    use std::fs::File;
+    use std::io::{IoSliceMut, Read, Write};
+    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+    use std::os::unix::net::UnixListener;
+    use std::path::PathBuf;
+    use std::thread::JoinHandle;
+
+    use evoke_runtime::RuntimeError;
+
+    /// A listening console socket; removed on drop.
+    pub(super) struct ConsoleSocket {
+        listener: UnixListener,
+        pub(super) path: PathBuf,
+    }
+
+    impl ConsoleSocket {
+        /// A socket in the temp dir: unix socket paths are limited to 108
+        /// bytes, which a data dir path plus a 64-digit id can exceed.
+        pub(super) fn bind(id: &str) -> Result<Self, RuntimeError> {
+            static N: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+            let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            let short: String = id.chars().take(12).collect();
+            let path = std::env::temp_dir()
+                .join(format!("evoke-tty-{short}-{}-{n}.sock", std::process::id()));
+            let _ = std::fs::remove_file(&path);
+            let listener = UnixListener::bind(&path).map_err(|e| {
+                RuntimeError::io(format!("bind console socket {}", path.display()), e)
+            })?;
+            Ok(ConsoleSocket { listener, path })
+        }
+
+        /// The pty master the engine sent (it connected during create/exec).
+        pub(super) fn receive(&self) -> Result<OwnedFd, RuntimeError> {
+            let err = |e: std::io::Error| {
+                RuntimeError::io(format!("receive pty from {}", self.path.display()), e)
+            };
+            self.listener.set_nonblocking(true).map_err(err)?;
+            let (stream, _) = self.listener.accept().map_err(err)?;
+            let mut buf = [0u8; 64];
+            let mut iov = [IoSliceMut::new(&mut buf)];
+            let mut space = nix::cmsg_space!([std::os::fd::RawFd; 1]);
+            let msg = nix::sys::socket::recvmsg::<()>(
+                stream.as_raw_fd(),
+                &mut iov,
+                Some(&mut space),
+                nix::sys::socket::MsgFlags::MSG_CMSG_CLOEXEC,
+            )
+            .map_err(|e| err(e.into()))?;
+            for c in msg.cmsgs().map_err(|e| err(e.into()))? {
+                if let nix::sys::socket::ControlMessageOwned::ScmRights(fds) = c {
+                    if let Some(&fd) = fds.first() {
+                        // SAFETY: the kernel just installed this descriptor
+                        // in our table for us; nothing else owns it.
+                        return Ok(unsafe { OwnedFd::from_raw_fd(fd) });
+                    }
+                }
+            }
+            Err(err(std::io::Error::other("no descriptor in the message")))
+        }
+    }
+
+    impl Drop for ConsoleSocket {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_file(&self.path);
+        }
+    }
+
+    /// Copy `input` to the pty and the pty to `output` until the workload
+    /// closes its side. Join the returned handle to be sure all output is out.
+    pub(super) fn pump(master: OwnedFd, input: OwnedFd, output: OwnedFd) -> JoinHandle<()> {
+        let mut reader = File::from(master);
+        if let Ok(mut writer) = reader.try_clone() {
+            std::thread::spawn(move || {
+                let mut input = File::from(input);
+                let mut buf = [0u8; 4096];
+                // EOF on input does not end the session: the workload may
+                // still be writing.
+                while let Ok(n) = input.read(&mut buf) {
+                    if n == 0 || writer.write_all(&buf[..n]).is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+        std::thread::spawn(move || {
+            let mut output = File::from(output);
+            let mut buf = [0u8; 4096];
+            // EIO once every process holding the replica side has gone.
+            while let Ok(n) = reader.read(&mut buf) {
+                if n == 0 || output.write_all(&buf[..n]).is_err() {
+                    break;
+                }
+            }
+        })
     }
 }
 

@@ -139,8 +139,9 @@ pub struct Mount {
 }
 
 /// Standard streams handed to a process. `None` means `/dev/null` for stdin
-/// and the workload's log for stdout/stderr. For a tty, pass the pty's
-/// replica (slave) side as all three.
+/// and the workload's log for stdout/stderr. With `tty` set in the spec, the
+/// tier makes the terminal inside the workload and copies between it and
+/// `stdin`/`stdout` (the caller puts its own terminal in raw mode).
 #[derive(Debug, Default)]
 pub struct Stdio {
     pub stdin: Option<OwnedFd>,

@@ -107,3 +107,24 @@ fn unknown_tier_and_unavailable_microvm_say_why() {
         text(&out.stderr)
     );
 }
+
+#[test]
+fn tty_workloads_get_a_terminal_of_their_own() {
+    if !can_run_containers() {
+        return;
+    }
+    let env = Env::with_busybox();
+    // The pty lives in the container's devpts, so it has a name there, and
+    // a terminal turns "\n" into "\r\n" on the way out.
+    let out = env.evoke(&["run", "--rm", "-t", "busybox", "sh", "-c", "tty; exit 4"]);
+    assert_eq!(out.status.code(), Some(4), "{}", text(&out.stderr));
+    assert_eq!(text(&out.stdout), "/dev/pts/0\r\n");
+    env.ok(&["run", "-d", "--name", "t", "busybox", "sleep", "100"]);
+    let out = env.evoke(&["exec", "-t", "t", "sh", "-c", "tty"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stdout).starts_with("/dev/pts/"),
+        "{}",
+        text(&out.stdout)
+    );
+}

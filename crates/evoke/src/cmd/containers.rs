@@ -233,34 +233,18 @@ pub fn exec(g: &Global, a: ExecArgs) -> anyhow::Result<u8> {
     let dup =
         |fd: std::os::fd::BorrowedFd<'_>| fd.try_clone_to_owned().context("dup a standard stream");
     use std::os::fd::AsFd;
-    let mut proxy = None;
-    let stdio = if a.tty {
-        let pty = nix::pty::openpty(None, None).context("openpty")?;
-        let s = pty.slave;
-        let io = Stdio {
-            stdin: Some(dup(s.as_fd())?),
-            stdout: Some(dup(s.as_fd())?),
-            stderr: Some(s),
-        };
-        proxy = Some(pty.master);
-        io
-    } else {
-        Stdio {
-            stdin: if a.interactive {
-                Some(dup(std::io::stdin().as_fd())?)
-            } else {
-                None
-            },
-            stdout: Some(dup(std::io::stdout().as_fd())?),
-            stderr: Some(dup(std::io::stderr().as_fd())?),
-        }
+    let raw = a.tty.then(crate::cmd::run::tty::RawMode::enter);
+    let stdio = Stdio {
+        stdin: if a.interactive {
+            Some(dup(std::io::stdin().as_fd())?)
+        } else {
+            None
+        },
+        stdout: Some(dup(std::io::stdout().as_fd())?),
+        stderr: Some(dup(std::io::stderr().as_fd())?),
     };
-    // The pty copy must run while exec blocks, so start it first.
-    let p = proxy.map(|m| crate::cmd::run::tty::proxy(m, a.interactive));
     let code = rt.exec(&s.id, &spec, stdio)?;
-    if let Some(p) = p {
-        p.finish();
-    }
+    drop(raw);
     Ok(u8::try_from(code).unwrap_or(255))
 }
 

@@ -199,26 +199,17 @@ pub fn main(global: &Global, args: RunArgs) -> anyhow::Result<u8> {
         return Ok(0);
     }
 
-    let mut pty_master = None;
-    let stdio = if args.tty {
-        let pty = nix::pty::openpty(None, None).context("openpty")?;
-        let s = pty.slave;
-        pty_master = Some(pty.master);
-        Stdio {
-            stdin: Some(dup(&s)?),
-            stdout: Some(dup(&s)?),
-            stderr: Some(s),
-        }
-    } else {
-        Stdio {
-            stdin: if args.interactive {
-                Some(dup(std::io::stdin())?)
-            } else {
-                None
-            },
-            stdout: Some(dup(std::io::stdout())?),
-            stderr: Some(dup(std::io::stderr())?),
-        }
+    // With -t the tier makes the terminal inside the container and copies
+    // between it and these streams; this terminal goes raw meanwhile.
+    let raw = args.tty.then(tty::RawMode::enter);
+    let stdio = Stdio {
+        stdin: if args.interactive {
+            Some(dup(std::io::stdin())?)
+        } else {
+            None
+        },
+        stdout: Some(dup(std::io::stdout())?),
+        stderr: Some(dup(std::io::stderr())?),
     };
     rt.create(&spec, stdio)?;
     let started = rt.start(&id);
@@ -227,11 +218,8 @@ pub fn main(global: &Global, args: RunArgs) -> anyhow::Result<u8> {
         return Err(e.into());
     }
     forward_signals(rt.clone(), &id);
-    let proxy = pty_master.map(|m| tty::proxy(m, args.interactive));
     let info = rt.wait(&id, None)?.context("the workload did not end")?;
-    if let Some(p) = proxy {
-        p.finish();
-    }
+    drop(raw);
     if info.oom_killed {
         eprintln!(
             "evoke: container {name} was OOMKilled (exit code {})",
@@ -268,70 +256,32 @@ fn forward_signals(rt: Arc<dyn WorkloadRuntime>, id: &str) {
     });
 }
 
-/// Copying between this terminal and a workload's pty.
+/// This terminal in raw mode while a `-t` workload runs.
 pub mod tty {
-    use std::io::{Read, Write};
-    use std::os::fd::{AsFd, OwnedFd};
+    use std::os::fd::AsFd;
 
     use nix::sys::termios;
 
-    /// A running copy; `finish` restores the terminal.
-    pub struct Proxy {
+    /// Restores the terminal's settings on drop.
+    pub struct RawMode {
         saved: Option<termios::Termios>,
-        out: Option<std::thread::JoinHandle<()>>,
     }
 
-    /// Put this terminal in raw mode and copy the pty's output to stdout
-    /// (and, if `input`, stdin to the pty) until the workload closes it.
-    pub fn proxy(master: OwnedFd, input: bool) -> Proxy {
-        let stdin = std::io::stdin();
-        let saved = termios::tcgetattr(stdin.as_fd()).ok();
-        if let Some(t) = &saved {
-            let mut raw = t.clone();
-            termios::cfmakeraw(&mut raw);
-            let _ = termios::tcsetattr(stdin.as_fd(), termios::SetArg::TCSANOW, &raw);
-        }
-        let mut reader = std::fs::File::from(master);
-        if input {
-            if let Ok(w) = reader.try_clone() {
-                std::thread::spawn(move || {
-                    let mut w = w;
-                    let mut buf = [0u8; 4096];
-                    let mut inp = std::io::stdin();
-                    while let Ok(n) = inp.read(&mut buf) {
-                        if n == 0 || w.write_all(&buf[..n]).is_err() {
-                            break;
-                        }
-                    }
-                });
+    impl RawMode {
+        /// Raw mode on stdin if it is a terminal; a no-op otherwise.
+        pub fn enter() -> RawMode {
+            let stdin = std::io::stdin();
+            let saved = termios::tcgetattr(stdin.as_fd()).ok();
+            if let Some(t) = &saved {
+                let mut raw = t.clone();
+                termios::cfmakeraw(&mut raw);
+                let _ = termios::tcsetattr(stdin.as_fd(), termios::SetArg::TCSANOW, &raw);
             }
-        }
-        let out = std::thread::spawn(move || {
-            let mut buf = [0u8; 4096];
-            let mut stdout = std::io::stdout();
-            // EIO once every holder of the replica side has closed it.
-            while let Ok(n) = reader.read(&mut buf) {
-                if n == 0 || stdout.write_all(&buf[..n]).is_err() {
-                    break;
-                }
-                let _ = stdout.flush();
-            }
-        });
-        Proxy {
-            saved,
-            out: Some(out),
+            RawMode { saved }
         }
     }
 
-    impl Proxy {
-        pub fn finish(mut self) {
-            if let Some(h) = self.out.take() {
-                let _ = h.join();
-            }
-        }
-    }
-
-    impl Drop for Proxy {
+    impl Drop for RawMode {
         fn drop(&mut self) {
             if let Some(t) = &self.saved {
                 let _ = termios::tcsetattr(std::io::stdin().as_fd(), termios::SetArg::TCSANOW, t);
