@@ -64,6 +64,12 @@ pub fn server_side_apply(
             }],
         ));
     }
+    if let Some(msg) = shape_error(applied, Schema::for_resource(res), "", 0) {
+        return Err(ApiError::bad_request(format!(
+            "the applied {} cannot be merged: {msg}",
+            res.kind
+        )));
+    }
     if let Some((path, key)) = duplicate_key(applied, Schema::for_resource(res), "", 0) {
         return Err(ApiError::invalid(
             res.kind,
@@ -175,6 +181,58 @@ pub fn server_side_apply(
     list.push(apply_entry(manager, &api_version, now, applied_set));
     managed_fields::set_entries(&mut obj, &list);
     Ok(obj)
+}
+
+/// The first place where `v` holds an object, a list or a scalar where its
+/// schema declares another of the three: such a configuration cannot be
+/// merged field by field. (Scalar types are left to validation.)
+fn shape_error(v: &Value, schema: Schema, path: &str, depth: usize) -> Option<String> {
+    if depth > 100 || v.is_null() {
+        return None;
+    }
+    let shape = |t: &str| match t {
+        "object" => "object",
+        "array" => "array",
+        _ => "scalar",
+    };
+    let got = match v {
+        Value::Object(_) => "object",
+        Value::Array(_) => "array",
+        _ => "scalar",
+    };
+    if let Some(want) = schema.type_name().map(shape) {
+        if want != got {
+            let at = if path.is_empty() { "." } else { path };
+            return Some(format!(
+                "{at} must be {want_a} {want}, not {got_a} {got}",
+                want_a = article(want),
+                got_a = article(got)
+            ));
+        }
+    }
+    match v {
+        Value::Object(m) => m.iter().find_map(|(k, x)| {
+            let child = if schema.property(k).is_known() {
+                schema.property(k)
+            } else {
+                schema.values()
+            };
+            shape_error(x, child, &format!("{path}.{k}"), depth + 1)
+        }),
+        Value::Array(items) => items
+            .iter()
+            .enumerate()
+            .find_map(|(i, x)| shape_error(x, schema.items(), &format!("{path}[{i}]"), depth + 1)),
+        _ => None,
+    }
+}
+
+fn article(shape: &str) -> &'static str {
+    if shape == "object" || shape == "array" {
+        "an"
+    } else {
+        "a"
+    }
 }
 
 /// The first keyed list in `v` with two items of the same key, as the
@@ -616,6 +674,21 @@ mod tests {
             ),
             (json!({"kind":"Deployment"}), "kubectl", 400),
             (deploy(1, "x"), "", 400),
+            (
+                json!({"apiVersion":"apps/v1","kind":"Deployment","metadata":"n"}),
+                "kubectl",
+                400,
+            ),
+            (
+                json!({"apiVersion":"apps/v1","kind":"Deployment","spec":{"template":{"spec":{"containers":{"name":"c"}}}}}),
+                "kubectl",
+                400,
+            ),
+            (
+                json!({"apiVersion":"apps/v1","kind":"Deployment","spec":{"replicas":[1]}}),
+                "kubectl",
+                400,
+            ),
             (
                 json!({"apiVersion":"apps/v1","kind":"Deployment","metadata":{"managedFields":[{"manager":"x"}]}}),
                 "kubectl",

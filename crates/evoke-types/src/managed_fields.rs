@@ -96,7 +96,9 @@ pub fn set_entries(obj: &mut Value, list: &[Entry]) {
             meta.insert("managedFields".into(), Value::Array(vals));
         }
     } else if let Some(o) = obj.as_object_mut() {
-        if !vals.is_empty() {
+        // Only an object with no metadata at all gets one; metadata of the
+        // wrong type is left for validation to report.
+        if !vals.is_empty() && !o.contains_key("metadata") {
             o.insert("metadata".into(), json!({"managedFields": vals}));
         }
     }

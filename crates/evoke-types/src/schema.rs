@@ -665,6 +665,14 @@ impl Schema {
         }
     }
 
+    /// The JSON type the schema declares (`object`, `array`, `string`, ...),
+    /// if it declares one.
+    pub fn type_name(&self) -> Option<&'static str> {
+        self.resolved()
+            .and_then(|o| o.get("type"))
+            .and_then(Value::as_str)
+    }
+
     /// True when the schema is a struct with declared properties, so keys
     /// outside them are unknown fields.
     pub fn has_properties(&self) -> bool {
