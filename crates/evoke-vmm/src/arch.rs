@@ -86,6 +86,13 @@ pub fn normalize_cpuid(entries: &mut [kvm_bindings::kvm_cpuid_entry2], cpu: u8, 
                 // AMD: ECX[7:0] = cores - 1.
                 e.ecx = (e.ecx & !0xff) | (n - 1);
             }
+            0x8000_001e => {
+                // AMD extended APIC id and core id; one thread per core,
+                // one node.
+                e.eax = u32::from(cpu);
+                e.ebx = u32::from(cpu);
+                e.ecx = 0;
+            }
             _ => {}
         }
     }
