@@ -102,3 +102,28 @@ fn detached_run_with_rm_leaves_nothing_after_exit() {
         .count();
     assert_eq!(containers, 0);
 }
+
+#[test]
+fn logs_follow_streams_until_the_container_exits() {
+    if !can_run_containers() {
+        return;
+    }
+    let env = Env::with_busybox();
+    env.ok(&[
+        "run",
+        "-d",
+        "--name",
+        "talker",
+        "busybox",
+        "sh",
+        "-c",
+        "echo one; sleep 1; echo two >&2; sleep 1; echo three",
+    ]);
+    let started = Instant::now();
+    let out = env.ok(&["logs", "-f", "talker"]);
+    assert_eq!(out, "one\ntwo\nthree\n");
+    assert!(
+        started.elapsed() >= Duration::from_millis(1500),
+        "it waited for the end"
+    );
+}

@@ -112,3 +112,65 @@ fn process_tier_runs_on_the_host_with_the_exit_code() {
     let ps = env.ok(&["ps", "-a"]);
     assert!(ps.contains("Exited (9)"), "{ps}");
 }
+
+/// The value of the first of `files` found in a cgroup directory named `id`
+/// anywhere under /sys/fs/cgroup (v1 has one tree per controller, v2 one).
+fn cgroup_value(id: &str, files: &[&str]) -> Option<String> {
+    fn walk(dir: &std::path::Path, id: &str, depth: u32, out: &mut Vec<std::path::PathBuf>) {
+        let Ok(rd) = std::fs::read_dir(dir) else {
+            return;
+        };
+        for e in rd.flatten() {
+            let p = e.path();
+            if !p.is_dir() || p.is_symlink() {
+                continue;
+            }
+            if e.file_name() == id {
+                out.push(p);
+            } else if depth > 0 {
+                walk(&p, id, depth - 1, out);
+            }
+        }
+    }
+    let mut dirs = Vec::new();
+    walk(std::path::Path::new("/sys/fs/cgroup"), id, 4, &mut dirs);
+    dirs.iter().find_map(|d| {
+        files
+            .iter()
+            .find_map(|f| std::fs::read_to_string(d.join(f)).ok())
+            .map(|v| v.trim().to_string())
+    })
+}
+
+#[test]
+fn container_limits_reach_its_cgroup() {
+    if !can_run_containers() {
+        return;
+    }
+    let env = Env::with_busybox();
+    let id = env.ok(&[
+        "run",
+        "-d",
+        "--cpus",
+        "0.5",
+        "--memory",
+        "64m",
+        "--pids-limit",
+        "33",
+        "busybox",
+        "sleep",
+        "100",
+    ]);
+    let id = id.trim();
+    let quota = cgroup_value(id, &["cpu.cfs_quota_us", "cpu.max"]).expect("cpu cgroup");
+    assert!(quota == "50000" || quota == "50000 100000", "{quota}");
+    let mem = cgroup_value(id, &["memory.limit_in_bytes", "memory.max"]).expect("memory cgroup");
+    assert_eq!(mem, (64u64 << 20).to_string());
+    assert_eq!(cgroup_value(id, &["pids.max"]).as_deref(), Some("33"));
+    env.ok(&["rm", "-f", id]);
+    assert_eq!(
+        cgroup_value(id, &["pids.max"]),
+        None,
+        "the cgroup is removed"
+    );
+}
