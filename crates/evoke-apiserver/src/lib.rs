@@ -148,6 +148,7 @@ impl Server {
         kubeconfig::write(&kubeconfig, &server_url, &creds, config.kubeconfig_mode)?;
 
         bootstrap::ensure_defaults(store.as_ref()).await?;
+        bootstrap::advertise(store.as_ref(), addr).await?;
 
         let state = Arc::new(State {
             store,

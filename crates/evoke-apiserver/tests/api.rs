@@ -867,3 +867,35 @@ async fn pod_logs_are_proxied_from_the_node_endpoint_with_the_cluster_token() {
         "GET /containerLogs/default/logged/c?tailLines=5 HTTP/1.1"
     );
 }
+
+#[tokio::test]
+async fn namespaces_get_a_default_service_account_and_the_api_is_advertised_as_a_service() {
+    let h = start().await;
+    let ns = json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "team"}});
+    assert_eq!(h.json("POST", "/api/v1/namespaces", ns).await.0, 201);
+    assert_eq!(
+        h.get("/api/v1/namespaces/team/serviceaccounts/default")
+            .await
+            .0,
+        200
+    );
+    assert_eq!(
+        h.get("/api/v1/namespaces/kube-system/serviceaccounts/default")
+            .await
+            .0,
+        200
+    );
+    let port = h.server.as_ref().expect("server").addr.port();
+    let (c, ep) = h
+        .get("/api/v1/namespaces/default/endpoints/kubernetes")
+        .await;
+    assert_eq!(c, 200);
+    assert_eq!(ep["subsets"][0]["ports"][0]["port"], port);
+    let (c, slice) = h
+        .get("/apis/discovery.k8s.io/v1/namespaces/default/endpointslices/kubernetes")
+        .await;
+    assert_eq!(
+        (c, slice["ports"][0]["port"].as_u64()),
+        (200, Some(u64::from(port)))
+    );
+}

@@ -173,6 +173,9 @@ pub(crate) async fn create_object(
             Ok(kv) => {
                 object::set_rv(&mut candidate, kv.mod_revision);
                 tracing::debug!(resource = res.plural, %name, rv = kv.mod_revision, "created");
+                if res.kind == "Namespace" {
+                    create_default_service_account(ctx, &name).await;
+                }
                 return Ok(candidate);
             }
             Err(StoreError::AlreadyExists(_)) if generate && attempt < 2 => continue,
@@ -184,6 +187,22 @@ pub(crate) async fn create_object(
         "InternalError",
         "could not generate a unique name",
     ))
+}
+
+/// Gives a new namespace its `default` ServiceAccount. Failing here only
+/// logs: the namespace exists either way, and pods do not require it.
+async fn create_default_service_account(ctx: &Ctx, namespace: &str) {
+    let Some(sa) = registry::by_plural("", "v1", "serviceaccounts") else {
+        return;
+    };
+    let key = object::key(sa, Some(namespace), "default");
+    let obj = crate::bootstrap::default_service_account(namespace);
+    match ctx.state.store.create(&key, object::to_bytes(&obj)).await {
+        Ok(_) | Err(StoreError::AlreadyExists(_)) => {}
+        Err(e) => {
+            tracing::warn!(%namespace, error = %e, "could not create the default service account")
+        }
+    }
 }
 
 /// Which part of the object an update may change.
