@@ -370,3 +370,109 @@ fn explain_describes_every_served_kind() {
     let out = s.ok(&["explain", "deployment.spec.replicas"]);
     assert!(out.contains("<integer>"), "{out}");
 }
+
+#[test]
+fn kubectl_create_generators_and_run_work_over_protobuf() {
+    if !require_kubectl() {
+        return;
+    }
+    let s = start_server();
+    s.ok(&["create", "namespace", "gen"]);
+    s.ok(&[
+        "create",
+        "configmap",
+        "c",
+        "-n",
+        "gen",
+        "--from-literal=a=b",
+    ]);
+    s.ok(&[
+        "create",
+        "secret",
+        "generic",
+        "s",
+        "-n",
+        "gen",
+        "--from-literal=k=v",
+    ]);
+    s.ok(&[
+        "create",
+        "deployment",
+        "d",
+        "-n",
+        "gen",
+        "--image=busybox",
+        "--",
+        "sleep",
+        "100",
+    ]);
+    s.ok(&[
+        "create",
+        "service",
+        "clusterip",
+        "svc",
+        "-n",
+        "gen",
+        "--tcp=80:8080",
+    ]);
+    s.ok(&[
+        "run",
+        "p",
+        "-n",
+        "gen",
+        "--image=busybox",
+        "--",
+        "sleep",
+        "1",
+    ]);
+    assert_eq!(
+        s.ok(&["get", "cm", "c", "-n", "gen", "-o", "jsonpath={.data.a}"]),
+        "b"
+    );
+    assert_eq!(
+        s.ok(&[
+            "get",
+            "secret",
+            "s",
+            "-n",
+            "gen",
+            "-o",
+            "jsonpath={.data.k}"
+        ]),
+        "dg=="
+    );
+    assert_eq!(
+        s.ok(&[
+            "get",
+            "deploy",
+            "d",
+            "-n",
+            "gen",
+            "-o",
+            "jsonpath={.spec.template.spec.containers[0].command}"
+        ]),
+        r#"["sleep","100"]"#
+    );
+    let ip = s.ok(&[
+        "get",
+        "svc",
+        "svc",
+        "-n",
+        "gen",
+        "-o",
+        "jsonpath={.spec.clusterIP}",
+    ]);
+    assert!(ip.starts_with("10.43."), "{ip}");
+    assert_eq!(
+        s.ok(&[
+            "get",
+            "pod",
+            "p",
+            "-n",
+            "gen",
+            "-o",
+            "jsonpath={.spec.containers[0].image}"
+        ]),
+        "busybox"
+    );
+}
