@@ -48,7 +48,7 @@ async fn put(store: &dyn Backend, key: String, obj: serde_json::Value) -> Result
 
 /// The address pods reach this machine at: the source address of the
 /// default route (a UDP connect sends nothing), or loopback.
-fn host_ip() -> String {
+pub(crate) fn host_ip() -> String {
     std::net::UdpSocket::bind("0.0.0.0:0")
         .and_then(|s| {
             s.connect("192.0.2.1:9")?;

@@ -123,8 +123,15 @@ impl Server {
         })?;
 
         let mut sans = vec!["127.0.0.1".to_string(), "localhost".to_string()];
-        if !addr.ip().is_unspecified() && !sans.contains(&addr.ip().to_string()) {
-            sans.push(addr.ip().to_string());
+        // Agents on other machines dial this machine's address: cover it,
+        // or the bound address when it is a specific one.
+        let reachable = if addr.ip().is_unspecified() {
+            bootstrap::host_ip()
+        } else {
+            addr.ip().to_string()
+        };
+        if !sans.contains(&reachable) {
+            sans.push(reachable);
         }
         if let Ok(h) = hostname() {
             if !h.is_empty() && !sans.contains(&h) {
