@@ -899,3 +899,145 @@ async fn namespaces_get_a_default_service_account_and_the_api_is_advertised_as_a
         (200, Some(u64::from(port)))
     );
 }
+
+#[tokio::test]
+async fn hostile_requests_get_statuses_and_the_server_keeps_serving() {
+    let h = start().await;
+    h.json("POST", CMS, cm("t", json!({}))).await;
+    let long = "a".repeat(300);
+    let cases: Vec<(&str, String, &str, Vec<u8>)> = vec![
+        ("GET", format!("{CMS}/{long}"), "application/json", vec![]),
+        (
+            "GET",
+            format!("{CMS}?limit=-5&continue=%%%"),
+            "application/json",
+            vec![],
+        ),
+        (
+            "GET",
+            format!("{CMS}?labelSelector=a%20in%20(b"),
+            "application/json",
+            vec![],
+        ),
+        (
+            "GET",
+            format!("{CMS}?watch=1&resourceVersion=abc"),
+            "application/json",
+            vec![],
+        ),
+        (
+            "GET",
+            format!("{CMS}?fieldSelector=%3D%3D"),
+            "application/json",
+            vec![],
+        ),
+        (
+            "POST",
+            CMS.to_string(),
+            "application/json",
+            b"[1,2,3]".to_vec(),
+        ),
+        (
+            "POST",
+            CMS.to_string(),
+            "application/json",
+            b"null".to_vec(),
+        ),
+        (
+            "POST",
+            CMS.to_string(),
+            "application/yaml",
+            b"kind: [".to_vec(),
+        ),
+        (
+            "POST",
+            CMS.to_string(),
+            "application/json",
+            br#"{"apiVersion":"v1","kind":"ConfigMap","metadata":"x"}"#.to_vec(),
+        ),
+        (
+            "POST",
+            CMS.to_string(),
+            "application/json",
+            br#"{"apiVersion":"v1","kind":"Pod","metadata":{"name":"x"}}"#.to_vec(),
+        ),
+        (
+            "PUT",
+            format!("{CMS}/t"),
+            "application/json",
+            br#"{"apiVersion":"v1","kind":"ConfigMap","metadata":{"name":"other"}}"#.to_vec(),
+        ),
+        (
+            "PATCH",
+            format!("{CMS}/t"),
+            "application/json-patch+json",
+            br#"[{"op":"remove","path":"/nope/x"}]"#.to_vec(),
+        ),
+        (
+            "PATCH",
+            format!("{CMS}/t"),
+            "application/json-patch+json",
+            br#"{"op":"add"}"#.to_vec(),
+        ),
+        (
+            "PATCH",
+            format!("{CMS}/t"),
+            "application/merge-patch+json",
+            br#"{"metadata":{"name":"renamed"}}"#.to_vec(),
+        ),
+        (
+            "PATCH",
+            format!("{CMS}/t?fieldManager=x"),
+            "application/apply-patch+yaml",
+            b"- a\n- b\n".to_vec(),
+        ),
+        (
+            "DELETE",
+            format!("{CMS}/t"),
+            "application/json",
+            br#"{"propagationPolicy":"Sideways"}"#.to_vec(),
+        ),
+        (
+            "DELETE",
+            format!("{CMS}/t"),
+            "application/json",
+            br#"{"preconditions":{"uid":"nope"}}"#.to_vec(),
+        ),
+        (
+            "POST",
+            "/api/v1/namespaces/default/pods/none/binding".to_string(),
+            "application/json",
+            b"{}".to_vec(),
+        ),
+        (
+            "GET",
+            "/api/v1/namespaces/default/pods/none/log".to_string(),
+            "application/json",
+            vec![],
+        ),
+        (
+            "OPTIONS",
+            "/api/v1/namespaces".to_string(),
+            "application/json",
+            vec![],
+        ),
+        (
+            "GET",
+            "/apis/apps/v1/namespaces/default/deployments/none/scale".to_string(),
+            "application/json",
+            vec![],
+        ),
+    ];
+    for (method, path, ct, body) in cases {
+        let (c, s) = h.call(method, &path, ct, body).await;
+        assert!((400..500).contains(&c), "{method} {path}: {c} {s}");
+        if !path.contains("watch=1") {
+            assert_eq!(s["kind"], "Status", "{method} {path}: {s}");
+        }
+    }
+    assert_eq!(
+        h.get(&format!("{CMS}/t")).await.0,
+        200,
+        "still serving, object intact"
+    );
+}
