@@ -267,6 +267,23 @@ fn resolve_user(rootfs: &Path, user: &str) -> Result<User, RuntimeError> {
     Ok(User { uid, gid })
 }
 
+/// Remove a workload's directory. A monitor that saw the kill may write
+/// exit.json into it at the same moment, so retry a few times.
+fn remove_dir_retry(dir: &Path) -> Result<(), RuntimeError> {
+    let mut tries = 0;
+    loop {
+        match fs::remove_dir_all(dir) {
+            Ok(()) => return Ok(()),
+            Err(e) if e.kind() == ErrorKind::NotFound => return Ok(()),
+            Err(_) if tries < 5 => {
+                tries += 1;
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            Err(e) => return Err(io_err("remove", dir, e)),
+        }
+    }
+}
+
 fn pid_start_time(pid: i32) -> Option<u64> {
     let s = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     let rest = &s[s.rfind(')')? + 2..];
@@ -745,7 +762,7 @@ impl WorkloadRuntime for ContainerTier {
             Err(e) => return Err(Self::err(e)),
         }
         self.unmount(&dir);
-        fs::remove_dir_all(&dir).map_err(|e| io_err("remove", &dir, e))
+        remove_dir_retry(&dir)
     }
 }
 
@@ -1052,7 +1069,7 @@ impl WorkloadRuntime for ProcessTier {
         {
             let _ = child.wait();
         }
-        fs::remove_dir_all(&dir).map_err(|e| io_err("remove", &dir, e))
+        remove_dir_retry(&dir)
     }
 }
 
