@@ -52,7 +52,7 @@ impl ImageStore {
         let staging = self.staging("import-")?;
         let extracted = staging.path().join("archive");
         fs::create_dir_all(&extracted).map_err(|e| ImageError::io(&extracted, e))?;
-        extract_outer(file, &extracted)?;
+        extract_outer(file, &extracted, opts)?;
         let images = if extracted.join("manifest.json").is_file() {
             read_docker_archive(file, &extracted)?
         } else if extracted.join("index.json").is_file() {
@@ -188,22 +188,12 @@ fn stage_layer(
     opts: &ImportOptions,
 ) -> Result<String> {
     let f = fs::File::open(&layer.path).map_err(|e| ImageError::io(&layer.path, e))?;
-    let bar = if opts.progress {
-        let bar = indicatif::ProgressBar::with_draw_target(
-            Some(layer.size),
-            indicatif::ProgressDrawTarget::stderr(),
-        );
-        if let Ok(style) = indicatif::ProgressStyle::with_template(
-            "{msg} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec}",
-        ) {
-            bar.set_style(style.progress_chars("=> "));
-        }
-        let short = layer.digest.trim_start_matches("sha256:");
-        bar.set_message(format!("layer {}", &short[..short.len().min(12)]));
-        bar
-    } else {
-        indicatif::ProgressBar::hidden()
-    };
+    let short = layer.digest.trim_start_matches("sha256:");
+    let bar = progress_bar(
+        opts,
+        layer.size,
+        format!("layer {}", &short[..short.len().min(12)]),
+    );
     let mut r = BufReader::with_capacity(1 << 16, bar.wrap_read(f));
     let comp = sniff_reader(&mut r).map_err(|e| ImageError::io(&layer.path, e))?;
     let dec = comp
@@ -219,6 +209,25 @@ fn stage_layer(
         .map_err(|e| corrupt(file, format!("layer {}: {e}", layer.digest)))?;
     bar.finish_and_clear();
     Ok(diff_id)
+}
+
+/// A bytes bar on stderr, or a hidden one (indicatif also hides it when
+/// stderr is not a terminal).
+fn progress_bar(opts: &ImportOptions, total: u64, msg: String) -> indicatif::ProgressBar {
+    if !opts.progress {
+        return indicatif::ProgressBar::hidden();
+    }
+    let bar = indicatif::ProgressBar::with_draw_target(
+        Some(total),
+        indicatif::ProgressDrawTarget::stderr(),
+    );
+    if let Ok(style) = indicatif::ProgressStyle::with_template(
+        "{msg:<20} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec}",
+    ) {
+        bar.set_style(style.progress_chars("=> "));
+    }
+    bar.set_message(msg);
+    bar
 }
 
 /// Reduce a path inside an archive to its normal components, refusing `..`.
@@ -241,9 +250,11 @@ fn archive_rel(file: &Path, p: &Path) -> Result<PathBuf> {
 
 /// Unpack the outer archive (maybe gzip or zstd compressed) into `dest`.
 /// Only directories, regular files and links between them are kept.
-fn extract_outer(file: &Path, dest: &Path) -> Result<()> {
+fn extract_outer(file: &Path, dest: &Path, opts: &ImportOptions) -> Result<()> {
     let f = fs::File::open(file).map_err(|e| ImageError::io(file, e))?;
-    let mut r = BufReader::with_capacity(1 << 16, f);
+    let total = f.metadata().map(|m| m.len()).unwrap_or(0);
+    let bar = progress_bar(opts, total, "reading archive".into());
+    let mut r = BufReader::with_capacity(1 << 16, bar.wrap_read(f));
     let comp = sniff_reader(&mut r).map_err(|e| ImageError::io(file, e))?;
     let dec = comp.decoder(r).map_err(|e| corrupt(file, e.to_string()))?;
     let mut ar = tar::Archive::new(dec);
@@ -296,6 +307,7 @@ fn extract_outer(file: &Path, dest: &Path) -> Result<()> {
             links.push((rel, normalize(file, &resolved)?));
         }
     }
+    bar.finish_and_clear();
     if !seen_any {
         return Err(corrupt(file, "empty or not a tar archive"));
     }
