@@ -264,7 +264,8 @@ pub fn item_element(item: &Value, keys: &[Value]) -> Option<String> {
     names.sort_unstable();
     let mut key = Map::new();
     for n in names {
-        if let Some(v) = obj.get(n) {
+        // A null key is no key: applying it leaves the field out.
+        if let Some(v) = obj.get(n).filter(|v| !v.is_null()) {
             key.insert(n.to_string(), v.clone());
         }
     }
@@ -513,6 +514,19 @@ mod tests {
         let mut back = FieldSet::new();
         from_fields_v1(&v1, &mut Vec::new(), &mut back, 0);
         assert_eq!(back, set);
+    }
+
+    #[test]
+    fn null_keys_do_not_name_list_items() {
+        let keys = [json!("name")];
+        assert_eq!(
+            item_element(&json!({"name": null, "image": "x"}), &keys),
+            None
+        );
+        assert_eq!(
+            item_element(&json!({"name": "a"}), &keys),
+            Some("k:{\"name\":\"a\"}".into())
+        );
     }
 
     #[test]
