@@ -4,9 +4,9 @@
 
 mod common;
 
-use std::io::Read;
+use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use common::{require_kubectl, start_server, KUBECTL};
 
@@ -179,6 +179,8 @@ fn get_watch_streams_changes_and_wait_sees_conditions_and_deletion() {
         return;
     }
     let s = start_server();
+    // A sentinel object shows when the watch is running.
+    s.ok(&["create", "configmap", "sentinel"]);
     let mut watcher = Command::new(KUBECTL)
         .env("KUBECONFIG", &s.kubeconfig)
         .args(["get", "cm", "-w", "--output-watch-events"])
@@ -186,9 +188,38 @@ fn get_watch_streams_changes_and_wait_sees_conditions_and_deletion() {
         .stderr(Stdio::null())
         .spawn()
         .expect("kubectl get -w");
-    std::thread::sleep(Duration::from_millis(700));
+    let (tx, rx) = std::sync::mpsc::channel::<String>();
+    let stdout = watcher.stdout.take().expect("stdout");
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines() {
+            let Ok(line) = line else { break };
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let mut seen: Vec<String> = Vec::new();
+    let mut wait_for = |pred: &dyn Fn(&str) -> bool, what: &str| {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !seen.iter().any(|l| pred(l)) {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match rx.recv_timeout(left) {
+                Ok(l) => seen.push(l),
+                Err(_) => panic!("no {what} from kubectl get -w; saw:\n{}", seen.join("\n")),
+            }
+        }
+    };
+    wait_for(&|l| l.contains("sentinel"), "sentinel");
     s.ok_with(&["create", "-f", "-"], Some(CM));
+    wait_for(
+        &|l| l.starts_with("ADDED") && l.contains("demo"),
+        "ADDED demo",
+    );
     s.ok(&["label", "cm", "demo", "ready=yes"]);
+    wait_for(
+        &|l| l.starts_with("MODIFIED") && l.contains("demo"),
+        "MODIFIED demo",
+    );
     let wait = s.ok(&[
         "wait",
         "--for=jsonpath={.metadata.labels.ready}=yes",
@@ -199,7 +230,7 @@ fn get_watch_streams_changes_and_wait_sees_conditions_and_deletion() {
     let deleter = {
         let kubeconfig = s.kubeconfig.clone();
         std::thread::spawn(move || {
-            std::thread::sleep(Duration::from_millis(300));
+            std::thread::sleep(Duration::from_millis(500));
             Command::new(KUBECTL)
                 .env("KUBECONFIG", kubeconfig)
                 .args(["delete", "cm", "demo"])
@@ -207,24 +238,17 @@ fn get_watch_streams_changes_and_wait_sees_conditions_and_deletion() {
                 .expect("delete")
         })
     };
-    s.ok(&["wait", "--for=delete", "cm/demo", "--timeout=10s"]);
+    let out = s.kubectl(&["wait", "--for=delete", "cm/demo", "--timeout=20s"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    // On a slow machine the delete may land before the wait starts.
+    assert!(out.status.success() || err.contains("not found"), "{err}");
     assert!(deleter.join().expect("deleter").status.success());
-    std::thread::sleep(Duration::from_millis(500));
+    wait_for(
+        &|l| l.starts_with("DELETED") && l.contains("demo"),
+        "DELETED demo",
+    );
     let _ = watcher.kill();
-    let mut out = String::new();
-    watcher
-        .stdout
-        .take()
-        .expect("stdout")
-        .read_to_string(&mut out)
-        .expect("read");
     let _ = watcher.wait();
-    for ev in ["ADDED", "MODIFIED", "DELETED"] {
-        assert!(
-            out.lines().any(|l| l.starts_with(ev) && l.contains("demo")),
-            "no {ev} in:\n{out}"
-        );
-    }
     assert_eq!(s.kubectl(&["get", "cm", "demo"]).status.code(), Some(1));
 }
 
