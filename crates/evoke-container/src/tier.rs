@@ -267,6 +267,53 @@ fn resolve_user(rootfs: &Path, user: &str) -> Result<User, RuntimeError> {
     Ok(User { uid, gid })
 }
 
+/// Write the container's /etc/hostname, /etc/hosts and /etc/resolv.conf
+/// into its directory, and make sure the rootfs has files to bind them on.
+/// Returns (name, host path) pairs; none when the image has no /etc.
+fn etc_files(
+    dir: &Path,
+    rootfs: &Path,
+    hostname: &str,
+) -> Result<Vec<(&'static str, PathBuf)>, RuntimeError> {
+    let etc = rootfs.join("etc");
+    if !fs::symlink_metadata(&etc).is_ok_and(|m| m.is_dir()) {
+        return Ok(Vec::new());
+    }
+    // Docker drops loopback resolvers: they mean nothing in a new netns.
+    let host_resolv = fs::read_to_string("/etc/resolv.conf").unwrap_or_default();
+    let resolv: String = host_resolv
+        .lines()
+        .filter(|l| !(l.starts_with("nameserver 127.") || l.starts_with("nameserver ::1")))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    let files = [
+        ("hostname", format!("{hostname}\n")),
+        (
+            "hosts",
+            format!(
+                "127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n127.0.1.1\t{hostname}\n"
+            ),
+        ),
+        ("resolv.conf", resolv),
+    ];
+    let mut out = Vec::new();
+    for (name, content) in files {
+        let source = dir.join(name);
+        fs::write(&source, content).map_err(|e| io_err("write", &source, e))?;
+        let target = etc.join(name);
+        match fs::symlink_metadata(&target) {
+            Ok(m) if m.is_file() => {}
+            // A symlink or a directory there: leave the image's choice alone.
+            Ok(_) => continue,
+            Err(_) => {
+                fs::write(&target, "").map_err(|e| io_err("create", &target, e))?;
+            }
+        }
+        out.push((name, source));
+    }
+    Ok(out)
+}
+
 /// Remove a workload's directory. A monitor that saw the kill may write
 /// exit.json into it at the same moment, so retry a few times.
 fn remove_dir_retry(dir: &Path) -> Result<(), RuntimeError> {
@@ -435,6 +482,14 @@ impl ContainerTier {
         let mounts = v["mounts"]
             .as_array_mut()
             .expect("the default spec has mounts");
+        // /etc/hostname, /etc/hosts and /etc/resolv.conf as Docker gives
+        // them; the spec's own mounts come later and win.
+        for (name, source) in etc_files(dir, &rootfs, &hostname)? {
+            mounts.push(serde_json::json!({
+                "destination": format!("/etc/{name}"), "type": "bind",
+                "source": source, "options": ["rbind", "rprivate"],
+            }));
+        }
         for m in &spec.mounts {
             let mut options = vec!["rbind", "rprivate"];
             if m.read_only {

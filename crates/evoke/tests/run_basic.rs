@@ -128,3 +128,26 @@ fn tty_workloads_get_a_terminal_of_their_own() {
         text(&out.stdout)
     );
 }
+
+#[test]
+fn containers_get_their_own_hostname_and_hosts_files() {
+    if !can_run_containers() {
+        return;
+    }
+    let env = Env::with_busybox();
+    let out = env.ok(&[
+        "run",
+        "--rm",
+        "busybox",
+        "sh",
+        "-c",
+        "cat /etc/hostname; grep -c localhost /etc/hosts; hostname",
+    ]);
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(lines.len(), 3, "{out}");
+    assert_eq!(
+        lines[0], lines[2],
+        "/etc/hostname matches the UTS name: {out}"
+    );
+    assert_eq!(lines[1], "2", "{out}");
+}
