@@ -1041,3 +1041,19 @@ async fn hostile_requests_get_statuses_and_the_server_keeps_serving() {
         "still serving, object intact"
     );
 }
+
+#[tokio::test]
+async fn put_creates_a_missing_lease_but_not_a_missing_configmap() {
+    let h = start().await;
+    let lease = json!({"apiVersion": "coordination.k8s.io/v1", "kind": "Lease", "metadata": {"name": "n1"},
+        "spec": {"holderIdentity": "n1", "leaseDurationSeconds": 40}});
+    let path = "/apis/coordination.k8s.io/v1/namespaces/kube-node-lease/leases/n1";
+    let (c, l) = h.json("PUT", path, lease).await;
+    assert_eq!(c, 201, "{l}");
+    assert_eq!(
+        h.json("PUT", &format!("{CMS}/missing"), cm("missing", json!({})))
+            .await
+            .0,
+        404
+    );
+}

@@ -377,6 +377,9 @@ fn part_of(ctx: &Ctx) -> Part {
     }
 }
 
+/// Kinds whose PUT creates a missing object, as in kube-apiserver.
+const CREATE_ON_UPDATE: &[&str] = &["Endpoints", "Lease", "Event"];
+
 pub(crate) async fn update(ctx: &Ctx) -> Result<Reply, ApiError> {
     let res = ctx.res();
     let mut new = compat::decode(&ctx.body, ctx.content_type.as_deref())?;
@@ -394,7 +397,14 @@ pub(crate) async fn update(ctx: &Ctx) -> Result<Reply, ApiError> {
             meta_mut(&mut new).insert("name".into(), name.clone().into());
         }
     }
-    let (kv, old) = load(ctx, &name).await?;
+    let (kv, old) = match load(ctx, &name).await {
+        // Kinds kube lets a PUT create (its AllowCreateOnUpdate).
+        Err(e) if e.code == 404 && ctx.t.sub.is_none() && CREATE_ON_UPDATE.contains(&res.kind) => {
+            let created = create_object(ctx, new, true).await?;
+            return Ok(respond::json(201, &created));
+        }
+        r => r?,
+    };
     rv_precondition(&new, &kv, &res.group_resource(), &name)?;
     let out = finish_update(ctx, &kv, &old, new, part_of(ctx), true).await?;
     Ok(respond::json(200, &out))
