@@ -157,6 +157,15 @@ pub(crate) fn labels(obj: &Value) -> Map<String, Value> {
         .unwrap_or_default()
 }
 
+/// An object reduced to its metadata, as `PartialObjectMetadata`.
+pub(crate) fn partial(obj: &Value) -> Value {
+    serde_json::json!({
+        "apiVersion": "meta.k8s.io/v1",
+        "kind": "PartialObjectMetadata",
+        "metadata": obj.get("metadata").cloned().unwrap_or_default(),
+    })
+}
+
 /// RFC 3339 in seconds, as Kubernetes writes timestamps.
 pub(crate) fn now() -> String {
     timestamp(chrono::Utc::now())

@@ -41,6 +41,8 @@ const DEFAULT_TIMEOUT: Duration = Duration::from_secs(1800);
 struct Encoder {
     res: &'static Resource,
     table: bool,
+    /// Objects as PartialObjectMetadata.
+    metadata: bool,
 }
 
 impl Encoder {
@@ -48,6 +50,8 @@ impl Encoder {
         let object = if self.table {
             let rv = obj["metadata"]["resourceVersion"].clone();
             compat::to_table(self.res, &[obj], json!({"resourceVersion": rv}))
+        } else if self.metadata {
+            object::partial(&obj)
         } else {
             obj
         };
@@ -126,7 +130,8 @@ pub(crate) async fn watch(ctx: &Ctx) -> Result<Reply, ApiError> {
     let filter = Filter::from_ctx(ctx)?;
     let pinned = ctx.t.name.clone();
     // Without selectors or tables, events are spliced from stored bytes.
-    let simple = filter.is_empty() && pinned.is_none() && !ctx.wants_table();
+    let simple =
+        filter.is_empty() && pinned.is_none() && !ctx.wants_table() && !ctx.wants_metadata();
     let matches = move |o: &Value| {
         filter.matches(o) && pinned.as_deref().is_none_or(|n| object::name(o) == Some(n))
     };
@@ -141,6 +146,7 @@ pub(crate) async fn watch(ctx: &Ctx) -> Result<Reply, ApiError> {
     let enc = Encoder {
         res,
         table: ctx.wants_table(),
+        metadata: ctx.wants_metadata(),
     };
     let namespace = ctx.t.namespace.clone();
     let rv = ctx.params.get("resourceVersion").unwrap_or_default();

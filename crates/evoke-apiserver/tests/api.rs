@@ -1057,3 +1057,32 @@ async fn put_creates_a_missing_lease_but_not_a_missing_configmap() {
         404
     );
 }
+
+#[tokio::test]
+async fn metadata_only_clients_get_partial_object_metadata() {
+    use k8s_openapi::api::core::v1::ConfigMap as Cm;
+    let h = start().await;
+    h.json("POST", CMS, cm("meta", json!({"app": "m"}))).await;
+    let api: Api<Cm> = Api::namespaced(h.client.clone(), "default");
+    let list = api
+        .list_metadata(&ListParams::default())
+        .await
+        .expect("list_metadata");
+    assert_eq!(list.items.len(), 1);
+    assert_eq!(list.items[0].metadata.name.as_deref(), Some("meta"));
+    let accept = "application/json;as=PartialObjectMetadata;g=meta.k8s.io;v=v1";
+    let (c, one) = h
+        .call_accept(
+            "GET",
+            &format!("{CMS}/meta"),
+            "application/json",
+            accept,
+            Vec::new(),
+        )
+        .await;
+    assert_eq!(
+        (c, one["kind"].as_str()),
+        (200, Some("PartialObjectMetadata"))
+    );
+    assert!(one.get("data").is_none());
+}

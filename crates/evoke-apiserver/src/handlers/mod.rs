@@ -90,6 +90,15 @@ impl Ctx {
             .is_some_and(|first| first.contains("as=Table"))
     }
 
+    /// `Accept: ...;as=PartialObjectMetadata[List]`: metadata-only clients
+    /// (kube-rs `list_metadata`, client-go metadata informers).
+    pub(crate) fn wants_metadata(&self) -> bool {
+        self.accept
+            .split(',')
+            .next()
+            .is_some_and(|first| first.contains("as=PartialObjectMetadata"))
+    }
+
     pub(crate) fn name(&self) -> &str {
         self.t.name.as_deref().unwrap_or_default()
     }

@@ -14,6 +14,10 @@ use crate::selector::{FieldSelector, LabelSelector};
 use crate::{compat, State};
 
 pub(crate) async fn get(ctx: &Ctx) -> Result<Reply, ApiError> {
+    if ctx.wants_metadata() {
+        let (_, obj) = load(ctx, ctx.name()).await?;
+        return Ok(respond::json(200, &object::partial(&obj)));
+    }
     if !ctx.wants_table() {
         // The common case needs no parsing: the stored bytes plus the rv.
         let name = ctx.name();
@@ -192,7 +196,7 @@ pub(crate) async fn list(ctx: &Ctx) -> Result<Reply, ApiError> {
             start = Some((rv, String::new()));
         }
     }
-    if filter.is_empty() && !ctx.wants_table() {
+    if filter.is_empty() && !ctx.wants_table() && !ctx.wants_metadata() {
         return list_raw(ctx, limit, start).await;
     }
     let page = read_page(
@@ -212,6 +216,13 @@ pub(crate) async fn list(ctx: &Ctx) -> Result<Reply, ApiError> {
         return Ok(respond::json(
             200,
             &compat::to_table(res, &page.items, meta),
+        ));
+    }
+    if ctx.wants_metadata() {
+        let items: Vec<Value> = page.items.iter().map(object::partial).collect();
+        return Ok(respond::json(
+            200,
+            &json!({"kind": "PartialObjectMetadataList", "apiVersion": "meta.k8s.io/v1", "metadata": meta, "items": items}),
         ));
     }
     Ok(respond::json(
