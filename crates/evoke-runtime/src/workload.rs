@@ -264,27 +264,24 @@ pub enum RuntimeError {
     /// The tier cannot run on this host; `reason` says why and what to do.
     #[error("the {tier} tier is unavailable here: {reason}")]
     Unavailable { tier: String, reason: String },
-    #[error("{what}: {source}")]
-    Io {
-        what: String,
-        #[source]
-        source: std::io::Error,
-    },
+    // The cause is part of the message and deliberately not a `source`:
+    // callers print errors with their chain (`{:#}`) and would repeat it.
+    #[error("{what}: {error}")]
+    Io { what: String, error: std::io::Error },
     /// A failure inside a tier's backend (engine, VMM), with its message.
-    #[error("{tier} tier: {source}")]
+    #[error("{tier} tier: {error}")]
     Tier {
         tier: String,
-        #[source]
-        source: Box<dyn std::error::Error + Send + Sync>,
+        error: Box<dyn std::error::Error + Send + Sync>,
     },
 }
 
 impl RuntimeError {
     /// An IO error with the path or action it happened on.
-    pub fn io(what: impl Into<String>, source: std::io::Error) -> Self {
+    pub fn io(what: impl Into<String>, error: std::io::Error) -> Self {
         RuntimeError::Io {
             what: what.into(),
-            source,
+            error,
         }
     }
 
@@ -295,7 +292,7 @@ impl RuntimeError {
     ) -> Self {
         RuntimeError::Tier {
             tier: tier.into(),
-            source: source.into(),
+            error: source.into(),
         }
     }
 }

@@ -33,12 +33,9 @@ pub use digest::sha256_hex;
 pub enum ImageError {
     #[error("image not found: {0}")]
     NotFound(String),
-    #[error("{path}: {source}")]
-    Io {
-        path: PathBuf,
-        #[source]
-        source: io::Error,
-    },
+    // The cause is in the message, not a `source`, so `{:#}` prints it once.
+    #[error("{path}: {error}")]
+    Io { path: PathBuf, error: io::Error },
     /// The archive is damaged, truncated or inconsistent.
     #[error("corrupt image archive {file}: {reason}")]
     Corrupt { file: PathBuf, reason: String },
@@ -53,10 +50,10 @@ pub enum ImageError {
 }
 
 impl ImageError {
-    pub(crate) fn io(path: impl Into<PathBuf>, source: io::Error) -> Self {
+    pub(crate) fn io(path: impl Into<PathBuf>, error: io::Error) -> Self {
         ImageError::Io {
             path: path.into(),
-            source,
+            error,
         }
     }
 }
