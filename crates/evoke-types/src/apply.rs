@@ -408,11 +408,12 @@ fn merge(live: &mut Value, applied: &Value, schema: Schema, depth: usize) {
             }
             ListKind::Map(keys) => {
                 for item in a {
+                    // Items are the same when their whole keys (defaults
+                    // filled in) are equal.
                     let key = managed_fields::item_element(item, keys);
                     let pos = key.as_ref().and_then(|k| {
                         l.iter()
-                            .enumerate()
-                            .position(|(i, x)| managed_fields::item_matches(x, k, i))
+                            .position(|x| managed_fields::item_element(x, keys).as_ref() == Some(k))
                     });
                     match pos.and_then(|p| l.get_mut(p)) {
                         Some(slot) => merge(slot, item, schema.items(), depth + 1),
@@ -645,6 +646,24 @@ mod tests {
         let out =
             server_side_apply(res(), Some(&live), &applied, "kubectl", false, T0).expect("applies");
         assert_eq!(out["status"]["replicas"], 1);
+    }
+
+    #[test]
+    fn a_port_applied_without_protocol_is_the_defaulted_tcp_port() {
+        let mut live = deploy(1, "x");
+        live["spec"]["template"]["spec"]["containers"][0]["ports"] =
+            json!([{"containerPort":80,"protocol":"TCP"}]);
+        let live = server_side_apply(res(), None, &live, "kubectl", false, T0).expect("create");
+        let mut applied = deploy(1, "x");
+        applied["spec"]["template"]["spec"]["containers"][0]["ports"] =
+            json!([{"containerPort":80,"name":"http"}]);
+        let out =
+            server_side_apply(res(), Some(&live), &applied, "kubectl", false, T0).expect("reapply");
+        assert_eq!(
+            out["spec"]["template"]["spec"]["containers"][0]["ports"],
+            json!([{"containerPort":80,"name":"http"}]),
+            "one port, not two; the protocol it stopped applying goes (defaulting puts TCP back)"
+        );
     }
 
     #[test]

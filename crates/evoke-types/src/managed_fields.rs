@@ -255,21 +255,39 @@ fn walk_value(v: &Value, schema: Schema, path: &mut Path, out: &mut FieldSet, de
     }
 }
 
+/// Key fields with a schema default: an item that leaves one out is keyed
+/// by the default, as structured-merge-diff does, so `{containerPort: 80}`
+/// and `{containerPort: 80, protocol: TCP}` are the same port.
+const KEY_DEFAULTS: &[(&str, &str)] = &[("protocol", "TCP")];
+
+/// The value of key field `name` of a list item (its default if it has one
+/// and the item leaves it out or sets it to null), and whether it was set.
+fn key_value(obj: &Map<String, Value>, name: &str) -> Option<(Value, bool)> {
+    match obj.get(name).filter(|v| !v.is_null()) {
+        Some(v) => Some((v.clone(), true)),
+        None => KEY_DEFAULTS
+            .iter()
+            .find(|(k, _)| *k == name)
+            .map(|(_, d)| (Value::from(*d), false)),
+    }
+}
+
 /// `k:{"name":"web"}` for an item of a keyed list: its key fields, sorted
-/// by name, as compact JSON. Key fields the item leaves out are skipped,
-/// as kube does for defaulted keys such as `protocol`.
+/// by name, as compact JSON, defaults filled in. `None` when the item sets
+/// none of its key fields (a null key is no key).
 pub fn item_element(item: &Value, keys: &[Value]) -> Option<String> {
     let obj = item.as_object()?;
     let mut names: Vec<&str> = keys.iter().filter_map(Value::as_str).collect();
     names.sort_unstable();
     let mut key = Map::new();
+    let mut explicit = false;
     for n in names {
-        // A null key is no key: applying it leaves the field out.
-        if let Some(v) = obj.get(n).filter(|v| !v.is_null()) {
-            key.insert(n.to_string(), v.clone());
+        if let Some((v, set)) = key_value(obj, n) {
+            explicit |= set;
+            key.insert(n.to_string(), v);
         }
     }
-    if key.is_empty() {
+    if !explicit {
         return None;
     }
     Some(format!("k:{}", Value::Object(key)))
@@ -281,7 +299,13 @@ pub fn item_matches(item: &Value, pe: &str, index: usize) -> bool {
         let Ok(Value::Object(key)) = serde_json::from_str::<Value>(k) else {
             return false;
         };
-        !key.is_empty() && key.iter().all(|(n, want)| item.get(n) == Some(want))
+        let Some(obj) = item.as_object() else {
+            return false;
+        };
+        !key.is_empty()
+            && key
+                .iter()
+                .all(|(n, want)| key_value(obj, n).is_some_and(|(v, _)| &v == want))
     } else if let Some(v) = pe.strip_prefix("v:") {
         serde_json::from_str::<Value>(v).is_ok_and(|want| &want == item)
     } else if let Some(i) = pe.strip_prefix("i:") {
@@ -527,6 +551,29 @@ mod tests {
             item_element(&json!({"name": "a"}), &keys),
             Some("k:{\"name\":\"a\"}".into())
         );
+    }
+
+    #[test]
+    fn a_port_without_protocol_is_keyed_as_tcp() {
+        let keys = [json!("containerPort"), json!("protocol")];
+        let bare = item_element(&json!({"containerPort": 80}), &keys);
+        assert_eq!(
+            bare,
+            Some("k:{\"containerPort\":80,\"protocol\":\"TCP\"}".into())
+        );
+        assert_eq!(
+            item_element(&json!({"containerPort": 80, "protocol": "TCP"}), &keys),
+            bare
+        );
+        assert!(item_element(&json!({"protocol": "UDP"}), &keys).is_some());
+        assert_eq!(item_element(&json!({}), &keys), None);
+        let pe = bare.expect("key");
+        assert!(item_matches(&json!({"containerPort": 80}), &pe, 0));
+        assert!(!item_matches(
+            &json!({"containerPort": 80, "protocol": "UDP"}),
+            &pe,
+            0
+        ));
     }
 
     #[test]
