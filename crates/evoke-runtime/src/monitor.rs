@@ -18,6 +18,8 @@ use crate::workload::{RuntimeError, Stdio, WorkloadRuntime, WorkloadSpec};
 /// What the monitor reports back through the pipe: `ok`, or an error.
 const OK: &str = "ok";
 const IMAGE_NOT_FOUND: &str = "image-not-found\t";
+/// A tier's own error: `TIER_ERROR tier \t message`, rebuilt as such.
+const TIER_ERROR: &str = "tier\t";
 
 /// Create and start `spec` on `rt` from a detached monitor process, and
 /// return once it runs (or failed to start, with the error). The monitor
@@ -58,6 +60,11 @@ pub fn spawn_detached(
                 Ok(())
             } else if let Some(image) = msg.strip_prefix(IMAGE_NOT_FOUND) {
                 Err(RuntimeError::ImageNotFound(image.to_string()))
+            } else if let Some((tier, error)) = msg
+                .strip_prefix(TIER_ERROR)
+                .and_then(|m| m.split_once('\t'))
+            {
+                Err(RuntimeError::tier(tier, error.to_string()))
             } else if msg.is_empty() {
                 Err(RuntimeError::tier(
                     rt.name(),
@@ -104,6 +111,9 @@ fn monitor(rt: &dyn WorkloadRuntime, spec: &WorkloadSpec, remove_on_exit: bool, 
         }
         Err(RuntimeError::ImageNotFound(i)) => {
             let _ = write!(report, "{IMAGE_NOT_FOUND}{i}");
+        }
+        Err(RuntimeError::Tier { tier, error }) => {
+            let _ = write!(report, "{TIER_ERROR}{tier}\t{error}");
         }
         Err(e) => {
             let _ = write!(report, "{e}");

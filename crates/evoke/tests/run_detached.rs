@@ -127,3 +127,27 @@ fn logs_follow_streams_until_the_container_exits() {
         "it waited for the end"
     );
 }
+
+#[test]
+fn detached_run_that_cannot_start_fails_in_one_line_and_leaves_nothing() {
+    if !can_run_containers() {
+        return;
+    }
+    let env = Env::with_busybox();
+    for args in [
+        &["run", "-d", "busybox", "no-such-command"][..],
+        &["run", "-d", "no-such-image", "true"][..],
+    ] {
+        let out = env.evoke(args);
+        assert_ne!(out.status.code(), Some(0), "{args:?}");
+        let err = text(&out.stderr);
+        assert_eq!(err.trim_end().lines().count(), 1, "{err}");
+        assert!(
+            err.contains("no-such-command") || err.contains("image not found: no-such-image"),
+            "{err}"
+        );
+        // The monitor's error reaches us once, not wrapped again.
+        assert!(err.matches("tier:").count() <= 1, "{err}");
+    }
+    assert_eq!(env.ok(&["ps", "-a", "-q"]), "");
+}
