@@ -149,7 +149,9 @@ impl ImageStore {
             }
             self.add_to_index(&manifest_digest, &img.tags)?;
             tracing::debug!(manifest = %manifest_digest, tags = ?img.tags, "image stored");
-            out.push(manifest_digest);
+            if !out.contains(&manifest_digest) {
+                out.push(manifest_digest);
+            }
         }
         let index = self.read_index()?;
         out.iter()

@@ -555,3 +555,47 @@ fn references_are_normalised_like_docker() {
     assert_eq!(human_size(999), "999B");
     assert_eq!(human_duration(7200), "2 hours");
 }
+
+#[test]
+fn old_docker_save_links_duplicate_layers_and_both_images_import() {
+    let f = fixture();
+    let raw = layer_tar(&[E::File("shared", b"same bytes")]);
+    let cfg = config_json(&[sha256_hex(&raw)]);
+    let cfg_name = format!("{}.json", hex(&sha256_hex(&cfg)));
+    let manifest = serde_json::to_vec(&serde_json::json!([
+        {"Config": cfg_name, "RepoTags": ["one:1"], "Layers": ["aaa/layer.tar"]},
+        {"Config": cfg_name, "RepoTags": ["two:1"], "Layers": ["bbb/layer.tar"]},
+    ]))
+    .unwrap();
+    let mut b = tar::Builder::new(Vec::new());
+    add(&mut b, &cfg_name, &cfg);
+    add(&mut b, "aaa/layer.tar", &raw);
+    // Docker wrote a relative symlink for the second copy.
+    let mut h = header();
+    h.set_entry_type(tar::EntryType::Symlink);
+    h.set_size(0);
+    h.set_mode(0o777);
+    b.append_link(&mut h, "bbb/layer.tar", "../aaa/layer.tar")
+        .unwrap();
+    add(&mut b, "manifest.json", &manifest);
+    let file = write(&f.dir, "linked.tar", &b.into_inner().unwrap());
+    let imported = f.store.import(&file, &ImportOptions::default()).unwrap();
+    assert_eq!(imported.len(), 1, "one image, two tags");
+    let img = f.store.resolve("two:1").unwrap();
+    assert_eq!(f.store.resolve("one:1").unwrap().id, img.id);
+    assert_eq!(
+        fs::read(img.layer_dirs[0].join("shared")).unwrap(),
+        b"same bytes"
+    );
+}
+
+#[test]
+fn reimporting_an_image_changes_nothing_but_is_accepted() {
+    let f = fixture();
+    let raw = layer_tar(&[E::File("x", b"x")]);
+    let file = write(&f.dir, "r.tar", &docker_archive(&[raw], "again:1"));
+    f.store.import(&file, &ImportOptions::default()).unwrap();
+    let before = snapshot(&f.store);
+    f.store.import(&file, &ImportOptions::default()).unwrap();
+    assert_eq!(snapshot(&f.store), before);
+}
