@@ -314,6 +314,58 @@ fn etc_files(
     Ok(out)
 }
 
+/// Set `lo` up in the network namespace of `pid`, from a short-lived thread
+/// (setns affects only the calling thread) with one rtnetlink request.
+fn loopback_up(pid: i32) -> std::io::Result<()> {
+    let ns = fs::File::open(format!("/proc/{pid}/ns/net"))?;
+    std::thread::spawn(move || -> std::io::Result<()> {
+        use nix::sys::socket::{
+            self, AddressFamily, NetlinkAddr, SockFlag, SockProtocol, SockType,
+        };
+        nix::sched::setns(&ns, nix::sched::CloneFlags::CLONE_NEWNET)?;
+        let sock = socket::socket(
+            AddressFamily::Netlink,
+            SockType::Raw,
+            SockFlag::SOCK_CLOEXEC,
+            SockProtocol::NetlinkRoute,
+        )?;
+        // nlmsghdr (RTM_NEWLINK, request + ack) then ifinfomsg: index 1 is
+        // always lo in a new namespace; set IFF_UP in flags and change.
+        let mut msg = Vec::with_capacity(32);
+        msg.extend_from_slice(&32u32.to_ne_bytes());
+        msg.extend_from_slice(&(libc::RTM_NEWLINK).to_ne_bytes());
+        msg.extend_from_slice(&((libc::NLM_F_REQUEST | libc::NLM_F_ACK) as u16).to_ne_bytes());
+        msg.extend_from_slice(&1u32.to_ne_bytes());
+        msg.extend_from_slice(&0u32.to_ne_bytes());
+        msg.extend_from_slice(&[libc::AF_UNSPEC as u8, 0, 0, 0]);
+        msg.extend_from_slice(&1i32.to_ne_bytes());
+        msg.extend_from_slice(&(libc::IFF_UP as u32).to_ne_bytes());
+        msg.extend_from_slice(&(libc::IFF_UP as u32).to_ne_bytes());
+        socket::sendto(
+            std::os::fd::AsRawFd::as_raw_fd(&sock),
+            &msg,
+            &NetlinkAddr::new(0, 0),
+            socket::MsgFlags::empty(),
+        )?;
+        // The ack is an NLMSG_ERROR whose error field is 0 on success.
+        let mut buf = [0u8; 256];
+        let n = socket::recv(
+            std::os::fd::AsRawFd::as_raw_fd(&sock),
+            &mut buf,
+            socket::MsgFlags::empty(),
+        )?;
+        if n >= 20 {
+            let err = i32::from_ne_bytes([buf[16], buf[17], buf[18], buf[19]]);
+            if err != 0 {
+                return Err(std::io::Error::from_raw_os_error(-err));
+            }
+        }
+        Ok(())
+    })
+    .join()
+    .map_err(|_| std::io::Error::other("the loopback thread panicked"))?
+}
+
 /// Remove a workload's directory. A monitor that saw the kill may write
 /// exit.json into it at the same moment, so retry a few times.
 fn remove_dir_retry(dir: &Path) -> Result<(), RuntimeError> {
@@ -671,6 +723,16 @@ impl WorkloadRuntime for ContainerTier {
                 },
             )
             .map_err(Self::err)?;
+            if spec.network_namespace.is_none() {
+                // A fresh network namespace starts with lo down; Docker brings
+                // it up so that localhost works inside.
+                let pid = crate::state(&self.engine_root, &spec.id)
+                    .map_err(Self::err)?
+                    .pid;
+                loopback_up(pid).map_err(|e| {
+                    RuntimeError::io(format!("bring up lo of workload {}", spec.id), e)
+                })?;
+            }
             if let (Some(c), Some((input, output))) = (&console, pump_io) {
                 let master = c.receive()?;
                 PUMPS

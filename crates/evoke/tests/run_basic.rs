@@ -141,10 +141,11 @@ fn containers_get_their_own_hostname_and_hosts_files() {
         "busybox",
         "sh",
         "-c",
-        "cat /etc/hostname; grep -c localhost /etc/hosts; hostname",
+        "cat /etc/hostname; grep -c localhost /etc/hosts; hostname; ping -c1 -W2 localhost >/dev/null && echo lo-up",
     ]);
     let lines: Vec<&str> = out.lines().collect();
-    assert_eq!(lines.len(), 3, "{out}");
+    assert_eq!(lines.len(), 4, "{out}");
+    assert_eq!(lines[3], "lo-up", "loopback works inside: {out}");
     assert_eq!(
         lines[0], lines[2],
         "/etc/hostname matches the UTS name: {out}"
