@@ -387,9 +387,8 @@ fn pid_start_time(pid: i32) -> Option<u64> {
     let s = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     let rest = &s[s.rfind(')')? + 2..];
     let fields: Vec<&str> = rest.split(' ').collect();
-    if matches!(fields.first(), Some(&"Z") | Some(&"X")) {
-        return None;
-    }
+    // A zombie still counts: its parent (a waiter) is about to reap it and
+    // record the exit code; reporting it gone now would lose that code.
     fields.get(19)?.parse().ok()
 }
 
@@ -918,6 +917,27 @@ impl ProcessTier {
     fn cgroup(&self, rec: &Record) -> Option<Box<dyn crate::cgroups::CgroupManager>> {
         rec.cgroup.as_ref().map(CgroupPaths::open)
     }
+
+    /// Turn a reaped child's status into the workload's exit record.
+    fn record_exit(
+        &self,
+        dir: &Path,
+        rec: &Record,
+        st: std::process::ExitStatus,
+    ) -> Result<ExitInfo, RuntimeError> {
+        use std::os::unix::process::ExitStatusExt;
+        let oom = self
+            .cgroup(rec)
+            .and_then(|cg| cg.oom_kills().ok())
+            .is_some_and(|n| n > 0);
+        let info = match (st.code(), st.signal()) {
+            (Some(c), _) => ExitInfo::exited(c),
+            (None, Some(s)) => ExitInfo::signaled(s, oom),
+            _ => lost_exit(),
+        };
+        write_json(&dir.join("exit.json"), &info)?;
+        Ok(info)
+    }
 }
 
 /// Pids still waiting to be reaped by this process, by workload id; the
@@ -1100,31 +1120,45 @@ impl WorkloadRuntime for ProcessTier {
         if let Some(info) = self.dirs.exit_info(&dir) {
             return Ok(Some(info));
         }
-        let child = CHILDREN
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(id);
-        if let (Some(mut child), None) = (child, timeout) {
-            use std::os::unix::process::ExitStatusExt;
-            let st = child
-                .wait()
-                .map_err(|e| RuntimeError::io(format!("wait for workload {id}"), e))?;
-            let oom = self
-                .cgroup(&rec)
-                .and_then(|cg| cg.oom_kills().ok())
-                .is_some_and(|n| n > 0);
-            let info = match (st.code(), st.signal()) {
-                (Some(c), _) => ExitInfo::exited(c),
-                (None, Some(s)) => ExitInfo::signaled(s, oom),
-                _ => lost_exit(),
-            };
-            write_json(&dir.join("exit.json"), &info)?;
-            return Ok(Some(info));
+        // Without a timeout, a child of ours is reaped by blocking on it.
+        if timeout.is_none() {
+            let child = CHILDREN
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .remove(id);
+            if let Some(mut child) = child {
+                let st = child
+                    .wait()
+                    .map_err(|e| RuntimeError::io(format!("wait for workload {id}"), e))?;
+                return self.record_exit(&dir, &rec, st).map(Some);
+            }
         }
         let deadline = timeout.map(|t| std::time::Instant::now() + t);
         loop {
-            if let WorkloadState::Exited(info) = self.status_of(id)?.state {
+            if let Some(info) = self.dirs.exit_info(&dir) {
                 return Ok(Some(info));
+            }
+            // Our own child: reap it if it is done. Otherwise (another
+            // process or thread is its waiter) watch its state.
+            let reaped = {
+                let mut children = CHILDREN.lock().unwrap_or_else(|e| e.into_inner());
+                match children.get_mut(id).map(|c| c.try_wait()) {
+                    Some(Ok(Some(st))) => {
+                        children.remove(id);
+                        Some(Some(st))
+                    }
+                    Some(_) => Some(None),
+                    None => None,
+                }
+            };
+            match reaped {
+                Some(Some(st)) => return self.record_exit(&dir, &rec, st).map(Some),
+                Some(None) => {}
+                None => {
+                    if let WorkloadState::Exited(info) = self.status_of(id)?.state {
+                        return Ok(Some(info));
+                    }
+                }
             }
             if deadline.is_some_and(|d| std::time::Instant::now() >= d) {
                 return Ok(None);
