@@ -298,3 +298,27 @@ fn image_in_use_by_a_container_is_not_removed() {
     env.ok(&["rm", "user"]);
     env.ok(&["image", "rm", "busybox"]);
 }
+
+#[test]
+fn import_reads_an_archive_from_stdin() {
+    if !can_run_containers() {
+        return;
+    }
+    let env = Env::new();
+    let archive = docker_save_archive(env.tmp.path(), "piped:1");
+    let out = env
+        .cmd(&["image", "import", "-"])
+        .stdin(fs::File::open(&archive).unwrap())
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(text(&out.stdout).contains("piped:1"));
+    assert_eq!(
+        fs::read_dir(env.data.join("images/tmp")).unwrap().count(),
+        0
+    );
+    assert_eq!(
+        env.ok(&["run", "--rm", "piped:1"]),
+        "65534:65534 /data from-image\n"
+    );
+}

@@ -2,7 +2,7 @@
 
 use std::io::{IsTerminal, Write};
 
-use anyhow::bail;
+use anyhow::{bail, Context};
 use evoke_runtime::image::{human_age, human_size, split_reference, ImageStore, ImportOptions};
 
 use crate::cmd::run::tiers;
@@ -10,7 +10,7 @@ use crate::Global;
 
 #[derive(clap::Subcommand, Debug)]
 pub enum ImageCommand {
-    /// Import an OCI image layout or a `docker save` archive.
+    /// Import an OCI image layout or a `docker save` archive (`-` reads stdin).
     Import { file: std::path::PathBuf },
     /// Turn a directory into a one-layer image.
     BuildDir {
@@ -34,7 +34,25 @@ pub fn main(g: &Global, c: ImageCommand) -> anyhow::Result<u8> {
     };
     match c {
         ImageCommand::Import { file } => {
-            for img in store.import(&file, &opts)? {
+            // `docker save IMG | evoke image import -`: spool stdin to a file
+            // in the store's tmp dir (removed below), then import that.
+            let spooled = (file.as_os_str() == "-").then(|| {
+                store
+                    .root()
+                    .join("tmp")
+                    .join(format!("stdin-{}.tar", std::process::id()))
+            });
+            if let Some(path) = &spooled {
+                let mut f = std::fs::File::create(path)
+                    .with_context(|| format!("create {}", path.display()))?;
+                std::io::copy(&mut std::io::stdin().lock(), &mut f).context("read stdin")?;
+            }
+            let file = spooled.clone().unwrap_or(file);
+            let imported = store.import(&file, &opts);
+            if let Some(path) = &spooled {
+                let _ = std::fs::remove_file(path);
+            }
+            for img in imported? {
                 let names = if img.tags.is_empty() {
                     img.id.clone()
                 } else {
