@@ -383,27 +383,32 @@ fn list_in(
     let sql = if latest {
         "SELECT c.key, l.value, l.create_revision, l.revision
          FROM current c JOIN log l ON l.revision = c.revision
-         WHERE c.key >= ?1 AND (?2 IS NULL OR c.key < ?2) AND c.key > ?3 AND ?4 >= 0
-         ORDER BY c.key LIMIT ?5"
+         WHERE c.key >= ?1 AND (?2 IS NULL OR c.key < ?2) AND c.key > ?3
+         ORDER BY c.key LIMIT ?4"
     } else {
         "SELECT l.key, l.value, l.create_revision, l.revision
          FROM log l
          WHERE l.key >= ?1 AND (?2 IS NULL OR l.key < ?2) AND l.key > ?3 AND l.deleted = 0
            AND l.revision = (SELECT MAX(l2.revision) FROM log l2
-                             WHERE l2.key = l.key AND l2.revision <= ?4)
-         ORDER BY l.key LIMIT ?5"
+                             WHERE l2.key = l.key AND l2.revision <= ?5)
+         ORDER BY l.key LIMIT ?4"
     };
     let mut stmt = conn.prepare_cached(sql).map_err(|e| sql_err(path, e))?;
-    let rows = stmt
-        .query_map(params![lo, hi, after, at, fetch], |r| {
-            Ok((
-                r.get::<_, Vec<u8>>(0)?,
-                r.get::<_, Vec<u8>>(1)?,
-                r.get::<_, i64>(2)?,
-                r.get::<_, i64>(3)?,
-            ))
-        })
-        .map_err(|e| sql_err(path, e))?;
+    let (lo, hi, after) = (&lo, &hi, &after);
+    let row = |r: &rusqlite::Row<'_>| {
+        Ok((
+            r.get::<_, Vec<u8>>(0)?,
+            r.get::<_, Vec<u8>>(1)?,
+            r.get::<_, i64>(2)?,
+            r.get::<_, i64>(3)?,
+        ))
+    };
+    let rows = if latest {
+        stmt.query_map(params![lo, hi, after, fetch], row)
+    } else {
+        stmt.query_map(params![lo, hi, after, fetch, at], row)
+    }
+    .map_err(|e| sql_err(path, e))?;
     let mut items = Vec::new();
     for row in rows {
         let (k, v, c, m) = row.map_err(|e| sql_err(path, e))?;
