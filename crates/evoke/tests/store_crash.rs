@@ -1,5 +1,6 @@
-//! Crash safety end to end: `kill -9` of `evoke server` in the middle of a
-//! write burst through the API loses no write the API acknowledged.
+//! The store end to end: `kill -9` of `evoke server` in the middle of a
+//! write burst through the API loses no write the API acknowledged, and
+//! `--datastore-endpoint` keeps the cluster state in etcd.
 
 mod common;
 
@@ -101,4 +102,49 @@ fn kill_9_of_the_server_mid_burst_loses_no_acknowledged_object() {
         "name",
     ]);
     assert_eq!(got.trim(), "configmap/after-crash");
+}
+
+#[test]
+fn server_on_etcd_keeps_cluster_state_in_etcd_not_in_the_data_dir() {
+    if !require_kubectl() {
+        return;
+    }
+    if evoke_store::etcd::LocalEtcd::binary().is_none() {
+        if std::env::var("CI").is_ok_and(|v| v == "true") {
+            panic!("etcd is not installed but CI=true: scripts/setup installs etcd-server");
+        }
+        eprintln!("skipping: etcd is not installed");
+        return;
+    }
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    let etcd = rt
+        .block_on(evoke_store::etcd::LocalEtcd::start(None))
+        .expect("start etcd");
+    let endpoint = etcd.endpoint().to_owned();
+    let cm = "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: in-etcd\n  namespace: default\ndata:\n  k: v\n";
+
+    let first = tempfile::tempdir().expect("tempdir");
+    let server = start_server_in(first.path(), &["--datastore-endpoint", &endpoint]);
+    server.ok_with(&["create", "-f", "-"], Some(cm));
+    assert!(
+        !first.path().join("server/db/state.db").exists(),
+        "no SQLite store when etcd is chosen"
+    );
+    server.stop();
+
+    // A second server with an empty data dir, on the same etcd, sees it.
+    let second = tempfile::tempdir().expect("tempdir");
+    let server = start_server_in(second.path(), &["--datastore-endpoint", &endpoint]);
+    let v = server.ok(&[
+        "get",
+        "configmap",
+        "in-etcd",
+        "-n",
+        "default",
+        "-o",
+        "jsonpath={.data.k}",
+    ]);
+    assert_eq!(v, "v");
+    drop(server);
+    drop(etcd);
 }
