@@ -799,6 +799,9 @@ impl WorkloadRuntime for ContainerTier {
             if s.code != -1 {
                 let info = to_exit(s);
                 write_json(&dir.join("exit.json"), &info)?;
+                // Like Docker, an exited container keeps its upper dir but
+                // not a mounted rootfs; `rm` removes the rest.
+                self.unmount(&dir);
                 let pump = PUMPS.lock().unwrap_or_else(|e| e.into_inner()).remove(id);
                 if let Some(p) = pump {
                     let _ = p.join();
