@@ -1,7 +1,8 @@
 //! evoke's object model, with no IO, so every rule is testable with plain
 //! values. It knows which kinds the API serves ([`registry`]), how an error
 //! is told to a Kubernetes client ([`status`]), how a request body becomes an
-//! object ([`decode`]), and how objects are defaulted ([`defaults`]),
+//! object ([`decode`], with [`protobuf`] for kubectl's typed commands), and
+//! how objects are defaulted ([`defaults`]),
 //! validated ([`validate`]), patched ([`patch`]), applied server-side
 //! ([`apply`], [`managed_fields`]), printed as tables ([`table`]) and
 //! described to kubectl ([`openapi`]).
