@@ -26,25 +26,33 @@ run_evoke() {
     evoke vmm --kernel "$KERNEL" --initrd /tmp/bench.cpio --cmdline "$CMDLINE" \
     --memory "$MEM" --cpus 1
 }
+run_evoke_vmm() {
+  evoke-guest boottime --guest-mem-mib "$MEM" --timeout-s 300 --console-on-stderr \
+    --save-other /tmp/evoke-vmm.agent -- \
+    evoke-vmm --kernel "$KERNEL" --initrd /tmp/bench.cpio --cmdline "$CMDLINE" \
+    --memory "$MEM" --cpus 1
+}
 
-: >/tmp/qemu.json
-: >/tmp/evoke.json
-evoke_ok=1
+# One VMM's run $2 into /tmp/$1.json; after a failure that VMM is skipped.
+measure() {
+  name=$1
+  i=$2
+  [ -e "/tmp/$name.failed" ] && return
+  if ! "run_$(echo "$name" | tr - _)" >>"/tmp/$name.json"; then
+    echo "bench: $name run $i failed: $(tail -n1 "/tmp/$name.json")"
+    touch "/tmp/$name.failed"
+  elif [ "$i" = 1 ]; then
+    evoke-guest decode "/tmp/$name.agent" >/dev/null || echo "bench: the workload under $name did not exit 0"
+  fi
+}
+
+vmms="qemu evoke"
+command -v evoke-vmm >/dev/null && vmms="$vmms evoke-vmm"
+for v in $vmms; do : >"/tmp/$v.json"; done
 i=0
 while [ "$i" -lt "$N" ]; do
   i=$((i + 1))
-  run_qemu >>/tmp/qemu.json || echo "bench: qemu run $i failed: $(tail -n1 /tmp/qemu.json)"
-  if [ "$i" = 1 ]; then
-    evoke-guest decode /tmp/qemu.agent >/dev/null || echo "bench: the workload under qemu did not exit 0"
-  fi
-  if [ "$evoke_ok" = 1 ]; then
-    if ! run_evoke >>/tmp/evoke.json; then
-      echo "bench: evoke run $i failed: $(tail -n1 /tmp/evoke.json)"
-      evoke_ok=0
-    elif [ "$i" = 1 ]; then
-      evoke-guest decode /tmp/evoke.agent >/dev/null || echo "bench: the workload under evoke did not exit 0"
-    fi
-  fi
+  for v in $vmms; do measure "$v" "$i"; done
 done
 
 # median FILE FIELD: the median of a numeric JSON field over the runs.
@@ -56,23 +64,32 @@ ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (a == "-" || b == "-" || b == 0) p
 vms() { awk -v e="$1" 'BEGIN { if (e == "-" || e == 0) print "-"; else printf "%.2f", 1000 / e }'; }
 
 echo
-echo "raw runs (qemu):"; cat /tmp/qemu.json
-echo "raw runs (evoke):"; cat /tmp/evoke.json
+for v in $vmms; do echo "raw runs ($v):"; cat "/tmp/$v.json"; done
 echo
-printf '%-18s %12s %12s %14s\n' metric qemu evoke "evoke/qemu"
+header=$(printf '%-18s' metric)
+for v in $vmms; do header="$header$(printf ' %12s' "$v")"; done
+for v in $vmms; do [ "$v" = qemu ] || header="$header$(printf ' %16s' "$v/qemu")"; done
+echo "$header"
+row() { # row NAME VALUE-PER-VMM...: values in $vmms order, then ratios to qemu
+  name=$1; shift
+  line=$(printf '%-18s' "$name")
+  for x in "$@"; do line="$line$(printf ' %12s' "$x")"; done
+  q=$1; shift
+  for x in "$@"; do line="$line$(printf ' %16s' "$(ratio "$x" "$q")")"; done
+  echo "$line"
+}
 for f in init_ms guest_kernel_ms exit_ms vmm_overhead_kib; do
-  q=$(median /tmp/qemu.json "$f")
-  e=$(median /tmp/evoke.json "$f")
-  printf '%-18s %12s %12s %14s\n' "$f" "$q" "$e" "$(ratio "$e" "$q")"
+  vals=
+  for v in $vmms; do vals="$vals $(median "/tmp/$v.json" "$f")"; done
+  row "$f" $vals
 done
-qv=$(vms "$(median /tmp/qemu.json exit_ms)")
-ev=$(vms "$(median /tmp/evoke.json exit_ms)")
-printf '%-18s %12s %12s %14s\n' vms_per_s "$qv" "$ev" "$(ratio "$ev" "$qv")"
-qi=$(median /tmp/qemu.json init_ms); qk=$(median /tmp/qemu.json guest_kernel_ms)
-ei=$(median /tmp/evoke.json init_ms); ek=$(median /tmp/evoke.json guest_kernel_ms)
-awk -v qi="$qi" -v qk="$qk" -v ei="$ei" -v ek="$ek" 'BEGIN {
-  if (qi != "-" && qk != "-") printf "qemu:  %.0f ms before the guest kernel started, %.0f ms in the kernel until init (%.0f%%)\n", qi - qk, qk, 100 * qk / qi
-  if (ei != "-" && ek != "-") printf "evoke: %.0f ms before the guest kernel started, %.0f ms in the kernel until init (%.0f%%)\n", ei - ek, ek, 100 * ek / ei
-}'
+vals=
+for v in $vmms; do vals="$vals $(vms "$(median "/tmp/$v.json" exit_ms)")"; done
+row vms_per_s $vals
+for v in $vmms; do
+  awk -v n="$v" -v i="$(median "/tmp/$v.json" init_ms)" -v k="$(median "/tmp/$v.json" guest_kernel_ms)" 'BEGIN {
+    if (i != "-" && k != "-") printf "%s: %.0f ms before the guest kernel started, %.0f ms in the kernel until init (%.0f%%)\n", n, i - k, k, 100 * k / i
+  }'
+done
 [ -s /tmp/qemu.json ] || exit 1
 exit 0
