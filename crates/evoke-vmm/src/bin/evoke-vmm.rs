@@ -3,8 +3,8 @@
 //! memory overhead small. The microvm tier uses it when it sits next to the
 //! evoke binary.
 //!
-//! `evoke-vmm --config FILE` (a runner::ProcessConfig as JSON), or
-//! `evoke-vmm [--kernel] KERNEL [--initrd CPIO]... [--cmdline S] [--memory MIB]
+//! `evoke-vmm [vmm] --config FILE` (a runner::ProcessConfig as JSON), or
+//! `evoke-vmm [vmm] [--kernel] KERNEL [--initrd CPIO]... [--cmdline S] [--memory MIB]
 //! [--cpus N] [--agent-device virtio-console|serial] [--boot-protocol
 //! auto|linux64|pvh] [--no-seccomp]`. Serial console on stderr, agent channel
 //! on stdin/stdout; exits 0 when the guest resets or powers off.
@@ -16,7 +16,12 @@ use evoke_vmm::runner::{exit_code, run_process, ProcessConfig};
 use evoke_vmm::vm::{AgentDevice, Payload, VmConfig};
 
 fn main() -> ExitCode {
-    let mut args = std::env::args().skip(1);
+    let mut args = std::env::args().skip(1).peekable();
+    // `evoke-vmm vmm ...` takes the same arguments as `evoke vmm ...`, so a
+    // script written for one runs the other.
+    if args.peek().is_some_and(|a| a == "vmm") {
+        args.next();
+    }
     let mut kernel = None;
     let mut initrd = Vec::new();
     let mut cmdline = String::from(
