@@ -1,8 +1,10 @@
 //! Load generator for bench/orchestration (not a test).
 //!
-//! `orchbench startup KUBECONFIG TIER PODS IMAGE`: creates PODS pods (10 at
-//! a time) in the tier, and measures each one from its create call to the
-//! watch event that shows it Running and ready; prints p50/p99/max in ms.
+//! `orchbench startup KUBECONFIG TIER PODS IMAGE [RATE]`: creates PODS pods
+//! in the tier, RATE per second (0, the default, is a burst: 10 at a time,
+//! as fast as the API takes them), and measures each one from its create
+//! call to the watch event that shows it Running and ready; prints
+//! p50/p99/max in ms. With `keep` the pods stay (to measure memory).
 //!
 //! `orchbench scheduler KUBECONFIG NODES PODS`: against a server without an
 //! agent, creates NODES hollow nodes (Node objects with a Lease, nothing
@@ -58,7 +60,7 @@ async fn ensure_ns(client: &kube::Client, ns: &str) {
     let _ = api.create(&PostParams::default(), &obj).await;
 }
 
-async fn startup(client: kube::Client, tier: &str, n: usize, image: &str) -> Res<()> {
+async fn startup(client: kube::Client, tier: &str, n: usize, image: &str, rate: f64, keep: bool) -> Res<()> {
     let ns = format!("bench-{tier}");
     ensure_ns(&client, &ns).await;
     let api: Api<Pod> = Api::namespaced(client.clone(), &ns);
@@ -77,19 +79,24 @@ async fn startup(client: kube::Client, tier: &str, n: usize, image: &str) -> Res
     tokio::time::sleep(Duration::from_millis(300)).await;
     let mut created: HashMap<String, Instant> = HashMap::new();
     let names: Vec<String> = (0..n).map(|i| format!("p{i:04}")).collect();
-    let results: Vec<Res<(String, Instant)>> = futures::stream::iter(names.clone())
-        .map(|name| {
+    let t_start = Instant::now();
+    let results: Vec<Res<(String, Instant)>> = futures::stream::iter(names.clone().into_iter().enumerate())
+        .map(|(i, name)| {
             let api = api.clone();
             let tier = tier.to_string();
             let image = image.to_string();
             async move {
+                if rate > 0.0 {
+                    let at = t_start + Duration::from_secs_f64(i as f64 / rate);
+                    tokio::time::sleep_until(at.into()).await;
+                }
                 let p = pod(&name, &ns_of(&api), &tier, &image)?;
                 let t = Instant::now();
                 api.create(&PostParams::default(), &p).await?;
                 Ok((name, t))
             }
         })
-        .buffer_unordered(10)
+        .buffer_unordered(if rate > 0.0 { n.max(1) } else { 10 })
         .collect()
         .await;
     for r in results {
@@ -114,12 +121,16 @@ async fn startup(client: kube::Client, tier: &str, n: usize, image: &str) -> Res
     let mut v: Vec<f64> = latencies.values().copied().collect();
     v.sort_by(|a, b| a.total_cmp(b));
     println!(
-        "startup tier={tier} pods={n} running={} p50_ms={:.0} p99_ms={:.0} max_ms={:.0}",
+        "startup tier={tier} pods={n} rate={} running={} p50_ms={:.0} p99_ms={:.0} max_ms={:.0}",
+        if rate > 0.0 { format!("{rate}/s") } else { "burst".into() },
         v.len(),
         percentile(&v, 50.0),
         percentile(&v, 99.0),
         v.last().copied().unwrap_or(f64::NAN)
     );
+    if keep {
+        return Ok(());
+    }
     // Clean up, so the next tier starts from an idle node.
     let lp = kube::api::ListParams::default().labels("bench=orch");
     for p in api.list(&lp).await?.items {
@@ -243,7 +254,7 @@ async fn scheduler(client: kube::Client, nodes: usize, n: usize) -> Res<()> {
 #[tokio::main]
 async fn main() -> Res<()> {
     let args: Vec<String> = std::env::args().collect();
-    let usage = "usage: orchbench startup KUBECONFIG TIER PODS IMAGE | orchbench scheduler KUBECONFIG NODES PODS";
+    let usage = "usage: orchbench startup KUBECONFIG TIER PODS IMAGE [RATE [keep]] | orchbench scheduler KUBECONFIG NODES PODS";
     let cmd = args.get(1).ok_or(usage)?;
     let kubeconfig = args.get(2).ok_or(usage)?;
     let client =
@@ -253,7 +264,9 @@ async fn main() -> Res<()> {
             let tier = args.get(3).ok_or(usage)?;
             let n: usize = args.get(4).ok_or(usage)?.parse()?;
             let image = args.get(5).ok_or(usage)?;
-            startup(client, tier, n, image).await
+            let rate: f64 = args.get(6).map(|r| r.parse()).transpose()?.unwrap_or(0.0);
+            let keep = args.get(7).is_some_and(|k| k == "keep");
+            startup(client, tier, n, image, rate, keep).await
         }
         "scheduler" => {
             let nodes: usize = args.get(3).ok_or(usage)?.parse()?;
