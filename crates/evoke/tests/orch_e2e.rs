@@ -679,7 +679,10 @@ fn agent_refuses_to_join_a_server_whose_ca_does_not_match_the_token() {
     let tmp = tempfile::tempdir().expect("tempdir");
     let c = Cluster::start(tmp.path());
     // The server wrote its own join token, K10<ca sha256>::server:<secret>.
-    let token = std::fs::read_to_string(tmp.path().join("server/node-token")).expect("node-token");
+    // It is written just after the API answers, so give it a moment.
+    let token_path = tmp.path().join("server/node-token");
+    c.wait_for("the join token file", 20, || token_path.exists());
+    let token = std::fs::read_to_string(&token_path).expect("node-token");
     let token = token.trim();
     assert!(
         token.starts_with("K10") && token.contains("::server:"),
