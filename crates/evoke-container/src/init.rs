@@ -74,12 +74,23 @@ impl Msg {
     }
 }
 
+/// The status pipe's write end, moved out of [`ChildFds`] once by the child.
+pub(crate) struct StatusFd(pub Option<OwnedFd>);
+
+impl StatusFd {
+    fn take_status(&mut self) -> OwnedFd {
+        self.0
+            .take()
+            .expect("the status pipe is taken once, first thing in the child")
+    }
+}
+
 /// The descriptors a child gets from the parent.
 pub(crate) struct ChildFds {
     /// Read end: one byte per "go ahead" from the parent.
     pub go: OwnedFd,
     /// Write end for [`Msg`]s.
-    pub status: OwnedFd,
+    pub status: StatusFd,
     /// The exec fifo, opened read-write; `None` for `exec`.
     pub fifo: Option<OwnedFd>,
     /// stdin, stdout, stderr to install; `None` keeps the inherited one.
@@ -97,9 +108,16 @@ fn ctx<T, E: std::fmt::Display>(r: Result<T, E>, what: impl FnOnce() -> String) 
 }
 
 fn send(fd: &OwnedFd, m: &Msg) {
-    let mut f = fs::File::from(fd.try_clone().expect("dup of the status pipe"));
     // If the parent is gone there is no one left to tell.
-    let _ = f.write_all(&m.encode());
+    let bytes = m.encode();
+    let mut done = 0;
+    while done < bytes.len() {
+        match nix::unistd::write(fd, &bytes[done..]) {
+            Ok(n) if n > 0 => done += n,
+            Err(nix::Error::EINTR) => {}
+            _ => return,
+        }
+    }
 }
 
 fn wait_go(fd: &OwnedFd) -> R<()> {
@@ -113,9 +131,10 @@ fn wait_go(fd: &OwnedFd) -> R<()> {
 
 /// The intermediate child: joins namespaces, clones the init into the new
 /// ones (as a sibling, so the caller is its parent), reports its pid, exits.
-pub(crate) fn intermediate(plan: &Plan, fds: ChildFds) -> ! {
-    let status = fds.status.try_clone().expect("dup of the status pipe");
-    match intermediate_inner(plan, fds) {
+/// The init's errors travel the same way: it shares this code path.
+pub(crate) fn intermediate(plan: &Plan, mut fds: ChildFds) -> ! {
+    let status = fds.status.take_status();
+    match intermediate_inner(plan, fds, &status) {
         Ok(()) => sys::exit_now(0),
         Err(e) => {
             send(&status, &Msg::Error(e));
@@ -124,7 +143,7 @@ pub(crate) fn intermediate(plan: &Plan, fds: ChildFds) -> ! {
     }
 }
 
-fn intermediate_inner(plan: &Plan, mut fds: ChildFds) -> R<()> {
+fn intermediate_inner(plan: &Plan, mut fds: ChildFds, status: &OwnedFd) -> R<()> {
     // Not dumpable: no process in the container may open /proc/PID/exe of
     // ours or ptrace us while we still run the host binary.
     ctx(nix::sys::prctl::set_dumpable(false), || {
@@ -137,31 +156,29 @@ fn intermediate_inner(plan: &Plan, mut fds: ChildFds) -> R<()> {
     for (fd, flag) in &fds.join {
         ctx(nix::sched::setns(fd, *flag), || format!("setns {flag:?}"))?;
     }
-    let join = std::mem::take(&mut fds.join);
-    drop(join);
+    drop(std::mem::take(&mut fds.join));
     match ctx(sys::clone_sibling(plan.new_ns.bits()), || {
         format!("clone({:?})", plan.new_ns)
     })? {
         sys::Forked::Parent(pid) => {
-            send(&fds.status, &Msg::Pid(pid.as_raw()));
+            send(status, &Msg::Pid(pid.as_raw()));
             Ok(())
         }
-        sys::Forked::Child => {
-            let status = fds.status.try_clone().expect("dup of the status pipe");
-            match container_init(plan, fds) {
-                Ok(never) => match never {},
-                Err(e) => {
-                    send(&status, &Msg::Error(e));
-                    sys::exit_now(1)
-                }
-            }
-        }
+        sys::Forked::Child => match container_init(plan, fds, status)? {},
     }
 }
 
 /// The container's pid 1 until it execs the workload.
-fn container_init(plan: &Plan, mut fds: ChildFds) -> R<std::convert::Infallible> {
-    wait_go(&fds.go)?;
+fn container_init(plan: &Plan, fds: ChildFds, status: &OwnedFd) -> R<std::convert::Infallible> {
+    let ChildFds {
+        go,
+        fifo,
+        mut stdio,
+        console,
+        ..
+    } = fds;
+    wait_go(&go)?;
+    drop(go);
     if plan.new_ns.contains(CloneFlags::CLONE_NEWUSER) {
         // Become root of the new user namespace for the set-up.
         ctx(
@@ -173,7 +190,7 @@ fn container_init(plan: &Plan, mut fds: ChildFds) -> R<std::convert::Infallible>
             || "setresuid(0)".into(),
         )?;
     }
-    install_stdio(&mut fds.stdio)?;
+    install_stdio(&mut stdio)?;
     setup_rootfs(plan)?;
     if let Some(h) = &plan.hostname {
         ctx(nix::unistd::sethostname(h), || format!("sethostname {h}"))?;
@@ -196,16 +213,14 @@ fn container_init(plan: &Plan, mut fds: ChildFds) -> R<std::convert::Infallible>
         )?;
     }
     if plan.process.terminal {
-        let console = fds
-            .console
-            .take()
-            .ok_or("process.terminal is true but no --console-socket was given")?;
+        let console =
+            console.ok_or("process.terminal is true but no --console-socket was given")?;
         setup_terminal(&console)?;
     } else {
+        drop(console);
         ctx(nix::unistd::setsid(), || "setsid".into())?;
     }
-    let fifo = fds.fifo.take();
-    exec_process(&plan.process, fds.status, fifo)
+    exec_process(&plan.process, status, fifo)
 }
 
 fn install_stdio(stdio: &mut [Option<OwnedFd>; 3]) -> R<()> {
@@ -732,6 +747,14 @@ fn find_program(p: &ProcessPlan) -> R<CString> {
         .to_str()
         .map_err(|_| "process.args[0] is not UTF-8".to_string())?;
     if arg0.contains('/') {
+        let md = ctx(fs::metadata(arg0), || format!("exec {arg0:?}"))?;
+        if !md.is_file() {
+            return Err(format!("exec {arg0:?}: not a regular file"));
+        }
+        ctx(
+            nix::unistd::access(arg0, nix::unistd::AccessFlags::X_OK),
+            || format!("exec {arg0:?}"),
+        )?;
         return Ok(p.args[0].clone());
     }
     for dir in p.path_env.split(':').filter(|d| !d.is_empty()) {
@@ -788,7 +811,7 @@ fn check_not_self(p: &ProcessPlan, prog: &Path) -> R<()> {
 /// clean-up, cwd, "ready", wait for start, seccomp, execve.
 pub(crate) fn exec_process(
     p: &ProcessPlan,
-    status: OwnedFd,
+    status: &OwnedFd,
     fifo: Option<OwnedFd>,
 ) -> R<std::convert::Infallible> {
     apply_creds(p)?;
@@ -820,8 +843,7 @@ pub(crate) fn exec_process(
     }
     let prog = find_program(p)?;
     check_not_self(p, Path::new(std::ffi::OsStr::from_bytes(prog.as_bytes())))?;
-    send(&status, &Msg::Ready);
-    drop(status);
+    send(status, &Msg::Ready);
     if let Some(fifo) = fifo {
         let mut b = [0u8; 1];
         loop {
@@ -855,47 +877,48 @@ pub(crate) fn exec_process(
 /// The intermediate child of `exec`: joins the container's namespaces and
 /// clones the process that will exec there.
 pub(crate) fn exec_intermediate(p: &ProcessPlan, mut fds: ChildFds) -> ! {
-    let status = fds.status.try_clone().expect("dup of the status pipe");
-    let r = (|| -> R<()> {
-        ctx(nix::sys::prctl::set_dumpable(false), || {
-            "prctl(PR_SET_DUMPABLE)".into()
-        })?;
-        wait_go(&fds.go)?;
-        for (fd, flag) in &fds.join {
-            ctx(nix::sched::setns(fd, *flag), || format!("setns {flag:?}"))?;
-        }
-        drop(std::mem::take(&mut fds.join));
-        match ctx(sys::clone_sibling(0), || "clone".into())? {
-            sys::Forked::Parent(pid) => {
-                send(&fds.status, &Msg::Pid(pid.as_raw()));
-                Ok(())
-            }
-            sys::Forked::Child => {
-                let status = fds.status.try_clone().expect("dup of the status pipe");
-                let r = (|| -> R<std::convert::Infallible> {
-                    wait_go(&fds.go)?;
-                    install_stdio(&mut fds.stdio)?;
-                    if p.terminal {
-                        let console = fds
-                            .console
-                            .take()
-                            .ok_or("process.terminal is true but no console socket was given")?;
-                        setup_terminal(&console)?;
-                    }
-                    let st = fds.status.try_clone().map_err(|e| e.to_string())?;
-                    exec_process(p, st, None)
-                })();
-                let Err(e) = r;
-                send(&status, &Msg::Error(e));
-                sys::exit_now(1)
-            }
-        }
-    })();
-    match r {
+    let status = fds.status.take_status();
+    match exec_intermediate_inner(p, fds, &status) {
         Ok(()) => sys::exit_now(0),
         Err(e) => {
             send(&status, &Msg::Error(e));
             sys::exit_now(1)
+        }
+    }
+}
+
+fn exec_intermediate_inner(p: &ProcessPlan, mut fds: ChildFds, status: &OwnedFd) -> R<()> {
+    ctx(nix::sys::prctl::set_dumpable(false), || {
+        "prctl(PR_SET_DUMPABLE)".into()
+    })?;
+    wait_go(&fds.go)?;
+    for (fd, flag) in &fds.join {
+        ctx(nix::sched::setns(fd, *flag), || format!("setns {flag:?}"))?;
+    }
+    drop(std::mem::take(&mut fds.join));
+    match ctx(sys::clone_sibling(0), || "clone".into())? {
+        sys::Forked::Parent(pid) => {
+            send(status, &Msg::Pid(pid.as_raw()));
+            Ok(())
+        }
+        sys::Forked::Child => {
+            let ChildFds {
+                go,
+                mut stdio,
+                console,
+                ..
+            } = fds;
+            wait_go(&go)?;
+            drop(go);
+            install_stdio(&mut stdio)?;
+            if p.terminal {
+                let console =
+                    console.ok_or("process.terminal is true but no console socket was given")?;
+                setup_terminal(&console)?;
+            } else {
+                drop(console);
+            }
+            match exec_process(p, status, None)? {}
         }
     }
 }

@@ -19,6 +19,7 @@ mod plan;
 pub mod seccomp;
 pub mod spec;
 mod sys;
+pub mod testutil;
 pub mod tier;
 
 use std::collections::HashMap;
@@ -335,7 +336,7 @@ pub fn create(state_root: &Path, id: &str, bundle: &Path, opts: CreateOptions) -
     let started = Instant::now();
     let fds = ChildFds {
         go: go_r,
-        status: st_w,
+        status: init::StatusFd(Some(st_w)),
         fifo: Some(fifo),
         stdio: [opts.stdin, opts.stdout, opts.stderr],
         console,
@@ -621,7 +622,7 @@ pub fn exec(
         nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(|e| Error::sys("pipe2", e))?;
     let fds = ChildFds {
         go: go_r,
-        status: st_w,
+        status: init::StatusFd(Some(st_w)),
         fifo: None,
         stdio: [opts.stdin, opts.stdout, opts.stderr],
         console,

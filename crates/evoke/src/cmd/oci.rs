@@ -201,6 +201,9 @@ fn run(root: &std::path::Path, r: RunArgs) -> anyhow::Result<u8> {
     let deleted = engine::delete(root, &id, true);
     let status = status?;
     deleted?;
+    if status.oom_killed {
+        eprintln!("evoke: container {id} was OOM-killed");
+    }
     Ok(exit_code(status.code))
 }
 
