@@ -1,0 +1,97 @@
+//! Named network namespaces kept alive by a bind mount on a file, as
+//! `ip netns add` does, and running code inside one.
+//!
+//! Namespace switches are per thread, so every operation runs on a short-lived
+//! thread of its own and never changes the namespace of a caller's thread
+//! (least of all a tokio worker).
+
+use std::os::fd::AsFd;
+use std::path::{Path, PathBuf};
+
+use nix::mount::{MntFlags, MsFlags};
+use nix::sched::CloneFlags;
+
+use crate::NetError;
+
+fn ns_err<'a>(path: &'a Path, op: &'static str) -> impl FnOnce(nix::Error) -> NetError + 'a {
+    move |source| NetError::Netns {
+        path: path.to_path_buf(),
+        op,
+        source,
+    }
+}
+
+/// Creates a new network namespace pinned at `path` (its parent directory is
+/// created). An existing namespace at `path` is left as it is.
+pub fn create(path: &Path) -> Result<(), NetError> {
+    if is_netns(path) {
+        return Ok(());
+    }
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).map_err(|e| NetError::io(dir, e))?;
+    }
+    std::fs::File::create(path).map_err(|e| NetError::io(path, e))?;
+    let target = path.to_path_buf();
+    let result = std::thread::scope(|s| {
+        s.spawn(|| -> Result<(), NetError> {
+            nix::sched::unshare(CloneFlags::CLONE_NEWNET).map_err(ns_err(&target, "unshare"))?;
+            nix::mount::mount(
+                Some("/proc/thread-self/ns/net"),
+                &target,
+                None::<&str>,
+                MsFlags::MS_BIND,
+                None::<&str>,
+            )
+            .map_err(ns_err(&target, "bind mount"))
+        })
+        .join()
+        .unwrap_or_else(|_| Err(NetError::BadInput("namespace thread panicked".into())))
+    });
+    if result.is_err() {
+        let _ = std::fs::remove_file(path);
+    }
+    result
+}
+
+/// Unmounts and removes the namespace file at `path`; a missing one is fine.
+/// The kernel frees the namespace (and any interfaces left in it) once the
+/// last process and mount holding it are gone.
+pub fn remove(path: &Path) -> Result<(), NetError> {
+    match nix::mount::umount2(path, MntFlags::MNT_DETACH) {
+        Ok(()) | Err(nix::Error::EINVAL) | Err(nix::Error::ENOENT) => {}
+        Err(e) => return Err(ns_err(path, "unmount")(e)),
+    }
+    match std::fs::remove_file(path) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(NetError::io(path, e)),
+    }
+}
+
+/// Whether `path` is a mounted network namespace file.
+pub fn is_netns(path: &Path) -> bool {
+    // A pinned namespace file is a nsfs inode; an unmounted placeholder is an
+    // ordinary empty file on the parent file system.
+    match nix::sys::statfs::statfs(path) {
+        Ok(st) => st.filesystem_type() == nix::sys::statfs::NSFS_MAGIC,
+        Err(_) => false,
+    }
+}
+
+/// Runs `f` on a fresh thread that has joined the namespace at `path`
+/// (`None`: the caller's namespace) and returns its result.
+pub fn run_in<R: Send>(path: Option<&Path>, f: impl FnOnce() -> R + Send) -> Result<R, NetError> {
+    let path: Option<PathBuf> = path.map(Path::to_path_buf);
+    std::thread::scope(|s| {
+        s.spawn(move || {
+            if let Some(p) = &path {
+                let file = std::fs::File::open(p).map_err(|e| NetError::io(p, e))?;
+                nix::sched::setns(file.as_fd(), CloneFlags::CLONE_NEWNET)
+                    .map_err(ns_err(p, "setns"))?;
+            }
+            Ok(f())
+        })
+        .join()
+        .unwrap_or_else(|_| Err(NetError::BadInput("namespace thread panicked".into())))
+    })
+}

@@ -1,0 +1,163 @@
+//! Pod network in namespaces the tests create: a node namespace holds the
+//! bridge, pods get their own namespaces. Needs root; CI=true makes a missing
+//! privilege a failure rather than a skip.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Instant;
+
+use evoke_net::{netns, Ipv4Net, PodNetConfig, PodNetwork};
+
+fn privileged() -> bool {
+    if nix::unistd::geteuid().is_root() {
+        return true;
+    }
+    if std::env::var("CI").as_deref() == Ok("true") {
+        panic!("pod network tests need root (network namespaces, netlink) and CI=true");
+    }
+    eprintln!("skipping: pod network tests need root");
+    false
+}
+
+struct Node {
+    _dir: tempfile::TempDir,
+    ns: PathBuf,
+    cfg: PodNetConfig,
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        if let Ok(entries) = std::fs::read_dir(&self.cfg.netns_dir) {
+            for e in entries.flatten() {
+                let _ = netns::remove(&e.path());
+            }
+        }
+        let _ = netns::remove(&self.ns);
+    }
+}
+
+fn node(subnet: &str) -> Node {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let ns = dir.path().join("node.net");
+    netns::create(&ns).expect("node namespace");
+    let mut cfg = PodNetConfig::new(
+        dir.path().join("data"),
+        subnet.parse::<Ipv4Net>().expect("subnet"),
+    );
+    cfg.netns_dir = dir.path().join("netns");
+    cfg.node_netns = Some(ns.clone());
+    Node { _dir: dir, ns, cfg }
+}
+
+/// Runs a command inside the namespace at `ns` and returns (success, stdout).
+fn run_in(ns: &Path, args: &[&str]) -> (bool, String) {
+    let out = Command::new("nsenter")
+        .arg(format!("--net={}", ns.display()))
+        .args(args)
+        .output()
+        .expect("nsenter runs");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+    )
+}
+
+fn links(ns: &Path) -> Vec<String> {
+    let (ok, out) = run_in(ns, &["ip", "-o", "link", "show"]);
+    assert!(ok, "ip link in {}", ns.display());
+    out.lines()
+        .filter_map(|l| l.split(": ").nth(1))
+        .map(|n| n.split('@').next().unwrap_or(n).to_string())
+        .collect()
+}
+
+#[tokio::test]
+async fn pods_get_an_address_a_route_and_reach_each_other_and_the_node() {
+    if !privileged() {
+        return;
+    }
+    let n = node("10.42.7.0/24");
+    let net = PodNetwork::new(n.cfg.clone()).await.expect("pod network");
+    let a = net.setup("pod-a").await.expect("setup a");
+    let b = net.setup("pod-b").await.expect("setup b");
+    assert_eq!(a.ip.to_string(), "10.42.7.2");
+    assert_eq!(b.ip.to_string(), "10.42.7.3");
+    // Setting up again keeps the address.
+    assert_eq!(net.setup("pod-a").await.expect("setup a again").ip, a.ip);
+
+    let (ok, addr) = run_in(&a.netns, &["ip", "-4", "-o", "addr", "show", "dev", "eth0"]);
+    assert!(ok && addr.contains("10.42.7.2/24"), "eth0 address: {addr}");
+    let (ok, route) = run_in(&a.netns, &["ip", "route", "show", "default"]);
+    assert!(
+        ok && route.contains("via 10.42.7.1 dev eth0"),
+        "default route: {route}"
+    );
+    let (_, lo) = run_in(&a.netns, &["ip", "-o", "link", "show", "lo"]);
+    assert!(lo.contains("UP") || lo.contains("LOWER_UP"), "lo up: {lo}");
+
+    let ping = |ns: &Path, ip: &str| run_in(ns, &["busybox", "ping", "-c", "1", "-W", "3", ip]).0;
+    assert!(ping(&a.netns, "10.42.7.3"), "pod a reaches pod b");
+    assert!(ping(&b.netns, "10.42.7.2"), "pod b reaches pod a");
+    assert!(ping(&n.ns, "10.42.7.2"), "node reaches pod a");
+    assert!(ping(&a.netns, "10.42.7.1"), "pod a reaches the bridge");
+
+    net.teardown("pod-a").await.expect("teardown a");
+    net.teardown("pod-a").await.expect("teardown is idempotent");
+    assert!(!a.netns.exists(), "namespace file removed");
+    assert!(!links(&n.ns).contains(&a.host_veth), "host veth removed");
+    assert!(ping(&b.netns, "10.42.7.1"), "pod b unaffected");
+    assert_eq!(net.ipam().allocations().len(), 1);
+    net.teardown("pod-b").await.expect("teardown b");
+}
+
+#[tokio::test]
+async fn addresses_survive_a_restart_of_the_pod_network() {
+    if !privileged() {
+        return;
+    }
+    let n = node("10.42.8.0/24");
+    let ip = {
+        let net = PodNetwork::new(n.cfg.clone()).await.expect("pod network");
+        net.setup("keep").await.expect("setup").ip
+    };
+    let net = PodNetwork::new(n.cfg.clone()).await.expect("restarted");
+    assert_eq!(net.ipam().get("keep"), Some(ip));
+    let other = net.setup("other").await.expect("setup other");
+    assert_ne!(other.ip, ip);
+    net.teardown("keep").await.expect("teardown");
+    net.teardown("other").await.expect("teardown");
+}
+
+/// Cycles create/delete and checks nothing is left behind. The count is kept
+/// where the test stays well under a minute on a loaded 2-core machine; the
+/// `EVOKE_NET_CYCLES` variable raises it (the issue asks for 1,000).
+#[tokio::test]
+async fn create_delete_cycles_leak_no_addresses_veths_or_namespaces() {
+    if !privileged() {
+        return;
+    }
+    let cycles: usize = std::env::var("EVOKE_NET_CYCLES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(200);
+    let n = node("10.42.9.0/24");
+    let net = PodNetwork::new(n.cfg.clone()).await.expect("pod network");
+    let baseline = links(&n.ns);
+    let start = Instant::now();
+    for i in 0..cycles {
+        let uid = format!("cycle-{i}");
+        let a = net.setup(&uid).await.expect("setup");
+        // Every pod gets the lowest address back: the previous one was freed.
+        assert_eq!(a.ip.to_string(), "10.42.9.2", "cycle {i}");
+        net.teardown(&uid).await.expect("teardown");
+    }
+    eprintln!("{cycles} cycles in {:?}", start.elapsed());
+    assert!(net.ipam().allocations().is_empty(), "addresses leaked");
+    assert_eq!(links(&n.ns), baseline, "links leaked");
+    let left: Vec<_> = std::fs::read_dir(&n.cfg.netns_dir)
+        .expect("netns dir")
+        .flatten()
+        .map(|e| e.path())
+        .collect();
+    assert!(left.is_empty(), "namespaces leaked: {left:?}");
+}
