@@ -3,8 +3,9 @@
 //!
 //! Start reading at [`ipam`] (node subnets, pod IPs, ClusterIPs), then
 //! [`podnet::PodNetwork`] (namespaces, bridge, veth, routes over rtnetlink)
-//! and [`nft`] (the ServiceProxy's rules).
+//! [`nft`] (the ServiceProxy's rules) and [`dns`] (cluster DNS answers).
 
+pub mod dns;
 pub mod ipam;
 pub mod netns;
 pub mod nft;

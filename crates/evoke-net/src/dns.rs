@@ -1,0 +1,365 @@
+//! Cluster DNS: A records for Services and for the pods behind headless
+//! Services, served over UDP with hickory-proto doing the wire format.
+//!
+//! Names: `<svc>.<ns>.svc.cluster.local` answers the ClusterIP (or, for a
+//! headless Service, every ready pod IP), and `<hostname>.<svc>.<ns>.svc.
+//! cluster.local` answers one pod of a headless Service. Short forms
+//! (`web`, `web.default`, `kubernetes.default`) resolve on the client through
+//! the search path [`resolv_conf`] writes. Names outside the cluster domain
+//! are refused: evoke forwards nothing anywhere.
+
+use std::collections::BTreeMap;
+use std::net::{Ipv4Addr, SocketAddr};
+use std::sync::{Arc, RwLock};
+
+use hickory_proto::op::{Message, MessageType, OpCode, ResponseCode};
+use hickory_proto::rr::rdata::A;
+use hickory_proto::rr::{RData, Record, RecordType};
+use tokio::net::UdpSocket;
+use tracing::{debug, warn};
+
+use crate::NetError;
+
+/// The cluster domain.
+pub const CLUSTER_DOMAIN: &str = "cluster.local";
+/// TTL of every answer: short, Services change.
+const TTL: u32 = 5;
+
+/// The resolv.conf of a pod in `namespace`, with the cluster DNS at `dns`.
+pub fn resolv_conf(namespace: &str, dns: Ipv4Addr) -> String {
+    format!(
+        "nameserver {dns}\nsearch {namespace}.svc.{CLUSTER_DOMAIN} svc.{CLUSTER_DOMAIN} {CLUSTER_DOMAIN}\noptions ndots:5\n"
+    )
+}
+
+/// What DNS knows of one Service.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ServiceRecord {
+    /// The ClusterIP; `None` for a headless Service.
+    pub cluster_ip: Option<Ipv4Addr>,
+    /// Ready endpoints: (pod hostname if any, pod IP).
+    pub endpoints: Vec<(Option<String>, Ipv4Addr)>,
+}
+
+/// The answer to one name.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Answer {
+    /// Addresses for the name (possibly none: the name exists, no A data).
+    Addresses(Vec<Ipv4Addr>),
+    /// The name is in the cluster domain but does not exist.
+    NxDomain,
+    /// Not a name this server is authoritative for.
+    Refused,
+}
+
+/// The Services DNS answers for, keyed by (namespace, name).
+#[derive(Debug, Default, Clone)]
+pub struct Records {
+    services: BTreeMap<(String, String), ServiceRecord>,
+}
+
+impl Records {
+    /// Adds or replaces a Service.
+    pub fn upsert(&mut self, namespace: &str, name: &str, rec: ServiceRecord) {
+        self.services
+            .insert((namespace.to_string(), name.to_string()), rec);
+    }
+
+    /// Removes a Service.
+    pub fn remove(&mut self, namespace: &str, name: &str) {
+        self.services
+            .remove(&(namespace.to_string(), name.to_string()));
+    }
+
+    /// Looks a (fully qualified) name up.
+    pub fn lookup(&self, name: &str) -> Answer {
+        let name = name.trim_end_matches('.').to_ascii_lowercase();
+        let Some(rest) = name.strip_suffix(CLUSTER_DOMAIN) else {
+            return Answer::Refused;
+        };
+        let Some(rest) = rest.strip_suffix(".svc.") else {
+            return if rest.is_empty() || rest == "svc." {
+                Answer::Addresses(Vec::new())
+            } else {
+                Answer::NxDomain
+            };
+        };
+        let labels: Vec<&str> = rest.split('.').collect();
+        match labels.as_slice() {
+            [svc, ns] => match self.services.get(&(ns.to_string(), svc.to_string())) {
+                Some(ServiceRecord {
+                    cluster_ip: Some(ip),
+                    ..
+                }) => Answer::Addresses(vec![*ip]),
+                Some(rec) => Answer::Addresses(rec.endpoints.iter().map(|(_, ip)| *ip).collect()),
+                None => Answer::NxDomain,
+            },
+            [host, svc, ns] => {
+                let pod = self
+                    .services
+                    .get(&(ns.to_string(), svc.to_string()))
+                    .filter(|rec| rec.cluster_ip.is_none())
+                    .and_then(|rec| {
+                        rec.endpoints
+                            .iter()
+                            .find(|(h, _)| h.as_deref() == Some(*host))
+                            .map(|(_, ip)| *ip)
+                    });
+                pod.map_or(Answer::NxDomain, |ip| Answer::Addresses(vec![ip]))
+            }
+            _ => Answer::NxDomain,
+        }
+    }
+}
+
+/// Builds the response to a wire-format DNS request.
+pub fn respond(records: &Records, request: &[u8]) -> Result<Vec<u8>, NetError> {
+    let req =
+        Message::from_vec(request).map_err(|e| NetError::BadInput(format!("dns request: {e}")))?;
+    let mut resp = Message::response(req.metadata.id, req.metadata.op_code);
+    resp.metadata.recursion_desired = req.metadata.recursion_desired;
+    resp.metadata.authoritative = true;
+    if req.metadata.message_type != MessageType::Query
+        || req.metadata.op_code != OpCode::Query
+        || req.queries.len() != 1
+    {
+        resp.metadata.response_code = ResponseCode::NotImp;
+    } else {
+        let q = req.queries[0].clone();
+        match records.lookup(&q.name().to_ascii()) {
+            Answer::Addresses(ips) => {
+                if q.query_type() == RecordType::A || q.query_type() == RecordType::ANY {
+                    for ip in ips {
+                        resp.add_answer(Record::from_rdata(q.name().clone(), TTL, RData::A(A(ip))));
+                    }
+                }
+            }
+            Answer::NxDomain => resp.metadata.response_code = ResponseCode::NXDomain,
+            Answer::Refused => {
+                resp.metadata.authoritative = false;
+                resp.metadata.response_code = ResponseCode::Refused;
+            }
+        }
+        resp.add_query(q);
+    }
+    resp.to_vec()
+        .map_err(|e| NetError::BadInput(format!("dns response: {e}")))
+}
+
+/// A UDP DNS server over shared [`Records`].
+pub struct DnsServer {
+    socket: UdpSocket,
+    records: Arc<RwLock<Records>>,
+}
+
+impl DnsServer {
+    /// Binds the server (port 0 picks a free port).
+    pub async fn bind(addr: SocketAddr, records: Arc<RwLock<Records>>) -> Result<Self, NetError> {
+        let socket = UdpSocket::bind(addr)
+            .await
+            .map_err(|e| NetError::io(std::path::Path::new(&format!("udp {addr}")), e))?;
+        Ok(Self { socket, records })
+    }
+
+    /// The bound address.
+    pub fn local_addr(&self) -> Result<SocketAddr, NetError> {
+        self.socket
+            .local_addr()
+            .map_err(|e| NetError::io(std::path::Path::new("dns socket"), e))
+    }
+
+    /// Serves until the task is dropped. A malformed request is logged and
+    /// dropped; it never stops the server.
+    pub async fn serve(self) {
+        let mut buf = vec![0u8; 4096];
+        loop {
+            let (n, peer) = match self.socket.recv_from(&mut buf).await {
+                Ok(x) => x,
+                Err(e) => {
+                    warn!(error = %e, "dns receive failed");
+                    continue;
+                }
+            };
+            let reply = {
+                let records = self.records.read().unwrap_or_else(|p| p.into_inner());
+                respond(&records, &buf[..n])
+            };
+            match reply {
+                Ok(bytes) => {
+                    if let Err(e) = self.socket.send_to(&bytes, peer).await {
+                        debug!(%peer, error = %e, "dns reply not sent");
+                    }
+                }
+                Err(e) => debug!(%peer, error = %e, "dns request dropped"),
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use hickory_proto::op::Query;
+    use hickory_proto::rr::Name;
+
+    fn records() -> Records {
+        let mut r = Records::default();
+        r.upsert(
+            "default",
+            "kubernetes",
+            ServiceRecord {
+                cluster_ip: Some(crate::ipam::KUBERNETES_SERVICE_IP),
+                endpoints: vec![],
+            },
+        );
+        r.upsert(
+            "shop",
+            "web",
+            ServiceRecord {
+                cluster_ip: Some(Ipv4Addr::new(10, 43, 0, 20)),
+                endpoints: vec![(None, Ipv4Addr::new(10, 42, 0, 5))],
+            },
+        );
+        r.upsert(
+            "shop",
+            "db",
+            ServiceRecord {
+                cluster_ip: None,
+                endpoints: vec![
+                    (Some("db-0".into()), Ipv4Addr::new(10, 42, 0, 7)),
+                    (Some("db-1".into()), Ipv4Addr::new(10, 42, 1, 8)),
+                ],
+            },
+        );
+        r
+    }
+
+    #[test]
+    fn services_resolve_to_cluster_ips_and_headless_ones_to_their_pods() {
+        let r = records();
+        assert_eq!(
+            r.lookup("kubernetes.default.svc.cluster.local."),
+            Answer::Addresses(vec![Ipv4Addr::new(10, 43, 0, 1)])
+        );
+        assert_eq!(
+            r.lookup("WEB.shop.svc.cluster.local"),
+            Answer::Addresses(vec![Ipv4Addr::new(10, 43, 0, 20)])
+        );
+        assert_eq!(
+            r.lookup("db.shop.svc.cluster.local."),
+            Answer::Addresses(vec![
+                Ipv4Addr::new(10, 42, 0, 7),
+                Ipv4Addr::new(10, 42, 1, 8)
+            ])
+        );
+        assert_eq!(
+            r.lookup("db-1.db.shop.svc.cluster.local."),
+            Answer::Addresses(vec![Ipv4Addr::new(10, 42, 1, 8)])
+        );
+        assert_eq!(r.lookup("nope.shop.svc.cluster.local."), Answer::NxDomain);
+        assert_eq!(r.lookup("web.shop.cluster.local."), Answer::NxDomain);
+        assert_eq!(r.lookup("example.com."), Answer::Refused);
+    }
+
+    #[test]
+    fn the_search_path_turns_short_names_into_service_names() {
+        let conf = resolv_conf("shop", crate::ipam::DNS_SERVICE_IP);
+        assert!(conf.contains("nameserver 10.43.0.10\n"));
+        assert!(conf.contains("search shop.svc.cluster.local svc.cluster.local cluster.local\n"));
+        assert!(conf.contains("options ndots:5"));
+        // What a resolver does with it: append each search domain in turn.
+        let r = records();
+        let search = [
+            "shop.svc.cluster.local",
+            "svc.cluster.local",
+            "cluster.local",
+        ];
+        let first_hit = |short: &str| {
+            search
+                .iter()
+                .find_map(|d| match r.lookup(&format!("{short}.{d}")) {
+                    Answer::Addresses(a) if !a.is_empty() => Some(a),
+                    _ => None,
+                })
+        };
+        assert_eq!(first_hit("web"), Some(vec![Ipv4Addr::new(10, 43, 0, 20)]));
+        assert_eq!(
+            first_hit("kubernetes.default"),
+            Some(vec![Ipv4Addr::new(10, 43, 0, 1)])
+        );
+        assert_eq!(
+            first_hit("web.shop"),
+            Some(vec![Ipv4Addr::new(10, 43, 0, 20)])
+        );
+    }
+
+    #[test]
+    fn garbage_requests_are_errors_not_panics() {
+        let r = records();
+        assert!(respond(&r, b"").is_err());
+        assert!(respond(&r, &[0xff; 7]).is_err());
+    }
+
+    #[tokio::test]
+    async fn the_server_answers_a_queries_over_udp() {
+        let records = Arc::new(RwLock::new(records()));
+        let server = DnsServer::bind("127.0.0.1:0".parse().expect("addr"), records.clone())
+            .await
+            .expect("bind");
+        let addr = server.local_addr().expect("addr");
+        let task = tokio::spawn(server.serve());
+        let client = UdpSocket::bind("127.0.0.1:0").await.expect("client");
+        let ask = |name: &str| {
+            let mut m = Message::query();
+            m.metadata.recursion_desired = true;
+            m.add_query(Query::query(
+                Name::from_ascii(name).expect("name"),
+                RecordType::A,
+            ));
+            m.to_vec().expect("encode")
+        };
+        let mut buf = vec![0u8; 4096];
+        for (name, want_code, want) in [
+            (
+                "web.shop.svc.cluster.local.",
+                ResponseCode::NoError,
+                vec![Ipv4Addr::new(10, 43, 0, 20)],
+            ),
+            (
+                "gone.shop.svc.cluster.local.",
+                ResponseCode::NXDomain,
+                vec![],
+            ),
+        ] {
+            client.send_to(&ask(name), addr).await.expect("send");
+            let n = tokio::time::timeout(std::time::Duration::from_secs(5), client.recv(&mut buf))
+                .await
+                .expect("answer in time")
+                .expect("recv");
+            let resp = Message::from_vec(&buf[..n]).expect("decode");
+            assert_eq!(resp.metadata.response_code, want_code, "{name}");
+            let got: Vec<Ipv4Addr> = resp
+                .answers
+                .iter()
+                .filter_map(|r| match &r.data {
+                    RData::A(a) => Some(a.0),
+                    _ => None,
+                })
+                .collect();
+            assert_eq!(got, want, "{name}");
+        }
+        // A Service removed from the records stops resolving.
+        records.write().expect("lock").remove("shop", "web");
+        client
+            .send_to(&ask("web.shop.svc.cluster.local."), addr)
+            .await
+            .expect("send");
+        let n = tokio::time::timeout(std::time::Duration::from_secs(5), client.recv(&mut buf))
+            .await
+            .expect("answer in time")
+            .expect("recv");
+        let resp = Message::from_vec(&buf[..n]).expect("decode");
+        assert_eq!(resp.metadata.response_code, ResponseCode::NXDomain);
+        task.abort();
+    }
+}
