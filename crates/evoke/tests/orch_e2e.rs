@@ -408,13 +408,13 @@ fn process_tier_deployment_runs_and_a_microvm_pod_on_this_host_says_why_it_canno
     let tmp = tempfile::tempdir().expect("tempdir");
     build_image(tmp.path(), "busybox:1");
     let c = Cluster::start(tmp.path());
-    let names = c.ok(&["get", "runtimeclass", "-o", "name"]);
-    for rc in ["process", "container", "microvm"] {
-        assert!(
-            names.contains(&format!("runtimeclass.node.k8s.io/{rc}")),
-            "{names}"
-        );
-    }
+    // Created by the server right after its API comes up.
+    c.wait_for("the three tier RuntimeClasses", 20, || {
+        let names = c.ok(&["get", "runtimeclass", "-o", "name"]);
+        ["process", "container", "microvm"]
+            .iter()
+            .all(|rc| names.contains(&format!("runtimeclass.node.k8s.io/{rc}")))
+    });
     c.ok_with(
         &["apply", "-f", "-"],
         Some(&deployment("proc", "busybox:1", 2, Some("process"))),
