@@ -1,14 +1,16 @@
-//! Pod network: IPAM, bridge + veth (and tap) pod attachment, Services in
+//! Pod network: IPAM, bridge + veth pod attachment, Services in
 //! nftables, cluster DNS.
 //!
 //! Start reading at [`ipam`] (node subnets, pod IPs, ClusterIPs), then
-//! [`podnet::PodNetwork`] (namespaces, bridge, veth, routes over rtnetlink)
-//! [`nft`] (the ServiceProxy's rules) and [`dns`] (cluster DNS answers).
+//! [`podnet::PodNetwork`] (namespaces, bridge, veth, routes over rtnetlink),
+//! [`nft`] (the ServiceProxy's rules), [`dns`] (cluster DNS answers) and
+//! [`node::BridgeNetwork`] (the node agent's network seam).
 
 pub mod dns;
 pub mod ipam;
 pub mod netns;
 pub mod nft;
+pub mod node;
 pub mod podnet;
 
 use std::path::{Path, PathBuf};

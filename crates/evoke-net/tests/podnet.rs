@@ -161,3 +161,37 @@ async fn create_delete_cycles_leak_no_addresses_veths_or_namespaces() {
         .collect();
     assert!(left.is_empty(), "namespaces leaked: {left:?}");
 }
+
+/// The agent calls its network seam from `spawn_blocking`; the bridge
+/// network must work from there and give the agent the namespace and IP.
+#[tokio::test]
+async fn bridge_network_serves_the_node_agent_seam_from_blocking_threads() {
+    use evoke_node::network::PodNetwork as _;
+    if !privileged() {
+        return;
+    }
+    let n = node("10.42.12.0/24");
+    let cfg = n.cfg.clone();
+    let seam = std::sync::Arc::new(
+        tokio::task::spawn_blocking(move || evoke_net::node::BridgeNetwork::new(cfg))
+            .await
+            .expect("join")
+            .expect("bridge network"),
+    );
+    let s = seam.clone();
+    let net = tokio::task::spawn_blocking(move || s.setup("agent-pod", "default", "web"))
+        .await
+        .expect("join")
+        .expect("setup");
+    assert_eq!(net.ip.as_deref(), Some("10.42.12.2"));
+    let ns = net.netns.clone().expect("a namespace");
+    let (ok, addr) = run_in(&ns, &["ip", "-4", "-o", "addr", "show", "dev", "eth0"]);
+    assert!(ok && addr.contains("10.42.12.2/24"), "{addr}");
+    let s = seam.clone();
+    tokio::task::spawn_blocking(move || s.teardown("agent-pod"))
+        .await
+        .expect("join")
+        .expect("teardown");
+    assert!(!ns.exists());
+    drop(seam);
+}
