@@ -182,7 +182,8 @@ impl Cluster {
 impl Drop for Cluster {
     fn drop(&mut self) {
         // Stop the workloads through the agent before the server goes, so
-        // no container outlives its test.
+        // no container, namespace or cgroup outlives its test. The agent
+        // removes a pod's directory last, once everything else is gone.
         if self.child.is_some() {
             let _ = self.kubectl(
                 &[
@@ -194,6 +195,13 @@ impl Drop for Cluster {
                 ],
                 None,
             );
+            let pods = self.data_dir.join("pods");
+            let deadline = Instant::now() + Duration::from_secs(30);
+            while Instant::now() < deadline
+                && std::fs::read_dir(&pods).is_ok_and(|mut d| d.next().is_some())
+            {
+                std::thread::sleep(Duration::from_millis(200));
+            }
         }
         self.kill9();
     }
