@@ -60,7 +60,14 @@ async fn ensure_ns(client: &kube::Client, ns: &str) {
     let _ = api.create(&PostParams::default(), &obj).await;
 }
 
-async fn startup(client: kube::Client, tier: &str, n: usize, image: &str, rate: f64, keep: bool) -> Res<()> {
+async fn startup(
+    client: kube::Client,
+    tier: &str,
+    n: usize,
+    image: &str,
+    rate: f64,
+    keep: bool,
+) -> Res<()> {
     let ns = format!("bench-{tier}");
     ensure_ns(&client, &ns).await;
     let api: Api<Pod> = Api::namespaced(client.clone(), &ns);
@@ -80,25 +87,26 @@ async fn startup(client: kube::Client, tier: &str, n: usize, image: &str, rate: 
     let mut created: HashMap<String, Instant> = HashMap::new();
     let names: Vec<String> = (0..n).map(|i| format!("p{i:04}")).collect();
     let t_start = Instant::now();
-    let results: Vec<Res<(String, Instant)>> = futures::stream::iter(names.clone().into_iter().enumerate())
-        .map(|(i, name)| {
-            let api = api.clone();
-            let tier = tier.to_string();
-            let image = image.to_string();
-            async move {
-                if rate > 0.0 {
-                    let at = t_start + Duration::from_secs_f64(i as f64 / rate);
-                    tokio::time::sleep_until(at.into()).await;
+    let results: Vec<Res<(String, Instant)>> =
+        futures::stream::iter(names.clone().into_iter().enumerate())
+            .map(|(i, name)| {
+                let api = api.clone();
+                let tier = tier.to_string();
+                let image = image.to_string();
+                async move {
+                    if rate > 0.0 {
+                        let at = t_start + Duration::from_secs_f64(i as f64 / rate);
+                        tokio::time::sleep_until(at.into()).await;
+                    }
+                    let p = pod(&name, &ns_of(&api), &tier, &image)?;
+                    let t = Instant::now();
+                    api.create(&PostParams::default(), &p).await?;
+                    Ok((name, t))
                 }
-                let p = pod(&name, &ns_of(&api), &tier, &image)?;
-                let t = Instant::now();
-                api.create(&PostParams::default(), &p).await?;
-                Ok((name, t))
-            }
-        })
-        .buffer_unordered(if rate > 0.0 { n.max(1) } else { 10 })
-        .collect()
-        .await;
+            })
+            .buffer_unordered(if rate > 0.0 { n.max(1) } else { 10 })
+            .collect()
+            .await;
     for r in results {
         let (name, t) = r?;
         created.insert(name, t);
@@ -122,7 +130,11 @@ async fn startup(client: kube::Client, tier: &str, n: usize, image: &str, rate: 
     v.sort_by(|a, b| a.total_cmp(b));
     println!(
         "startup tier={tier} pods={n} rate={} running={} p50_ms={:.0} p99_ms={:.0} max_ms={:.0}",
-        if rate > 0.0 { format!("{rate}/s") } else { "burst".into() },
+        if rate > 0.0 {
+            format!("{rate}/s")
+        } else {
+            "burst".into()
+        },
         v.len(),
         percentile(&v, 50.0),
         percentile(&v, 99.0),
