@@ -8,6 +8,7 @@
 
 pub mod dns;
 pub mod ipam;
+pub mod k8s;
 pub mod netns;
 pub mod nft;
 pub mod node;
