@@ -4,7 +4,8 @@
 //! Start reading at [`ipam`] (node subnets, pod IPs, ClusterIPs), then
 //! [`podnet::PodNetwork`] (namespaces, bridge, veth, routes over rtnetlink),
 //! [`nft`] (the ServiceProxy's rules), [`dns`] (cluster DNS answers) and
-//! [`node::BridgeNetwork`] (the node agent's network seam).
+//! [`node::BridgeNetwork`] (the node agent's network seam); [`proxy::ServiceProxy`]
+//! watches Services and EndpointSlices and drives both.
 
 pub mod dns;
 pub mod ipam;
@@ -13,6 +14,7 @@ pub mod netns;
 pub mod nft;
 pub mod node;
 pub mod podnet;
+pub mod proxy;
 
 use std::path::{Path, PathBuf};
 

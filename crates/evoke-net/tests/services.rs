@@ -253,3 +253,64 @@ async fn one_service_change_among_a_thousand_is_one_small_transaction() {
     let listing = String::from_utf8_lossy(&listing.stdout);
     assert!(listing.contains("numgen random mod 2"), "{listing}");
 }
+
+/// The ServiceProxy's resync: Services and EndpointSlices in, rules and DNS
+/// records out; a Service gone from the API loses both.
+#[tokio::test]
+async fn service_proxy_sync_programs_rules_and_dns_and_drops_deleted_services() {
+    use evoke_net::dns::{Answer, Records};
+    use k8s_openapi::api::core::v1::Service;
+    use k8s_openapi::api::discovery::v1::EndpointSlice;
+    if !ready() {
+        return;
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let node_ns = dir.path().join("node.net");
+    netns::create(&node_ns).expect("node namespace");
+    let _cleanup = Cleanup(vec![node_ns.clone()]);
+    let proxy =
+        Proxy::new(Some(node_ns.clone()), "10.42.0.0/16".parse().expect("cidr")).expect("proxy");
+    let records = std::sync::Arc::new(std::sync::RwLock::new(Records::default()));
+    let mut sp = evoke_net::proxy::ServiceProxy::new(proxy, records.clone());
+    let svc: Service = serde_json::from_value(serde_json::json!({
+        "metadata": {"name": "api", "namespace": "shop"},
+        "spec": {"clusterIP": "10.43.0.77", "ports": [{"name": "http", "port": 80, "targetPort": 8080}]}
+    }))
+    .expect("service");
+    let slice: EndpointSlice = serde_json::from_value(serde_json::json!({
+        "metadata": {"name": "api-x", "namespace": "shop", "labels": {"kubernetes.io/service-name": "api"}},
+        "addressType": "IPv4",
+        "ports": [{"name": "http", "port": 8080}],
+        "endpoints": [{"addresses": ["10.42.3.4"], "conditions": {"ready": true}},
+                      {"addresses": ["10.42.3.5"], "conditions": {"ready": false}}]
+    }))
+    .expect("slice");
+    sp.sync(&[svc], std::slice::from_ref(&slice)).expect("sync");
+    let list = |chain: &str| {
+        let out = Command::new("nsenter")
+            .arg(format!("--net={}", node_ns.display()))
+            .args(["nft", "list", "table", "ip", "evoke"])
+            .output()
+            .expect("nft list");
+        String::from_utf8_lossy(&out.stdout).contains(chain)
+    };
+    assert!(list("svc.shop.api.tcp.80"));
+    assert!(list("10.42.3.4:8080"));
+    assert!(!list("10.42.3.5"), "unready endpoint left out");
+    assert_eq!(
+        records
+            .read()
+            .expect("lock")
+            .lookup("api.shop.svc.cluster.local."),
+        Answer::Addresses(vec![Ipv4Addr::new(10, 43, 0, 77)])
+    );
+    sp.sync(&[], &[slice]).expect("sync after delete");
+    assert!(!list("svc.shop.api"), "deleted Service's rules removed");
+    assert_eq!(
+        records
+            .read()
+            .expect("lock")
+            .lookup("api.shop.svc.cluster.local."),
+        Answer::NxDomain
+    );
+}

@@ -1,0 +1,131 @@
+//! The ServiceProxy: watches Services and EndpointSlices and keeps the
+//! nftables rules and the DNS records level with them.
+//!
+//! Level-triggered: every change resyncs from the reflector stores;
+//! [`Proxy::apply`] turns an unchanged Service into no work and a changed
+//! one into one transaction, so a resync costs only what changed.
+
+use std::collections::BTreeSet;
+use std::sync::{Arc, RwLock};
+
+use futures::StreamExt;
+use k8s_openapi::api::core::v1::Service;
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+use kube::runtime::{reflector, watcher, WatchStreamExt};
+use kube::{Api, Client};
+use tracing::warn;
+
+use crate::dns::Records;
+use crate::k8s::{service_record, service_rules};
+use crate::nft::Proxy;
+use crate::NetError;
+
+/// The label an EndpointSlice names its Service with.
+const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
+
+/// Rules and DNS records driven by the API.
+pub struct ServiceProxy {
+    proxy: Proxy,
+    records: Arc<RwLock<Records>>,
+}
+
+impl ServiceProxy {
+    /// A proxy programming `proxy` and publishing names into `records`.
+    pub fn new(proxy: Proxy, records: Arc<RwLock<Records>>) -> Self {
+        Self { proxy, records }
+    }
+
+    /// Brings rules and records level with `services` and `slices`. A
+    /// Service that cannot be programmed is logged and skipped; the others
+    /// still are. Returns the first such error after the whole pass.
+    pub fn sync(&mut self, services: &[Service], slices: &[EndpointSlice]) -> Result<(), NetError> {
+        let mut first_err = None;
+        let mut present = BTreeSet::new();
+        for svc in services {
+            let ns = svc
+                .metadata
+                .namespace
+                .clone()
+                .unwrap_or_else(|| "default".into());
+            let Some(name) = svc.metadata.name.clone() else {
+                continue;
+            };
+            let own: Vec<EndpointSlice> = slices
+                .iter()
+                .filter(|s| {
+                    s.metadata.namespace.as_deref().unwrap_or("default") == ns
+                        && s.metadata
+                            .labels
+                            .as_ref()
+                            .and_then(|l| l.get(SERVICE_NAME_LABEL))
+                            == Some(&name)
+                })
+                .cloned()
+                .collect();
+            let result = service_rules(svc, &own).and_then(|rules| {
+                let record = service_record(&rules, &own);
+                self.records
+                    .write()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .upsert(&ns, &name, record);
+                self.proxy.apply(rules)
+            });
+            if let Err(e) = result {
+                warn!(service = %format!("{ns}/{name}"), error = %e, "service not programmed");
+                first_err.get_or_insert(e);
+            }
+            present.insert((ns, name));
+        }
+        let gone: Vec<(String, String)> = self
+            .proxy
+            .services()
+            .map(|s| (s.namespace.clone(), s.name.clone()))
+            .filter(|k| !present.contains(k))
+            .collect();
+        for (ns, name) in gone {
+            self.records
+                .write()
+                .unwrap_or_else(|p| p.into_inner())
+                .remove(&ns, &name);
+            if let Err(e) = self.proxy.remove(&ns, &name) {
+                first_err.get_or_insert(e);
+            }
+        }
+        first_err.map_or(Ok(()), Err)
+    }
+
+    /// Watches the API and resyncs on every change until the watch ends.
+    pub async fn run(mut self, client: Client) {
+        let (svc_store, svc_writer) = reflector::store::<Service>();
+        let (eps_store, eps_writer) = reflector::store::<EndpointSlice>();
+        let svc_events = reflector(
+            svc_writer,
+            watcher(
+                Api::<Service>::all(client.clone()),
+                watcher::Config::default(),
+            ),
+        )
+        .default_backoff()
+        .touched_objects()
+        .map(|_| ());
+        let eps_events = reflector(
+            eps_writer,
+            watcher(
+                Api::<EndpointSlice>::all(client),
+                watcher::Config::default(),
+            ),
+        )
+        .default_backoff()
+        .touched_objects()
+        .map(|_| ());
+        let mut events = std::pin::pin!(futures::stream::select(svc_events, eps_events));
+        while events.next().await.is_some() {
+            let services: Vec<Service> = svc_store.state().iter().map(|s| (**s).clone()).collect();
+            let slices: Vec<EndpointSlice> =
+                eps_store.state().iter().map(|s| (**s).clone()).collect();
+            if let Err(e) = self.sync(&services, &slices) {
+                warn!(error = %e, "service proxy sync incomplete");
+            }
+        }
+    }
+}
