@@ -1,4 +1,4 @@
-//! Pod network: IPAM, bridge + veth pod attachment, Services in
+//! Pod network: IPAM, bridge + veth (or tap, for microVMs) pod attachment, Services in
 //! nftables, cluster DNS.
 //!
 //! Start reading at [`ipam`] (node subnets, pod IPs, ClusterIPs), then
@@ -15,6 +15,7 @@ pub mod nft;
 pub mod node;
 pub mod podnet;
 pub mod proxy;
+mod tap;
 
 use std::path::{Path, PathBuf};
 

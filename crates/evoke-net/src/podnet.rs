@@ -356,12 +356,55 @@ impl PodNetwork {
         Ok(())
     }
 
+    /// Creates the tap of microVM pod `uid` on the bridge and allocates its
+    /// IP (the guest configures it on its virtio-net). Returns the tap name
+    /// and the address; idempotent.
+    pub async fn create_tap(&self, uid: &str) -> Result<(String, Ipv4Addr), NetError> {
+        if uid.is_empty() || uid.contains('/') {
+            return Err(NetError::BadInput(format!("pod uid {uid:?}")));
+        }
+        let ip = self.ipam.allocate(uid)?;
+        let name = veth_name("tp", uid);
+        let made = netns::run_in(self.cfg.node_netns.as_deref(), || {
+            crate::tap::create_persistent(&name)
+        })
+        .and_then(|r| r);
+        let index = match made {
+            Ok(()) => {
+                link_by_name(&self.node, &name)
+                    .await?
+                    .ok_or_else(|| {
+                        NetError::netlink("create tap", &name, "missing after creation")
+                    })?
+                    .header
+                    .index
+            }
+            Err(e) => {
+                let _ = self.ipam.release(uid);
+                return Err(e);
+            }
+        };
+        self.node
+            .link()
+            .set(
+                LinkUnspec::new_with_index(index)
+                    .controller(self.bridge_index)
+                    .up()
+                    .build(),
+            )
+            .execute()
+            .await
+            .map_err(|e| NetError::netlink("attach to bridge", &name, e))?;
+        Ok((name, ip))
+    }
+
     /// Releases everything pod `uid` held: veth, namespace, address.
     /// Idempotent: a pod with nothing left is not an error.
     pub async fn teardown(&self, uid: &str) -> Result<(), NetError> {
         self.delete_link(&veth_name("ve", uid)).await?;
         // A veth whose move into the namespace failed is still on the node.
         self.delete_link(&veth_name("vp", uid)).await?;
+        self.delete_link(&veth_name("tp", uid)).await?;
         netns::remove(&self.netns_path(uid))?;
         self.ipam.release(uid)?;
         debug!(pod = uid, "pod detached");

@@ -195,3 +195,20 @@ async fn bridge_network_serves_the_node_agent_seam_from_blocking_threads() {
     assert!(!ns.exists());
     drop(seam);
 }
+
+#[tokio::test]
+async fn microvm_pods_get_a_tap_on_the_bridge_that_teardown_removes() {
+    if !privileged() {
+        return;
+    }
+    let n = node("10.42.13.0/24");
+    let net = PodNetwork::new(n.cfg.clone()).await.expect("pod network");
+    let (tap, ip) = net.create_tap("vm-pod").await.expect("tap");
+    assert_eq!(ip.to_string(), "10.42.13.2");
+    assert_eq!(net.create_tap("vm-pod").await.expect("again").0, tap);
+    let (ok, out) = run_in(&n.ns, &["ip", "-o", "link", "show", &tap]);
+    assert!(ok && out.contains("master evoke0"), "{out}");
+    net.teardown("vm-pod").await.expect("teardown");
+    assert!(!links(&n.ns).contains(&tap), "tap removed");
+    assert!(net.ipam().allocations().is_empty());
+}
