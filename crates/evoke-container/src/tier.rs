@@ -760,21 +760,12 @@ impl WorkloadRuntime for ContainerTier {
     }
 
     fn list(&self) -> Result<Vec<WorkloadStatus>, RuntimeError> {
-        let mut out = Vec::new();
-        for id in self.dirs.ids()? {
-            match self.status_of(&id) {
-                Ok(s) => out.push(s),
-                Err(RuntimeError::NotFound(_)) => {}
-                Err(e) => return Err(e),
-            }
-        }
-        Ok(out)
+        statuses(self.dirs.ids()?, |id| self.status_of(id))
     }
 
     fn signal(&self, id: &str, signal: i32) -> Result<(), RuntimeError> {
         self.dirs.load(id)?;
-        let sig = nix::sys::signal::Signal::try_from(signal)
-            .map_err(|_| RuntimeError::InvalidSpec(format!("signal {signal} is not a signal")))?;
+        let sig = to_signal(signal)?;
         crate::kill(&self.engine_root, id, sig).map_err(Self::err)
     }
 
@@ -1089,23 +1080,13 @@ impl WorkloadRuntime for ProcessTier {
     }
 
     fn list(&self) -> Result<Vec<WorkloadStatus>, RuntimeError> {
-        let mut out = Vec::new();
-        for id in self.dirs.ids()? {
-            match self.status_of(&id) {
-                Ok(s) => out.push(s),
-                Err(RuntimeError::NotFound(_)) => {}
-                Err(e) => return Err(e),
-            }
-        }
-        Ok(out)
+        statuses(self.dirs.ids()?, |id| self.status_of(id))
     }
 
     fn signal(&self, id: &str, signal: i32) -> Result<(), RuntimeError> {
         match self.status_of(id)?.state {
             WorkloadState::Running { pid } => {
-                let sig = nix::sys::signal::Signal::try_from(signal).map_err(|_| {
-                    RuntimeError::InvalidSpec(format!("signal {signal} is not a signal"))
-                })?;
+                let sig = to_signal(signal)?;
                 // The whole process group, as a container's pid namespace would.
                 nix::sys::signal::killpg(nix::unistd::Pid::from_raw(pid as i32), sig)
                     .map_err(|e| RuntimeError::io(format!("signal workload {id}"), e.into()))
@@ -1391,6 +1372,28 @@ mod console {
             }
         })
     }
+}
+
+/// The statuses of `ids`, skipping workloads removed while listing.
+fn statuses(
+    ids: Vec<String>,
+    status_of: impl Fn(&str) -> Result<WorkloadStatus, RuntimeError>,
+) -> Result<Vec<WorkloadStatus>, RuntimeError> {
+    let mut out = Vec::new();
+    for id in ids {
+        match status_of(&id) {
+            Ok(s) => out.push(s),
+            Err(RuntimeError::NotFound(_)) => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(out)
+}
+
+/// A signal number from the runtime API as a nix signal.
+fn to_signal(signal: i32) -> Result<nix::sys::signal::Signal, RuntimeError> {
+    nix::sys::signal::Signal::try_from(signal)
+        .map_err(|_| RuntimeError::InvalidSpec(format!("signal {signal} is not a signal")))
 }
 
 #[cfg(test)]
