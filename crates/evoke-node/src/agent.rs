@@ -275,6 +275,7 @@ impl Agent {
             self.ctx.data_dir.clone(),
             self.token.clone(),
             self.ctx.pods.clone(),
+            self.ctx.tiers.clone(),
         )
         .await?;
         tracing::info!(port = self.port, "node endpoint listening");

@@ -20,15 +20,21 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::Router;
+use evoke_runtime::WorkloadRuntime;
 
 /// namespace/name -> uid of the pods this node runs.
 pub type PodIndex = Arc<RwLock<HashMap<String, String>>>;
+
+/// The tiers by name, to find and exec into a pod's workloads.
+pub type Tiers = HashMap<String, Arc<dyn WorkloadRuntime>>;
 
 #[derive(Clone)]
 struct App {
     data_dir: PathBuf,
     token: Option<String>,
     pods: PodIndex,
+    #[allow(dead_code)] // exec (next commit) finds workloads through it
+    tiers: Arc<Tiers>,
 }
 
 #[derive(Debug, Default, serde::Deserialize)]
@@ -200,11 +206,13 @@ pub async fn serve(
     data_dir: PathBuf,
     token: Option<String>,
     pods: PodIndex,
+    tiers: Tiers,
 ) -> Result<u16, crate::NodeError> {
     let app = App {
         data_dir,
         token,
         pods,
+        tiers: Arc::new(tiers),
     };
     let router = Router::new()
         .route("/containerLogs/{ns}/{pod}/{container}", get(logs))
@@ -271,6 +279,7 @@ mod tests {
             tmp.path().to_path_buf(),
             Some("tok".into()),
             pods,
+            Tiers::new(),
         )
         .await
         .unwrap();
