@@ -150,6 +150,17 @@ fn boot(shutdown: &mut Shutdown) -> Result<(), AgentError> {
             console(&format!("evoke-guest: sethostname {h}: {e}"));
         }
     }
+    if let Err(e) = setup_network(&spec) {
+        // A pod without its network is not running as asked: fail it the
+        // way a failed runtime set-up fails (125), and say why.
+        sink.send(&Frame::Error(e.to_string()));
+        sink.send(&Frame::Exit(ExitStatus {
+            code: 125,
+            signal: 0,
+            oom_killed: false,
+        }));
+        return Ok(());
+    }
     let status = match run_workload(&spec, &mut sink) {
         Ok(s) => s,
         Err(e) => {
@@ -163,6 +174,19 @@ fn boot(shutdown: &mut Shutdown) -> Result<(), AgentError> {
     };
     sink.send(&Frame::Exit(status));
     Ok(())
+}
+
+/// `lo` always; eth0, its route and the workload's resolv.conf when the
+/// host gave the VM a network (see `evoke_guest::net`).
+fn setup_network(spec: &GuestSpec) -> Result<(), evoke_guest::net::NetError> {
+    if let Err(e) = evoke_guest::net::bring_up_loopback() {
+        console(&format!("evoke-guest: {e}"));
+    }
+    let Some(net) = &spec.network else {
+        return Ok(());
+    };
+    evoke_guest::net::configure(net, Duration::from_secs(3))?;
+    evoke_guest::net::write_resolv_conf(net, Path::new(spec::ROOTFS_DIR))
 }
 
 /// Docker's convention: 127 when the command is missing, 126 when it cannot

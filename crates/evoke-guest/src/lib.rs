@@ -3,6 +3,8 @@
 //! * [`spec`]: the [`GuestSpec`] the host writes into the initramfs at
 //!   [`spec::SPEC_PATH`]: the resolved command, environment, working directory,
 //!   user, agent channel and how to shut down.
+//! * [`net`]: the guest's network (lo, and eth0 on a virtio-net when the
+//!   spec has a [`net::NetConfig`]).
 //! * [`proto`]: the framed protocol on the agent channel (guest → host: ready,
 //!   stdout, stderr, exit, error; host → guest: signal).
 //! * [`initramfs`]: builds the guest's initramfs (a newc cpio, see [`cpio`])
@@ -25,6 +27,7 @@
 
 pub mod cpio;
 pub mod initramfs;
+pub mod net;
 pub mod proto;
 pub mod spec;
 

@@ -38,6 +38,8 @@ pub struct GuestSpec {
     pub hostname: Option<String>,
     pub channel: Channel,
     pub shutdown: Shutdown,
+    /// eth0's address, route and resolv.conf when the VM has a virtio-net.
+    pub network: Option<crate::net::NetConfig>,
 }
 
 impl Default for GuestSpec {
@@ -51,6 +53,7 @@ impl Default for GuestSpec {
             hostname: None,
             channel: Channel::default(),
             shutdown: Shutdown::default(),
+            network: None,
         }
     }
 }

@@ -419,6 +419,7 @@ pub fn workload_spec(
         hostname: Some(hostname.chars().take(63).collect()),
         network_namespace: None,
         ipc_namespace: None,
+        guest_network: None,
         log_path: Some(log_path),
         labels,
     })

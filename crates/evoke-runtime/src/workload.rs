@@ -50,11 +50,74 @@ pub struct WorkloadSpec {
     pub network_namespace: Option<PathBuf>,
     /// Join this IPC namespace (pods share one between their containers).
     pub ipc_namespace: Option<PathBuf>,
+    /// The microvm tier's network: a tap device the guest's virtio-net is
+    /// backed by, and the address the guest configures. Other tiers join
+    /// [`WorkloadSpec::network_namespace`] instead and ignore this.
+    #[serde(default)]
+    pub guest_network: Option<GuestNetwork>,
     /// Where the tier writes the main process's stdout and stderr when no
     /// stdio fds are given to `create`.
     pub log_path: Option<PathBuf>,
     /// Free-form metadata kept with the workload (pod uid, container name…).
     pub labels: BTreeMap<String, String>,
+}
+
+/// A VM guest's network interface: the host end is an existing tap device
+/// (made by the pod network or by hand), the guest end is `eth0` with this
+/// address, a default route through `gateway` and this resolv.conf.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GuestNetwork {
+    /// The tap device, in the network namespace the VMM runs in.
+    pub tap: String,
+    pub address: std::net::Ipv4Addr,
+    pub prefix_len: u8,
+    pub gateway: Option<std::net::Ipv4Addr>,
+    /// The guest's `/etc/resolv.conf`; `None` keeps the image's.
+    #[serde(default)]
+    pub resolv_conf: Option<String>,
+}
+
+impl std::str::FromStr for GuestNetwork {
+    type Err = RuntimeError;
+    /// Parses `TAP,ADDRESS/PREFIX[,GATEWAY]` (the `evoke run --guest-net` form).
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let bad = |why: &str| {
+            RuntimeError::InvalidSpec(format!(
+                "guest network {s:?} is not TAP,ADDRESS/PREFIX[,GATEWAY]: {why}"
+            ))
+        };
+        let mut parts = s.split(',');
+        let tap = parts
+            .next()
+            .filter(|t| !t.is_empty())
+            .ok_or_else(|| bad("no tap"))?;
+        if tap.len() >= 16 || tap.contains('/') {
+            return Err(bad("the tap name is not an interface name"));
+        }
+        let (addr, prefix) = parts
+            .next()
+            .and_then(|a| a.split_once('/'))
+            .ok_or_else(|| bad("no ADDRESS/PREFIX"))?;
+        let address = addr.parse().map_err(|_| bad("bad address"))?;
+        let prefix_len: u8 = prefix.parse().map_err(|_| bad("bad prefix length"))?;
+        if prefix_len > 32 {
+            return Err(bad("prefix length over 32"));
+        }
+        let gateway = match parts.next() {
+            Some(g) => Some(g.parse().map_err(|_| bad("bad gateway"))?),
+            None => None,
+        };
+        if parts.next().is_some() {
+            return Err(bad("too many fields"));
+        }
+        Ok(GuestNetwork {
+            tap: tap.to_string(),
+            address,
+            prefix_len,
+            gateway,
+            resolv_conf: None,
+        })
+    }
 }
 
 /// The uid/gid the process runs as.
@@ -384,5 +447,46 @@ pub trait WorkloadRuntime: Send + Sync {
                 state: "running",
                 action: "stop it: it survived SIGKILL for 30 s",
             })
+    }
+}
+
+#[cfg(test)]
+mod guest_network_tests {
+    use super::*;
+
+    #[test]
+    fn guest_network_parses_tap_address_prefix_and_optional_gateway() {
+        let n: GuestNetwork = "tp1,10.42.0.7/24,10.42.0.1".parse().unwrap();
+        assert_eq!(n.tap, "tp1");
+        assert_eq!(n.address, std::net::Ipv4Addr::new(10, 42, 0, 7));
+        assert_eq!(n.prefix_len, 24);
+        assert_eq!(n.gateway, Some(std::net::Ipv4Addr::new(10, 42, 0, 1)));
+        let n: GuestNetwork = "tp1,192.168.9.2/30".parse().unwrap();
+        assert_eq!(n.gateway, None);
+    }
+
+    #[test]
+    fn malformed_guest_networks_are_rejected_with_the_input_named() {
+        for bad in [
+            "",
+            "tp1",
+            "tp1,10.0.0.1",
+            "tp1,10.0.0.1/33",
+            "tp1,10.0.0.x/24",
+            "a-very-long-tap-name,10.0.0.1/24",
+            "tp1,10.0.0.1/24,gw",
+            "tp1,10.0.0.1/24,10.0.0.2,extra",
+        ] {
+            let err = bad.parse::<GuestNetwork>().unwrap_err().to_string();
+            assert!(err.contains("guest network"), "{bad}: {err}");
+        }
+    }
+
+    #[test]
+    fn a_spec_saved_before_guest_networks_existed_still_loads() {
+        let mut v = serde_json::to_value(WorkloadSpec::default()).unwrap();
+        v.as_object_mut().unwrap().remove("guest_network");
+        let spec: WorkloadSpec = serde_json::from_value(v).unwrap();
+        assert_eq!(spec.guest_network, None);
     }
 }

@@ -24,6 +24,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use evoke_guest::initramfs::{find_agent, GuestBase, InitramfsBuilder, Part, DEFAULT_MODULES};
+use evoke_guest::net::NetConfig;
 use evoke_guest::proto::Frame;
 use evoke_guest::spec::{Channel, GuestSpec, Shutdown};
 use evoke_guest::Rootfs;
@@ -203,6 +204,13 @@ pub fn guest_spec(
         ),
         channel: Channel::VirtioConsole,
         shutdown: Shutdown::Reboot,
+        network: spec.guest_network.as_ref().map(|n| NetConfig {
+            interface: "eth0".into(),
+            address: n.address,
+            prefix_len: n.prefix_len,
+            gateway: n.gateway,
+            resolv_conf: n.resolv_conf.clone(),
+        }),
     })
 }
 
