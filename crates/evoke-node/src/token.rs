@@ -265,6 +265,64 @@ pub async fn client(server: &str, token: &JoinToken) -> Result<kube::Client, Nod
     })
 }
 
+/// Proves the token's secret before the agent starts: one authenticated
+/// request (a list of at most one Node). The CA was verified already, so
+/// the secret only ever reaches the pinned server. A refusal becomes a
+/// one-line error; a server that does not answer within `timeout` too.
+pub async fn check_secret(
+    client: &kube::Client,
+    server: &str,
+    timeout: std::time::Duration,
+) -> Result<(), NodeError> {
+    use k8s_openapi::api::core::v1::Node;
+    let nodes: kube::Api<Node> = kube::Api::all(client.clone());
+    let lp = kube::api::ListParams::default().limit(1);
+    match tokio::time::timeout(timeout, nodes.list(&lp)).await {
+        Ok(Ok(_)) => Ok(()),
+        Ok(Err(kube::Error::Api(e))) if e.code == 401 || e.code == 403 => {
+            Err(NodeError::Token(format!(
+                "server {server} refused the token's secret ({} {}); check --token",
+                e.code, e.reason
+            )))
+        }
+        Ok(Err(e)) => Err(NodeError::Api {
+            what: format!("checking the token with {server}"),
+            source: e,
+        }),
+        Err(_) => Err(NodeError::Token(format!(
+            "server {server} did not answer within {}s",
+            timeout.as_secs()
+        ))),
+    }
+}
+
+/// The local address this machine uses to reach `server`: the address a
+/// joining node reports as its InternalIP unless told otherwise, so the
+/// API server (and other nodes) reach it the way it reached them. A UDP
+/// connect picks the route without sending anything.
+pub fn source_address_to(server: &str) -> Result<std::net::IpAddr, NodeError> {
+    use std::net::ToSocketAddrs;
+    let (host, port) = host_port(server)?;
+    let io_err = |source| NodeError::Io {
+        path: format!("{host}:{port}").into(),
+        source,
+    };
+    let target = (host.as_str(), port)
+        .to_socket_addrs()
+        .map_err(io_err)?
+        .next()
+        .ok_or_else(|| NodeError::Token(format!("server host {host:?} has no address")))?;
+    let any: std::net::SocketAddr = if target.is_ipv6() {
+        "[::]:0".parse()
+    } else {
+        "0.0.0.0:0".parse()
+    }
+    .map_err(|e| NodeError::Token(format!("unspecified address: {e}")))?;
+    let sock = std::net::UdpSocket::bind(any).map_err(io_err)?;
+    sock.connect(target).map_err(io_err)?;
+    Ok(sock.local_addr().map_err(io_err)?.ip())
+}
+
 /// A kube client from a kubeconfig file (the in-process agent and the
 /// control-plane components use the admin kubeconfig the server wrote).
 pub async fn client_from_kubeconfig(path: &std::path::Path) -> Result<kube::Client, NodeError> {
@@ -321,6 +379,15 @@ mod tests {
             ("example.com".into(), 443)
         );
         assert!(host_port("http://x:1").is_err());
+    }
+
+    #[test]
+    fn a_node_reaching_its_server_over_loopback_reports_a_loopback_address() {
+        assert_eq!(
+            source_address_to("https://127.0.0.1:6443").unwrap(),
+            std::net::IpAddr::from([127, 0, 0, 1])
+        );
+        assert!(source_address_to("ftp://127.0.0.1").is_err());
     }
 
     #[tokio::test]
