@@ -19,6 +19,7 @@ pub mod runtimeclass;
 pub mod server;
 pub mod spec;
 pub mod status;
+pub mod stream;
 pub mod token;
 pub mod volumes;
 pub mod worker;

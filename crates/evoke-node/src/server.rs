@@ -1,9 +1,13 @@
-//! The node's HTTP endpoint, the kubelet's read-only API for the API
-//! server: `GET /containerLogs/{namespace}/{pod}/{container}` with the
-//! query parameters kubectl's `logs` passes through (`follow`, `previous`,
-//! `tailLines`). The API server proxies `pods/log` here, at the node's
+//! The node's HTTP endpoint, the kubelet's API for the API server:
+//! - `GET /containerLogs/{namespace}/{pod}/{container}` with the query
+//!   parameters kubectl's `logs` passes through (`follow`, `previous`,
+//!   `tailLines`);
+//! - `GET /exec/{namespace}/{pod}/{container}?command=...`, a WebSocket
+//!   remote-command session ([`crate::stream`]).
+//!
+//! The API server proxies `pods/log` and `pods/exec` here, at the node's
 //! InternalIP and `status.daemonEndpoints.kubeletEndpoint.port`, with its
-//! bearer token (the cluster token).
+//! bearer token (the cluster token); nothing else is accepted.
 //!
 //! Logs live at `<data_dir>/pods/<uid>/logs/<container>/<attempt>.log`;
 //! the current attempt is the highest number, `previous` the one before.
@@ -15,12 +19,17 @@ use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use axum::body::Body;
-use axum::extract::{Path as UrlPath, Query, State};
+use axum::extract::ws::rejection::WebSocketUpgradeRejection;
+use axum::extract::ws::WebSocketUpgrade;
+use axum::extract::{Path as UrlPath, Query, RawQuery, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::Router;
-use evoke_runtime::WorkloadRuntime;
+use evoke_runtime::{WorkloadRuntime, WorkloadState};
+
+use crate::spec::{LABEL_ATTEMPT, LABEL_CONTAINER, LABEL_POD_UID};
+use crate::stream::{self, ExecRequest};
 
 /// namespace/name -> uid of the pods this node runs.
 pub type PodIndex = Arc<RwLock<HashMap<String, String>>>;
@@ -33,7 +42,6 @@ struct App {
     data_dir: PathBuf,
     token: Option<String>,
     pods: PodIndex,
-    #[allow(dead_code)] // exec (next commit) finds workloads through it
     tiers: Arc<Tiers>,
 }
 
@@ -86,32 +94,145 @@ fn error(code: StatusCode, msg: String) -> Response {
     (code, msg).into_response()
 }
 
+impl App {
+    /// Only the API server (holding the cluster token) may use the
+    /// endpoint: exec is a shell on the node.
+    fn authorize(&self, headers: &HeaderMap) -> Result<(), Box<Response>> {
+        if let Some(t) = self.token.as_deref() {
+            let given = headers
+                .get("authorization")
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or("");
+            if given.strip_prefix("Bearer ") != Some(t) {
+                return Err(Box::new(error(
+                    StatusCode::UNAUTHORIZED,
+                    "unauthorized\n".into(),
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    fn pod_uid(&self, ns: &str, pod: &str) -> Result<String, Box<Response>> {
+        self.pods
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&format!("{ns}/{pod}"))
+            .cloned()
+            .ok_or_else(|| {
+                Box::new(error(
+                    StatusCode::NOT_FOUND,
+                    format!("pod {ns}/{pod} is not on this node\n"),
+                ))
+            })
+    }
+
+    /// The running workload of `container` in pod `uid`: its tier and id
+    /// (the newest attempt, found by the labels the agent sets).
+    async fn running_workload(
+        &self,
+        uid: &str,
+        pod: &str,
+        container: &str,
+    ) -> Result<(Arc<dyn WorkloadRuntime>, String), Box<Response>> {
+        let tiers: Vec<Arc<dyn WorkloadRuntime>> = self.tiers.values().cloned().collect();
+        let (uid_s, container_s) = (uid.to_string(), container.to_string());
+        let found = tokio::task::spawn_blocking(move || {
+            let mut best: Option<(u64, Arc<dyn WorkloadRuntime>, String)> = None;
+            for tier in tiers {
+                let Ok(list) = tier.list() else { continue };
+                for w in list {
+                    let ours = w.labels.get(LABEL_POD_UID) == Some(&uid_s)
+                        && w.labels.get(LABEL_CONTAINER) == Some(&container_s);
+                    if !ours || !matches!(w.state, WorkloadState::Running { .. }) {
+                        continue;
+                    }
+                    let attempt = w
+                        .labels
+                        .get(LABEL_ATTEMPT)
+                        .and_then(|a| a.parse().ok())
+                        .unwrap_or(0);
+                    if best.as_ref().is_none_or(|b| attempt >= b.0) {
+                        best = Some((attempt, tier.clone(), w.id));
+                    }
+                }
+            }
+            best
+        })
+        .await
+        .ok()
+        .flatten();
+        found.map(|(_, t, id)| (t, id)).ok_or_else(|| {
+            Box::new(error(
+                StatusCode::BAD_REQUEST,
+                format!("container {container} in pod {pod} is not running\n"),
+            ))
+        })
+    }
+}
+
+/// `GET /exec/{ns}/{pod}/{container}?command=...`: a WebSocket upgrade
+/// into a remote-command session (see [`crate::stream`]).
+async fn exec(
+    State(app): State<App>,
+    UrlPath((ns, pod, container)): UrlPath<(String, String, String)>,
+    RawQuery(query): RawQuery,
+    headers: HeaderMap,
+    ws: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
+) -> Response {
+    if let Err(r) = app.authorize(&headers) {
+        return *r;
+    }
+    let req = match ExecRequest::parse(query.as_deref().unwrap_or_default()) {
+        Ok(r) => r,
+        Err(e) => return error(StatusCode::BAD_REQUEST, format!("{e}\n")),
+    };
+    let uid = match app.pod_uid(&ns, &pod) {
+        Ok(uid) => uid,
+        Err(r) => return *r,
+    };
+    let (tier, id) = match app.running_workload(&uid, &pod, &container).await {
+        Ok(x) => x,
+        Err(r) => return *r,
+    };
+    let ws = match ws {
+        Ok(ws) => ws.protocols(stream::PROTOCOLS),
+        // The API server checks this way before refusing SPDY.
+        Err(e) => {
+            return error(
+                StatusCode::UPGRADE_REQUIRED,
+                format!("exec needs a WebSocket upgrade: {e}\n"),
+            )
+        }
+    };
+    let Some(protocol) = ws
+        .selected_protocol()
+        .and_then(|p| p.to_str().ok())
+        .map(String::from)
+    else {
+        return error(
+            StatusCode::BAD_REQUEST,
+            format!(
+                "exec needs one of the subprotocols {}\n",
+                stream::PROTOCOLS.join(", ")
+            ),
+        );
+    };
+    ws.on_upgrade(move |socket| stream::session(socket, protocol, tier, id, req))
+}
+
 async fn logs(
     State(app): State<App>,
     UrlPath((ns, pod, container)): UrlPath<(String, String, String)>,
     Query(q): Query<LogQuery>,
     headers: HeaderMap,
 ) -> Response {
-    if let Some(t) = app.token.as_deref() {
-        let given = headers
-            .get("authorization")
-            .and_then(|v| v.to_str().ok())
-            .unwrap_or("");
-        if given.strip_prefix("Bearer ") != Some(t) {
-            return error(StatusCode::UNAUTHORIZED, "unauthorized\n".into());
-        }
+    if let Err(r) = app.authorize(&headers) {
+        return *r;
     }
-    let uid = app
-        .pods
-        .read()
-        .unwrap_or_else(|e| e.into_inner())
-        .get(&format!("{ns}/{pod}"))
-        .cloned();
-    let Some(uid) = uid else {
-        return error(
-            StatusCode::NOT_FOUND,
-            format!("pod {ns}/{pod} is not on this node\n"),
-        );
+    let uid = match app.pod_uid(&ns, &pod) {
+        Ok(uid) => uid,
+        Err(r) => return *r,
     };
     let dir = app
         .data_dir
@@ -216,6 +337,7 @@ pub async fn serve(
     };
     let router = Router::new()
         .route("/containerLogs/{ns}/{pod}/{container}", get(logs))
+        .route("/exec/{ns}/{pod}/{container}", get(exec))
         .route("/healthz", get(healthz))
         .with_state(app);
     let listener = tokio::net::TcpListener::bind(addr)

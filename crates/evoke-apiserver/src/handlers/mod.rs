@@ -1,12 +1,14 @@
 //! Verbs on resources. `resource` picks the handler from the method, the
 //! URL shape and `?watch`; each file holds one family: `read` (get, list,
 //! tables), `write` (create, update, patch, apply), `delete`, and `sub`
-//! (status, scale, binding, eviction).
+//! (status, scale, binding, eviction); `proxy` and `stream` reach the node
+//! (logs, exec).
 
 mod delete;
 mod proxy;
 pub(crate) mod read;
 mod service;
+mod stream;
 mod sub;
 mod write;
 
@@ -33,6 +35,8 @@ pub(crate) struct Ctx {
     pub body: Bytes,
     /// `Warning` headers to send with the response (unknown fields).
     pub warnings: std::sync::Mutex<Vec<String>>,
+    /// A protocol upgrade the client asked for (exec's WebSocket).
+    pub upgrade: std::sync::Mutex<Option<stream::Upgrade>>,
 }
 
 impl Ctx {
@@ -48,6 +52,7 @@ impl Ctx {
             user_agent: self.user_agent.clone(),
             body: Bytes::new(),
             warnings: Default::default(),
+            upgrade: Default::default(),
         }
     }
 
@@ -111,8 +116,9 @@ impl Ctx {
 pub(crate) async fn resource(
     state: Arc<State>,
     t: Target,
-    req: Request<Bytes>,
+    mut req: Request<Bytes>,
 ) -> Result<Reply, ApiError> {
+    let upgrade = stream::Upgrade::take(&mut req);
     let method = req.method().clone();
     let path = req.uri().path().to_string();
     let header = |h: http::header::HeaderName| {
@@ -128,6 +134,7 @@ pub(crate) async fn resource(
         user_agent: header(http::header::USER_AGENT).unwrap_or_default(),
         body: req.into_body(),
         warnings: Default::default(),
+        upgrade: std::sync::Mutex::new(upgrade),
         state,
         t,
     };
@@ -160,6 +167,7 @@ async fn dispatch(ctx: &Ctx, method: &Method, path: &str) -> Result<Reply, ApiEr
         (&Method::GET, true, None | Some("status")) => read::get(ctx).await,
         (&Method::GET, true, Some("scale")) => sub::get_scale(ctx).await,
         (&Method::GET, true, Some("log")) => proxy::logs(ctx).await,
+        (&Method::GET | &Method::POST, true, Some("exec")) => stream::exec(ctx).await,
         (&Method::POST, false, None) => write::create(ctx).await,
         (&Method::POST, true, Some("binding")) => sub::bind(ctx, ctx.t.name.clone()).await,
         (&Method::POST, true, Some("eviction")) => sub::evict(ctx).await,

@@ -14,7 +14,11 @@ use super::{load, Ctx};
 use crate::object;
 use crate::respond::Reply;
 
-fn container_of(pod: &Value, asked: Option<&str>, name: &str) -> Result<String, ApiError> {
+pub(super) fn container_of(
+    pod: &Value,
+    asked: Option<&str>,
+    name: &str,
+) -> Result<String, ApiError> {
     let names: Vec<String> = ["initContainers", "containers"]
         .iter()
         .flat_map(|f| pod["spec"][*f].as_array().into_iter().flatten())
@@ -44,7 +48,7 @@ fn container_of(pod: &Value, asked: Option<&str>, name: &str) -> Result<String, 
 }
 
 /// The node endpoint's `host:port` for `node`.
-async fn node_endpoint(ctx: &Ctx, node: &str) -> Result<String, ApiError> {
+pub(super) async fn node_endpoint(ctx: &Ctx, node: &str) -> Result<String, ApiError> {
     let nodes = registry::by_plural("", "v1", "nodes")
         .ok_or_else(|| ApiError::new(500, "InternalError", "nodes are not in the registry"))?;
     let kv = ctx
@@ -81,6 +85,64 @@ fn unavailable(what: String) -> ApiError {
     ApiError::new(503, "ServiceUnavailable", what)
 }
 
+/// A GET on the node endpoint with the cluster token; the response body
+/// streams.
+pub(super) async fn node_get(
+    ctx: &Ctx,
+    node: &str,
+    endpoint: &str,
+    uri: &str,
+) -> Result<http::Response<hyper::body::Incoming>, ApiError> {
+    let tcp = tokio::time::timeout(
+        std::time::Duration::from_secs(5),
+        tokio::net::TcpStream::connect(endpoint),
+    )
+    .await
+    .map_err(|_| unavailable(format!("node {node} at {endpoint} did not answer")))?
+    .map_err(|e| unavailable(format!("connecting to node {node} at {endpoint}: {e}")))?;
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
+        .await
+        .map_err(|e| unavailable(format!("node {node}: {e}")))?;
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    let req = http::Request::get(uri)
+        .header(http::header::HOST, endpoint)
+        .header(
+            http::header::AUTHORIZATION,
+            format!("Bearer {}", ctx.state.token),
+        )
+        .body(http_body_util::Empty::<bytes::Bytes>::new())
+        .map_err(|e| ApiError::bad_request(format!("request to node {node}: {e}")))?;
+    sender
+        .send_request(req)
+        .await
+        .map_err(|e| unavailable(format!("node {node}: {e}")))
+}
+
+/// A node's error response as the API error kubectl prints.
+pub(super) async fn node_error(resp: http::Response<hyper::body::Incoming>) -> ApiError {
+    let code = resp.status().as_u16();
+    let body = resp
+        .into_body()
+        .collect()
+        .await
+        .map(|b| b.to_bytes())
+        .unwrap_or_default();
+    let msg = String::from_utf8_lossy(&body).trim().to_string();
+    ApiError::new(code, reason_for(code), msg)
+}
+
+/// The Status reason for a node's HTTP error code.
+pub(super) fn reason_for(code: u16) -> &'static str {
+    match code {
+        404 => "NotFound",
+        401 | 403 => "Forbidden",
+        500.. => "InternalError",
+        _ => "BadRequest",
+    }
+}
+
 pub(crate) async fn logs(ctx: &Ctx) -> Result<Reply, ApiError> {
     let name = ctx.name().to_string();
     let ns = ctx.t.namespace.clone().unwrap_or_default();
@@ -104,49 +166,9 @@ pub(crate) async fn logs(ctx: &Ctx) -> Result<Reply, ApiError> {
         }
     }
     let uri = format!("/containerLogs/{ns}/{name}/{container}?{}", query.join("&"));
-    let tcp = tokio::time::timeout(
-        std::time::Duration::from_secs(5),
-        tokio::net::TcpStream::connect(&endpoint),
-    )
-    .await
-    .map_err(|_| unavailable(format!("node {node} at {endpoint} did not answer")))?
-    .map_err(|e| unavailable(format!("connecting to node {node} at {endpoint}: {e}")))?;
-    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
-        .await
-        .map_err(|e| unavailable(format!("node {node}: {e}")))?;
-    tokio::spawn(async move {
-        let _ = conn.await;
-    });
-    let req = http::Request::get(uri)
-        .header(http::header::HOST, endpoint.as_str())
-        .header(
-            http::header::AUTHORIZATION,
-            format!("Bearer {}", ctx.state.token),
-        )
-        .body(http_body_util::Empty::<bytes::Bytes>::new())
-        .map_err(|e| ApiError::bad_request(format!("log request: {e}")))?;
-    let resp = sender
-        .send_request(req)
-        .await
-        .map_err(|e| unavailable(format!("node {node}: {e}")))?;
-    let status = resp.status();
-    if !status.is_success() {
-        let body = resp
-            .into_body()
-            .collect()
-            .await
-            .map(|b| b.to_bytes())
-            .unwrap_or_default();
-        let msg = String::from_utf8_lossy(&body).trim().to_string();
-        return Err(ApiError::new(
-            status.as_u16(),
-            if status.as_u16() == 404 {
-                "NotFound"
-            } else {
-                "BadRequest"
-            },
-            msg,
-        ));
+    let resp = node_get(ctx, &node, &endpoint, &uri).await?;
+    if !resp.status().is_success() {
+        return Err(node_error(resp).await);
     }
     let body = resp
         .into_body()
