@@ -7,7 +7,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-/// A running `evoke server --disable-agent`; killed on drop.
+/// A running `evoke server` (`--disable-agent` unless started with
+/// [`start_cluster`]); killed on drop.
 pub struct Server {
     /// Kept so the data dir lives as long as the server.
     pub tmp: Option<tempfile::TempDir>,
@@ -16,6 +17,8 @@ pub struct Server {
     pub port: u16,
     /// How long from spawn until the server said it was ready.
     pub startup: Duration,
+    /// The in-process node agent runs pods: stop them before the server.
+    agent: bool,
     child: Child,
 }
 
@@ -47,14 +50,72 @@ pub fn start_server() -> Server {
 /// Starts a server on `data_dir` (which may hold a previous run's state)
 /// with extra flags.
 pub fn start_server_in(data_dir: &Path, extra: &[&str]) -> Server {
+    let mut args = vec!["--disable-agent"];
+    args.extend_from_slice(extra);
+    spawn_server(data_dir, &args, false)
+}
+
+/// True when this machine can run pods (root for namespaces and cgroups,
+/// the static busybox for the image) and has kubectl. A missing one is a
+/// failure under CI=true; elsewhere the caller skips with the reason.
+pub fn require_pods() -> bool {
+    if !require_kubectl() {
+        return false;
+    }
+    let mut missing = Vec::new();
+    if !nix::unistd::geteuid().is_root() {
+        missing.push("root");
+    }
+    if !Path::new("/bin/busybox").exists() {
+        missing.push("/bin/busybox (busybox-static)");
+    }
+    if missing.is_empty() {
+        return true;
+    }
+    if std::env::var("CI").is_ok_and(|v| v == "true") {
+        panic!("this test runs pods and needs {}", missing.join(", "));
+    }
+    eprintln!("skipping: needs {}", missing.join(", "));
+    false
+}
+
+/// `evoke server` with its node agent, in a fresh data dir that holds the
+/// image `busybox:1` (the host's static busybox). Pods get no pod network
+/// (loopback only), so parallel tests share no bridge; on drop the pods
+/// are deleted and torn down before the server stops.
+pub fn start_cluster() -> Server {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let dir = tmp.path().to_path_buf();
+    let root = dir.join("busybox-rootfs");
+    evoke_runtime::testing::busybox_rootfs(&root).expect("busybox rootfs");
+    let out = Command::new(env!("CARGO_BIN_EXE_evoke"))
+        .arg("--data-dir")
+        .arg(&dir)
+        .args(["image", "build-dir"])
+        .arg(&root)
+        .args(["--tag", "busybox:1"])
+        .output()
+        .expect("evoke image build-dir");
+    assert!(
+        out.status.success(),
+        "image build-dir failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let mut s = spawn_server(&dir, &[], true);
+    s.tmp = Some(tmp);
+    s
+}
+
+fn spawn_server(data_dir: &Path, args: &[&str], agent: bool) -> Server {
     let log = std::fs::File::create(data_dir.join("server.log")).expect("server log");
     let started = Instant::now();
     let mut child = Command::new(env!("CARGO_BIN_EXE_evoke"))
         .arg("--data-dir")
         .arg(data_dir)
-        .args(["server", "--disable-agent", "--https-listen-port", "0"])
-        .args(extra)
+        .args(["server", "--https-listen-port", "0"])
+        .args(args)
         .env("EVOKE_LOG", "info")
+        .env("EVOKE_FLANNEL_BACKEND", "none")
         .stdout(Stdio::piped())
         .stderr(Stdio::from(log))
         .spawn()
@@ -99,6 +160,7 @@ pub fn start_server_in(data_dir: &Path, extra: &[&str]) -> Server {
         kubeconfig,
         port,
         startup,
+        agent,
         child,
     }
 }
@@ -184,7 +246,63 @@ impl Server {
         self.kill();
     }
 
+    /// Polls `cond` every 200 ms until it holds or `secs` pass; panics
+    /// with `what`, the pods and the server log.
+    pub fn wait_for(&self, what: &str, secs: u64, mut cond: impl FnMut() -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(secs);
+        while Instant::now() < deadline {
+            if cond() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        let pods = self.kubectl(&["get", "pods", "-o", "wide"]);
+        panic!(
+            "timed out after {secs}s waiting for {what}\npods:\n{}\n{}",
+            String::from_utf8_lossy(&pods.stdout),
+            self.log_tail()
+        );
+    }
+
+    /// `kubectl get pod NAME -o json`, or Null when it fails.
+    pub fn pod(&self, name: &str) -> serde_json::Value {
+        let out = self.kubectl(&["get", "pod", name, "-o", "json"]);
+        serde_json::from_slice(&out.stdout).unwrap_or_default()
+    }
+
+    /// Applies `yaml` and waits until every container of pod `name` runs.
+    pub fn run_pod(&self, name: &str, yaml: &str) {
+        self.ok_with(&["apply", "-f", "-"], Some(yaml));
+        self.wait_for(&format!("pod {name} running"), 60, || {
+            let p = self.pod(name);
+            p["status"]["phase"] == "Running"
+                && p["status"]["containerStatuses"]
+                    .as_array()
+                    .is_some_and(|cs| cs.iter().all(|c| !c["state"]["running"].is_null()))
+        });
+    }
+
     fn kill(&mut self) {
+        if self.agent {
+            // Stop the workloads through the agent first, so no
+            // container, namespace or cgroup outlives the test; the
+            // agent removes a pod's directory last.
+            self.agent = false;
+            let _ = self.kubectl(&[
+                "delete",
+                "pods",
+                "--all",
+                "--grace-period=1",
+                "--timeout=40s",
+            ]);
+            let pods = self.data_dir.join("pods");
+            let deadline = Instant::now() + Duration::from_secs(30);
+            while Instant::now() < deadline
+                && std::fs::read_dir(&pods).is_ok_and(|mut d| d.next().is_some())
+            {
+                std::thread::sleep(Duration::from_millis(200));
+            }
+        }
         let _ = self.child.kill();
         let _ = self.child.wait();
     }

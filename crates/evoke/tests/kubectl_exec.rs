@@ -1,0 +1,256 @@
+//! `kubectl exec` end to end: the real kubectl (WebSocket,
+//! `v5.channel.k8s.io`) through `evoke server`'s API server to its node
+//! agent, into containers of a running pod. Needs root, busybox and
+//! kubectl (a failure under CI=true when missing).
+
+mod common;
+
+use std::io::{Read, Write};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+const TWO_CONTAINERS: &str = "apiVersion: v1
+kind: Pod
+metadata: {name: two}
+spec:
+  terminationGracePeriodSeconds: 1
+  containers:
+  - name: first
+    image: busybox:1
+    command: [/bin/sleep, '3600']
+    env: [{name: WHO, value: first}]
+  - name: second
+    image: busybox:1
+    command: [/bin/sleep, '3600']
+    env: [{name: WHO, value: second}]
+    workingDir: /tmp
+";
+
+fn text(out: &std::process::Output) -> (String, String) {
+    (
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn exec_runs_in_the_chosen_container_with_stdin_streams_and_exit_codes() {
+    if !common::require_pods() {
+        return;
+    }
+    let c = common::start_cluster();
+    c.run_pod("two", TWO_CONTAINERS);
+
+    // The pod's hostname, from the container's own UTS namespace.
+    let host = c.ok(&["exec", "two", "-c", "first", "--", "cat", "/etc/hostname"]);
+    assert_eq!(host.trim(), "two");
+
+    // -c picks the container: each sees its own env and working dir.
+    let first = c.ok(&[
+        "exec",
+        "two",
+        "-c",
+        "first",
+        "--",
+        "sh",
+        "-c",
+        "echo $WHO $PWD",
+    ]);
+    assert_eq!(first.trim(), "first /");
+    let second = c.ok(&[
+        "exec",
+        "two",
+        "-c",
+        "second",
+        "--",
+        "sh",
+        "-c",
+        "echo $WHO $PWD",
+    ]);
+    assert_eq!(second.trim(), "second /tmp");
+
+    // Without -c, kubectl picks the first container and says so.
+    let out = c.kubectl(&["exec", "two", "--", "sh", "-c", "echo $WHO"]);
+    let (stdout, stderr) = text(&out);
+    assert!(out.status.success(), "{stderr}");
+    assert_eq!(stdout.trim(), "first");
+    assert!(stderr.contains("Defaulted container \"first\""), "{stderr}");
+
+    // -i: stdin reaches the command and its EOF ends it.
+    let echoed = c.ok_with(
+        &["exec", "-i", "two", "-c", "second", "--", "cat"],
+        Some("hi\nthere\n"),
+    );
+    assert_eq!(echoed, "hi\nthere\n");
+    let counted = c.ok_with(&["exec", "-i", "two", "--", "wc", "-l"], Some("a\nb\nc\n"));
+    assert_eq!(counted.trim(), "3");
+
+    // stdout and stderr arrive on their own streams.
+    let out = c.kubectl(&[
+        "exec",
+        "two",
+        "-c",
+        "first",
+        "--",
+        "sh",
+        "-c",
+        "echo out; echo err >&2",
+    ]);
+    let (stdout, stderr) = text(&out);
+    assert!(out.status.success(), "{stderr}");
+    assert_eq!(stdout, "out\n");
+    assert!(stderr.contains("err\n"), "{stderr}");
+
+    // The command's exit code is kubectl's exit code.
+    let out = c.kubectl(&["exec", "two", "-c", "first", "--", "sh", "-c", "exit 3"]);
+    let (_, stderr) = text(&out);
+    assert_eq!(out.status.code(), Some(3), "{stderr}");
+    assert!(
+        stderr.contains("command terminated with exit code 3"),
+        "{stderr}"
+    );
+
+    // More output than one message holds arrives whole.
+    let big = c.ok(&[
+        "exec",
+        "two",
+        "-c",
+        "first",
+        "--",
+        "sh",
+        "-c",
+        "seq 1 20000",
+    ]);
+    assert_eq!(big.lines().count(), 20000);
+    assert_eq!(big.lines().last(), Some("20000"));
+
+    // A container the pod does not have, or a program the image lacks.
+    let err = c.fails(&["exec", "two", "-c", "nosuch", "--", "true"], None);
+    assert!(
+        err.contains("container nosuch is not valid for pod two"),
+        "{err}"
+    );
+    let err = c.fails(&["exec", "two", "-c", "first", "--", "/bin/nosuch"], None);
+    assert!(err.contains("nosuch"), "{err}");
+    let err = c.fails(&["exec", "nopod", "--", "true"], None);
+    assert!(err.contains("pods \"nopod\" not found"), "{err}");
+}
+
+#[test]
+fn exec_into_a_container_that_is_not_running_says_so() {
+    if !common::require_pods() {
+        return;
+    }
+    let c = common::start_cluster();
+    c.ok_with(
+        &["apply", "-f", "-"],
+        Some(
+            "apiVersion: v1
+kind: Pod
+metadata: {name: crashing}
+spec:
+  terminationGracePeriodSeconds: 1
+  containers:
+  - name: crash
+    image: busybox:1
+    command: [/bin/sh, -c, 'exit 1']
+",
+        ),
+    );
+    c.wait_for("the container to have ended once", 40, || {
+        c.pod("crashing")["status"]["containerStatuses"][0]["restartCount"]
+            .as_i64()
+            .is_some_and(|n| n >= 1)
+    });
+    // Between restarts (back-off) there is nothing to exec into.
+    c.wait_for("the container to wait in back-off", 40, || {
+        !c.pod("crashing")["status"]["containerStatuses"][0]["state"]["waiting"].is_null()
+    });
+    let err = c.fails(&["exec", "crashing", "--", "true"], None);
+    assert!(
+        err.contains("container crash in pod crashing is not running"),
+        "{err}"
+    );
+}
+
+/// Reads `r` into `buf` on a thread, so the test can wait with a deadline.
+fn collect(mut r: impl Read + Send + 'static) -> std::sync::mpsc::Receiver<Vec<u8>> {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 4096];
+        while let Ok(n) = r.read(&mut buf) {
+            if n == 0 || tx.send(buf[..n].to_vec()).is_err() {
+                break;
+            }
+        }
+    });
+    rx
+}
+
+#[test]
+fn exec_it_gives_a_shell_on_a_terminal() {
+    if !common::require_pods() {
+        return;
+    }
+    let script = std::path::Path::new("/usr/bin/script");
+    if !script.exists() {
+        assert!(
+            std::env::var("CI").map_or(true, |v| v != "true"),
+            "/usr/bin/script (bsdutils) is missing"
+        );
+        eprintln!("skipping: /usr/bin/script (bsdutils) is missing");
+        return;
+    }
+    let c = common::start_cluster();
+    c.run_pod("two", TWO_CONTAINERS);
+    // `script` gives kubectl a terminal, so -t is honoured end to end.
+    let kubectl = format!(
+        "{} --kubeconfig {} exec -it two -c second -- sh",
+        common::KUBECTL,
+        c.kubeconfig.display()
+    );
+    let mut child = Command::new(script)
+        .args(["-qefc", &kubectl, "/dev/null"])
+        .env("HOME", &c.data_dir)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn script");
+    let mut stdin = child.stdin.take().expect("stdin");
+    let out = collect(child.stdout.take().expect("stdout"));
+    let mut seen = Vec::new();
+    let wait_for = |seen: &mut Vec<u8>, what: &str| {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !String::from_utf8_lossy(seen).contains(what) {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match out.recv_timeout(left) {
+                Ok(b) => seen.extend(b),
+                Err(_) => panic!(
+                    "no {what:?} on the terminal; it showed:\n{}",
+                    String::from_utf8_lossy(seen)
+                ),
+            }
+        }
+    };
+    // The shell is interactive: it prompts.
+    wait_for(&mut seen, "# ");
+    stdin
+        .write_all(b"tty; echo $((6*7)) $WHO\n")
+        .expect("type a command");
+    wait_for(&mut seen, "42 second");
+    let shown = String::from_utf8_lossy(&seen).into_owned();
+    assert!(shown.contains("/dev/pts/"), "no terminal inside: {shown}");
+    stdin.write_all(b"exit 4\n").expect("type exit");
+    drop(stdin);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let status = loop {
+        if let Some(s) = child.try_wait().expect("wait script") {
+            break s;
+        }
+        assert!(Instant::now() < deadline, "kubectl exec -it did not end");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    // `script -e` passes on kubectl's exit code, which is the shell's.
+    assert_eq!(status.code(), Some(4));
+}

@@ -1,0 +1,155 @@
+//! `kubectl logs` end to end: the real kubectl through `evoke server`'s
+//! API server, which proxies `pods/log` to the node agent's endpoint.
+//! Plain, `-c`, `--tail`, `-f` (new lines arrive while it runs) and
+//! `--previous` after a restart. Needs root, busybox and kubectl (a
+//! failure under CI=true when missing).
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+const TICKER: &str = "apiVersion: v1
+kind: Pod
+metadata: {name: ticker}
+spec:
+  terminationGracePeriodSeconds: 1
+  containers:
+  - name: ticks
+    image: busybox:1
+    command: [/bin/sh, -c, 'i=0; while true; do i=$((i+1)); echo tick $i; sleep 0.3; done']
+  - name: quiet
+    image: busybox:1
+    command: [/bin/sh, -c, 'echo one; echo two; echo three; exec sleep 3600']
+";
+
+/// The number in the last `tick N` line of `text`.
+fn last_tick(text: &str) -> Option<u64> {
+    text.lines()
+        .rev()
+        .find_map(|l| l.strip_prefix("tick ").and_then(|n| n.trim().parse().ok()))
+}
+
+#[test]
+fn logs_show_the_chosen_container_and_follow_new_lines() {
+    if !common::require_pods() {
+        return;
+    }
+    let c = common::start_cluster();
+    c.run_pod("ticker", TICKER);
+    c.wait_for("the quiet container's output", 20, || {
+        c.kubectl(&["logs", "ticker", "-c", "quiet"]).stdout == b"one\ntwo\nthree\n"
+    });
+    let tail = c.ok(&["logs", "ticker", "-c", "quiet", "--tail", "2"]);
+    assert_eq!(tail, "two\nthree\n");
+
+    // Two containers and no -c: kubectl picks the first and says so.
+    let out = c.kubectl(&["logs", "ticker"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(stderr.contains("Defaulted container \"ticks\""), "{stderr}");
+    assert!(String::from_utf8_lossy(&out.stdout).starts_with("tick 1\n"));
+
+    let err = c.fails(&["logs", "ticker", "-c", "nosuch"], None);
+    assert!(
+        err.contains("container nosuch is not valid for pod ticker"),
+        "{err}"
+    );
+
+    // -f: lines written after kubectl started still arrive.
+    let now = last_tick(&c.ok(&["logs", "ticker", "-c", "ticks"])).expect("a tick so far");
+    let mut follow = Command::new(common::KUBECTL)
+        .env("KUBECONFIG", &c.kubeconfig)
+        .env("HOME", &c.data_dir)
+        .args(["logs", "-f", "ticker", "-c", "ticks"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn kubectl logs -f");
+    let (tx, rx) = std::sync::mpsc::channel();
+    let stdout = follow.stdout.take().expect("stdout");
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines() {
+            let Ok(line) = line else { break };
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut lines = Vec::new();
+    let newest = loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match rx.recv_timeout(left) {
+            Ok(l) => {
+                let n = last_tick(&l);
+                lines.push(l);
+                if let Some(n) = n.filter(|n| *n >= now + 5) {
+                    break n;
+                }
+            }
+            Err(_) => {
+                let _ = follow.kill();
+                panic!("logs -f showed no new lines after tick {now}: {lines:?}");
+            }
+        }
+    };
+    let _ = follow.kill();
+    let _ = follow.wait();
+    // Everything from the start, in order, with nothing lost in between.
+    let ticks: Vec<u64> = lines.iter().filter_map(|l| last_tick(l)).collect();
+    assert_eq!(ticks, (1..=newest).collect::<Vec<_>>());
+}
+
+#[test]
+fn logs_previous_shows_the_run_before_a_restart() {
+    if !common::require_pods() {
+        return;
+    }
+    let c = common::start_cluster();
+    // Each run prints its own random id, then fails.
+    c.ok_with(
+        &["apply", "-f", "-"],
+        Some(
+            "apiVersion: v1
+kind: Pod
+metadata: {name: restarts}
+spec:
+  terminationGracePeriodSeconds: 1
+  containers:
+  - name: once
+    image: busybox:1
+    command: [/bin/sh, -c, 'echo run $(cat /proc/sys/kernel/random/uuid); sleep 2; exit 1']
+",
+        ),
+    );
+    // Before any restart there is no previous run.
+    c.wait_for("the first run's output", 20, || {
+        String::from_utf8_lossy(&c.kubectl(&["logs", "restarts"]).stdout).starts_with("run ")
+    });
+    let first = c.ok(&["logs", "restarts"]);
+    if c.pod("restarts")["status"]["containerStatuses"][0]["restartCount"] == 0 {
+        let err = c.fails(&["logs", "restarts", "--previous"], None);
+        assert!(
+            err.contains("previous terminated container \"once\" in pod \"restarts\" not found"),
+            "{err}"
+        );
+    }
+    // After the restart (10 s back-off), --previous is the run before.
+    c.wait_for("the second run's output", 40, || {
+        let now = c.kubectl(&["logs", "restarts"]);
+        now.status.success() && now.stdout.starts_with(b"run ") && now.stdout != first.as_bytes()
+    });
+    let previous = c.ok(&["logs", "restarts", "--previous"]);
+    let current = c.ok(&["logs", "restarts"]);
+    assert!(previous.starts_with("run "), "{previous}");
+    assert_ne!(previous, current);
+    let restarts = c.pod("restarts")["status"]["containerStatuses"][0]["restartCount"]
+        .as_i64()
+        .unwrap_or(0);
+    if restarts == 1 {
+        assert_eq!(previous, first);
+    }
+}
