@@ -20,15 +20,16 @@ use tracing::{debug, warn};
 
 use crate::NetError;
 
-/// The cluster domain.
+/// The default cluster domain (`--cluster-domain`).
 pub const CLUSTER_DOMAIN: &str = "cluster.local";
 /// TTL of every answer: short, Services change.
 const TTL: u32 = 5;
 
-/// The resolv.conf of a pod in `namespace`, with the cluster DNS at `dns`.
-pub fn resolv_conf(namespace: &str, dns: Ipv4Addr) -> String {
+/// The resolv.conf of a pod in `namespace`, with the cluster DNS at `dns`
+/// serving `domain`.
+pub fn resolv_conf(namespace: &str, dns: Ipv4Addr, domain: &str) -> String {
     format!(
-        "nameserver {dns}\nsearch {namespace}.svc.{CLUSTER_DOMAIN} svc.{CLUSTER_DOMAIN} {CLUSTER_DOMAIN}\noptions ndots:5\n"
+        "nameserver {dns}\nsearch {namespace}.svc.{domain} svc.{domain} {domain}\noptions ndots:5\n"
     )
 }
 
@@ -52,13 +53,29 @@ pub enum Answer {
     Refused,
 }
 
-/// The Services DNS answers for, keyed by (namespace, name).
-#[derive(Debug, Default, Clone)]
+/// The Services DNS answers for, keyed by (namespace, name), under one
+/// cluster domain.
+#[derive(Debug, Clone)]
 pub struct Records {
+    domain: String,
     services: BTreeMap<(String, String), ServiceRecord>,
 }
 
+impl Default for Records {
+    fn default() -> Self {
+        Self::new(CLUSTER_DOMAIN)
+    }
+}
+
 impl Records {
+    /// No Services yet, answering under `domain` (e.g. `cluster.local`).
+    pub fn new(domain: &str) -> Self {
+        Self {
+            domain: domain.trim_matches('.').to_ascii_lowercase(),
+            services: BTreeMap::new(),
+        }
+    }
+
     /// Adds or replaces a Service.
     pub fn upsert(&mut self, namespace: &str, name: &str, rec: ServiceRecord) {
         self.services
@@ -74,9 +91,13 @@ impl Records {
     /// Looks a (fully qualified) name up.
     pub fn lookup(&self, name: &str) -> Answer {
         let name = name.trim_end_matches('.').to_ascii_lowercase();
-        let Some(rest) = name.strip_suffix(CLUSTER_DOMAIN) else {
+        let Some(rest) = name.strip_suffix(self.domain.as_str()) else {
             return Answer::Refused;
         };
+        if !(rest.is_empty() || rest.ends_with('.')) {
+            // `xcluster.local` is not under `cluster.local`.
+            return Answer::Refused;
+        }
         let Some(rest) = rest.strip_suffix(".svc.") else {
             return if rest.is_empty() || rest == "svc." {
                 Answer::Addresses(Vec::new())
@@ -259,11 +280,34 @@ mod tests {
         assert_eq!(r.lookup("nope.shop.svc.cluster.local."), Answer::NxDomain);
         assert_eq!(r.lookup("web.shop.cluster.local."), Answer::NxDomain);
         assert_eq!(r.lookup("example.com."), Answer::Refused);
+        assert_eq!(r.lookup("web.shop.svc.xcluster.local."), Answer::Refused);
+    }
+
+    #[test]
+    fn another_cluster_domain_answers_only_under_itself() {
+        let mut r = Records::new("corp.internal.");
+        r.upsert(
+            "shop",
+            "web",
+            ServiceRecord {
+                cluster_ip: Some(Ipv4Addr::new(10, 43, 0, 20)),
+                endpoints: vec![],
+            },
+        );
+        assert_eq!(
+            r.lookup("web.shop.svc.corp.internal."),
+            Answer::Addresses(vec![Ipv4Addr::new(10, 43, 0, 20)])
+        );
+        assert_eq!(r.lookup("web.shop.svc.cluster.local."), Answer::Refused);
+        assert!(
+            resolv_conf("shop", crate::ipam::DNS_SERVICE_IP, "corp.internal")
+                .contains("search shop.svc.corp.internal svc.corp.internal corp.internal\n")
+        );
     }
 
     #[test]
     fn the_search_path_turns_short_names_into_service_names() {
-        let conf = resolv_conf("shop", crate::ipam::DNS_SERVICE_IP);
+        let conf = resolv_conf("shop", crate::ipam::DNS_SERVICE_IP, CLUSTER_DOMAIN);
         assert!(conf.contains("nameserver 10.43.0.10\n"));
         assert!(conf.contains("search shop.svc.cluster.local svc.cluster.local cluster.local\n"));
         assert!(conf.contains("options ndots:5"));

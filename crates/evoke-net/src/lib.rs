@@ -5,8 +5,10 @@
 //! [`podnet::PodNetwork`] (namespaces, bridge, veth, routes over rtnetlink),
 //! [`nft`] (the ServiceProxy's rules), [`dns`] (cluster DNS answers) and
 //! [`node::BridgeNetwork`] (the node agent's network seam); [`proxy::ServiceProxy`]
-//! watches Services and EndpointSlices and drives both.
+//! watches Services and EndpointSlices and drives both. [`cluster`] is how
+//! `evoke server` and `evoke agent` put it all together.
 
+pub mod cluster;
 pub mod dns;
 pub mod ipam;
 pub mod k8s;

@@ -47,6 +47,17 @@ impl BridgeNetwork {
         })
     }
 
+    /// Makes `ip` a local address of the node (see
+    /// [`PodNetwork::add_bridge_address`]).
+    pub fn add_bridge_address(&self, ip: std::net::Ipv4Addr) -> Result<(), NetError> {
+        self.block(move |net| Box::pin(async move { net.add_bridge_address(ip).await }))
+    }
+
+    /// Routes another node's pod subnet (see [`PodNetwork::route_via`]).
+    pub fn route_via(&self, dst: crate::Ipv4Net, via: std::net::Ipv4Addr) -> Result<(), NetError> {
+        self.block(move |net| Box::pin(async move { net.route_via(dst, via).await }))
+    }
+
     /// The pod network behind the seam.
     pub fn pod_network(&self) -> &PodNetwork {
         &self.net
@@ -87,6 +98,7 @@ impl NodePodNetwork for BridgeNetwork {
         Ok(PodNet {
             netns: Some(a.netns),
             ip: Some(a.ip.to_string()),
+            mounts: Vec::new(),
         })
     }
 

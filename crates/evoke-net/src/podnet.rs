@@ -215,6 +215,28 @@ impl PodNetwork {
         })
     }
 
+    /// Makes `ip` a local address of the node, held /32 on the bridge: the
+    /// cluster DNS address, which every node serves itself.
+    pub async fn add_bridge_address(&self, ip: Ipv4Addr) -> Result<(), NetError> {
+        add_addr(&self.node, self.bridge_index, ip, 32, &self.cfg.bridge).await
+    }
+
+    /// Routes `dst` (another node's pod subnet) via `via` (that node's
+    /// address), replacing an older route to `dst`: flannel's host-gw.
+    pub async fn route_via(&self, dst: Ipv4Net, via: Ipv4Addr) -> Result<(), NetError> {
+        let route = RouteMessageBuilder::<Ipv4Addr>::new()
+            .destination_prefix(dst.network(), dst.prefix())
+            .gateway(via)
+            .build();
+        self.node
+            .route()
+            .add(route)
+            .replace()
+            .execute()
+            .await
+            .map_err(|e| NetError::netlink("add route", format!("{dst} via {via}"), e))
+    }
+
     /// The address allocator of this node.
     pub fn ipam(&self) -> &PodIpam {
         &self.ipam
@@ -226,12 +248,16 @@ impl PodNetwork {
     }
 
     /// Gives pod `uid` a namespace, an address and a veth on the bridge.
-    /// Calling it again for a set-up pod rebuilds the veth, keeping the IP.
+    /// Calling it again for a set-up pod keeps what is intact and rebuilds
+    /// a missing veth, keeping the IP either way.
     pub async fn setup(&self, uid: &str) -> Result<PodAttachment, NetError> {
         if uid.is_empty() || uid.contains('/') {
             return Err(NetError::BadInput(format!("pod uid {uid:?}")));
         }
         let ip = self.ipam.allocate(uid)?;
+        if let Some(a) = self.intact(uid, ip).await? {
+            return Ok(a);
+        }
         match self.attach(uid, ip).await {
             Ok(a) => Ok(a),
             Err(e) => {
@@ -240,6 +266,38 @@ impl PodNetwork {
                 Err(e)
             }
         }
+    }
+
+    /// The attachment of a pod set up earlier (before an agent restart)
+    /// whose namespace and host veth are still there: it is kept as it is,
+    /// so its containers' connections survive the restart.
+    async fn intact(&self, uid: &str, ip: Ipv4Addr) -> Result<Option<PodAttachment>, NetError> {
+        let ns_path = self.netns_path(uid);
+        let host = veth_name("ve", uid);
+        if !netns::is_netns(&ns_path) {
+            return Ok(None);
+        }
+        let Some(link) = link_by_name(&self.node, &host).await? else {
+            return Ok(None);
+        };
+        self.node
+            .link()
+            .set(
+                LinkUnspec::new_with_index(link.header.index)
+                    .controller(self.bridge_index)
+                    .up()
+                    .build(),
+            )
+            .execute()
+            .await
+            .map_err(|e| NetError::netlink("attach to bridge", &host, e))?;
+        debug!(pod = uid, %ip, veth = %host, "pod attachment kept");
+        Ok(Some(PodAttachment {
+            ip,
+            netns: ns_path,
+            host_veth: host,
+            gateway: self.cfg.subnet.gateway(),
+        }))
     }
 
     async fn attach(&self, uid: &str, ip: Ipv4Addr) -> Result<PodAttachment, NetError> {

@@ -95,6 +95,9 @@ impl ServiceProxy {
     }
 
     /// Watches the API and resyncs on every change until the watch ends.
+    /// Syncs start once both initial lists are in: the reflector stores
+    /// fill at a list's end (`InitDone`), and a sync against a half-listed
+    /// state would program Services without their endpoints.
     pub async fn run(mut self, client: Client) {
         let (svc_store, svc_writer) = reflector::store::<Service>();
         let (eps_store, eps_writer) = reflector::store::<EndpointSlice>();
@@ -106,8 +109,7 @@ impl ServiceProxy {
             ),
         )
         .default_backoff()
-        .touched_objects()
-        .map(|_| ());
+        .map(|e| (Kind::Services, is_init_done(&e)));
         let eps_events = reflector(
             eps_writer,
             watcher(
@@ -116,10 +118,17 @@ impl ServiceProxy {
             ),
         )
         .default_backoff()
-        .touched_objects()
-        .map(|_| ());
+        .map(|e| (Kind::Slices, is_init_done(&e)));
         let mut events = std::pin::pin!(futures::stream::select(svc_events, eps_events));
-        while events.next().await.is_some() {
+        let (mut svc_listed, mut eps_listed) = (false, false);
+        while let Some((kind, listed)) = events.next().await {
+            match kind {
+                Kind::Services => svc_listed |= listed,
+                Kind::Slices => eps_listed |= listed,
+            }
+            if !(svc_listed && eps_listed) {
+                continue;
+            }
             let services: Vec<Service> = svc_store.state().iter().map(|s| (**s).clone()).collect();
             let slices: Vec<EndpointSlice> =
                 eps_store.state().iter().map(|s| (**s).clone()).collect();
@@ -128,4 +137,16 @@ impl ServiceProxy {
             }
         }
     }
+}
+
+/// Which watch an event came from.
+#[derive(Clone, Copy)]
+enum Kind {
+    Services,
+    Slices,
+}
+
+/// Whether a watch event completes a (re)list, i.e. its store is full.
+pub(crate) fn is_init_done<K, E>(e: &Result<watcher::Event<K>, E>) -> bool {
+    matches!(e, Ok(watcher::Event::InitDone))
 }

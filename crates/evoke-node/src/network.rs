@@ -16,6 +16,9 @@ pub struct PodNet {
     pub netns: Option<PathBuf>,
     /// The pod's IP; None when the pod has no address of its own.
     pub ip: Option<String>,
+    /// Files the network gives every container of the pod, e.g. the
+    /// cluster DNS `/etc/resolv.conf`; they win over the tier's defaults.
+    pub mounts: Vec<evoke_runtime::Mount>,
 }
 
 /// Gives pods a network. Both calls must be idempotent: the agent repeats
@@ -35,6 +38,7 @@ impl PodNetwork for HostNetwork {
         Ok(PodNet {
             netns: None,
             ip: Some(self.host_ip.clone()),
+            mounts: Vec::new(),
         })
     }
     fn teardown(&self, _: &str) -> Result<(), NodeError> {
@@ -98,6 +102,7 @@ impl PodNetwork for LoopbackNetwork {
         Ok(PodNet {
             netns: Some(path),
             ip: None,
+            mounts: Vec::new(),
         })
     }
     fn teardown(&self, pod_uid: &str) -> Result<(), NodeError> {

@@ -299,6 +299,7 @@ impl Worker {
             Ok(PodNet {
                 netns: None,
                 ip: Some(self.ctx.host_ip.clone()),
+                mounts: Vec::new(),
             })
         } else {
             let network = self.ctx.network.clone();
@@ -520,6 +521,7 @@ impl Worker {
             }
         };
         spec.network_namespace = self.net.netns.clone();
+        spec.mounts.extend(self.net.mounts.iter().cloned());
         spec.ipc_namespace = self.ipc.clone();
         let id = spec.id.clone();
         let pod_uid = self.pod.uid().unwrap_or_default();

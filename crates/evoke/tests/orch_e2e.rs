@@ -57,6 +57,9 @@ impl Cluster {
             .arg("--data-dir")
             .arg(data_dir)
             .args(["server", "--https-listen-port", "0"])
+            // Loopback-only pods: parallel servers share the host's network
+            // namespace, where bridges and nft tables would collide.
+            .args(["--flannel-backend", "none"])
             .env("EVOKE_LOG", "info")
             .stdout(Stdio::piped())
             .stderr(Stdio::from(log))

@@ -8,11 +8,12 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use evoke_container::tier::{ContainerTier, ProcessTier};
-use evoke_node::network::{LoopbackNetwork, PodNetwork};
+use evoke_node::network::PodNetwork;
 use evoke_node::token::JoinToken;
 use evoke_runtime::WorkloadRuntime;
 use evoke_vmm::tier::MicroVmTier;
 
+use crate::cmd::net::{self, NetArgs};
 use crate::Global;
 
 #[derive(clap::Args, Debug)]
@@ -26,6 +27,8 @@ pub struct AgentArgs {
     /// This node's name (default: the hostname).
     #[arg(long)]
     pub node_name: Option<String>,
+    #[command(flatten)]
+    pub net: NetArgs,
 }
 
 fn hostname() -> String {
@@ -62,8 +65,8 @@ fn agent_config(
     node_name: String,
     labels: BTreeMap<String, String>,
     token: &str,
+    network: Arc<dyn PodNetwork>,
 ) -> evoke_node::AgentConfig {
-    let network: Arc<dyn PodNetwork> = Arc::new(LoopbackNetwork);
     evoke_node::AgentConfig {
         node_name,
         host_ip: evoke_node::detect_host_ip(),
@@ -79,6 +82,7 @@ fn agent_config(
 }
 
 pub fn main(global: &Global, args: AgentArgs) -> anyhow::Result<u8> {
+    args.net.validate()?;
     let token = JoinToken::parse(&args.token).context("--token")?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -89,9 +93,16 @@ pub fn main(global: &Global, args: AgentArgs) -> anyhow::Result<u8> {
             .await
             .with_context(|| format!("joining {}", args.server))?;
         let name = args.node_name.clone().unwrap_or_else(hostname);
+        let network = net::pod_network(&args.net, &global.data_dir, &name, client.clone());
         let agent = evoke_node::Agent::new(
             client,
-            agent_config(&global.data_dir, name, BTreeMap::new(), &token.secret),
+            agent_config(
+                &global.data_dir,
+                name,
+                BTreeMap::new(),
+                &token.secret,
+                network,
+            ),
         );
         agent.run().await.context("node agent")?;
         Ok(0)
@@ -107,6 +118,7 @@ pub async fn start_orchestration(
     ca_pem: &str,
     secret: &str,
     disable_agent: bool,
+    net_args: &NetArgs,
 ) -> anyhow::Result<()> {
     let token = JoinToken::for_server(ca_pem, secret).context("making the join token")?;
     let token_path = global.data_dir.join("server").join("node-token");
@@ -135,6 +147,7 @@ pub async fn start_orchestration(
         }
     });
     tokio::spawn(evoke_controllers::run(client.clone()));
+    net::start_server_side(net_args, client.clone());
     if !disable_agent {
         let labels = BTreeMap::from([
             (
@@ -146,9 +159,11 @@ pub async fn start_orchestration(
                 "true".to_string(),
             ),
         ]);
+        let node_name = hostname();
+        let network = net::pod_network(net_args, &global.data_dir, &node_name, client.clone());
         let agent = evoke_node::Agent::new(
             client,
-            agent_config(&global.data_dir, hostname(), labels, secret),
+            agent_config(&global.data_dir, node_name, labels, secret, network),
         );
         tokio::spawn(async move {
             if let Err(e) = agent.run().await {

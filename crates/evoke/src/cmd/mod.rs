@@ -3,6 +3,7 @@
 pub mod agent;
 pub mod containers;
 pub mod image;
+pub mod net;
 pub mod oci;
 pub mod run;
 pub mod server;

@@ -30,6 +30,8 @@ pub struct ServerArgs {
     /// Run only the control plane, without a node agent in this process.
     #[arg(long)]
     pub disable_agent: bool,
+    #[command(flatten)]
+    pub net: crate::cmd::net::NetArgs,
 }
 
 pub fn main(global: &Global, args: ServerArgs) -> anyhow::Result<u8> {
@@ -40,6 +42,7 @@ pub fn main(global: &Global, args: ServerArgs) -> anyhow::Result<u8> {
                 args.write_kubeconfig_mode
             )
         })?;
+    args.net.validate()?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -90,6 +93,7 @@ async fn run(global: &Global, args: ServerArgs, mode: u32) -> anyhow::Result<u8>
         &server.credentials.ca_cert_pem,
         &server.credentials.token,
         args.disable_agent,
+        &args.net,
     )
     .await
     .context("starting orchestration")?;

@@ -1,0 +1,389 @@
+//! The pod network as `evoke server` and `evoke agent` run it, k3s style.
+//!
+//! The server hands every Node a /24 of the cluster CIDR in
+//! `spec.podCIDR` ([`run_pod_cidr_allocator`], the job of kube's node IPAM
+//! controller). Each node agent runs a [`NodeNetwork`]: it waits for its
+//! Node's podCIDR, then brings up the bridge, serves cluster DNS on the
+//! cluster DNS address, programs Services through the
+//! [`ServiceProxy`](crate::proxy::ServiceProxy) and routes the other nodes'
+//! pod subnets via their node addresses (flannel's host-gw). Until the
+//! subnet is known, pod setup waits, as a kubelet waits for its CNI.
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::{Ipv4Addr, SocketAddr};
+use std::path::PathBuf;
+use std::sync::{Arc, Condvar, Mutex, RwLock};
+use std::time::Duration;
+
+use evoke_node::network::{PodNet, PodNetwork as NodePodNetwork};
+use evoke_node::NodeError;
+use futures::StreamExt;
+use k8s_openapi::api::core::v1::Node;
+use kube::api::{Patch, PatchParams};
+use kube::runtime::{reflector, watcher, WatchStreamExt};
+use kube::{Api, Client};
+use tracing::{info, warn};
+
+use crate::dns::{resolv_conf, DnsServer, Records};
+use crate::ipam::{allocate_node_subnet, Ipv4Net};
+use crate::nft::Proxy;
+use crate::node::BridgeNetwork;
+use crate::podnet::PodNetConfig;
+use crate::proxy::ServiceProxy;
+use crate::NetError;
+
+/// How long pod setup waits for the node's network to come up before it
+/// reports the pod's network as not ready (the agent retries later).
+const SETUP_WAIT: Duration = Duration::from_secs(60);
+
+/// What a node's network needs to know about the cluster.
+#[derive(Debug, Clone)]
+pub struct ClusterNetConfig {
+    /// The node's data directory (IPAM state, pod resolv.conf files).
+    pub data_dir: PathBuf,
+    /// The Node this agent registers.
+    pub node_name: String,
+    /// `--cluster-cidr`: every pod address is in it (10.42.0.0/16).
+    pub cluster_cidr: Ipv4Net,
+    /// `--service-cidr`: every ClusterIP is in it (10.43.0.0/16).
+    pub service_cidr: Ipv4Net,
+    /// `--cluster-dns`: where pods send DNS queries (10.43.0.10).
+    pub cluster_dns: Ipv4Addr,
+    /// `--cluster-domain` (cluster.local).
+    pub cluster_domain: String,
+}
+
+/// Where the node's network is in its start-up.
+enum State {
+    /// The Node has no podCIDR yet, or the bridge is being made.
+    Waiting,
+    /// Pods can be attached.
+    Ready(Arc<BridgeNetwork>),
+    /// Bringing the network up failed; pods report this.
+    Failed(String),
+}
+
+/// A node's pod network: the bridge once its subnet is known, cluster DNS
+/// and the ServiceProxy. Implements the node agent's network seam.
+pub struct NodeNetwork {
+    cfg: ClusterNetConfig,
+    state: Mutex<State>,
+    changed: Condvar,
+}
+
+impl NodeNetwork {
+    /// A network waiting for [`NodeNetwork::run`] to bring it up.
+    pub fn new(cfg: ClusterNetConfig) -> Arc<Self> {
+        Arc::new(Self {
+            cfg,
+            state: Mutex::new(State::Waiting),
+            changed: Condvar::new(),
+        })
+    }
+
+    fn set(&self, s: State) {
+        *self.state.lock().unwrap_or_else(|p| p.into_inner()) = s;
+        self.changed.notify_all();
+    }
+
+    /// Waits (bounded) for the bridge; called from blocking threads.
+    fn bridge(&self) -> Result<Arc<BridgeNetwork>, NodeError> {
+        let guard = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        let (guard, _) = self
+            .changed
+            .wait_timeout_while(guard, SETUP_WAIT, |s| matches!(s, State::Waiting))
+            .unwrap_or_else(|p| p.into_inner());
+        match &*guard {
+            State::Ready(b) => Ok(b.clone()),
+            State::Failed(m) => Err(NodeError::Network(m.clone())),
+            State::Waiting => Err(NodeError::Network(format!(
+                "node {} has no podCIDR yet: the pod network is not ready",
+                self.cfg.node_name
+            ))),
+        }
+    }
+
+    fn resolv_path(&self, pod_uid: &str) -> PathBuf {
+        self.cfg
+            .data_dir
+            .join("net")
+            .join("resolv")
+            .join(format!("{pod_uid}.conf"))
+    }
+
+    /// Brings the network up and keeps Services, DNS and routes to the other
+    /// nodes level with the API. Returns only if start-up fails.
+    pub async fn run(self: Arc<Self>, client: Client) -> Result<(), NetError> {
+        match self.bring_up(client.clone()).await {
+            Ok(bridge) => {
+                self.set(State::Ready(bridge.clone()));
+                route_other_nodes(client, self.cfg.node_name.clone(), bridge).await;
+                Ok(())
+            }
+            Err(e) => {
+                self.set(State::Failed(format!("pod network: {e}")));
+                Err(e)
+            }
+        }
+    }
+
+    async fn bring_up(&self, client: Client) -> Result<Arc<BridgeNetwork>, NetError> {
+        let subnet = wait_for_pod_cidr(&client, &self.cfg.node_name).await?;
+        if !self.cfg.cluster_cidr.contains(subnet.network()) {
+            warn!(%subnet, cluster_cidr = %self.cfg.cluster_cidr, "the node's podCIDR is outside --cluster-cidr");
+        }
+        let mut pcfg = PodNetConfig::new(&self.cfg.data_dir, subnet);
+        pcfg.service_cidr = Some(self.cfg.service_cidr);
+        let bridge = blocking(move || BridgeNetwork::new(pcfg)).await?;
+        let bridge = Arc::new(bridge);
+        let dns_ip = self.cfg.cluster_dns;
+        let b = bridge.clone();
+        blocking(move || b.add_bridge_address(dns_ip)).await?;
+
+        let records = Arc::new(RwLock::new(Records::new(&self.cfg.cluster_domain)));
+        let dns = DnsServer::bind(SocketAddr::from((dns_ip, 53)), records.clone()).await?;
+        tokio::spawn(dns.serve());
+        let cluster = self.cfg.cluster_cidr;
+        let proxy = blocking(move || Proxy::new(None, cluster)).await?;
+        tokio::spawn(ServiceProxy::new(proxy, records).run(client));
+        info!(node = %self.cfg.node_name, %subnet, dns = %dns_ip, "node network up: bridge, cluster DNS and service proxy");
+        Ok(bridge)
+    }
+}
+
+async fn blocking<R: Send + 'static>(
+    f: impl FnOnce() -> Result<R, NetError> + Send + 'static,
+) -> Result<R, NetError> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| NetError::BadInput(format!("network set-up thread: {e}")))?
+}
+
+impl NodePodNetwork for NodeNetwork {
+    fn setup(&self, pod_uid: &str, namespace: &str, name: &str) -> Result<PodNet, NodeError> {
+        let bridge = self.bridge()?;
+        let mut net = bridge.setup(pod_uid, namespace, name)?;
+        let path = self.resolv_path(pod_uid);
+        let conf = resolv_conf(namespace, self.cfg.cluster_dns, &self.cfg.cluster_domain);
+        let io = |e| NodeError::Io {
+            path: path.clone(),
+            source: e,
+        };
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir).map_err(io)?;
+        }
+        std::fs::write(&path, conf).map_err(io)?;
+        net.mounts.push(evoke_runtime::Mount {
+            host_path: path.clone(),
+            container_path: PathBuf::from("/etc/resolv.conf"),
+            read_only: true,
+        });
+        Ok(net)
+    }
+
+    fn teardown(&self, pod_uid: &str) -> Result<(), NodeError> {
+        let path = self.resolv_path(pod_uid);
+        match std::fs::remove_file(&path) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(source) => return Err(NodeError::Io { path, source }),
+        }
+        self.bridge()?.teardown(pod_uid)
+    }
+}
+
+/// Polls the Node until the server has given it a podCIDR (the agent
+/// registers the Node concurrently, so it may not exist yet).
+async fn wait_for_pod_cidr(client: &Client, node: &str) -> Result<Ipv4Net, NetError> {
+    let api: Api<Node> = Api::all(client.clone());
+    let mut said = false;
+    loop {
+        match api.get_opt(node).await {
+            Ok(Some(n)) => {
+                if let Some(cidr) = n.spec.and_then(|s| s.pod_cidr) {
+                    return cidr.parse();
+                }
+            }
+            Ok(None) => {}
+            Err(e) => warn!(%node, error = %e, "reading the node for its podCIDR"),
+        }
+        if !said {
+            info!(%node, "waiting for the server to assign this node's podCIDR");
+            said = true;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+fn internal_ip(n: &Node) -> Option<Ipv4Addr> {
+    n.status
+        .as_ref()?
+        .addresses
+        .as_ref()?
+        .iter()
+        .find(|a| a.type_ == "InternalIP")?
+        .address
+        .parse()
+        .ok()
+}
+
+/// Routes every other node's podCIDR via its InternalIP, following Node
+/// changes (flannel's host-gw backend: nodes share one L2/L3 network).
+async fn route_other_nodes(client: Client, me: String, bridge: Arc<BridgeNetwork>) {
+    let (store, writer) = reflector::store::<Node>();
+    let events = reflector(
+        writer,
+        watcher(Api::<Node>::all(client), watcher::Config::default()),
+    )
+    .default_backoff();
+    let mut events = std::pin::pin!(events);
+    let mut routed: HashMap<Ipv4Net, Ipv4Addr> = HashMap::new();
+    // Every event, including the end of a (re)list when the store fills.
+    while events.next().await.is_some() {
+        for n in store.state() {
+            if n.metadata.name.as_deref() == Some(me.as_str()) {
+                continue;
+            }
+            let Some(cidr) = n
+                .spec
+                .as_ref()
+                .and_then(|s| s.pod_cidr.as_deref())
+                .and_then(|c| c.parse::<Ipv4Net>().ok())
+            else {
+                continue;
+            };
+            let Some(via) = internal_ip(&n) else { continue };
+            if routed.get(&cidr) == Some(&via) {
+                continue;
+            }
+            let b = bridge.clone();
+            match blocking(move || b.route_via(cidr, via)).await {
+                Ok(()) => {
+                    info!(%cidr, %via, "route to another node's pods");
+                    routed.insert(cidr, via);
+                }
+                Err(e) => warn!(%cidr, %via, error = %e, "cannot route another node's pods"),
+            }
+        }
+    }
+}
+
+/// The subnets to give Nodes without one, given all Nodes and what this
+/// allocator handed out already (its patches may not be in `nodes` yet).
+pub fn plan_pod_cidrs(
+    cluster: Ipv4Net,
+    nodes: &[Node],
+    assigned: &BTreeMap<String, Ipv4Net>,
+) -> Result<Vec<(String, Ipv4Net)>, NetError> {
+    let mut taken: Vec<Ipv4Net> = assigned.values().copied().collect();
+    let mut missing = Vec::new();
+    for n in nodes {
+        let name = n.metadata.name.clone().unwrap_or_default();
+        match n.spec.as_ref().and_then(|s| s.pod_cidr.as_deref()) {
+            Some(c) => {
+                if let Ok(net) = c.parse::<Ipv4Net>() {
+                    taken.push(net);
+                }
+            }
+            None if !assigned.contains_key(&name) && !name.is_empty() => missing.push(name),
+            None => {}
+        }
+    }
+    missing.sort();
+    let mut out = Vec::new();
+    for name in missing {
+        let net = allocate_node_subnet(cluster, &taken)?;
+        taken.push(net);
+        out.push((name, net));
+    }
+    Ok(out)
+}
+
+/// The server's node IPAM: gives every Node without one a /24 of
+/// `cluster` in spec.podCIDR(s). Runs until the watch ends.
+pub async fn run_pod_cidr_allocator(client: Client, cluster: Ipv4Net) {
+    let api: Api<Node> = Api::all(client);
+    let (store, writer) = reflector::store::<Node>();
+    let events = reflector(writer, watcher(api.clone(), watcher::Config::default()))
+        .default_backoff();
+    let mut events = std::pin::pin!(events);
+    let mut assigned: BTreeMap<String, Ipv4Net> = BTreeMap::new();
+    // Every event, including the end of a (re)list when the store fills.
+    while events.next().await.is_some() {
+        let nodes: Vec<Node> = store.state().iter().map(|n| (**n).clone()).collect();
+        // Forget nodes that are gone, so their subnets can be reused.
+        assigned.retain(|name, _| {
+            nodes
+                .iter()
+                .any(|n| n.metadata.name.as_deref() == Some(name.as_str()))
+        });
+        let plan = match plan_pod_cidrs(cluster, &nodes, &assigned) {
+            Ok(p) => p,
+            Err(e) => {
+                warn!(error = %e, "cannot give nodes a podCIDR");
+                continue;
+            }
+        };
+        for (name, net) in plan {
+            let patch = serde_json::json!({"spec": {"podCIDR": net.to_string(), "podCIDRs": [net.to_string()]}});
+            match api
+                .patch(&name, &PatchParams::default(), &Patch::Merge(&patch))
+                .await
+            {
+                Ok(_) => {
+                    info!(node = %name, pod_cidr = %net, "node podCIDR assigned");
+                    assigned.insert(name, net);
+                }
+                Err(e) => warn!(node = %name, error = %e, "cannot set the node's podCIDR"),
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn node(name: &str, cidr: Option<&str>) -> Node {
+        serde_json::from_value(serde_json::json!({
+            "metadata": {"name": name},
+            "spec": cidr.map(|c| serde_json::json!({"podCIDR": c})).unwrap_or_default(),
+        }))
+        .expect("node")
+    }
+
+    fn net(s: &str) -> Ipv4Net {
+        s.parse().expect("cidr")
+    }
+
+    #[test]
+    fn nodes_without_a_pod_cidr_get_the_next_free_slash_24() {
+        let nodes = [
+            node("b", None),
+            node("a", Some("10.42.0.0/24")),
+            node("c", None),
+        ];
+        let plan = plan_pod_cidrs(net("10.42.0.0/16"), &nodes, &BTreeMap::new()).expect("plan");
+        assert_eq!(
+            plan,
+            vec![
+                ("b".to_string(), net("10.42.1.0/24")),
+                ("c".to_string(), net("10.42.2.0/24")),
+            ]
+        );
+    }
+
+    #[test]
+    fn a_subnet_handed_out_but_not_yet_seen_is_neither_reassigned_nor_reused() {
+        let nodes = [node("a", None), node("b", None)];
+        let assigned = BTreeMap::from([("a".to_string(), net("10.42.0.0/24"))]);
+        let plan = plan_pod_cidrs(net("10.42.0.0/16"), &nodes, &assigned).expect("plan");
+        assert_eq!(plan, vec![("b".to_string(), net("10.42.1.0/24"))]);
+    }
+
+    #[test]
+    fn a_full_cluster_cidr_is_an_error() {
+        let nodes = [node("a", Some("10.42.0.0/24")), node("b", None)];
+        assert!(plan_pod_cidrs(net("10.42.0.0/24"), &nodes, &BTreeMap::new()).is_err());
+    }
+}

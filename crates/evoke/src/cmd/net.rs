@@ -1,0 +1,115 @@
+//! Pod network flags shared by `evoke server` and `evoke agent` (named as
+//! k3s names them), and the choice of network they make.
+
+use std::net::Ipv4Addr;
+use std::path::Path;
+use std::sync::Arc;
+
+use evoke_net::cluster::{ClusterNetConfig, NodeNetwork};
+use evoke_net::Ipv4Net;
+use evoke_node::network::{LoopbackNetwork, PodNetwork};
+
+/// How pods are networked.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Backend {
+    /// A bridge per node, a veth per pod and routes between the nodes'
+    /// pod subnets (flannel's host-gw); Services and DNS on every node.
+    HostGw,
+    /// No pod network: each pod gets a namespace with loopback only, and no
+    /// Service proxy or DNS runs (k3s's `--flannel-backend none`).
+    None,
+}
+
+#[derive(clap::Args, Debug, Clone)]
+pub struct NetArgs {
+    /// The pod network backend.
+    #[arg(
+        long,
+        value_enum,
+        default_value = "host-gw",
+        env = "EVOKE_FLANNEL_BACKEND"
+    )]
+    pub flannel_backend: Backend,
+    /// Pod addresses; each node gets a /24 of it.
+    #[arg(long, default_value = evoke_net::ipam::DEFAULT_POD_CIDR)]
+    pub cluster_cidr: Ipv4Net,
+    /// Service ClusterIPs.
+    #[arg(long, default_value = evoke_net::ipam::DEFAULT_SERVICE_CIDR)]
+    pub service_cidr: Ipv4Net,
+    /// The cluster DNS address written to every pod's resolv.conf; each
+    /// node serves DNS on it.
+    #[arg(long, default_value = "10.43.0.10")]
+    pub cluster_dns: Ipv4Addr,
+    /// The cluster's DNS domain.
+    #[arg(long, default_value = evoke_net::dns::CLUSTER_DOMAIN)]
+    pub cluster_domain: String,
+}
+
+impl NetArgs {
+    /// Checks the flags agree with each other.
+    pub fn validate(&self) -> anyhow::Result<()> {
+        if !self.service_cidr.contains(self.cluster_dns) {
+            anyhow::bail!(
+                "--cluster-dns {} is outside --service-cidr {}",
+                self.cluster_dns,
+                self.service_cidr
+            );
+        }
+        if self.cluster_cidr.contains(self.service_cidr.network())
+            || self.service_cidr.contains(self.cluster_cidr.network())
+        {
+            anyhow::bail!(
+                "--cluster-cidr {} and --service-cidr {} overlap",
+                self.cluster_cidr,
+                self.service_cidr
+            );
+        }
+        if self.cluster_cidr.prefix() > 24 {
+            anyhow::bail!(
+                "--cluster-cidr {} is smaller than one /24 node subnet",
+                self.cluster_cidr
+            );
+        }
+        Ok(())
+    }
+}
+
+/// The pod network of node `node_name`. With the host-gw backend this
+/// spawns its bring-up (wait for the podCIDR, bridge, DNS, proxy, routes)
+/// on the current runtime; pods wait for it.
+pub fn pod_network(
+    args: &NetArgs,
+    data_dir: &Path,
+    node_name: &str,
+    client: kube::Client,
+) -> Arc<dyn PodNetwork> {
+    match args.flannel_backend {
+        Backend::None => Arc::new(LoopbackNetwork),
+        Backend::HostGw => {
+            let net = NodeNetwork::new(ClusterNetConfig {
+                data_dir: data_dir.to_path_buf(),
+                node_name: node_name.to_string(),
+                cluster_cidr: args.cluster_cidr,
+                service_cidr: args.service_cidr,
+                cluster_dns: args.cluster_dns,
+                cluster_domain: args.cluster_domain.clone(),
+            });
+            let run = net.clone();
+            tokio::spawn(async move {
+                if let Err(e) = run.run(client).await {
+                    tracing::error!(error = %e, "pod network did not come up");
+                }
+            });
+            net
+        }
+    }
+}
+
+/// The server's share: node podCIDRs out of `--cluster-cidr`. Runs with
+/// every backend, so that Nodes carry their subnet either way.
+pub fn start_server_side(args: &NetArgs, client: kube::Client) {
+    tokio::spawn(evoke_net::cluster::run_pod_cidr_allocator(
+        client,
+        args.cluster_cidr,
+    ));
+}
