@@ -24,8 +24,8 @@ use std::time::{Duration, SystemTime};
 use evoke_runtime::image::ImageStore;
 use evoke_runtime::workload::validate_id;
 use evoke_runtime::{
-    ExecSpec, ExitInfo, RuntimeError, Stdio, User, WorkloadRuntime, WorkloadSpec, WorkloadState,
-    WorkloadStatus,
+    ExecSpec, ExitInfo, RuntimeError, Stdio, TtySize, User, WorkloadRuntime, WorkloadSpec,
+    WorkloadState, WorkloadStatus,
 };
 use serde::{Deserialize, Serialize};
 
@@ -655,6 +655,57 @@ fn exec_process(
     serde_json::from_value(v).map_err(|e| RuntimeError::InvalidSpec(format!("exec process: {e}")))
 }
 
+impl ContainerTier {
+    /// `exec`, with the terminal's size following `sizes` when given.
+    fn exec_sized(
+        &self,
+        id: &str,
+        spec: &ExecSpec,
+        stdio: Stdio,
+        sizes: Option<std::sync::mpsc::Receiver<TtySize>>,
+    ) -> Result<i32, RuntimeError> {
+        let (dir, rec) = self.dirs.load(id)?;
+        let process = exec_process(&dir.join("bundle"), spec)?;
+        let [stdin, stdout, stderr] = complete_stdio(stdio, &rec.log_path)?;
+        let console = match spec.tty {
+            true => Some(console::ConsoleSocket::bind(id)?),
+            false => None,
+        };
+        let (io, pump_io) = match console {
+            Some(_) => ([None, None, None], Some((stdin, stdout))),
+            None => ([Some(stdin), Some(stdout), Some(stderr)], None),
+        };
+        let [i, o, e] = io;
+        let pid = crate::exec(
+            &self.engine_root,
+            id,
+            &process,
+            crate::ExecOptions {
+                stdin: i,
+                stdout: o,
+                stderr: e,
+                console_socket: console.as_ref().map(|c| c.path.clone()),
+            },
+        )
+        .map_err(Self::err)?;
+        let pump = match (&console, pump_io) {
+            (Some(c), Some((input, output))) => {
+                let master = c.receive()?;
+                if let Some(sizes) = sizes {
+                    console::follow_sizes(&master, sizes);
+                }
+                Some(console::pump(master, input, output))
+            }
+            _ => None,
+        };
+        let s = crate::wait_pid(pid).map_err(Self::err)?;
+        if let Some(p) = pump {
+            let _ = p.join();
+        }
+        Ok(s.code)
+    }
+}
+
 impl WorkloadRuntime for ContainerTier {
     fn name(&self) -> &str {
         Self::NAME
@@ -821,39 +872,17 @@ impl WorkloadRuntime for ContainerTier {
     }
 
     fn exec(&self, id: &str, spec: &ExecSpec, stdio: Stdio) -> Result<i32, RuntimeError> {
-        let (dir, rec) = self.dirs.load(id)?;
-        let process = exec_process(&dir.join("bundle"), spec)?;
-        let [stdin, stdout, stderr] = complete_stdio(stdio, &rec.log_path)?;
-        let console = match spec.tty {
-            true => Some(console::ConsoleSocket::bind(id)?),
-            false => None,
-        };
-        let (io, pump_io) = match console {
-            Some(_) => ([None, None, None], Some((stdin, stdout))),
-            None => ([Some(stdin), Some(stdout), Some(stderr)], None),
-        };
-        let [i, o, e] = io;
-        let pid = crate::exec(
-            &self.engine_root,
-            id,
-            &process,
-            crate::ExecOptions {
-                stdin: i,
-                stdout: o,
-                stderr: e,
-                console_socket: console.as_ref().map(|c| c.path.clone()),
-            },
-        )
-        .map_err(Self::err)?;
-        let pump = match (&console, pump_io) {
-            (Some(c), Some((input, output))) => Some(console::pump(c.receive()?, input, output)),
-            _ => None,
-        };
-        let s = crate::wait_pid(pid).map_err(Self::err)?;
-        if let Some(p) = pump {
-            let _ = p.join();
-        }
-        Ok(s.code)
+        self.exec_sized(id, spec, stdio, None)
+    }
+
+    fn exec_with_resize(
+        &self,
+        id: &str,
+        spec: &ExecSpec,
+        stdio: Stdio,
+        sizes: std::sync::mpsc::Receiver<TtySize>,
+    ) -> Result<i32, RuntimeError> {
+        self.exec_sized(id, spec, stdio, Some(sizes))
     }
 
     fn remove(&self, id: &str, force: bool) -> Result<(), RuntimeError> {
@@ -1342,6 +1371,32 @@ mod console {
         fn drop(&mut self) {
             let _ = std::fs::remove_file(&self.path);
         }
+    }
+
+    nix::ioctl_write_ptr_bad!(set_winsize, libc::TIOCSWINSZ, libc::winsize);
+
+    /// Applies each size from `sizes` to the terminal `master` until the
+    /// sender goes away (the session ended).
+    pub(super) fn follow_sizes(
+        master: &OwnedFd,
+        sizes: std::sync::mpsc::Receiver<evoke_runtime::TtySize>,
+    ) {
+        let Ok(fd) = master.try_clone() else { return };
+        std::thread::spawn(move || {
+            for s in sizes {
+                let ws = libc::winsize {
+                    ws_row: s.rows,
+                    ws_col: s.cols,
+                    ws_xpixel: 0,
+                    ws_ypixel: 0,
+                };
+                // SAFETY: `fd` is an open pty master we own and `ws` is a
+                // valid winsize; TIOCSWINSZ only reads it.
+                if let Err(e) = unsafe { set_winsize(fd.as_raw_fd(), &ws) } {
+                    tracing::debug!(error = %e, "terminal resize failed");
+                }
+            }
+        });
     }
 
     /// Copy `input` to the pty and the pty to `output` until the workload

@@ -20,7 +20,7 @@ use std::time::Duration;
 
 use axum::body::Bytes;
 use axum::extract::ws::{CloseFrame, Message, WebSocket};
-use evoke_runtime::{ExecSpec, Stdio, WorkloadRuntime};
+use evoke_runtime::{ExecSpec, Stdio, TtySize, WorkloadRuntime};
 use futures::{SinkExt, StreamExt};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::mpsc;
@@ -106,6 +106,22 @@ pub fn status_for(outcome: &Result<i32, String>) -> serde_json::Value {
             "code": 500,
         }),
     }
+}
+
+/// A resize message: `{"Width": cols, "Height": rows}` (client-go's
+/// TerminalSize, JSON-encoded with a trailing newline).
+pub fn parse_size(json: &[u8]) -> Option<TtySize> {
+    #[derive(serde::Deserialize)]
+    #[serde(rename_all = "PascalCase")]
+    struct Size {
+        width: u16,
+        height: u16,
+    }
+    let s: Size = serde_json::from_slice(json).ok()?;
+    Some(TtySize {
+        cols: s.width,
+        rows: s.height,
+    })
 }
 
 /// `[channel] + data`, the frame of every message.
@@ -222,7 +238,12 @@ pub async fn session(
         ..Default::default()
     };
     let exec_id = id.clone();
-    let mut run = tokio::task::spawn_blocking(move || tier.exec(&exec_id, &spec, stdio));
+    // Sizes from channel 4 go to the tier, which owns the terminal.
+    let (sizes_tx, sizes) = std::sync::mpsc::channel::<TtySize>();
+    let mut run = tokio::task::spawn_blocking(move || match spec.tty {
+        true => tier.exec_with_resize(&exec_id, &spec, stdio, sizes),
+        false => tier.exec(&exec_id, &spec, stdio),
+    });
     tracing::info!(workload = %id, command = ?req.command, tty = req.tty, %protocol, "exec started");
 
     let mut stdin = stdin_w.and_then(|w| tokio::net::unix::pipe::Sender::from_owned_fd(w).ok());
@@ -245,10 +266,12 @@ pub async fn session(
                         }
                     }
                     Some(&CLOSE) if b.get(1) == Some(&STDIN) => stdin = None,
-                    Some(&RESIZE) => {
-                        // The tier owns the terminal and takes no size.
-                        tracing::debug!(workload = %id, size = %String::from_utf8_lossy(&b[1..]).trim(), "terminal resize ignored");
-                    }
+                    Some(&RESIZE) => match parse_size(&b[1..]) {
+                        Some(size) => {
+                            let _ = sizes_tx.send(size);
+                        }
+                        None => tracing::debug!(workload = %id, "bad terminal size ignored"),
+                    },
                     _ => {}
                 },
                 Some(Ok(Message::Close(_))) | None | Some(Err(_)) => {
@@ -303,6 +326,18 @@ mod tests {
         assert!(r.stdin && r.stdout && r.tty && !r.stderr);
         let e = ExecRequest::parse("stdout=1").expect_err("no command");
         assert!(e.contains("at least one command"), "{e}");
+    }
+
+    #[test]
+    fn resize_messages_are_client_go_terminal_sizes() {
+        assert_eq!(
+            parse_size(b"{\"Width\":101,\"Height\":33}\n"),
+            Some(TtySize {
+                cols: 101,
+                rows: 33
+            })
+        );
+        assert_eq!(parse_size(b"{\"Width\":-1}"), None);
     }
 
     #[test]

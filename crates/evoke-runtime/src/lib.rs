@@ -13,6 +13,6 @@ pub mod workload;
 
 pub use fake::{FakeCall, FakeRuntime};
 pub use workload::{
-    CpuLimit, ExecSpec, ExitInfo, GuestNetwork, Mount, Resources, RuntimeError, Stdio, User,
-    WorkloadRuntime, WorkloadSpec, WorkloadState, WorkloadStatus,
+    CpuLimit, ExecSpec, ExitInfo, GuestNetwork, Mount, Resources, RuntimeError, Stdio, TtySize,
+    User, WorkloadRuntime, WorkloadSpec, WorkloadState, WorkloadStatus,
 };

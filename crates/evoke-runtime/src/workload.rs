@@ -224,6 +224,13 @@ pub struct ExecSpec {
     pub tty: bool,
 }
 
+/// A terminal's size in character cells.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TtySize {
+    pub cols: u16,
+    pub rows: u16,
+}
+
 /// Where a workload is in its life.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "status", rename_all = "lowercase")]
@@ -426,6 +433,21 @@ pub trait WorkloadRuntime: Send + Sync {
     /// Run another process inside a Running workload and wait for it; returns
     /// its shell-style exit code.
     fn exec(&self, id: &str, spec: &ExecSpec, stdio: Stdio) -> Result<i32, RuntimeError>;
+
+    /// [`exec`](Self::exec) on a terminal (`spec.tty`) whose size follows
+    /// `sizes`: each size is applied as it arrives, the first as soon as the
+    /// terminal exists (`kubectl exec -t` sends it at once and on every
+    /// resize). Tiers whose terminal cannot be resized keep its default size.
+    fn exec_with_resize(
+        &self,
+        id: &str,
+        spec: &ExecSpec,
+        stdio: Stdio,
+        sizes: std::sync::mpsc::Receiver<TtySize>,
+    ) -> Result<i32, RuntimeError> {
+        drop(sizes);
+        self.exec(id, spec, stdio)
+    }
 
     /// Delete the workload and everything the tier made for it. Without
     /// `force`, a Running workload is an error; with it, it is killed first.

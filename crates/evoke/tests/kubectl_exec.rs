@@ -203,15 +203,17 @@ fn exec_it_gives_a_shell_on_a_terminal() {
     }
     let c = common::start_cluster();
     c.run_pod("two", TWO_CONTAINERS);
-    // `script` gives kubectl a terminal, so -t is honoured end to end.
+    // `script` gives kubectl a terminal, so -t is honoured end to end;
+    // kubectl sends that terminal's size, which the shell inside sees.
     let kubectl = format!(
-        "{} --kubeconfig {} exec -it two -c second -- sh",
+        "stty rows 33 cols 101; {} --kubeconfig {} exec -it two -c second -- sh",
         common::KUBECTL,
         c.kubeconfig.display()
     );
     let mut child = Command::new(script)
         .args(["-qefc", &kubectl, "/dev/null"])
         .env("HOME", &c.data_dir)
+        .env("SHELL", "/bin/sh")
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -241,6 +243,10 @@ fn exec_it_gives_a_shell_on_a_terminal() {
     wait_for(&mut seen, "42 second");
     let shown = String::from_utf8_lossy(&seen).into_owned();
     assert!(shown.contains("/dev/pts/"), "no terminal inside: {shown}");
+    stdin
+        .write_all(b"echo size $(stty size)\n")
+        .expect("type stty");
+    wait_for(&mut seen, "size 33 101");
     stdin.write_all(b"exit 4\n").expect("type exit");
     drop(stdin);
     let deadline = Instant::now() + Duration::from_secs(20);
