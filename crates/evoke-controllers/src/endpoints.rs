@@ -79,6 +79,14 @@ fn backing<'a>(svc: &Service, pods: &'a [Arc<Pod>]) -> Vec<&'a Pod> {
     v
 }
 
+/// The DNS hostname of `p` behind `svc`: its spec.hostname when its
+/// spec.subdomain names the Service (`<hostname>.<svc>.<ns>.svc...`).
+fn dns_hostname(svc: &Service, p: &Pod) -> Option<String> {
+    let spec = p.spec.as_ref()?;
+    let hostname = spec.hostname.clone().filter(|h| !h.is_empty())?;
+    (spec.subdomain.as_deref() == Some(svc.name_any().as_str())).then_some(hostname)
+}
+
 /// A service port resolved for one pod: name, target port, protocol.
 type ResolvedPort = (Option<String>, i32, Option<String>);
 
@@ -109,7 +117,7 @@ pub fn endpoints_for(svc: &Service, pods: &[Arc<Pod>]) -> Endpoints {
                 .unwrap_or_default(),
             node_name: p.spec.as_ref().and_then(|s| s.node_name.clone()),
             target_ref: Some(pod_ref(p)),
-            hostname: None,
+            hostname: dns_hostname(svc, p),
         };
         let entry = groups.entry(resolved).or_default();
         if is_ready(p) && p.metadata.deletion_timestamp.is_none() {
@@ -188,6 +196,7 @@ pub fn slice_for(svc: &Service, pods: &[Arc<Pod>]) -> EndpointSlice {
                 }),
                 node_name: p.spec.as_ref().and_then(|s| s.node_name.clone()),
                 target_ref: Some(pod_ref(p)),
+                hostname: dns_hostname(svc, p),
                 ..Default::default()
             }
         })
@@ -391,5 +400,26 @@ mod tests {
         other.metadata.labels = Some(BTreeMap::from([("app".to_string(), "db".to_string())]));
         let pods = vec![pod("a", "", true), Arc::new(other)];
         assert!(endpoints_for(&svc(), &pods).subsets.is_none());
+    }
+
+    #[test]
+    fn pods_whose_subdomain_names_the_service_carry_their_hostname() {
+        let mut named = (*pod("a", "10.42.0.2", true)).clone();
+        let spec = named.spec.as_mut().unwrap();
+        spec.hostname = Some("web-0".into());
+        spec.subdomain = Some("web".into());
+        let mut elsewhere = (*pod("b", "10.42.0.3", true)).clone();
+        let spec = elsewhere.spec.as_mut().unwrap();
+        spec.hostname = Some("web-1".into());
+        spec.subdomain = Some("other".into());
+        let pods = vec![Arc::new(named), Arc::new(elsewhere)];
+        let slice = slice_for(&svc(), &pods);
+        let hosts: Vec<Option<String>> =
+            slice.endpoints.iter().map(|e| e.hostname.clone()).collect();
+        assert_eq!(hosts, vec![Some("web-0".to_string()), None]);
+        let ep = endpoints_for(&svc(), &pods);
+        let addrs = ep.subsets.unwrap()[0].addresses.clone().unwrap();
+        assert_eq!(addrs[0].hostname.as_deref(), Some("web-0"));
+        assert_eq!(addrs[1].hostname, None);
     }
 }
