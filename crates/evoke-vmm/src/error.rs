@@ -49,6 +49,8 @@ pub enum VmmError {
     },
     #[error("vcpu {index}: {reason}")]
     Vcpu { index: u8, reason: String },
+    #[error("tap {name}: {reason}")]
+    Tap { name: String, reason: String },
     #[error("seccomp filter: {0}")]
     Seccomp(String),
     #[error("cgroup {path}: {source}")]

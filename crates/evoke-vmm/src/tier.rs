@@ -37,7 +37,7 @@ use evoke_runtime::{
 
 use crate::cgroup::{self, VmmCgroup};
 use crate::runner::ProcessConfig;
-use crate::vm::{AgentDevice, Payload, VmConfig};
+use crate::vm::{AgentDevice, NetDeviceConfig, Payload, VmConfig};
 
 const TIER: &str = "microvm";
 /// Guest RAM when the workload sets no memory limit.
@@ -233,6 +233,31 @@ pub fn vm_size(spec: &WorkloadSpec) -> (u64, u8) {
     (mem, vcpus)
 }
 
+/// The virtio-net device behind the workload's guest network, if any; its
+/// MAC is the one the guest derives from its address.
+fn net_devices(spec: &WorkloadSpec) -> Vec<NetDeviceConfig> {
+    spec.guest_network
+        .iter()
+        .map(|n| NetDeviceConfig {
+            tap: n.tap.clone(),
+            mac: evoke_guest::net::mac_for(n.address),
+        })
+        .collect()
+}
+
+/// Modules for the guest to load: virtio_net (and what it depends on) only
+/// when the VM has a network, as loading it costs boot time.
+fn guest_modules(spec: &WorkloadSpec) -> &'static [&'static str] {
+    if spec.guest_network.is_some() {
+        NET_MODULES
+    } else {
+        DEFAULT_MODULES
+    }
+}
+
+/// [`DEFAULT_MODULES`] plus virtio_net.
+const NET_MODULES: &[&str] = &["virtio_mmio", "virtio_console", "virtio_net"];
+
 fn modules_dir_for(kernel: &Path) -> PathBuf {
     let name = kernel
         .file_name()
@@ -284,7 +309,7 @@ impl WorkloadRuntime for MicroVmTier {
             let base = GuestBase {
                 agent: &agent,
                 modules_dir: &modules_dir,
-                modules: DEFAULT_MODULES,
+                modules: guest_modules(spec),
             };
             let initramfs = builder
                 .build(
@@ -328,6 +353,7 @@ impl WorkloadRuntime for MicroVmTier {
                     },
                     agent_device: AgentDevice::VirtioConsole,
                     seccomp: true,
+                    net: net_devices(spec),
                 },
                 cgroup: Some(cgroup::spec_for(
                     &format!("evoke-{}", spec.id),

@@ -25,7 +25,9 @@ use crate::acpi::{self, MmioDevice};
 use crate::arch::{self, EntryMode};
 use crate::boot::{self, BootProtocol, BootSpec};
 use crate::devices::i8042::{I8042Action, I8042};
+use crate::devices::net::{self, NetDevice};
 use crate::devices::serial::SerialPort;
+use crate::devices::tap::Tap;
 use crate::devices::virtio::{self, MmioTransport};
 use crate::devices::EventFdTrigger;
 use crate::error::VmmError;
@@ -86,6 +88,16 @@ pub struct VmConfig {
     /// Confine every VMM thread with [`crate::seccomp`] once set up.
     #[serde(default = "yes")]
     pub seccomp: bool,
+    /// virtio-net devices, each backed by an existing tap.
+    #[serde(default)]
+    pub net: Vec<NetDeviceConfig>,
+}
+
+/// One virtio-net device: the tap on the host, the MAC the guest sees.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct NetDeviceConfig {
+    pub tap: String,
+    pub mac: [u8; 6],
 }
 
 fn yes() -> bool {
@@ -163,6 +175,8 @@ struct Devices {
     com2: Option<Mutex<SerialPort>>,
     i8042: Mutex<I8042>,
     virtio: Vec<(u64, Mutex<MmioTransport>)>,
+    /// virtio-net devices; shared with their receive threads.
+    net: Vec<(u64, Arc<Mutex<NetDevice>>)>,
     shared: Arc<Shared>,
 }
 
@@ -212,15 +226,27 @@ impl Devices {
             .map(|(base, dev)| (dev, addr - base))
     }
 
+    fn net_at(&self, addr: u64) -> Option<(&Mutex<NetDevice>, u64)> {
+        self.net
+            .iter()
+            .find(|(base, _)| (*base..*base + VIRTIO_MMIO_SIZE).contains(&addr))
+            .map(|(base, dev)| (&**dev, addr - base))
+    }
+
     fn mmio_read(&self, addr: u64, data: &mut [u8]) {
-        match self.virtio_at(addr) {
-            Some((dev, off)) => lock(dev).read(off, data),
-            None => data.fill(0xff),
+        if let Some((dev, off)) = self.virtio_at(addr) {
+            lock(dev).read(off, data)
+        } else if let Some((dev, off)) = self.net_at(addr) {
+            lock(dev).read(off, data)
+        } else {
+            data.fill(0xff)
         }
     }
 
     fn mmio_write(&self, addr: u64, data: &[u8]) {
         if let Some((dev, off)) = self.virtio_at(addr) {
+            lock(dev).write(off, data);
+        } else if let Some((dev, off)) = self.net_at(addr) {
             lock(dev).write(off, data);
         }
     }
@@ -309,11 +335,29 @@ impl Vm {
                 (None, vec![(VIRTIO_MMIO_BASE, Mutex::new(dev))])
             }
         };
+        // virtio-net windows and IRQs follow the console's.
+        let mut net = Vec::new();
+        for (i, n) in config.net.iter().enumerate() {
+            let slot = (virtio.len() + i) as u64;
+            let tap = Tap::open(&n.tap)?;
+            let dev = NetDevice::new(
+                mem.clone(),
+                irq(VIRTIO_IRQ_BASE + slot as u32)?,
+                n.mac,
+                Box::new(tap),
+            )
+            .map_err(sys("virtio-net device"))?;
+            net.push((
+                VIRTIO_MMIO_BASE + slot * VIRTIO_MMIO_SIZE,
+                Arc::new(Mutex::new(dev)),
+            ));
+        }
         let devices = Arc::new(Devices {
             com1: Mutex::new(com1),
             com2,
             i8042: Mutex::new(I8042::new()),
             virtio,
+            net,
             shared: shared.clone(),
         });
 
@@ -327,9 +371,11 @@ impl Vm {
                 let mmio: Vec<MmioDevice> = devices
                     .virtio
                     .iter()
+                    .map(|(base, _)| *base)
+                    .chain(devices.net.iter().map(|(base, _)| *base))
                     .enumerate()
-                    .map(|(i, (base, _))| MmioDevice {
-                        base: *base,
+                    .map(|(i, base)| MmioDevice {
+                        base,
                         size: VIRTIO_MMIO_SIZE,
                         irq: VIRTIO_IRQ_BASE + i as u32,
                     })
@@ -423,6 +469,7 @@ impl Vm {
             None
         };
         let mut threads: Vec<JoinHandle<()>> = Vec::new();
+        let mut net_threads: Vec<JoinHandle<()>> = Vec::new();
         for (index, vcpu) in self.vcpus.drain(..).enumerate() {
             let devices = self.devices.clone();
             let shared = self.shared.clone();
@@ -447,6 +494,20 @@ impl Vm {
                     source,
                 })?;
             threads.push(t);
+        }
+        for (i, (_, dev)) in self.devices.net.iter().enumerate() {
+            let shared = self.shared.clone();
+            let t = net::spawn_rx_thread(
+                format!("net{i}"),
+                dev.clone(),
+                move || shared.stop.load(Ordering::SeqCst),
+                filter.clone(),
+            )
+            .map_err(|source| VmmError::Sys {
+                what: "virtio-net thread",
+                source,
+            })?;
+            net_threads.push(t);
         }
         let input_thread = match self.agent_in.take() {
             Some(input) => {
@@ -496,6 +557,11 @@ impl Vm {
         if let Some(t) = input_thread {
             if t.join().is_err() {
                 tracing::error!("the agent input thread panicked");
+            }
+        }
+        for t in net_threads {
+            if t.join().is_err() {
+                tracing::error!("a virtio-net thread panicked");
             }
         }
         let reason = lock(&self.shared.exit)

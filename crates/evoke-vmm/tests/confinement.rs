@@ -50,6 +50,7 @@ fn spin_for(limit: Duration) {
         },
         agent_device: AgentDevice::VirtioConsole,
         seccomp: true,
+        net: Vec::new(),
     };
     let io = VmIo {
         serial_out: Box::new(std::io::sink()),

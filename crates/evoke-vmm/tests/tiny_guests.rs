@@ -40,6 +40,7 @@ fn config(payload: Payload, vcpus: u8) -> VmConfig {
         payload,
         agent_device: AgentDevice::VirtioConsole,
         seccomp: true,
+        net: Vec::new(),
     }
 }
 

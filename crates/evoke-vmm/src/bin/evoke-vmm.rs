@@ -106,6 +106,7 @@ fn main() -> ExitCode {
                 },
                 agent_device,
                 seccomp,
+                net: Vec::new(),
             },
             cgroup: None,
             console_cap: 16 << 20,

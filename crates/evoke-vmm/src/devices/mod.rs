@@ -1,10 +1,13 @@
 //! Device models: the 8250 serial ports, a minimal i8042, a
-//! virtio-mmio transport with a virtio-console behind it, and the bounded
-//! output sinks they write to. None of them needs a VM to be tested.
+//! virtio-mmio transport with a virtio-console behind it, a virtio-net
+//! device ([`net`]) with its tap backend ([`tap`]), and the bounded output
+//! sinks they write to. None of them needs a VM to be tested.
 
 pub mod i8042;
+pub mod net;
 pub mod serial;
 pub mod sink;
+pub mod tap;
 pub mod virtio;
 
 use vmm_sys_util::eventfd::EventFd;

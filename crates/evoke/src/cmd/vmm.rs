@@ -72,6 +72,7 @@ pub fn main(_global: &Global, args: VmmArgs) -> anyhow::Result<u8> {
                     },
                     agent_device,
                     seccomp: !args.no_seccomp,
+                    net: Vec::new(),
                 },
                 cgroup: None,
                 console_cap: 16 << 20,

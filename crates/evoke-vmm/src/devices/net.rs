@@ -1,0 +1,734 @@
+//! virtio-net on virtio-mmio (version 2): one receive and one transmit
+//! queue, a fixed MAC (`VIRTIO_NET_F_MAC`), no offloads, no control queue.
+//! The host end is a [`NetBackend`], a tap in production.
+//!
+//! Transmit runs on the vCPU that notified: every chain the guest queued is
+//! gathered (header and frame) and written to the backend as one frame.
+//! Receive runs on the VMM's net thread ([`run_rx_loop`]): it polls the
+//! backend and an eventfd the device signals when the guest posts receive
+//! buffers, and copies each frame into the next buffer. When the guest has
+//! no buffers left the frame waits, and the loop stops polling the backend
+//! until the guest posts more, so a busy host cannot spin the thread.
+//!
+//! Frames carry a 12-byte `virtio_net_hdr` both ways, the layout of virtio
+//! 1.0 and of the tap (see [`super::tap`]); as no offload is negotiated the
+//! header is all zero but for `num_buffers`, which is 1 on receive.
+
+use std::io;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+
+use nix::sys::eventfd::{EfdFlags, EventFd};
+use virtio_queue::{Queue, QueueT};
+use vm_memory::{Bytes, GuestMemoryMmap};
+
+use super::tap::{NetBackend, VNET_HDR_LEN};
+use super::EventFdTrigger;
+
+const MMIO_MAGIC: u32 = 0x7472_6976; // "virt"
+const MMIO_VERSION: u32 = 2;
+const VENDOR_ID: u32 = 0x4556_4b45; // "EKVE"
+const VIRTIO_ID_NET: u32 = 1;
+const VIRTIO_F_VERSION_1: u64 = 1 << 32;
+const VIRTIO_NET_F_MAC: u64 = 1 << 5;
+const QUEUE_MAX: u16 = 256;
+const INT_USED_RING: u32 = 1;
+const STATUS_DRIVER_OK: u32 = 4;
+const STATUS_FAILED: u32 = 0x80;
+/// The largest frame with its header a tap hands over (64 KiB + header);
+/// without offloads frames are MTU-sized, but a read must never truncate.
+const MAX_FRAME: usize = 65_562;
+
+/// Register offsets of the virtio-mmio version 2 window.
+mod reg {
+    pub const MAGIC: u64 = 0x000;
+    pub const VERSION: u64 = 0x004;
+    pub const DEVICE_ID: u64 = 0x008;
+    pub const VENDOR_ID: u64 = 0x00c;
+    pub const DEVICE_FEATURES: u64 = 0x010;
+    pub const DEVICE_FEATURES_SEL: u64 = 0x014;
+    pub const DRIVER_FEATURES: u64 = 0x020;
+    pub const DRIVER_FEATURES_SEL: u64 = 0x024;
+    pub const QUEUE_SEL: u64 = 0x030;
+    pub const QUEUE_NUM_MAX: u64 = 0x034;
+    pub const QUEUE_NUM: u64 = 0x038;
+    pub const QUEUE_READY: u64 = 0x044;
+    pub const QUEUE_NOTIFY: u64 = 0x050;
+    pub const INTERRUPT_STATUS: u64 = 0x060;
+    pub const INTERRUPT_ACK: u64 = 0x064;
+    pub const STATUS: u64 = 0x070;
+    pub const QUEUE_DESC_LOW: u64 = 0x080;
+    pub const QUEUE_DESC_HIGH: u64 = 0x084;
+    pub const QUEUE_DRIVER_LOW: u64 = 0x090;
+    pub const QUEUE_DRIVER_HIGH: u64 = 0x094;
+    pub const QUEUE_DEVICE_LOW: u64 = 0x0a0;
+    pub const QUEUE_DEVICE_HIGH: u64 = 0x0a4;
+    pub const CONFIG_GENERATION: u64 = 0x0fc;
+    pub const CONFIG: u64 = 0x100;
+}
+
+const RX: usize = 0;
+const TX: usize = 1;
+
+/// Frame counters, for logs and tests.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct NetStats {
+    pub rx_frames: u64,
+    pub tx_frames: u64,
+    /// Frames from the host dropped: the driver was not ready, or a frame did
+    /// not fit the guest's buffer.
+    pub rx_dropped: u64,
+    /// Frames from the guest dropped: the backend was full or failed.
+    pub tx_dropped: u64,
+}
+
+/// What the receive path needs next.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RxState {
+    /// The backend has nothing more: wait for it.
+    Idle,
+    /// A frame waits for the guest to post buffers: wait for a notify.
+    NeedBuffers,
+}
+
+/// A virtio-net device on a virtio-mmio window.
+pub struct NetDevice {
+    mem: GuestMemoryMmap,
+    queues: [Queue; 2],
+    queue_sel: u32,
+    device_features_sel: u32,
+    driver_features_sel: u32,
+    driver_features: u64,
+    status: u32,
+    interrupt_status: u32,
+    irq: EventFdTrigger,
+    mac: [u8; 6],
+    backend: Box<dyn NetBackend>,
+    /// Signalled when the guest posts receive buffers or the driver comes
+    /// up; the net thread polls it.
+    rx_kick: Arc<EventFd>,
+    /// The frame read from the backend that no guest buffer has taken yet,
+    /// and its length in `rx_buf`.
+    rx_pending: Option<usize>,
+    rx_buf: Vec<u8>,
+    tx_buf: Vec<u8>,
+    pub stats: NetStats,
+}
+
+impl NetDevice {
+    pub fn new(
+        mem: GuestMemoryMmap,
+        irq: EventFdTrigger,
+        mac: [u8; 6],
+        backend: Box<dyn NetBackend>,
+    ) -> Result<Self, io::Error> {
+        let q = || Queue::new(QUEUE_MAX).map_err(|e| io::Error::other(e.to_string()));
+        Ok(Self {
+            mem,
+            queues: [q()?, q()?],
+            queue_sel: 0,
+            device_features_sel: 0,
+            driver_features_sel: 0,
+            driver_features: 0,
+            status: 0,
+            interrupt_status: 0,
+            irq,
+            mac,
+            backend,
+            rx_kick: Arc::new(EventFd::from_flags(
+                EfdFlags::EFD_NONBLOCK | EfdFlags::EFD_CLOEXEC,
+            )?),
+            rx_pending: None,
+            rx_buf: vec![0; MAX_FRAME],
+            tx_buf: Vec::with_capacity(2048),
+            stats: NetStats::default(),
+        })
+    }
+
+    pub fn mac(&self) -> [u8; 6] {
+        self.mac
+    }
+
+    fn device_features(&self) -> u64 {
+        VIRTIO_F_VERSION_1 | VIRTIO_NET_F_MAC
+    }
+
+    fn selected(&mut self) -> Option<&mut Queue> {
+        self.queues.get_mut(self.queue_sel as usize)
+    }
+
+    fn driver_ok(&self) -> bool {
+        self.status & STATUS_DRIVER_OK != 0 && self.status & STATUS_FAILED == 0
+    }
+
+    fn queue_usable(&self, i: usize) -> bool {
+        self.driver_ok() && self.queues[i].is_valid(&self.mem)
+    }
+
+    fn kick_rx(&self) {
+        // Failing means the counter is saturated: the thread wakes anyway.
+        let _ = self.rx_kick.write(1);
+    }
+
+    /// A guest read of `data.len()` bytes at `offset` in the window.
+    pub fn read(&mut self, offset: u64, data: &mut [u8]) {
+        if offset >= reg::CONFIG {
+            // Config space: the MAC, read a byte at a time by Linux.
+            let start = (offset - reg::CONFIG) as usize;
+            for (i, b) in data.iter_mut().enumerate() {
+                *b = self.mac.get(start + i).copied().unwrap_or(0);
+            }
+            return;
+        }
+        if data.len() != 4 {
+            data.fill(0);
+            return;
+        }
+        let v: u32 = match offset {
+            reg::MAGIC => MMIO_MAGIC,
+            reg::VERSION => MMIO_VERSION,
+            reg::DEVICE_ID => VIRTIO_ID_NET,
+            reg::VENDOR_ID => VENDOR_ID,
+            reg::DEVICE_FEATURES => match self.device_features_sel {
+                0 => self.device_features() as u32,
+                1 => (self.device_features() >> 32) as u32,
+                _ => 0,
+            },
+            reg::QUEUE_NUM_MAX => self.selected().map_or(0, |q| u32::from(q.max_size())),
+            reg::QUEUE_READY => self.selected().map_or(0, |q| u32::from(q.ready())),
+            reg::INTERRUPT_STATUS => self.interrupt_status,
+            reg::STATUS => self.status,
+            reg::CONFIG_GENERATION => 0,
+            _ => 0,
+        };
+        data.copy_from_slice(&v.to_le_bytes());
+    }
+
+    /// A guest write at `offset` in the window.
+    pub fn write(&mut self, offset: u64, data: &[u8]) {
+        // The MAC is read-only (VIRTIO_NET_F_CTRL_MAC_ADDR is not offered).
+        if offset >= reg::CONFIG || data.len() != 4 {
+            return;
+        }
+        let v = u32::from_le_bytes([data[0], data[1], data[2], data[3]]);
+        match offset {
+            reg::DEVICE_FEATURES_SEL => self.device_features_sel = v,
+            reg::DRIVER_FEATURES_SEL => self.driver_features_sel = v,
+            reg::DRIVER_FEATURES => match self.driver_features_sel {
+                0 => self.driver_features = (self.driver_features & !0xffff_ffff) | u64::from(v),
+                1 => {
+                    self.driver_features =
+                        (self.driver_features & 0xffff_ffff) | (u64::from(v) << 32)
+                }
+                _ => {}
+            },
+            reg::QUEUE_SEL => self.queue_sel = v,
+            reg::QUEUE_NUM => {
+                if let Some(q) = self.selected() {
+                    q.set_size(v as u16);
+                }
+            }
+            reg::QUEUE_READY => {
+                if let Some(q) = self.selected() {
+                    q.set_ready(v == 1);
+                }
+            }
+            reg::QUEUE_DESC_LOW => self.set_addr(|q, v| q.set_desc_table_address(Some(v), None), v),
+            reg::QUEUE_DESC_HIGH => {
+                self.set_addr(|q, v| q.set_desc_table_address(None, Some(v)), v)
+            }
+            reg::QUEUE_DRIVER_LOW => {
+                self.set_addr(|q, v| q.set_avail_ring_address(Some(v), None), v)
+            }
+            reg::QUEUE_DRIVER_HIGH => {
+                self.set_addr(|q, v| q.set_avail_ring_address(None, Some(v)), v)
+            }
+            reg::QUEUE_DEVICE_LOW => {
+                self.set_addr(|q, v| q.set_used_ring_address(Some(v), None), v)
+            }
+            reg::QUEUE_DEVICE_HIGH => {
+                self.set_addr(|q, v| q.set_used_ring_address(None, Some(v)), v)
+            }
+            reg::QUEUE_NOTIFY if v as usize == TX => self.process_tx(),
+            reg::QUEUE_NOTIFY if v as usize == RX => self.kick_rx(),
+            reg::INTERRUPT_ACK => self.interrupt_status &= !v,
+            reg::STATUS => {
+                if v == 0 {
+                    self.reset();
+                } else {
+                    self.status = v;
+                    if self.driver_ok() {
+                        if self.driver_features & VIRTIO_F_VERSION_1 == 0 {
+                            tracing::warn!("virtio-net driver did not accept VIRTIO_F_VERSION_1");
+                        }
+                        self.kick_rx();
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+
+    fn set_addr(&mut self, f: impl FnOnce(&mut Queue, u32), v: u32) {
+        // Queue addresses may change only while the driver sets up.
+        if self.driver_ok() {
+            return;
+        }
+        if let Some(q) = self.selected() {
+            f(q, v);
+        }
+    }
+
+    fn reset(&mut self) {
+        for q in &mut self.queues {
+            q.reset();
+        }
+        self.status = 0;
+        self.interrupt_status = 0;
+        self.driver_features = 0;
+        self.queue_sel = 0;
+        self.rx_pending = None;
+    }
+
+    fn signal_used(&mut self) {
+        self.interrupt_status |= INT_USED_RING;
+        if let Err(e) = vm_superio::Trigger::trigger(&self.irq) {
+            tracing::warn!(error = %e, "virtio-net interrupt failed");
+        }
+    }
+
+    /// Sends every frame the guest has queued to the backend.
+    pub fn process_tx(&mut self) {
+        if !self.queue_usable(TX) {
+            return;
+        }
+        let mem = self.mem.clone();
+        let mut used = false;
+        while let Some(chain) = self.queues[TX].pop_descriptor_chain(&mem) {
+            let head = chain.head_index();
+            self.tx_buf.clear();
+            let mut ok = true;
+            for desc in chain.readable() {
+                let start = self.tx_buf.len();
+                let len = desc.len() as usize;
+                if start + len > MAX_FRAME {
+                    ok = false;
+                    break;
+                }
+                self.tx_buf.resize(start + len, 0);
+                if mem
+                    .read_slice(&mut self.tx_buf[start..], desc.addr())
+                    .is_err()
+                {
+                    ok = false;
+                    break;
+                }
+            }
+            if ok && self.tx_buf.len() > VNET_HDR_LEN {
+                match self.backend.send(&self.tx_buf) {
+                    Ok(()) => self.stats.tx_frames += 1,
+                    Err(e) => {
+                        self.stats.tx_dropped += 1;
+                        if e.kind() != io::ErrorKind::WouldBlock {
+                            tracing::debug!(error = %e, "virtio-net: backend refused a frame");
+                        }
+                    }
+                }
+            } else {
+                self.stats.tx_dropped += 1;
+            }
+            if self.queues[TX].add_used(&mem, head, 0).is_err() {
+                tracing::warn!("virtio-net cannot return a tx buffer");
+            }
+            used = true;
+        }
+        if used {
+            self.signal_used();
+        }
+    }
+
+    /// Moves frames from the backend into the guest's receive buffers until
+    /// the backend is empty or the guest has no buffers left.
+    pub fn process_rx(&mut self) -> RxState {
+        let mem = self.mem.clone();
+        let mut used = false;
+        let state = loop {
+            let len = match self.rx_pending.take() {
+                Some(n) => n,
+                None => match self.backend.recv(&mut self.rx_buf) {
+                    Ok(n) => n,
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                    Err(e) => {
+                        if e.kind() != io::ErrorKind::WouldBlock {
+                            tracing::debug!(error = %e, "virtio-net: backend read failed");
+                        }
+                        break RxState::Idle;
+                    }
+                },
+            };
+            if len <= VNET_HDR_LEN {
+                continue;
+            }
+            if !self.queue_usable(RX) {
+                // No driver yet: a NIC that is down drops what arrives.
+                self.stats.rx_dropped += 1;
+                continue;
+            }
+            let Some(chain) = self.queues[RX].pop_descriptor_chain(&mem) else {
+                self.rx_pending = Some(len);
+                break RxState::NeedBuffers;
+            };
+            let head = chain.head_index();
+            // num_buffers: one buffer per frame (no mergeable buffers).
+            self.rx_buf[10..12].copy_from_slice(&1u16.to_le_bytes());
+            let mut written = 0usize;
+            for desc in chain.writable() {
+                let n = (desc.len() as usize).min(len - written);
+                if n == 0 {
+                    break;
+                }
+                if mem
+                    .write_slice(&self.rx_buf[written..written + n], desc.addr())
+                    .is_err()
+                {
+                    break;
+                }
+                written += n;
+            }
+            if written < len {
+                // The guest's buffer was too small or bad: drop the frame
+                // rather than hand over a truncated one.
+                self.stats.rx_dropped += 1;
+                written = 0;
+            } else {
+                self.stats.rx_frames += 1;
+            }
+            if self.queues[RX]
+                .add_used(&mem, head, written as u32)
+                .is_err()
+            {
+                tracing::warn!("virtio-net cannot return an rx buffer");
+            }
+            used = true;
+        };
+        if used {
+            std::sync::atomic::fence(Ordering::Release);
+            self.signal_used();
+        }
+        state
+    }
+}
+
+/// The receive loop of one device, for the VMM's net thread: runs until
+/// `stop` says so (asked at least every 50 ms). `kick` and `backend_fd` come
+/// from [`NetDevice::rx_wakers`], taken before the thread is confined (a
+/// confined thread may not duplicate fds).
+pub fn run_rx_loop(
+    dev: &Mutex<NetDevice>,
+    kick: &EventFd,
+    backend_fd: BorrowedFd<'_>,
+    stop: &dyn Fn() -> bool,
+) {
+    use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+    let mut want_backend = true;
+    while !stop() {
+        let mut fds = vec![PollFd::new(kick.as_fd(), PollFlags::POLLIN)];
+        if want_backend {
+            fds.push(PollFd::new(backend_fd, PollFlags::POLLIN));
+        }
+        match poll(&mut fds, PollTimeout::from(50u8)) {
+            Ok(0) => continue,
+            Ok(_) => {}
+            Err(nix::errno::Errno::EINTR) => continue,
+            Err(e) => {
+                tracing::error!(error = %e, "virtio-net: poll failed; stopping rx");
+                return;
+            }
+        }
+        // Clear the kick before looking at the queue, so a notify that
+        // lands during processing wakes the next poll.
+        let _ = kick.read();
+        want_backend = lock(dev).process_rx() == RxState::Idle;
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    match m.lock() {
+        Ok(g) => g,
+        Err(p) => p.into_inner(),
+    }
+}
+
+impl NetDevice {
+    /// What the receive loop polls: the kick eventfd and a duplicate of the
+    /// backend's fd.
+    pub fn rx_wakers(&self) -> io::Result<(Arc<EventFd>, OwnedFd)> {
+        Ok((
+            self.rx_kick.clone(),
+            self.backend.fd().try_clone_to_owned()?,
+        ))
+    }
+}
+
+/// Starts [`run_rx_loop`] for `dev` on its own thread, under `filter`.
+pub fn spawn_rx_thread(
+    name: String,
+    dev: Arc<Mutex<NetDevice>>,
+    stop: impl Fn() -> bool + Send + 'static,
+    filter: Option<Arc<seccompiler::BpfProgram>>,
+) -> io::Result<std::thread::JoinHandle<()>> {
+    let (kick, backend_fd) = lock(&dev).rx_wakers()?;
+    std::thread::Builder::new().name(name).spawn(move || {
+        if let Some(f) = filter {
+            if let Err(e) = crate::seccomp::apply(&f) {
+                tracing::error!(error = %e, "virtio-net rx thread without its seccomp filter; not starting it");
+                return;
+            }
+        }
+        run_rx_loop(&dev, &kick, backend_fd.as_fd(), &stop);
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::net::UnixDatagram;
+    use std::sync::atomic::AtomicBool;
+    use std::time::Duration;
+    use vm_memory::GuestAddress;
+
+    const DESC: u64 = 0x1000;
+    const AVAIL: u64 = 0x2000;
+    const USED: u64 = 0x3000;
+    const DATA: u64 = 0x40000;
+
+    fn w32(t: &mut NetDevice, off: u64, v: u32) {
+        t.write(off, &v.to_le_bytes());
+    }
+
+    fn r32(t: &mut NetDevice, off: u64) -> u32 {
+        let mut b = [0u8; 4];
+        t.read(off, &mut b);
+        u32::from_le_bytes(b)
+    }
+
+    /// What the Linux virtio-mmio driver does at probe time: queue `q` at
+    /// (DESC, AVAIL, USED) + q * 0x10000.
+    fn driver_setup(t: &mut NetDevice) {
+        w32(t, reg::STATUS, 0);
+        w32(t, reg::STATUS, 1 | 2);
+        w32(t, reg::DEVICE_FEATURES_SEL, 0);
+        let lo = r32(t, reg::DEVICE_FEATURES);
+        assert_ne!(lo & (1 << 5), 0, "VIRTIO_NET_F_MAC offered");
+        w32(t, reg::DEVICE_FEATURES_SEL, 1);
+        assert_eq!(r32(t, reg::DEVICE_FEATURES) & 1, 1, "VERSION_1 offered");
+        w32(t, reg::DRIVER_FEATURES_SEL, 0);
+        w32(t, reg::DRIVER_FEATURES, 1 << 5);
+        w32(t, reg::DRIVER_FEATURES_SEL, 1);
+        w32(t, reg::DRIVER_FEATURES, 1);
+        w32(t, reg::STATUS, 1 | 2 | 8);
+        for q in 0..2u32 {
+            let base = u64::from(q) * 0x10000;
+            w32(t, reg::QUEUE_SEL, q);
+            w32(t, reg::QUEUE_NUM, 16);
+            w32(t, reg::QUEUE_DESC_LOW, (DESC + base) as u32);
+            w32(t, reg::QUEUE_DESC_HIGH, 0);
+            w32(t, reg::QUEUE_DRIVER_LOW, (AVAIL + base) as u32);
+            w32(t, reg::QUEUE_DRIVER_HIGH, 0);
+            w32(t, reg::QUEUE_DEVICE_LOW, (USED + base) as u32);
+            w32(t, reg::QUEUE_DEVICE_HIGH, 0);
+            w32(t, reg::QUEUE_READY, 1);
+        }
+        w32(t, reg::STATUS, 1 | 2 | 8 | 4);
+    }
+
+    /// Posts a chain of `(addr, len)` descriptors on queue `q`, starting at
+    /// descriptor `slot` (`write`: device-writable).
+    fn post(mem: &GuestMemoryMmap, q: u64, slot: u16, bufs: &[(u64, u32)], write: bool) {
+        let base = q * 0x10000;
+        for (i, (addr, len)) in bufs.iter().enumerate() {
+            let idx = slot + i as u16;
+            let d = DESC + base + u64::from(idx) * 16;
+            let mut flags = if write { 2u16 } else { 0 };
+            if i + 1 < bufs.len() {
+                flags |= 1;
+            }
+            mem.write_obj(*addr, GuestAddress(d)).unwrap();
+            mem.write_obj(*len, GuestAddress(d + 8)).unwrap();
+            mem.write_obj(flags, GuestAddress(d + 12)).unwrap();
+            mem.write_obj(idx + 1, GuestAddress(d + 14)).unwrap();
+        }
+        let avail_idx: u16 = mem.read_obj(GuestAddress(AVAIL + base + 2)).unwrap();
+        mem.write_obj(
+            slot,
+            GuestAddress(AVAIL + base + 4 + 2 * u64::from(avail_idx % 16)),
+        )
+        .unwrap();
+        mem.write_obj(avail_idx.wrapping_add(1), GuestAddress(AVAIL + base + 2))
+            .unwrap();
+    }
+
+    fn used_idx(mem: &GuestMemoryMmap, q: u64) -> u16 {
+        mem.read_obj(GuestAddress(USED + q * 0x10000 + 2)).unwrap()
+    }
+
+    fn setup() -> (GuestMemoryMmap, NetDevice, UnixDatagram, EventFdTrigger) {
+        let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
+        let irq = EventFdTrigger::new().unwrap();
+        let probe = irq.try_clone().unwrap();
+        let (ours, host) = UnixDatagram::pair().unwrap();
+        ours.set_nonblocking(true).unwrap();
+        host.set_nonblocking(true).unwrap();
+        let mac = [0x02, 0x65, 10, 0, 0, 2];
+        let dev = NetDevice::new(mem.clone(), irq, mac, Box::new(ours)).unwrap();
+        (mem, dev, host, probe)
+    }
+
+    fn frame(payload: &[u8]) -> Vec<u8> {
+        let mut f = vec![0u8; VNET_HDR_LEN];
+        f.extend_from_slice(&[0xff; 6]);
+        f.extend_from_slice(&[0x02, 0x65, 10, 0, 0, 9]);
+        f.extend_from_slice(&[0x88, 0xb5]);
+        f.extend_from_slice(payload);
+        f
+    }
+
+    #[test]
+    fn identifies_as_a_virtio_net_device_with_its_mac_in_config_space() {
+        let (_m, mut d, _h, _irq) = setup();
+        assert_eq!(r32(&mut d, reg::MAGIC), MMIO_MAGIC);
+        assert_eq!(r32(&mut d, reg::VERSION), 2);
+        assert_eq!(r32(&mut d, reg::DEVICE_ID), VIRTIO_ID_NET);
+        let mut mac = [0u8; 6];
+        for (i, b) in mac.iter_mut().enumerate() {
+            let mut one = [0u8; 1];
+            d.read(reg::CONFIG + i as u64, &mut one);
+            *b = one[0];
+        }
+        assert_eq!(mac, [0x02, 0x65, 10, 0, 0, 2]);
+    }
+
+    #[test]
+    fn guest_frames_split_over_descriptors_leave_as_one_backend_frame() {
+        let (mem, mut d, host, irq) = setup();
+        driver_setup(&mut d);
+        let f = frame(b"hello host");
+        // Header in one descriptor, frame in the next, as a driver may do.
+        mem.write_slice(&f[..VNET_HDR_LEN], GuestAddress(DATA))
+            .unwrap();
+        mem.write_slice(&f[VNET_HDR_LEN..], GuestAddress(DATA + 0x1000))
+            .unwrap();
+        post(
+            &mem,
+            TX as u64,
+            0,
+            &[
+                (DATA, VNET_HDR_LEN as u32),
+                (DATA + 0x1000, (f.len() - VNET_HDR_LEN) as u32),
+            ],
+            false,
+        );
+        w32(&mut d, reg::QUEUE_NOTIFY, TX as u32);
+        let mut got = [0u8; 2048];
+        let n = host.recv(&mut got).unwrap();
+        assert_eq!(&got[..n], &f[..]);
+        assert_eq!(used_idx(&mem, TX as u64), 1);
+        assert_eq!(irq.0.read().unwrap(), 1);
+        assert_eq!(r32(&mut d, reg::INTERRUPT_STATUS), INT_USED_RING);
+        assert_eq!(d.stats.tx_frames, 1);
+    }
+
+    #[test]
+    fn host_frames_fill_posted_buffers_with_num_buffers_set_to_one() {
+        let (mem, mut d, host, irq) = setup();
+        driver_setup(&mut d);
+        post(&mem, RX as u64, 0, &[(DATA, 2048)], true);
+        let f = frame(b"to the guest");
+        host.send(&f).unwrap();
+        assert_eq!(d.process_rx(), RxState::Idle);
+        let len: u32 = mem.read_obj(GuestAddress(USED + 4 + 4)).unwrap();
+        assert_eq!(len as usize, f.len());
+        let mut got = vec![0u8; f.len()];
+        mem.read_slice(&mut got, GuestAddress(DATA)).unwrap();
+        assert_eq!(u16::from_le_bytes([got[10], got[11]]), 1);
+        assert_eq!(&got[VNET_HDR_LEN..], &f[VNET_HDR_LEN..]);
+        assert_eq!(irq.0.read().unwrap(), 1);
+        assert_eq!(d.stats.rx_frames, 1);
+    }
+
+    #[test]
+    fn a_frame_waits_for_buffers_and_the_notify_that_posts_them_wakes_the_loop() {
+        let (mem, mut d, host, _irq) = setup();
+        driver_setup(&mut d);
+        let kick = d.rx_kick.clone();
+        let _ = kick.read();
+        host.send(&frame(b"early")).unwrap();
+        assert_eq!(d.process_rx(), RxState::NeedBuffers);
+        assert_eq!(used_idx(&mem, RX as u64), 0);
+        post(&mem, RX as u64, 0, &[(DATA, 2048)], true);
+        w32(&mut d, reg::QUEUE_NOTIFY, RX as u32);
+        assert_eq!(
+            kick.read().unwrap(),
+            1,
+            "a receive notify kicks the net thread"
+        );
+        assert_eq!(d.process_rx(), RxState::Idle);
+        assert_eq!(used_idx(&mem, RX as u64), 1);
+        assert_eq!(d.stats.rx_frames, 1);
+    }
+
+    #[test]
+    fn frames_before_the_driver_is_up_or_too_big_for_the_buffer_are_dropped() {
+        let (mem, mut d, host, _irq) = setup();
+        host.send(&frame(b"nobody listens")).unwrap();
+        assert_eq!(d.process_rx(), RxState::Idle);
+        assert_eq!(d.stats.rx_dropped, 1);
+        driver_setup(&mut d);
+        post(&mem, RX as u64, 0, &[(DATA, 16)], true);
+        host.send(&frame(&[7u8; 100])).unwrap();
+        assert_eq!(d.process_rx(), RxState::Idle);
+        assert_eq!(d.stats.rx_dropped, 2);
+        let len: u32 = mem.read_obj(GuestAddress(USED + 4 + 4)).unwrap();
+        assert_eq!(len, 0, "the buffer is returned empty, not truncated");
+    }
+
+    #[test]
+    fn the_rx_loop_delivers_frames_and_stops_when_asked() {
+        let (mem, mut d, host, irq) = setup();
+        driver_setup(&mut d);
+        post(&mem, RX as u64, 0, &[(DATA, 2048)], true);
+        let dev = Arc::new(Mutex::new(d));
+        let stop = Arc::new(AtomicBool::new(false));
+        let s2 = stop.clone();
+        let t = spawn_rx_thread(
+            "net-test".into(),
+            dev.clone(),
+            move || s2.load(Ordering::SeqCst),
+            None,
+        )
+        .unwrap();
+        host.send(&frame(b"through the thread")).unwrap();
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while lock(&dev).stats.rx_frames == 0 {
+            assert!(std::time::Instant::now() < deadline, "frame not delivered");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        assert_eq!(irq.0.read().unwrap(), 1);
+        stop.store(true, Ordering::SeqCst);
+        t.join().unwrap();
+    }
+
+    #[test]
+    fn status_zero_resets_the_queues_and_forgets_a_waiting_frame() {
+        let (_mem, mut d, host, _irq) = setup();
+        driver_setup(&mut d);
+        host.send(&frame(b"x")).unwrap();
+        assert_eq!(d.process_rx(), RxState::NeedBuffers);
+        w32(&mut d, reg::STATUS, 0);
+        assert_eq!(r32(&mut d, reg::STATUS), 0);
+        w32(&mut d, reg::QUEUE_SEL, 0);
+        assert_eq!(r32(&mut d, reg::QUEUE_READY), 0);
+        assert!(d.rx_pending.is_none());
+    }
+}
