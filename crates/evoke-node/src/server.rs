@@ -421,4 +421,202 @@ mod tests {
             .await
             .starts_with("HTTP/1.1 404"));
     }
+
+    /// A tier double whose one workload is the host: exec runs the command
+    /// as a host process on the given streams, so the protocol is tested
+    /// without root.
+    struct HostTier;
+
+    fn host_status() -> evoke_runtime::WorkloadStatus {
+        evoke_runtime::WorkloadStatus {
+            id: "w1".into(),
+            image: None,
+            state: WorkloadState::Running { pid: 1 },
+            created_at: std::time::SystemTime::now(),
+            started_at: None,
+            labels: [
+                (LABEL_POD_UID.to_string(), "u1".to_string()),
+                (LABEL_CONTAINER.to_string(), "c".to_string()),
+                (LABEL_ATTEMPT.to_string(), "0".to_string()),
+            ]
+            .into(),
+            log_path: None,
+        }
+    }
+
+    impl WorkloadRuntime for HostTier {
+        fn name(&self) -> &str {
+            "host"
+        }
+        fn available(&self) -> Result<(), evoke_runtime::RuntimeError> {
+            Ok(())
+        }
+        fn create(
+            &self,
+            spec: &evoke_runtime::WorkloadSpec,
+            _: evoke_runtime::Stdio,
+        ) -> Result<evoke_runtime::WorkloadStatus, evoke_runtime::RuntimeError> {
+            Err(evoke_runtime::RuntimeError::AlreadyExists(spec.id.clone()))
+        }
+        fn start(&self, _: &str) -> Result<(), evoke_runtime::RuntimeError> {
+            Ok(())
+        }
+        fn state(
+            &self,
+            _: &str,
+        ) -> Result<evoke_runtime::WorkloadStatus, evoke_runtime::RuntimeError> {
+            Ok(host_status())
+        }
+        fn list(&self) -> Result<Vec<evoke_runtime::WorkloadStatus>, evoke_runtime::RuntimeError> {
+            Ok(vec![host_status()])
+        }
+        fn signal(&self, _: &str, _: i32) -> Result<(), evoke_runtime::RuntimeError> {
+            Ok(())
+        }
+        fn exec(
+            &self,
+            _: &str,
+            spec: &evoke_runtime::ExecSpec,
+            stdio: evoke_runtime::Stdio,
+        ) -> Result<i32, evoke_runtime::RuntimeError> {
+            let io = |fd: Option<std::os::fd::OwnedFd>| match fd {
+                Some(fd) => std::process::Stdio::from(fd),
+                None => std::process::Stdio::null(),
+            };
+            let st = std::process::Command::new(&spec.command[0])
+                .args(&spec.command[1..])
+                .stdin(io(stdio.stdin))
+                .stdout(io(stdio.stdout))
+                .stderr(io(stdio.stderr))
+                .status()
+                .map_err(|e| evoke_runtime::RuntimeError::io("exec", e))?;
+            Ok(st.code().unwrap_or(255))
+        }
+        fn remove(&self, _: &str, _: bool) -> Result<(), evoke_runtime::RuntimeError> {
+            Ok(())
+        }
+    }
+
+    async fn exec_endpoint() -> (tempfile::TempDir, u16) {
+        let tmp = tempfile::tempdir().unwrap();
+        let pods: PodIndex = Arc::new(RwLock::new(HashMap::from([(
+            "ns/p".to_string(),
+            "u1".to_string(),
+        )])));
+        let tiers = Tiers::from([(
+            "host".to_string(),
+            Arc::new(HostTier) as Arc<dyn WorkloadRuntime>,
+        )]);
+        let port = serve(
+            "127.0.0.1:0",
+            tmp.path().to_path_buf(),
+            Some("tok".into()),
+            pods,
+            tiers,
+        )
+        .await
+        .unwrap();
+        (tmp, port)
+    }
+
+    fn ws_request(
+        port: u16,
+        path: &str,
+        token: &str,
+    ) -> tokio_tungstenite::tungstenite::handshake::client::Request {
+        use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+        let mut req = format!("ws://127.0.0.1:{port}{path}")
+            .into_client_request()
+            .unwrap();
+        let h = req.headers_mut();
+        h.insert("authorization", format!("Bearer {token}").parse().unwrap());
+        h.insert(
+            "sec-websocket-protocol",
+            "v5.channel.k8s.io, v4.channel.k8s.io".parse().unwrap(),
+        );
+        req
+    }
+
+    #[tokio::test]
+    async fn exec_streams_stdin_stdout_and_stderr_and_ends_with_the_exit_status() {
+        use futures::{SinkExt, StreamExt};
+        use tokio_tungstenite::tungstenite::Message;
+        let (_tmp, port) = exec_endpoint().await;
+        let path = "/exec/ns/p/c?command=sh&command=-c&command=cat%3B+echo+oops+%3E%262%3B+exit+3&stdin=true&stdout=true&stderr=true";
+        let (mut ws, resp) = tokio_tungstenite::connect_async(ws_request(port, path, "tok"))
+            .await
+            .unwrap();
+        assert_eq!(
+            resp.headers()["sec-websocket-protocol"],
+            "v5.channel.k8s.io"
+        );
+        ws.send(Message::binary(b"\x00hello ".to_vec()))
+            .await
+            .unwrap();
+        ws.send(Message::binary(b"\x00world\n".to_vec()))
+            .await
+            .unwrap();
+        // v5: stdin reached EOF.
+        ws.send(Message::binary(vec![255, 0])).await.unwrap();
+        let mut channels: HashMap<u8, Vec<u8>> = HashMap::new();
+        let mut order = Vec::new();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+        loop {
+            let m = tokio::time::timeout_at(deadline, ws.next())
+                .await
+                .expect("the session ends");
+            match m {
+                Some(Ok(Message::Binary(b))) => {
+                    order.push(b[0]);
+                    channels.entry(b[0]).or_default().extend(&b[1..]);
+                }
+                Some(Ok(Message::Close(f))) => {
+                    assert_eq!(f.map(|f| u16::from(f.code)), Some(1000));
+                    break;
+                }
+                Some(Ok(_)) => {}
+                None | Some(Err(_)) => break,
+            }
+        }
+        assert_eq!(channels[&1], b"hello world\n");
+        assert_eq!(channels[&2], b"oops\n");
+        // The status comes last, after all output.
+        assert_eq!(order.last(), Some(&3));
+        let status: serde_json::Value = serde_json::from_slice(&channels[&3]).unwrap();
+        assert_eq!(status["reason"], "NonZeroExitCode");
+        assert_eq!(status["details"]["causes"][0]["message"], "3");
+    }
+
+    #[tokio::test]
+    async fn exec_needs_the_token_a_known_pod_and_a_running_container() {
+        let (_tmp, port) = exec_endpoint().await;
+        let refused = |path: &'static str, token: &'static str| async move {
+            match tokio_tungstenite::connect_async(ws_request(port, path, token)).await {
+                Err(tokio_tungstenite::tungstenite::Error::Http(r)) => (
+                    r.status().as_u16(),
+                    String::from_utf8_lossy(r.body().as_deref().unwrap_or_default()).into_owned(),
+                ),
+                other => panic!("{path} was not refused: {:?}", other.map(|(_, r)| r)),
+            }
+        };
+        assert_eq!(refused("/exec/ns/p/c?command=true", "wrong").await.0, 401);
+        let (code, msg) = refused("/exec/ns/other/c?command=true", "tok").await;
+        assert_eq!(
+            (code, msg.trim()),
+            (404, "pod ns/other is not on this node")
+        );
+        let (code, msg) = refused("/exec/ns/p/nosuch?command=true", "tok").await;
+        assert_eq!(
+            (code, msg.trim()),
+            (400, "container nosuch in pod p is not running")
+        );
+        let (code, msg) = refused("/exec/ns/p/c?stdout=true", "tok").await;
+        assert_eq!(code, 400);
+        assert!(msg.contains("at least one command"), "{msg}");
+        // Checks pass but no upgrade: the API server's probe before it
+        // refuses SPDY.
+        assert!(get(port, "/exec/ns/p/c?command=true", "tok")
+            .await
+            .starts_with("HTTP/1.1 426"));
+    }
 }
