@@ -3,7 +3,9 @@
 //!   parameters kubectl's `logs` passes through (`follow`, `previous`,
 //!   `tailLines`);
 //! - `GET /exec/{namespace}/{pod}/{container}?command=...`, a WebSocket
-//!   remote-command session ([`crate::stream`]).
+//!   remote-command session ([`crate::stream`]);
+//! - `GET /attach/{namespace}/{pod}/{container}`, the main process's
+//!   output from now on, in the same protocol.
 //!
 //! The API server proxies `pods/log` and `pods/exec` here, at the node's
 //! InternalIP and `status.daemonEndpoints.kubeletEndpoint.port`, with its
@@ -221,6 +223,67 @@ async fn exec(
     ws.on_upgrade(move |socket| stream::session(socket, protocol, tier, id, req))
 }
 
+/// `GET /attach/{ns}/{pod}/{container}`: the main process's output from
+/// now on, as a WebSocket remote-command session. The container's stdin
+/// is not kept open, so attaching to it is refused.
+async fn attach(
+    State(app): State<App>,
+    UrlPath((ns, pod, container)): UrlPath<(String, String, String)>,
+    RawQuery(query): RawQuery,
+    headers: HeaderMap,
+    ws: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
+) -> Response {
+    if let Err(r) = app.authorize(&headers) {
+        return *r;
+    }
+    let wants_stdin = form_urlencoded::parse(query.unwrap_or_default().as_bytes())
+        .any(|(k, v)| k == "stdin" && matches!(v.as_ref(), "1" | "true" | "True" | "TRUE"));
+    if wants_stdin {
+        return error(
+            StatusCode::BAD_REQUEST,
+            format!("attaching to the stdin of container {container} is not supported: evoke does not keep a container's stdin open\n"),
+        );
+    }
+    let uid = match app.pod_uid(&ns, &pod) {
+        Ok(uid) => uid,
+        Err(r) => return *r,
+    };
+    let (tier, id) = match app.running_workload(&uid, &pod, &container).await {
+        Ok(x) => x,
+        Err(r) => return *r,
+    };
+    let (t, w) = (tier.clone(), id.clone());
+    let log = tokio::task::spawn_blocking(move || t.state(&w).ok().and_then(|s| s.log_path))
+        .await
+        .ok()
+        .flatten();
+    let Some(log) = log else {
+        return error(
+            StatusCode::BAD_REQUEST,
+            format!("container {container} in pod {pod} keeps no output to attach to\n"),
+        );
+    };
+    let ws = match ws {
+        Ok(ws) => ws.protocols(stream::PROTOCOLS),
+        Err(e) => {
+            return error(
+                StatusCode::UPGRADE_REQUIRED,
+                format!("attach needs a WebSocket upgrade: {e}\n"),
+            )
+        }
+    };
+    if ws.selected_protocol().is_none() {
+        return error(
+            StatusCode::BAD_REQUEST,
+            format!(
+                "attach needs one of the subprotocols {}\n",
+                stream::PROTOCOLS.join(", ")
+            ),
+        );
+    }
+    ws.on_upgrade(move |socket| stream::attach_session(socket, tier, id, log))
+}
+
 async fn logs(
     State(app): State<App>,
     UrlPath((ns, pod, container)): UrlPath<(String, String, String)>,
@@ -338,6 +401,7 @@ pub async fn serve(
     let router = Router::new()
         .route("/containerLogs/{ns}/{pod}/{container}", get(logs))
         .route("/exec/{ns}/{pod}/{container}", get(exec))
+        .route("/attach/{ns}/{pod}/{container}", get(attach))
         .route("/healthz", get(healthz))
         .with_state(app);
     let listener = tokio::net::TcpListener::bind(addr)

@@ -300,6 +300,66 @@ pub async fn session(
     let _ = writer.await;
 }
 
+/// `kubectl attach` without stdin: the main process's output from now on
+/// (stdout and stderr share the container's log, so both arrive on
+/// channel 1), until the process ends or the client leaves.
+pub async fn attach_session(
+    socket: WebSocket,
+    tier: Arc<dyn WorkloadRuntime>,
+    id: String,
+    log: std::path::PathBuf,
+) {
+    let (mut sink, mut incoming) = socket.split();
+    let mut offset = std::fs::metadata(&log).map(|m| m.len()).unwrap_or(0);
+    tracing::info!(workload = %id, "attach started");
+    let mut tick = tokio::time::interval(Duration::from_millis(200));
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {
+                let (t, w) = (tier.clone(), id.clone());
+                let running = tokio::task::spawn_blocking(move || {
+                    matches!(t.state(&w).map(|s| s.state), Ok(evoke_runtime::WorkloadState::Running { .. }))
+                })
+                .await
+                .unwrap_or(false);
+                let mut buf = Vec::new();
+                if let Ok(mut f) = tokio::fs::File::open(&log).await {
+                    use tokio::io::AsyncSeekExt;
+                    if f.seek(std::io::SeekFrom::Start(offset)).await.is_ok() {
+                        let _ = f.read_to_end(&mut buf).await;
+                    }
+                }
+                if !buf.is_empty() {
+                    offset += buf.len() as u64;
+                    if sink.send(frame(STDOUT, &buf)).await.is_err() {
+                        return;
+                    }
+                }
+                if !running {
+                    break;
+                }
+            }
+            msg = incoming.next() => match msg {
+                Some(Ok(Message::Close(_))) | None | Some(Err(_)) => {
+                    tracing::info!(workload = %id, "attach client went away");
+                    return;
+                }
+                Some(Ok(_)) => {}
+            },
+        }
+    }
+    tracing::info!(workload = %id, "attach ended: the process exited");
+    let status = status_for(&Ok(0)).to_string();
+    let _ = sink.send(frame(ERROR, status.as_bytes())).await;
+    let _ = sink
+        .send(Message::Close(Some(CloseFrame {
+            code: 1000,
+            reason: "".into(),
+        })))
+        .await;
+    let _ = sink.close().await;
+}
+
 /// The status on channel 3, then a normal close.
 async fn finish(out: &mpsc::Sender<Message>, outcome: &Result<i32, String>) {
     let status = status_for(outcome).to_string();

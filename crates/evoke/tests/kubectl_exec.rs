@@ -260,3 +260,38 @@ fn exec_it_gives_a_shell_on_a_terminal() {
     // `script -e` passes on kubectl's exit code, which is the shell's.
     assert_eq!(status.code(), Some(4));
 }
+
+#[test]
+fn attach_streams_the_main_process_output_until_it_exits() {
+    if !common::require_pods() {
+        return;
+    }
+    let c = common::start_cluster();
+    c.run_pod(
+        "talker",
+        "apiVersion: v1
+kind: Pod
+metadata: {name: talker}
+spec:
+  restartPolicy: Never
+  terminationGracePeriodSeconds: 1
+  containers:
+  - name: talk
+    image: busybox:1
+    command: [/bin/sh, -c, 'echo early; sleep 3; echo late; sleep 1']
+",
+    );
+    // Output from the moment of attaching, until the process ends.
+    let out = c.kubectl(&["attach", "talker"]);
+    let (stdout, stderr) = text(&out);
+    assert!(out.status.success(), "{stderr}");
+    // (`early` is usually out before kubectl attaches.)
+    assert!(stdout == "late\n" || stdout == "early\nlate\n", "{stdout}");
+    // The container's stdin is not kept open: -i is refused, clearly.
+    c.run_pod("two", TWO_CONTAINERS);
+    let err = c.fails(&["attach", "-i", "two", "-c", "first"], None);
+    assert!(
+        err.contains("stdin of container first is not supported"),
+        "{err}"
+    );
+}

@@ -1,4 +1,5 @@
-//! `pods/<name>/exec`: the streaming subresource behind `kubectl exec`.
+//! `pods/<name>/exec` and `pods/<name>/attach`: the streaming
+//! subresources behind `kubectl exec` and `kubectl attach`.
 //!
 //! kubectl 1.30+ opens it as a WebSocket (`GET` with `Upgrade: websocket`
 //! and the subprotocol `v5.channel.k8s.io`) and falls back to SPDY (`POST`)
@@ -129,7 +130,8 @@ async fn dial_node(
     }
 }
 
-/// `GET|POST .../pods/{name}/exec`.
+/// `GET|POST .../pods/{name}/exec` and `.../attach` (the same session
+/// without a command, on the main process).
 pub(crate) async fn exec(ctx: &Ctx) -> Result<Reply, ApiError> {
     let name = ctx.name().to_string();
     let ns = ctx.t.namespace.clone().unwrap_or_default();
@@ -140,7 +142,8 @@ pub(crate) async fn exec(ctx: &Ctx) -> Result<Reply, ApiError> {
         .as_ref()
         .map(|u| u.query.clone())
         .unwrap_or_default();
-    if !form_has_command(&query) {
+    let sub = ctx.t.sub.as_deref().unwrap_or("exec");
+    if sub == "exec" && !form_has_command(&query) {
         return Err(ApiError::bad_request(
             "you must specify at least one command for the container",
         ));
@@ -153,11 +156,11 @@ pub(crate) async fn exec(ctx: &Ctx) -> Result<Reply, ApiError> {
     let phase = pod["status"]["phase"].as_str().unwrap_or("Pending");
     if matches!(phase, "Succeeded" | "Failed") {
         return Err(ApiError::bad_request(format!(
-            "cannot exec into a container in a completed pod; current phase is {phase}"
+            "cannot {sub} into a container in a completed pod; current phase is {phase}"
         )));
     }
     let endpoint = super::proxy::node_endpoint(ctx, &node).await?;
-    let path = format!("/exec/{ns}/{name}/{container}?{query}");
+    let path = format!("/{sub}/{ns}/{name}/{container}?{query}");
     let Some(upgrade) = upgrade.filter(Upgrade::is_websocket) else {
         // SPDY (kubectl's fallback after a failed WebSocket upgrade) or a
         // plain request. The node's checks without an upgrade give the
@@ -166,9 +169,9 @@ pub(crate) async fn exec(ctx: &Ctx) -> Result<Reply, ApiError> {
         if resp.status() != http::StatusCode::UPGRADE_REQUIRED {
             return Err(super::proxy::node_error(resp).await);
         }
-        return Err(ApiError::bad_request(
-            "pods/exec is served over WebSocket (v5.channel.k8s.io) only; SPDY is not supported",
-        ));
+        return Err(ApiError::bad_request(format!(
+            "pods/{sub} is served over WebSocket (v5.channel.k8s.io) only; SPDY is not supported"
+        )));
     };
     let key = upgrade
         .headers
@@ -183,7 +186,7 @@ pub(crate) async fn exec(ctx: &Ctx) -> Result<Reply, ApiError> {
         upgrade.headers.get(http::header::SEC_WEBSOCKET_PROTOCOL),
     )
     .await?;
-    tracing::info!(pod = %format!("{ns}/{name}"), %container, %node, "exec session relayed");
+    tracing::info!(pod = %format!("{ns}/{name}"), %container, %node, %sub, "session relayed");
     let on = upgrade.on;
     tokio::spawn(async move {
         match on.await {
@@ -193,7 +196,7 @@ pub(crate) async fn exec(ctx: &Ctx) -> Result<Reply, ApiError> {
                         .await;
                 relay(client, node_ws).await;
             }
-            Err(e) => tracing::warn!(error = %e, "exec upgrade failed"),
+            Err(e) => tracing::warn!(error = %e, "upgrade for pods/exec or attach failed"),
         }
     });
     let body = http_body_util::Empty::new()
