@@ -181,6 +181,23 @@ impl NodePodNetwork for NodeNetwork {
         Ok(net)
     }
 
+    fn setup_vm(
+        &self,
+        pod_uid: &str,
+        namespace: &str,
+        name: &str,
+    ) -> Result<Option<evoke_runtime::GuestNetwork>, NodeError> {
+        let mut net = self.bridge()?.setup_vm(pod_uid, namespace, name)?;
+        if let Some(n) = &mut net {
+            n.resolv_conf = Some(resolv_conf(
+                namespace,
+                self.cfg.cluster_dns,
+                &self.cfg.cluster_domain,
+            ));
+        }
+        Ok(net)
+    }
+
     fn teardown(&self, pod_uid: &str) -> Result<(), NodeError> {
         let path = self.resolv_path(pod_uid);
         match std::fs::remove_file(&path) {
@@ -304,8 +321,8 @@ pub fn plan_pod_cidrs(
 pub async fn run_pod_cidr_allocator(client: Client, cluster: Ipv4Net) {
     let api: Api<Node> = Api::all(client);
     let (store, writer) = reflector::store::<Node>();
-    let events = reflector(writer, watcher(api.clone(), watcher::Config::default()))
-        .default_backoff();
+    let events =
+        reflector(writer, watcher(api.clone(), watcher::Config::default())).default_backoff();
     let mut events = std::pin::pin!(events);
     let mut assigned: BTreeMap<String, Ipv4Net> = BTreeMap::new();
     // Every event, including the end of a (re)list when the store fills.

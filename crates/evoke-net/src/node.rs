@@ -107,4 +107,26 @@ impl NodePodNetwork for BridgeNetwork {
         self.block(move |net| Box::pin(async move { net.teardown(&uid).await }))
             .map_err(|e| NodeError::Network(format!("pod {pod_uid}: {e}")))
     }
+
+    /// A tap on the bridge and an address from the node's subnet, for the
+    /// guest's eth0 (its gateway is the bridge, as for veth pods).
+    fn setup_vm(
+        &self,
+        pod_uid: &str,
+        _namespace: &str,
+        _name: &str,
+    ) -> Result<Option<evoke_runtime::GuestNetwork>, NodeError> {
+        let uid = pod_uid.to_string();
+        let (tap, ip) = self
+            .block(move |net| Box::pin(async move { net.create_tap(&uid).await }))
+            .map_err(|e| NodeError::Network(format!("pod {pod_uid}: {e}")))?;
+        let subnet = self.net.ipam().subnet();
+        Ok(Some(evoke_runtime::GuestNetwork {
+            tap,
+            address: ip,
+            prefix_len: subnet.prefix(),
+            gateway: Some(subnet.gateway()),
+            resolv_conf: None,
+        }))
+    }
 }

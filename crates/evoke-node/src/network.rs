@@ -26,6 +26,20 @@ pub struct PodNet {
 pub trait PodNetwork: Send + Sync {
     fn setup(&self, pod_uid: &str, namespace: &str, name: &str) -> Result<PodNet, NodeError>;
     fn teardown(&self, pod_uid: &str) -> Result<(), NodeError>;
+
+    /// The network of a microVM pod, in place of [`PodNetwork::setup`]: a
+    /// tap on the pod network and the address, gateway and resolv.conf the
+    /// guest gives its eth0 (the microvm tier backs a virtio-net with the
+    /// tap). `None`: this network has nothing for VMs and the VM runs with
+    /// no network device. [`PodNetwork::teardown`] releases it.
+    fn setup_vm(
+        &self,
+        _pod_uid: &str,
+        _namespace: &str,
+        _name: &str,
+    ) -> Result<Option<evoke_runtime::GuestNetwork>, NodeError> {
+        Ok(None)
+    }
 }
 
 /// The host's network: no namespace, the pod IP is the node IP.

@@ -81,6 +81,8 @@ pub struct Worker {
     volume_dirs: HashMap<String, PathBuf>,
     refs: Option<Refs>,
     net: PodNet,
+    /// A microVM pod's network (tap, address): see `PodNetwork::setup_vm`.
+    guest_net: Option<evoke_runtime::GuestNetwork>,
     ipc: Option<PathBuf>,
     adopted: Vec<WorkloadStatus>,
     last_written: Option<PodStatus>,
@@ -141,6 +143,7 @@ impl Worker {
             volume_dirs: HashMap::new(),
             refs: None,
             net: PodNet::default(),
+            guest_net: None,
             ipc: None,
             adopted,
             last_written: None,
@@ -295,10 +298,31 @@ impl Worker {
             .and_then(|s| s.host_network)
             .unwrap_or(false)
             || class == "process";
+        let microvm = self.tier.as_ref().is_some_and(|t| t.name() == "microvm");
         let net = if host_network {
             Ok(PodNet {
                 netns: None,
                 ip: Some(self.ctx.host_ip.clone()),
+                mounts: Vec::new(),
+            })
+        } else if microvm {
+            // A VM joins the pod network through a tap and its own eth0,
+            // not a namespace.
+            let network = self.ctx.network.clone();
+            let (uid, ns, name) = (
+                self.pod.uid().unwrap_or_default(),
+                self.pod.namespace().unwrap_or_default(),
+                self.pod.name_any(),
+            );
+            let guest = tokio::task::spawn_blocking(move || network.setup_vm(&uid, &ns, &name))
+                .await
+                .map_err(|e| ("NetworkNotReady".to_string(), e.to_string()))?
+                .map_err(|e| ("NetworkNotReady".to_string(), e.to_string()))?;
+            let ip = guest.as_ref().map(|g| g.address.to_string());
+            self.guest_net = guest;
+            Ok(PodNet {
+                netns: None,
+                ip,
                 mounts: Vec::new(),
             })
         } else {
@@ -522,6 +546,7 @@ impl Worker {
         };
         spec.network_namespace = self.net.netns.clone();
         spec.mounts.extend(self.net.mounts.iter().cloned());
+        spec.guest_network = self.guest_net.clone();
         spec.ipc_namespace = self.ipc.clone();
         let id = spec.id.clone();
         let pod_uid = self.pod.uid().unwrap_or_default();

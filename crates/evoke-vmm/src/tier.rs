@@ -245,6 +245,20 @@ fn net_devices(spec: &WorkloadSpec) -> Vec<NetDeviceConfig> {
         .collect()
 }
 
+/// The tap must exist before the VM starts: the VMM opens it by name, and
+/// an error here is clearer than a VM that ends at once.
+fn check_guest_network(spec: &WorkloadSpec) -> Result<(), RuntimeError> {
+    match &spec.guest_network {
+        Some(n) if nix::net::if_::if_nametoindex(n.tap.as_str()).is_err() => {
+            Err(RuntimeError::InvalidSpec(format!(
+                "tap {} for workload {} does not exist in this network namespace",
+                n.tap, spec.id
+            )))
+        }
+        _ => Ok(()),
+    }
+}
+
 /// Modules for the guest to load: virtio_net (and what it depends on) only
 /// when the VM has a network, as loading it costs boot time.
 fn guest_modules(spec: &WorkloadSpec) -> &'static [&'static str] {
@@ -296,6 +310,7 @@ impl WorkloadRuntime for MicroVmTier {
             .image
             .as_deref()
             .ok_or_else(|| RuntimeError::InvalidSpec("the microvm tier needs an image".into()))?;
+        check_guest_network(spec)?;
         let store = ImageStore::open(&self.data_dir)?;
         let image = store.resolve(image_ref)?;
         let gspec = guest_spec(spec, image.config.config().as_ref())?;
@@ -724,6 +739,38 @@ mod tests {
             .with_kernel(dir.path().join("vmlinuz-gone"));
         let err = tier.kernel().unwrap_err().to_string();
         assert!(err.contains("scripts/setup"), "{err}");
+    }
+
+    #[test]
+    fn a_guest_network_adds_virtio_net_and_a_nic_whose_mac_follows_the_address() {
+        let mut spec = WorkloadSpec {
+            id: "vmnet".into(),
+            ..Default::default()
+        };
+        assert_eq!(guest_modules(&spec), DEFAULT_MODULES);
+        assert!(net_devices(&spec).is_empty());
+        spec.guest_network = Some("lo,10.42.0.9/24,10.42.0.1".parse().unwrap());
+        assert!(guest_modules(&spec).starts_with(DEFAULT_MODULES));
+        assert!(guest_modules(&spec).contains(&"virtio_net"));
+        let nics = net_devices(&spec);
+        assert_eq!(nics.len(), 1);
+        assert_eq!(nics[0].tap, "lo");
+        assert_eq!(nics[0].mac, [0x02, 0x65, 10, 42, 0, 9]);
+        let g = guest_spec(
+            &WorkloadSpec {
+                command: Some(vec!["true".into()]),
+                ..spec.clone()
+            },
+            None,
+        )
+        .unwrap();
+        let net = g.network.unwrap();
+        assert_eq!((net.interface.as_str(), net.prefix_len), ("eth0", 24));
+        // "lo" exists everywhere; a missing tap is refused before any work.
+        assert!(check_guest_network(&spec).is_ok());
+        spec.guest_network = Some("evk-gone0,10.42.0.9/24".parse().unwrap());
+        let err = check_guest_network(&spec).unwrap_err().to_string();
+        assert!(err.contains("evk-gone0"), "{err}");
     }
 
     #[test]

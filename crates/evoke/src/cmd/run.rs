@@ -61,6 +61,10 @@ pub struct RunArgs {
     /// Maximum number of processes.
     #[arg(long)]
     pub pids_limit: Option<i64>,
+    /// microvm tier only: give the guest an eth0 on an existing tap device,
+    /// TAP,ADDRESS/PREFIX[,GATEWAY] (pods get theirs from the pod network).
+    #[arg(long, value_name = "TAP,ADDR/PREFIX[,GW]")]
+    pub guest_net: Option<String>,
     /// The image.
     pub image: String,
     /// Command and arguments (default: the image's Entrypoint and Cmd).
@@ -143,6 +147,9 @@ pub fn display_name(s: &WorkloadStatus) -> String {
 }
 
 pub fn main(global: &Global, args: RunArgs) -> anyhow::Result<u8> {
+    if args.guest_net.is_some() && args.tier != "microvm" {
+        bail!("--guest-net is for --tier microvm; other tiers get their network from a namespace");
+    }
     let rt = tier(&global.data_dir, &args.tier)?;
     rt.available()?;
     let id = new_id()?;
@@ -190,6 +197,11 @@ pub fn main(global: &Global, args: RunArgs) -> anyhow::Result<u8> {
             pids_limit: args.pids_limit,
         },
         labels,
+        guest_network: args
+            .guest_net
+            .as_deref()
+            .map(str::parse::<evoke_runtime::GuestNetwork>)
+            .transpose()?,
         ..WorkloadSpec::default()
     };
 
