@@ -9,9 +9,6 @@ use serde_json::json;
 use crate::error::StartError;
 use crate::object;
 
-/// The ClusterIP of the `kubernetes` Service: the first of 10.43.0.0/16.
-const KUBERNETES_SERVICE_IP: &str = "10.43.0.1";
-
 async fn create_if_missing(
     store: &dyn Backend,
     key: String,
@@ -105,7 +102,13 @@ pub(crate) async fn advertise(
     .await
 }
 
-pub(crate) async fn ensure_defaults(store: &dyn Backend) -> Result<(), StartError> {
+/// The namespaces and ServiceAccounts every cluster has, and the
+/// `kubernetes` Service at `kubernetes_ip` (the first Service address).
+pub(crate) async fn ensure_defaults(
+    store: &dyn Backend,
+    kubernetes_ip: std::net::Ipv4Addr,
+) -> Result<(), StartError> {
+    let kubernetes_ip = kubernetes_ip.to_string();
     let now = object::now();
     let (Some(ns), Some(svc)) = (
         registry::by_plural("", "v1", "namespaces"),
@@ -133,7 +136,7 @@ pub(crate) async fn ensure_defaults(store: &dyn Backend) -> Result<(), StartErro
             "creationTimestamp": now, "generation": 1,
             "labels": {"component": "apiserver", "provider": "kubernetes"}},
         "spec": {
-            "type": "ClusterIP", "clusterIP": KUBERNETES_SERVICE_IP, "clusterIPs": [KUBERNETES_SERVICE_IP],
+            "type": "ClusterIP", "clusterIP": kubernetes_ip, "clusterIPs": [kubernetes_ip],
             "ports": [{"name": "https", "port": 443, "protocol": "TCP", "targetPort": 6443}],
             "sessionAffinity": "None", "ipFamilies": ["IPv4"], "ipFamilyPolicy": "SingleStack",
             "internalTrafficPolicy": "Cluster",

@@ -55,6 +55,70 @@ pub struct Config {
     pub kubeconfig_mode: u32,
     /// How often a quiet watch with `allowWatchBookmarks` gets a BOOKMARK.
     pub bookmark_interval: std::time::Duration,
+    /// ClusterIPs come from here (`--service-cidr`); the `kubernetes`
+    /// Service takes its first address.
+    pub service_cidr: ServiceCidr,
+}
+
+/// The Service CIDR: an IPv4 network of at least 16 addresses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ServiceCidr {
+    base: u32,
+    prefix: u8,
+}
+
+impl ServiceCidr {
+    /// `base/prefix`; the host bits of `base` are cleared. A network
+    /// smaller than /28 is refused: the first 16 addresses are reserved.
+    pub fn new(base: std::net::Ipv4Addr, prefix: u8) -> Option<Self> {
+        if prefix > 28 {
+            return None;
+        }
+        let mask = if prefix == 0 {
+            0
+        } else {
+            u32::MAX << (32 - u32::from(prefix))
+        };
+        Some(Self {
+            base: u32::from(base) & mask,
+            prefix,
+        })
+    }
+
+    pub(crate) fn base(&self) -> u32 {
+        self.base
+    }
+
+    pub(crate) fn size(&self) -> u64 {
+        1u64 << (32 - u32::from(self.prefix))
+    }
+
+    /// Whether `ip` is in the range.
+    pub fn contains(&self, ip: std::net::Ipv4Addr) -> bool {
+        let n = u32::from(ip);
+        n >= self.base && u64::from(n - self.base) < self.size()
+    }
+
+    /// The `kubernetes` Service's address: the first of the range.
+    pub fn first(&self) -> std::net::Ipv4Addr {
+        std::net::Ipv4Addr::from(self.base + 1)
+    }
+}
+
+impl Default for ServiceCidr {
+    /// 10.43.0.0/16, as k3s.
+    fn default() -> Self {
+        Self {
+            base: u32::from_be_bytes([10, 43, 0, 0]),
+            prefix: 16,
+        }
+    }
+}
+
+impl std::fmt::Display for ServiceCidr {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", std::net::Ipv4Addr::from(self.base), self.prefix)
+    }
 }
 
 impl Config {
@@ -68,6 +132,7 @@ impl Config {
             kubeconfig_path: None,
             kubeconfig_mode: 0o600,
             bookmark_interval: watch::BOOKMARK_EVERY,
+            service_cidr: ServiceCidr::default(),
         }
     }
 }
@@ -84,6 +149,8 @@ pub(crate) struct State {
     pub bookmark_interval: std::time::Duration,
     /// Held from a Service's address allocation until it is stored.
     pub service_lock: tokio::sync::Mutex<()>,
+    /// Where ClusterIPs come from.
+    pub service_cidr: ServiceCidr,
 }
 
 /// Entry point: see [`Server::start`].
@@ -154,7 +221,7 @@ impl Server {
             .unwrap_or_else(|| server_dir.join("cred").join("admin.kubeconfig"));
         kubeconfig::write(&kubeconfig, &server_url, &creds, config.kubeconfig_mode)?;
 
-        bootstrap::ensure_defaults(store.as_ref()).await?;
+        bootstrap::ensure_defaults(store.as_ref(), config.service_cidr.first()).await?;
         bootstrap::advertise(store.as_ref(), addr).await?;
 
         let state = Arc::new(State {
@@ -163,6 +230,7 @@ impl Server {
             ca_pem: creds.ca_cert_pem.clone(),
             server_address: format!("{host}:{}", addr.port()),
             service_lock: tokio::sync::Mutex::new(()),
+            service_cidr: config.service_cidr,
             bookmark_interval: config.bookmark_interval,
         });
         let (stop, stopped) = signal::channel(false);

@@ -756,6 +756,47 @@ async fn services_get_distinct_cluster_ips_and_node_ports() {
 }
 
 #[tokio::test]
+async fn cluster_ips_come_from_the_configured_service_cidr() {
+    let cidr =
+        evoke_apiserver::ServiceCidr::new("10.96.0.0".parse().expect("ip"), 12).expect("cidr");
+    let h = start_with(|c| c.service_cidr = cidr).await;
+    let svcs = "/api/v1/namespaces/default/services";
+    let (c, k) = h.get(&format!("{svcs}/kubernetes")).await;
+    assert_eq!(
+        (c, k["spec"]["clusterIP"].as_str()),
+        (200, Some("10.96.0.1"))
+    );
+    let svc = |name: &str, spec: Value| json!({"apiVersion": "v1", "kind": "Service", "metadata": {"name": name}, "spec": spec});
+    let (c, a) = h
+        .json("POST", svcs, svc("a", json!({"ports": [{"port": 80}]})))
+        .await;
+    assert_eq!(c, 201, "{a}");
+    let ip: std::net::Ipv4Addr = a["spec"]["clusterIP"]
+        .as_str()
+        .and_then(|s| s.parse().ok())
+        .expect("cluster ip");
+    assert!(cidr.contains(ip), "{ip} is in {cidr}");
+    let (c, s) = h
+        .json(
+            "POST",
+            svcs,
+            svc(
+                "b",
+                json!({"clusterIP": "10.43.0.20", "ports": [{"port": 80}]}),
+            ),
+        )
+        .await;
+    assert_eq!((c, s["reason"].as_str()), (422, Some("Invalid")), "{s}");
+    assert!(
+        s["message"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("10.96.0.0/12"),
+        "{s}"
+    );
+}
+
+#[tokio::test]
 async fn the_ca_is_served_without_credentials_at_cacerts() {
     let h = start().await;
     let mut cfg = kube_config(&h.server.as_ref().expect("server").kubeconfig).await;

@@ -1,5 +1,5 @@
 //! Allocation for new Services: a ClusterIP from the service CIDR
-//! 10.43.0.0/16 (as k3s) and node ports from 30000-32767, unless the
+//! (`--service-cidr`, 10.43.0.0/16 as k3s by default) and node ports from 30000-32767, unless the
 //! client asked for specific ones, which must then be free. Callers hold
 //! [`crate::State::service_lock`] from allocation until the Service is
 //! stored, so two creates never get the same address.
@@ -14,9 +14,6 @@ use serde_json::Value;
 use super::read::{read_page, Filter};
 use crate::State;
 
-/// 10.43.0.0/16: the service CIDR.
-const CIDR_BASE: u32 = u32::from_be_bytes([10, 43, 0, 0]);
-const CIDR_SIZE: u32 = 1 << 16;
 /// Addresses below this are for fixed services: .1 the API, .10 DNS.
 const FIRST_DYNAMIC: u32 = 16;
 const NODE_PORTS: std::ops::RangeInclusive<u16> = 30000..=32767;
@@ -31,11 +28,6 @@ fn invalid(name: &str, field: &str, message: String) -> ApiError {
             field: field.into(),
         }],
     )
-}
-
-fn in_cidr(ip: Ipv4Addr) -> bool {
-    let n = u32::from(ip);
-    (CIDR_BASE..CIDR_BASE + CIDR_SIZE).contains(&n)
 }
 
 /// Fills spec.clusterIP(s) and node ports of `svc`, a Service about to be
@@ -76,14 +68,15 @@ pub(crate) async fn allocate(
     match spec["clusterIP"].as_str().unwrap_or_default() {
         "None" => {}
         "" => {
-            let ip = (FIRST_DYNAMIC..CIDR_SIZE - 1)
-                .map(|off| Ipv4Addr::from(CIDR_BASE + off))
+            let cidr = state.service_cidr;
+            let ip = (u64::from(FIRST_DYNAMIC)..cidr.size() - 1)
+                .map(|off| Ipv4Addr::from(cidr.base() + off as u32))
                 .find(|ip| !used_ips.contains(ip))
                 .ok_or_else(|| {
                     ApiError::new(
                         500,
                         "InternalError",
-                        "the service CIDR 10.43.0.0/16 is full",
+                        format!("the service CIDR {cidr} is full"),
                     )
                 })?;
             spec["clusterIP"] = ip.to_string().into();
@@ -97,9 +90,10 @@ pub(crate) async fn allocate(
                     format!("Invalid value: {given:?}: must be a valid IP address"),
                 )
             })?;
-            if !in_cidr(ip) {
+            if !state.service_cidr.contains(ip) {
+                let cidr = state.service_cidr;
                 return Err(invalid(&name, "spec.clusterIP", format!(
-                    "Invalid value: {given:?}: failed to allocate IP {given}: the provided IP ({given}) is not in the valid range. The range of valid IPs is 10.43.0.0/16"
+                    "Invalid value: {given:?}: failed to allocate IP {given}: the provided IP ({given}) is not in the valid range. The range of valid IPs is {cidr}"
                 )));
             }
             if used_ips.contains(&ip) {

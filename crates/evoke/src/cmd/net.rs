@@ -74,6 +74,17 @@ impl NetArgs {
     }
 }
 
+/// `--service-cidr` for the API server's ClusterIP allocator.
+pub fn service_cidr(args: &NetArgs) -> anyhow::Result<evoke_apiserver::ServiceCidr> {
+    evoke_apiserver::ServiceCidr::new(args.service_cidr.network(), args.service_cidr.prefix())
+        .ok_or_else(|| {
+            anyhow::anyhow!(
+                "--service-cidr {} is too small: it needs at least 16 addresses",
+                args.service_cidr
+            )
+        })
+}
+
 /// The pod network of node `node_name`. With the host-gw backend this
 /// spawns its bring-up (wait for the podCIDR, bridge, DNS, proxy, routes)
 /// on the current runtime; pods wait for it.
