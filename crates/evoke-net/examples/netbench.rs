@@ -1,8 +1,10 @@
-//! Network benchmark (run by bench/network/run as root): wrk against a
-//! busybox httpd pod, through a ClusterIP and directly to the pod IP, from
-//! the node namespace; then the time for one Service change to reach the
-//! table with 1,000 Services programmed. Everything lives in namespaces this
-//! program creates.
+//! Network benchmark (run by bench/network/run as root): wrk against a pod,
+//! through a ClusterIP and directly to the pod IP, from the node namespace,
+//! with two servers in the pod: busybox httpd (a new connection, so a new
+//! conntrack entry and NAT binding, per request) and a small keep-alive
+//! HTTP/1.1 server (connections reused: the per-packet cost only). Then the
+//! time for one Service change to reach the table with 1,000 Services
+//! programmed. Everything lives in namespaces this program creates.
 
 use std::net::Ipv4Addr;
 use std::process::{Command, Stdio};
@@ -62,6 +64,36 @@ fn wrk(ns: &std::path::Path, url: &str, secs: u32) -> (f64, String) {
     (rps, p99)
 }
 
+/// A keep-alive HTTP/1.1 server on `listener`: one thread per connection,
+/// a fixed 19-byte body for every request.
+fn serve_keep_alive(listener: std::net::TcpListener) {
+    use std::io::{Read, Write};
+    const RESPONSE: &[u8] =
+        b"HTTP/1.1 200 OK\r\nContent-Length: 19\r\nContent-Type: text/plain\r\n\r\nhello from the pod\n";
+    for conn in listener.incoming() {
+        let Ok(mut conn) = conn else { continue };
+        std::thread::spawn(move || {
+            let _ = conn.set_nodelay(true);
+            let mut buf = vec![0u8; 8192];
+            let mut pending = Vec::new();
+            loop {
+                let n = match conn.read(&mut buf) {
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => n,
+                };
+                pending.extend_from_slice(&buf[..n]);
+                // wrk sends GETs without bodies: one response per header block.
+                while let Some(end) = pending.windows(4).position(|w| w == b"\r\n\r\n") {
+                    pending.drain(..end + 4);
+                    if conn.write_all(RESPONSE).is_err() {
+                        return;
+                    }
+                }
+            }
+        });
+    }
+}
+
 #[tokio::main]
 async fn main() {
     let secs: u32 = std::env::var("BENCH_SECS")
@@ -91,19 +123,94 @@ async fn main() {
         .stderr(Stdio::null())
         .spawn()
         .expect("httpd");
+    // The socket belongs to the namespace it was made in.
+    let listener = netns::run_in(Some(&pod.netns), || {
+        std::net::TcpListener::bind("0.0.0.0:8081")
+    })
+    .expect("enter the pod namespace")
+    .expect("bind the keep-alive server");
+    std::thread::spawn(move || serve_keep_alive(listener));
     std::thread::sleep(Duration::from_millis(300));
 
     let mut proxy =
         Proxy::new(Some(node.clone()), "10.42.0.0/16".parse().expect("cidr")).expect("proxy");
     let vip = Ipv4Addr::new(10, 43, 0, 50);
-    proxy.apply(svc("web", vip, &[pod.ip])).expect("service");
+    let mut web = svc("web", vip, &[pod.ip]);
+    web.ports.push(ServicePort {
+        protocol: Protocol::Tcp,
+        port: 81,
+        node_port: None,
+        endpoints: vec![Endpoint {
+            ip: pod.ip,
+            port: 8081,
+        }],
+    });
+    proxy.apply(web).expect("service");
 
-    let (direct, direct_p99) = wrk(&node, &format!("http://{}:8080/", pod.ip), secs);
-    let (via, via_p99) = wrk(&node, &format!("http://{vip}/"), secs);
-    println!("direct pod IP : {direct:>10.0} req/s  p99 {direct_p99}");
-    println!("via ClusterIP : {via:>10.0} req/s  p99 {via_p99}");
-    if direct > 0.0 {
-        println!("ratio ClusterIP/direct: {:.3}", via / direct);
+    // The floor: one hand-written DNAT rule for another address, so that
+    // the cost of NAT itself can be told from the cost of evoke's rules.
+    let floor_vip = Ipv4Addr::new(10, 43, 0, 51);
+    let floor = format!(
+        "table ip floor {{\n\
+         \tchain pre {{ type nat hook prerouting priority -101; ip daddr {floor_vip} tcp dport 80 dnat to {ip}:8080; ip daddr {floor_vip} tcp dport 81 dnat to {ip}:8081; }}\n\
+         \tchain out {{ type nat hook output priority -101; ip daddr {floor_vip} tcp dport 80 dnat to {ip}:8080; ip daddr {floor_vip} tcp dport 81 dnat to {ip}:8081; }}\n\
+         }}\n",
+        ip = pod.ip
+    );
+    evoke_net::nft::run_nft(Some(&node), &floor).expect("floor table");
+    // A second pod as the client: pod to pod is bridged, pod to ClusterIP
+    // is routed through the node (the prerouting hook).
+    let client = net.setup("bench-client").await.expect("client pod");
+
+    for (who, from) in [("node", node.clone()), ("pod", client.netns.clone())] {
+        for (what, direct_url, via_url, floor_url) in [
+            (
+                "busybox httpd, a connection per request",
+                format!("http://{}:8080/", pod.ip),
+                format!("http://{vip}/"),
+                format!("http://{floor_vip}/"),
+            ),
+            (
+                "keep-alive server, reused connections",
+                format!("http://{}:8081/", pod.ip),
+                format!("http://{vip}:81/"),
+                format!("http://{floor_vip}:81/"),
+            ),
+        ] {
+            // Interleaved twice: the machine is shared, load drifts.
+            let (mut d, mut v, mut f) = (Vec::new(), Vec::new(), Vec::new());
+            for _ in 0..2 {
+                d.push(wrk(&from, &direct_url, secs));
+                v.push(wrk(&from, &via_url, secs));
+                f.push(wrk(&from, &floor_url, secs));
+            }
+            let mean = |r: &[(f64, String)]| r.iter().map(|x| x.0).sum::<f64>() / r.len() as f64;
+            let p99s = |r: &[(f64, String)]| {
+                r.iter()
+                    .map(|x| x.1.clone())
+                    .collect::<Vec<_>>()
+                    .join(" / ")
+            };
+            let (direct, via) = (mean(&d), mean(&v));
+            println!("client in the {who}, {what}:");
+            println!("  direct pod IP : {direct:>10.0} req/s  p99 {}", p99s(&d));
+            println!("  via ClusterIP : {via:>10.0} req/s  p99 {}", p99s(&v));
+            if direct > 0.0 {
+                println!("  ratio ClusterIP/direct: {:.3}", via / direct);
+            }
+            let floor = mean(&f);
+            println!(
+                "  one static DNAT rule: {floor:>10.0} req/s  p99 {}",
+                p99s(&f)
+            );
+            if direct > 0.0 && floor > 0.0 {
+                println!(
+                    "  ratio static DNAT/direct: {:.3}, ClusterIP/static DNAT: {:.3}",
+                    floor / direct,
+                    via / floor
+                );
+            }
+        }
     }
 
     let start = Instant::now();
@@ -135,5 +242,6 @@ async fn main() {
     let _ = httpd.kill();
     let _ = httpd.wait();
     net.teardown("bench-pod").await.expect("teardown");
+    net.teardown("bench-client").await.expect("teardown");
     let _ = netns::remove(&node);
 }

@@ -145,7 +145,11 @@ impl NodeNetwork {
         tokio::spawn(dns.serve());
         let cluster = self.cfg.cluster_cidr;
         let proxy = blocking(move || Proxy::new(None, cluster)).await?;
-        tokio::spawn(ServiceProxy::new(proxy, records).run(client));
+        tokio::spawn(
+            ServiceProxy::new(proxy, records)
+                .serve_locally(dns_ip)
+                .run(client),
+        );
         info!(node = %self.cfg.node_name, %subnet, dns = %dns_ip, "node network up: bridge, cluster DNS and service proxy");
         Ok(bridge)
     }
@@ -281,6 +285,38 @@ async fn route_other_nodes(client: Client, me: String, bridge: Arc<BridgeNetwork
                 }
                 Err(e) => warn!(%cidr, %via, error = %e, "cannot route another node's pods"),
             }
+        }
+    }
+}
+
+/// The `kube-dns` Service in kube-system at the cluster DNS address, as
+/// k3s has it: it names the DNS in `kubectl get svc -A` and keeps its
+/// address from being handed to another Service. Every node answers on the
+/// address itself (see [`ServiceProxy::serve_locally`]). Retries while the
+/// API settles; an existing Service is left as it is.
+pub async fn ensure_dns_service(client: Client, dns: Ipv4Addr) {
+    let api: Api<k8s_openapi::api::core::v1::Service> = Api::namespaced(client, "kube-system");
+    let svc: k8s_openapi::api::core::v1::Service = match serde_json::from_value(serde_json::json!({
+        "metadata": {"name": "kube-dns", "namespace": "kube-system",
+            "labels": {"k8s-app": "kube-dns", "kubernetes.io/name": "CoreDNS"}},
+        "spec": {"clusterIP": dns.to_string(), "clusterIPs": [dns.to_string()],
+            "ports": [{"name": "dns", "port": 53, "protocol": "UDP", "targetPort": 53}]},
+    })) {
+        Ok(s) => s,
+        Err(e) => {
+            warn!(error = %e, "kube-dns service object");
+            return;
+        }
+    };
+    for attempt in 0..30 {
+        match api.create(&kube::api::PostParams::default(), &svc).await {
+            Ok(_) => {
+                info!(%dns, "created the kube-dns service");
+                return;
+            }
+            Err(kube::Error::Api(e)) if e.code == 409 => return,
+            Err(e) if attempt == 29 => warn!(error = %e, "cannot create the kube-dns service"),
+            Err(_) => tokio::time::sleep(Duration::from_millis(500)).await,
         }
     }
 }

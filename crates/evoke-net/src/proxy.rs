@@ -6,6 +6,7 @@
 //! one into one transaction, so a resync costs only what changed.
 
 use std::collections::BTreeSet;
+use std::net::Ipv4Addr;
 use std::sync::{Arc, RwLock};
 
 use futures::StreamExt;
@@ -27,12 +28,30 @@ const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
 pub struct ServiceProxy {
     proxy: Proxy,
     records: Arc<RwLock<Records>>,
+    /// ClusterIPs every node serves itself (the cluster DNS): named in DNS,
+    /// never DNAT-ed.
+    local: BTreeSet<Ipv4Addr>,
+    /// The Services that have DNS records.
+    named: BTreeSet<(String, String)>,
 }
 
 impl ServiceProxy {
     /// A proxy programming `proxy` and publishing names into `records`.
     pub fn new(proxy: Proxy, records: Arc<RwLock<Records>>) -> Self {
-        Self { proxy, records }
+        Self {
+            proxy,
+            records,
+            local: BTreeSet::new(),
+            named: BTreeSet::new(),
+        }
+    }
+
+    /// Leaves a Service with ClusterIP `ip` out of the rules: the node
+    /// answers on that address itself (the `kube-dns` Service at the
+    /// cluster DNS address, which has no endpoints to DNAT to).
+    pub fn serve_locally(mut self, ip: Ipv4Addr) -> Self {
+        self.local.insert(ip);
+        self
     }
 
     /// Brings rules and records level with `services` and `slices`. A
@@ -68,7 +87,12 @@ impl ServiceProxy {
                     .write()
                     .unwrap_or_else(|p| p.into_inner())
                     .upsert(&ns, &name, record);
-                self.proxy.apply(rules)
+                self.named.insert((ns.clone(), name.clone()));
+                if rules.cluster_ip.is_some_and(|ip| self.local.contains(&ip)) {
+                    self.proxy.remove(&ns, &name)
+                } else {
+                    self.proxy.apply(rules)
+                }
             });
             if let Err(e) = result {
                 warn!(service = %format!("{ns}/{name}"), error = %e, "service not programmed");
@@ -76,17 +100,19 @@ impl ServiceProxy {
             }
             present.insert((ns, name));
         }
-        let gone: Vec<(String, String)> = self
+        let mut gone: BTreeSet<(String, String)> = self
             .proxy
             .services()
             .map(|s| (s.namespace.clone(), s.name.clone()))
             .filter(|k| !present.contains(k))
             .collect();
+        gone.extend(self.named.difference(&present).cloned());
         for (ns, name) in gone {
             self.records
                 .write()
                 .unwrap_or_else(|p| p.into_inner())
                 .remove(&ns, &name);
+            self.named.remove(&(ns.clone(), name.clone()));
             if let Err(e) = self.proxy.remove(&ns, &name) {
                 first_err.get_or_insert(e);
             }

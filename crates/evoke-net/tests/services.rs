@@ -314,3 +314,52 @@ async fn service_proxy_sync_programs_rules_and_dns_and_drops_deleted_services() 
         Answer::NxDomain
     );
 }
+
+/// A Service at an address the node serves itself (kube-dns at the cluster
+/// DNS address) is named in DNS but never DNAT-ed: with no endpoints its
+/// rules would drop the node's own DNS traffic.
+#[tokio::test]
+async fn a_locally_served_service_gets_a_name_and_no_rules() {
+    use evoke_net::dns::{Answer, Records};
+    use k8s_openapi::api::core::v1::Service;
+    if !ready() {
+        return;
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let node_ns = dir.path().join("node.net");
+    netns::create(&node_ns).expect("node namespace");
+    let _cleanup = Cleanup(vec![node_ns.clone()]);
+    let proxy =
+        Proxy::new(Some(node_ns.clone()), "10.42.0.0/16".parse().expect("cidr")).expect("proxy");
+    let records = std::sync::Arc::new(std::sync::RwLock::new(Records::default()));
+    let dns = Ipv4Addr::new(10, 43, 0, 10);
+    let mut sp = evoke_net::proxy::ServiceProxy::new(proxy, records.clone()).serve_locally(dns);
+    let svc: Service = serde_json::from_value(serde_json::json!({
+        "metadata": {"name": "kube-dns", "namespace": "kube-system"},
+        "spec": {"clusterIP": "10.43.0.10", "ports": [{"name": "dns", "port": 53, "protocol": "UDP"}]}
+    }))
+    .expect("service");
+    sp.sync(&[svc], &[]).expect("sync");
+    let table = Command::new("nsenter")
+        .arg(format!("--net={}", node_ns.display()))
+        .args(["nft", "list", "table", "ip", "evoke"])
+        .output()
+        .expect("nft list");
+    let table = String::from_utf8_lossy(&table.stdout).into_owned();
+    assert!(table.contains("map services"), "{table}");
+    assert!(
+        !table.contains("10.43.0.10"),
+        "no rule for the local address:\n{table}"
+    );
+    let lookup = |name: &str| records.read().expect("lock").lookup(name);
+    assert_eq!(
+        lookup("kube-dns.kube-system.svc.cluster.local."),
+        Answer::Addresses(vec![dns])
+    );
+    sp.sync(&[], &[]).expect("sync after delete");
+    assert_eq!(
+        lookup("kube-dns.kube-system.svc.cluster.local."),
+        Answer::NxDomain,
+        "a deleted local Service loses its name"
+    );
+}

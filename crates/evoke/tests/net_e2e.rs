@@ -508,6 +508,11 @@ fn pods_reach_each_other_and_services_spread_load_follow_readiness_resolve_and_s
     for ip in ips.values() {
         assert!(wide.contains(ip.as_str()), "-o wide shows {ip}:\n{wide}");
     }
+    let dns = c.json(&["get", "svc", "-n", "kube-system", "kube-dns"]);
+    assert_eq!(
+        dns["spec"]["clusterIP"], "10.43.0.10",
+        "kube-dns names the cluster DNS"
+    );
     let pod0 = c.json(&["get", "pod", "web-0"]);
     assert_eq!(pod0["status"]["hostIP"], NODE_IP);
 
@@ -682,6 +687,10 @@ fn a_pod_keeps_its_ip_interface_and_service_across_a_kill_9_of_the_server() {
     // The restarted proxy reprograms the Service with no change to it.
     c2.wait_for("the Service to answer again", 30, || {
         ns.wget(&format!("http://{cluster_ip}/")).as_deref() == Some("web-0")
+    });
+    // Readiness is probed afresh after a restart, as a kubelet does.
+    c2.wait_for("the adopted pod to be ready again", 30, || {
+        c2.ready_ips("app=web").contains_key("web-0")
     });
     assert_eq!(c2.ready_ips("app=web").get("web-0"), Some(&ip), "same IP");
     let after: Vec<String> = ns

@@ -116,11 +116,18 @@ pub fn pod_network(
     }
 }
 
-/// The server's share: node podCIDRs out of `--cluster-cidr`. Runs with
-/// every backend, so that Nodes carry their subnet either way.
+/// The server's share: node podCIDRs out of `--cluster-cidr` (with every
+/// backend, so that Nodes carry their subnet either way) and, with a pod
+/// network, the `kube-dns` Service at `--cluster-dns`.
 pub fn start_server_side(args: &NetArgs, client: kube::Client) {
     tokio::spawn(evoke_net::cluster::run_pod_cidr_allocator(
-        client,
+        client.clone(),
         args.cluster_cidr,
     ));
+    if args.flannel_backend == Backend::HostGw {
+        tokio::spawn(evoke_net::cluster::ensure_dns_service(
+            client,
+            args.cluster_dns,
+        ));
+    }
 }
