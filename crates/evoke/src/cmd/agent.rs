@@ -29,6 +29,20 @@ pub struct AgentArgs {
     pub node_name: Option<String>,
     #[command(flatten)]
     pub net: NetArgs,
+    /// The address the API server and other nodes reach this node at
+    /// (default: this machine's address on the route to the server).
+    #[arg(long)]
+    pub node_ip: Option<std::net::IpAddr>,
+    /// Extra node labels, KEY=VALUE; repeatable.
+    #[arg(long = "node-label", value_parser = parse_label)]
+    pub node_labels: Vec<(String, String)>,
+}
+
+fn parse_label(s: &str) -> Result<(String, String), String> {
+    match s.split_once('=') {
+        Some((k, v)) if !k.is_empty() => Ok((k.to_string(), v.to_string())),
+        _ => Err(format!("{s:?} is not KEY=VALUE")),
+    }
 }
 
 fn hostname() -> String {
@@ -63,13 +77,14 @@ fn tiers(data_dir: &Path) -> Vec<Arc<dyn WorkloadRuntime>> {
 fn agent_config(
     data_dir: &Path,
     node_name: String,
+    host_ip: String,
     labels: BTreeMap<String, String>,
     token: &str,
     network: Arc<dyn PodNetwork>,
 ) -> evoke_node::AgentConfig {
     evoke_node::AgentConfig {
         node_name,
-        host_ip: evoke_node::detect_host_ip(),
+        host_ip,
         data_dir: data_dir.to_path_buf(),
         tiers: tiers(data_dir),
         default_tier: "container".into(),
@@ -81,25 +96,53 @@ fn agent_config(
     }
 }
 
+/// How long the agent waits for the server to prove the token's secret.
+const JOIN_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(20);
+
+/// Joins `--server` as a node: parse the token, pin the server's CA to the
+/// token's hash (no secret is sent before that), prove the secret with one
+/// request, then run the node agent with the secret as its credential.
+/// Nothing is written to the agent's disk: the secret stays in memory.
 pub fn main(global: &Global, args: AgentArgs) -> anyhow::Result<u8> {
     args.net.validate()?;
     let token = JoinToken::parse(&args.token).context("--token")?;
+    let host_ip = match args.node_ip {
+        Some(ip) => ip,
+        None => evoke_node::token::source_address_to(&args.server)
+            .with_context(|| format!("finding this node's address towards {}", args.server))?,
+    };
+    let name = args.node_name.clone().unwrap_or_else(hostname);
+    let labels: BTreeMap<String, String> = args.node_labels.iter().cloned().collect();
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .context("starting the async runtime")?;
     runtime.block_on(async {
-        let client = evoke_node::token::client(&args.server, &token)
+        let joining = || format!("joining {}", args.server);
+        let client = tokio::time::timeout(
+            JOIN_TIMEOUT,
+            evoke_node::token::client(&args.server, &token),
+        )
+        .await
+        .map_err(|_| anyhow::anyhow!("no answer within {}s", JOIN_TIMEOUT.as_secs()))
+        .with_context(joining)?
+        .with_context(joining)?;
+        evoke_node::token::check_secret(&client, &args.server, JOIN_TIMEOUT)
             .await
-            .with_context(|| format!("joining {}", args.server))?;
-        let name = args.node_name.clone().unwrap_or_else(hostname);
+            .with_context(joining)?;
+        // Tests and scripts read this line.
+        println!(
+            "evoke agent joined {} as node {name} at {host_ip}",
+            args.server
+        );
         let network = net::pod_network(&args.net, &global.data_dir, &name, client.clone());
         let agent = evoke_node::Agent::new(
             client,
             agent_config(
                 &global.data_dir,
                 name,
-                BTreeMap::new(),
+                host_ip.to_string(),
+                labels,
                 &token.secret,
                 network,
             ),
@@ -119,6 +162,7 @@ pub async fn start_orchestration(
     secret: &str,
     disable_agent: bool,
     net_args: &NetArgs,
+    node_ip: String,
 ) -> anyhow::Result<()> {
     let token = JoinToken::for_server(ca_pem, secret).context("making the join token")?;
     let token_path = global.data_dir.join("server").join("node-token");
@@ -163,7 +207,14 @@ pub async fn start_orchestration(
         let network = net::pod_network(net_args, &global.data_dir, &node_name, client.clone());
         let agent = evoke_node::Agent::new(
             client,
-            agent_config(&global.data_dir, node_name, labels, secret, network),
+            agent_config(
+                &global.data_dir,
+                node_name,
+                node_ip,
+                labels,
+                secret,
+                network,
+            ),
         );
         tokio::spawn(async move {
             if let Err(e) = agent.run().await {

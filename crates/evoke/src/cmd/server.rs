@@ -32,6 +32,11 @@ pub struct ServerArgs {
     pub disable_agent: bool,
     #[command(flatten)]
     pub net: crate::cmd::net::NetArgs,
+    /// The address other nodes and the API server reach this node's agent
+    /// at (default: --bind-address when it names one, else the address of
+    /// the default route).
+    #[arg(long)]
+    pub node_ip: Option<std::net::IpAddr>,
 }
 
 pub fn main(global: &Global, args: ServerArgs) -> anyhow::Result<u8> {
@@ -62,6 +67,17 @@ async fn open_store(global: &Global, args: &ServerArgs) -> anyhow::Result<Arc<dy
         })
 }
 
+/// The in-process node's InternalIP: the flag, else the API server's own
+/// specific address (in a network namespace without a default route this is
+/// the one address peers can reach), else the default route's source.
+fn node_ip(args: &ServerArgs, bound: std::net::IpAddr) -> String {
+    match args.node_ip {
+        Some(ip) => ip.to_string(),
+        None if !bound.is_unspecified() && !bound.is_loopback() => bound.to_string(),
+        None => evoke_node::detect_host_ip(),
+    }
+}
+
 async fn run(global: &Global, args: ServerArgs, mode: u32) -> anyhow::Result<u8> {
     let store = open_store(global, &args).await?;
     let config = evoke_apiserver::Config {
@@ -71,7 +87,6 @@ async fn run(global: &Global, args: ServerArgs, mode: u32) -> anyhow::Result<u8>
         token: args.token.clone(),
         kubeconfig_path: args.write_kubeconfig.clone(),
         kubeconfig_mode: mode,
-        service_cidr: crate::cmd::net::service_cidr(&args.net)?,
         ..evoke_apiserver::Config::new(global.data_dir.clone())
     };
     let server = evoke_apiserver::Server::start(config, store.clone())
@@ -95,6 +110,7 @@ async fn run(global: &Global, args: ServerArgs, mode: u32) -> anyhow::Result<u8>
         &server.credentials.token,
         args.disable_agent,
         &args.net,
+        node_ip(&args, server.addr.ip()),
     )
     .await
     .context("starting orchestration")?;

@@ -1,0 +1,331 @@
+//! `evoke agent` joins a second node to `evoke server`, through the built
+//! binary and the real kubectl: the node registers with this machine's
+//! capacity, heartbeats its Lease and turns Ready; a pod pinned to it runs
+//! there and `kubectl logs` reaches it through the API server; a killed
+//! agent's node turns NotReady; a wrong token stops the agent with one
+//! line, and a server with the wrong CA never sees the secret.
+//!
+//! Needs root, kubectl and busybox-static; under CI=true a missing one is
+//! a failure, elsewhere the test prints why it skips.
+
+mod join_support;
+
+use std::io::{Read, Write};
+use std::path::Path;
+use std::process::{Command, Output, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use join_support::{
+    build_image, prerequisites, start_agent, wait_for, PodCleanup, Server, NO_POD_NETWORK,
+};
+use serde_json::Value;
+
+/// Runs `cmd` to completion within `secs` (killed after that).
+fn output_within(mut cmd: Command, secs: u64) -> (Output, Duration) {
+    let started = Instant::now();
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn");
+    while child.try_wait().expect("try_wait").is_none() {
+        if started.elapsed() > Duration::from_secs(secs) {
+            let _ = child.kill();
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let out = child.wait_with_output().expect("output");
+    (out, started.elapsed())
+}
+
+#[test]
+fn an_agent_joined_with_the_token_registers_a_ready_node_heartbeats_and_runs_its_pods() {
+    if !prerequisites(&[]) {
+        return;
+    }
+    let a = tempfile::tempdir().expect("tempdir");
+    let b = tempfile::tempdir().expect("tempdir");
+    build_image(b.path(), "busybox:1", "n2\n");
+    let server = Server::start(a.path(), None, &[], NO_POD_NETWORK);
+    let agent = start_agent(
+        &server.url,
+        &server.token(),
+        b.path(),
+        "n2",
+        None,
+        &["--node-label", "evoke.test/pool=joined"],
+        NO_POD_NETWORK,
+    );
+    let _cleanup = PodCleanup {
+        server: &server,
+        agents_data: vec![a.path().into(), b.path().into()],
+    };
+    let diag = || format!("{}\n{}", server.proc.log_tail(), agent.log_tail());
+    wait_for(
+        "node n2 Ready",
+        30,
+        || server.node_condition("n2", "Ready").as_deref() == Some("True"),
+        diag,
+    );
+
+    // Both nodes are listed; the joined one carries its label.
+    let nodes = server.json(&["get", "nodes"]);
+    let names: Vec<&str> = nodes["items"]
+        .as_array()
+        .expect("items")
+        .iter()
+        .filter_map(|n| n["metadata"]["name"].as_str())
+        .collect();
+    assert_eq!(names.len(), 2, "{names:?}");
+    assert!(names.contains(&"n2"), "{names:?}");
+    let n2 = server.json(&["get", "node", "n2"]);
+    assert_eq!(n2["metadata"]["labels"]["evoke.test/pool"], "joined");
+
+    // Real capacity: this machine's CPUs and MemTotal.
+    let cpus = std::thread::available_parallelism().expect("cpus").get();
+    let meminfo = std::fs::read_to_string("/proc/meminfo").expect("meminfo");
+    let mem_kib: u64 = meminfo
+        .lines()
+        .find_map(|l| l.strip_prefix("MemTotal:"))
+        .and_then(|l| l.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .expect("MemTotal");
+    assert_eq!(n2["status"]["capacity"]["cpu"], cpus.to_string());
+    assert_eq!(n2["status"]["capacity"]["memory"], format!("{mem_kib}Ki"));
+    assert_eq!(n2["status"]["allocatable"]["cpu"], cpus.to_string());
+
+    // The API server can reach the node: its address is the one it used to
+    // reach the server, and its endpoint port is reported.
+    let addrs = n2["status"]["addresses"].as_array().expect("addresses");
+    assert!(
+        addrs
+            .iter()
+            .any(|x| x["type"] == "InternalIP" && x["address"] == "127.0.0.1"),
+        "{addrs:?}"
+    );
+    assert!(
+        n2["status"]["daemonEndpoints"]["kubeletEndpoint"]["Port"]
+            .as_u64()
+            .is_some_and(|p| p > 0),
+        "{n2}"
+    );
+
+    // The Lease is held by n2 and renewed.
+    let lease = |s: &Server| -> Value { s.json(&["get", "lease", "-n", "kube-node-lease", "n2"]) };
+    let first = lease(&server);
+    assert_eq!(first["spec"]["holderIdentity"], "n2");
+    let renewed = first["spec"]["renewTime"].clone();
+    wait_for(
+        "the n2 Lease to be renewed",
+        25,
+        || lease(&server)["spec"]["renewTime"] != renewed,
+        diag,
+    );
+
+    // A pod pinned to n2 runs on the agent, and its log comes through the
+    // API server from the agent's endpoint.
+    server.ok_with(
+        &["apply", "-f", "-"],
+        Some(
+            "apiVersion: v1
+kind: Pod
+metadata: {name: pinned}
+spec:
+  nodeSelector: {kubernetes.io/hostname: n2}
+  terminationGracePeriodSeconds: 1
+  containers:
+  - name: c
+    image: busybox:1
+    command: [/bin/busybox, sh, -c, 'echo hello from $(cat /www/index.html); exec sleep 3600']
+",
+        ),
+    );
+    wait_for(
+        "pod pinned Running on n2",
+        40,
+        || {
+            let p = server.json(&["get", "pod", "pinned"]);
+            p["status"]["phase"] == "Running" && p["spec"]["nodeName"] == "n2"
+        },
+        diag,
+    );
+    assert!(
+        std::fs::read_dir(b.path().join("pods")).is_ok_and(|mut d| d.next().is_some()),
+        "the pod's directory is in the agent's data dir"
+    );
+    wait_for(
+        "kubectl logs of the pod on n2",
+        20,
+        || {
+            let out = server.kubectl(&["logs", "pinned"], None);
+            String::from_utf8_lossy(&out.stdout).contains("hello from n2")
+        },
+        diag,
+    );
+}
+
+#[test]
+fn a_killed_agent_leaves_its_node_not_ready_after_the_grace_period() {
+    if !prerequisites(&[]) {
+        return;
+    }
+    let a = tempfile::tempdir().expect("tempdir");
+    let b = tempfile::tempdir().expect("tempdir");
+    let server = Server::start(a.path(), None, &["--disable-agent"], NO_POD_NETWORK);
+    let mut agent = start_agent(
+        &server.url,
+        &server.token(),
+        b.path(),
+        "gone",
+        None,
+        &[],
+        NO_POD_NETWORK,
+    );
+    let diag = || server.proc.log_tail();
+    wait_for(
+        "node gone Ready",
+        30,
+        || server.node_condition("gone", "Ready").as_deref() == Some("True"),
+        diag,
+    );
+    agent.kill();
+    let killed = Instant::now();
+    // 40 s Lease + 50 s grace after the last renewal (at most 10 s ago),
+    // plus the lifecycle controller's own period.
+    wait_for(
+        "node gone NotReady",
+        75,
+        || {
+            server
+                .node_condition("gone", "Ready")
+                .is_some_and(|s| s != "True")
+        },
+        diag,
+    );
+    assert!(
+        killed.elapsed() >= Duration::from_secs(35),
+        "turned NotReady {:?} after the kill; the grace period is 50 s since the last heartbeat",
+        killed.elapsed()
+    );
+}
+
+/// A TLS server with its own self-signed certificate (not the CA the
+/// token names) that records every plaintext byte it receives.
+fn recording_tls_server() -> (u16, Arc<Mutex<Vec<u8>>>) {
+    let key = rcgen::KeyPair::generate().expect("key");
+    let cert = rcgen::CertificateParams::new(vec!["127.0.0.1".into()])
+        .expect("params")
+        .self_signed(&key)
+        .expect("cert");
+    let pem = cert.pem();
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let cfg = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .expect("versions")
+        .with_no_client_auth()
+        .with_single_cert(
+            vec![cert.der().clone()],
+            rustls::pki_types::PrivateKeyDer::try_from(key.serialize_der()).expect("key der"),
+        )
+        .expect("server config");
+    let cfg = Arc::new(cfg);
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let port = listener.local_addr().expect("addr").port();
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let rec = seen.clone();
+    std::thread::spawn(move || {
+        for tcp in listener.incoming().flatten() {
+            let (cfg, rec, pem) = (cfg.clone(), rec.clone(), pem.clone());
+            std::thread::spawn(move || {
+                let _ = tcp.set_read_timeout(Some(Duration::from_secs(10)));
+                let Ok(conn) = rustls::ServerConnection::new(cfg) else {
+                    return;
+                };
+                let mut tls = rustls::StreamOwned::new(conn, tcp);
+                let mut buf = [0u8; 4096];
+                let mut req = Vec::new();
+                while let Ok(n) = tls.read(&mut buf) {
+                    if n == 0 {
+                        break;
+                    }
+                    req.extend_from_slice(&buf[..n]);
+                    rec.lock().expect("record").extend_from_slice(&buf[..n]);
+                    if req.windows(4).any(|w| w == b"\r\n\r\n") {
+                        let resp = format!(
+                            "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{pem}",
+                            pem.len()
+                        );
+                        let _ = tls.write_all(resp.as_bytes());
+                        tls.conn.send_close_notify();
+                        let _ = tls.flush();
+                        break;
+                    }
+                }
+            });
+        }
+    });
+    (port, seen)
+}
+
+fn agent_output(server_url: &str, token: &str, data_dir: &Path) -> (Output, Duration) {
+    let mut cmd = join_support::evoke(None, data_dir);
+    cmd.args(["agent", "--server", server_url, "--token", token])
+        .args(["--node-name", "intruder"])
+        .env("EVOKE_LOG", "warn")
+        .envs(NO_POD_NETWORK.iter().copied());
+    output_within(cmd, 40)
+}
+
+fn assert_one_line_failure(out: &Output, took: Duration, needle: &str) {
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "exit status; stderr: {stderr}");
+    assert!(took < Duration::from_secs(30), "took {took:?}");
+    assert_eq!(stderr.trim().lines().count(), 1, "one line: {stderr}");
+    assert!(stderr.starts_with("evoke: "), "{stderr}");
+    assert!(stderr.contains(needle), "{needle:?} in {stderr}");
+}
+
+#[test]
+fn a_wrong_secret_or_ca_hash_stops_the_agent_with_one_line_and_no_secret_reaches_the_wrong_server()
+{
+    if !prerequisites(&[]) {
+        return;
+    }
+    let a = tempfile::tempdir().expect("tempdir");
+    let b = tempfile::tempdir().expect("tempdir");
+    let server = Server::start(a.path(), None, &["--disable-agent"], NO_POD_NETWORK);
+    let token = server.token();
+
+    // The right CA but a wrong secret: the server refuses it.
+    let (prefix, _) = token.rsplit_once(':').expect("user:secret");
+    let (out, took) = agent_output(&server.url, &format!("{prefix}:wrong"), b.path());
+    assert_one_line_failure(&out, took, "refused the token's secret");
+
+    // A malformed token never leaves the machine.
+    let (out, took) = agent_output(&server.url, "not-a-token", b.path());
+    assert_one_line_failure(&out, took, "K10");
+
+    // A server whose CA is not the one the token pins: the agent stops
+    // before it sends the secret.
+    let (port, seen) = recording_tls_server();
+    let (out, took) = agent_output(&format!("https://127.0.0.1:{port}"), &token, b.path());
+    assert_one_line_failure(&out, took, "refusing to send credentials");
+    let seen = String::from_utf8_lossy(&seen.lock().expect("record")).to_ascii_lowercase();
+    let secret = token
+        .rsplit(':')
+        .next()
+        .expect("secret")
+        .to_ascii_lowercase();
+    assert!(
+        !seen.contains(&secret),
+        "the secret reached the wrong server"
+    );
+    assert!(!seen.contains("authorization"), "{seen}");
+
+    // And no node was registered by any of these attempts.
+    let nodes = server.json(&["get", "nodes"]);
+    assert_eq!(nodes["items"].as_array().map(Vec::len), Some(0), "{nodes}");
+}
