@@ -1,6 +1,6 @@
 //! Network benchmark (run by bench/network/run as root): wrk against a pod,
 //! through a ClusterIP and directly to the pod IP, from the node namespace,
-//! with two servers in the pod: busybox httpd (a new connection, so a new
+//! with two kinds of server in the pod: busybox httpd (a new connection, so a new
 //! conntrack entry and NAT binding, per request) and a small keep-alive
 //! HTTP/1.1 server (connections reused: the per-packet cost only). Then the
 //! time for one Service change to reach the table with 1,000 Services
@@ -115,34 +115,49 @@ async fn main() {
     let www = dir.path().join("www");
     std::fs::create_dir_all(&www).expect("www");
     std::fs::write(www.join("index.html"), "hello from the pod\n").expect("index");
-    let mut httpd = Command::new("nsenter")
-        .arg(format!("--net={}", pod.netns.display()))
-        .args(["busybox", "httpd", "-f", "-p", "8080", "-h"])
-        .arg(&www)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("httpd");
-    // The socket belongs to the namespace it was made in.
-    let listener = netns::run_in(Some(&pod.netns), || {
-        std::net::TcpListener::bind("0.0.0.0:8081")
-    })
-    .expect("enter the pod namespace")
-    .expect("bind the keep-alive server");
-    std::thread::spawn(move || serve_keep_alive(listener));
+    // Each path gets its own server port. With one port, the conntrack
+    // entries a run leaves behind (TIME_WAIT, 120 s) share their reply
+    // tuple (pod:port -> client:port) with the next path's connections, and
+    // every such clash costs the NAT-ed path a port remap or a dropped SYN:
+    // that, not the rules, was most of the gap measured before.
+    // Ports: httpd direct 8080, via ClusterIP 8082, static DNAT 8083;
+    // keep-alive direct 8081, ClusterIP 8084, static DNAT 8085.
+    let mut httpds = Vec::new();
+    for port in ["8080", "8082", "8083"] {
+        httpds.push(
+            Command::new("nsenter")
+                .arg(format!("--net={}", pod.netns.display()))
+                .args(["busybox", "httpd", "-f", "-p", port, "-h"])
+                .arg(&www)
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .expect("httpd"),
+        );
+    }
+    for port in [8081u16, 8084, 8085] {
+        // The socket belongs to the namespace it was made in.
+        let listener = netns::run_in(Some(&pod.netns), || {
+            std::net::TcpListener::bind(("0.0.0.0", port))
+        })
+        .expect("enter the pod namespace")
+        .expect("bind the keep-alive server");
+        std::thread::spawn(move || serve_keep_alive(listener));
+    }
     std::thread::sleep(Duration::from_millis(300));
 
     let mut proxy =
         Proxy::new(Some(node.clone()), "10.42.0.0/16".parse().expect("cidr")).expect("proxy");
     let vip = Ipv4Addr::new(10, 43, 0, 50);
     let mut web = svc("web", vip, &[pod.ip]);
+    web.ports[0].endpoints[0].port = 8082;
     web.ports.push(ServicePort {
         protocol: Protocol::Tcp,
         port: 81,
         node_port: None,
         endpoints: vec![Endpoint {
             ip: pod.ip,
-            port: 8081,
+            port: 8084,
         }],
     });
     proxy.apply(web).expect("service");
@@ -152,8 +167,8 @@ async fn main() {
     let floor_vip = Ipv4Addr::new(10, 43, 0, 51);
     let floor = format!(
         "table ip floor {{\n\
-         \tchain pre {{ type nat hook prerouting priority -101; ip daddr {floor_vip} tcp dport 80 dnat to {ip}:8080; ip daddr {floor_vip} tcp dport 81 dnat to {ip}:8081; }}\n\
-         \tchain out {{ type nat hook output priority -101; ip daddr {floor_vip} tcp dport 80 dnat to {ip}:8080; ip daddr {floor_vip} tcp dport 81 dnat to {ip}:8081; }}\n\
+         \tchain pre {{ type nat hook prerouting priority -101; ip daddr {floor_vip} tcp dport 80 dnat to {ip}:8083; ip daddr {floor_vip} tcp dport 81 dnat to {ip}:8085; }}\n\
+         \tchain out {{ type nat hook output priority -101; ip daddr {floor_vip} tcp dport 80 dnat to {ip}:8083; ip daddr {floor_vip} tcp dport 81 dnat to {ip}:8085; }}\n\
          }}\n",
         ip = pod.ip
     );
@@ -239,8 +254,10 @@ async fn main() {
         times[times.len() - 1]
     );
 
-    let _ = httpd.kill();
-    let _ = httpd.wait();
+    for mut h in httpds {
+        let _ = h.kill();
+        let _ = h.wait();
+    }
     net.teardown("bench-pod").await.expect("teardown");
     net.teardown("bench-client").await.expect("teardown");
     let _ = netns::remove(&node);
