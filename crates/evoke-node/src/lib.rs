@@ -14,6 +14,7 @@ pub mod backoff;
 pub mod ipc;
 pub mod network;
 pub mod node;
+pub mod portforward;
 pub mod probe;
 pub mod runtimeclass;
 pub mod server;

@@ -5,7 +5,9 @@
 //! - `GET /exec/{namespace}/{pod}/{container}?command=...`, a WebSocket
 //!   remote-command session ([`crate::stream`]);
 //! - `GET /attach/{namespace}/{pod}/{container}`, the main process's
-//!   output from now on, in the same protocol.
+//!   output from now on, in the same protocol;
+//! - `GET /portForward/{namespace}/{pod}?ports=...`, SPDY tunnelled in a
+//!   WebSocket to the pod's loopback ([`crate::portforward`]).
 //!
 //! The API server proxies `pods/log` and `pods/exec` here, at the node's
 //! InternalIP and `status.daemonEndpoints.kubeletEndpoint.port`, with its
@@ -137,15 +139,36 @@ impl App {
         pod: &str,
         container: &str,
     ) -> Result<(Arc<dyn WorkloadRuntime>, String), Box<Response>> {
+        self.running(uid, Some(container.to_string()))
+            .await
+            .map(|(t, w)| (t, w.id))
+            .ok_or_else(|| {
+                Box::new(error(
+                    StatusCode::BAD_REQUEST,
+                    format!("container {container} in pod {pod} is not running\n"),
+                ))
+            })
+    }
+
+    /// The newest running workload of pod `uid` (of `container`, or of
+    /// any of its containers), with its tier.
+    async fn running(
+        &self,
+        uid: &str,
+        container: Option<String>,
+    ) -> Option<(Arc<dyn WorkloadRuntime>, evoke_runtime::WorkloadStatus)> {
         let tiers: Vec<Arc<dyn WorkloadRuntime>> = self.tiers.values().cloned().collect();
-        let (uid_s, container_s) = (uid.to_string(), container.to_string());
-        let found = tokio::task::spawn_blocking(move || {
-            let mut best: Option<(u64, Arc<dyn WorkloadRuntime>, String)> = None;
+        let uid_s = uid.to_string();
+        tokio::task::spawn_blocking(move || {
+            let mut best: Option<(u64, Arc<dyn WorkloadRuntime>, evoke_runtime::WorkloadStatus)> =
+                None;
             for tier in tiers {
                 let Ok(list) = tier.list() else { continue };
                 for w in list {
                     let ours = w.labels.get(LABEL_POD_UID) == Some(&uid_s)
-                        && w.labels.get(LABEL_CONTAINER) == Some(&container_s);
+                        && container
+                            .as_ref()
+                            .is_none_or(|c| w.labels.get(LABEL_CONTAINER) == Some(c));
                     if !ours || !matches!(w.state, WorkloadState::Running { .. }) {
                         continue;
                     }
@@ -155,21 +178,15 @@ impl App {
                         .and_then(|a| a.parse().ok())
                         .unwrap_or(0);
                     if best.as_ref().is_none_or(|b| attempt >= b.0) {
-                        best = Some((attempt, tier.clone(), w.id));
+                        best = Some((attempt, tier.clone(), w));
                     }
                 }
             }
-            best
+            best.map(|(_, t, w)| (t, w))
         })
         .await
         .ok()
-        .flatten();
-        found.map(|(_, t, id)| (t, id)).ok_or_else(|| {
-            Box::new(error(
-                StatusCode::BAD_REQUEST,
-                format!("container {container} in pod {pod} is not running\n"),
-            ))
-        })
+        .flatten()
     }
 }
 
@@ -221,6 +238,100 @@ async fn exec(
         );
     };
     ws.on_upgrade(move |socket| stream::session(socket, protocol, tier, id, req))
+}
+
+/// `GET /portForward/{ns}/{pod}[?ports=P[,P]]`: SPDY tunnelled in a
+/// WebSocket (see [`crate::portforward`]) to the pod's loopback. kubectl
+/// names the ports only in its stream headers; `ports`, when given,
+/// limits them.
+async fn port_forward(
+    State(app): State<App>,
+    UrlPath((ns, pod)): UrlPath<(String, String)>,
+    RawQuery(query): RawQuery,
+    headers: HeaderMap,
+    ws: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
+) -> Response {
+    if let Err(r) = app.authorize(&headers) {
+        return *r;
+    }
+    let mut ports = Vec::new();
+    for (k, v) in form_urlencoded::parse(query.unwrap_or_default().as_bytes()) {
+        if k == "ports" || k == "port" {
+            for p in v.split(',').filter(|p| !p.is_empty()) {
+                match p.trim().parse::<u16>() {
+                    Ok(n) if n > 0 => ports.push(n),
+                    _ => {
+                        return error(
+                            StatusCode::BAD_REQUEST,
+                            format!("invalid port {p:?}: ports are 1-65535\n"),
+                        )
+                    }
+                }
+            }
+        }
+    }
+    let uid = match app.pod_uid(&ns, &pod) {
+        Ok(uid) => uid,
+        Err(r) => return *r,
+    };
+    let Some((tier, w)) = app.running(&uid, None).await else {
+        return error(
+            StatusCode::BAD_REQUEST,
+            format!("pod {pod} has no running container to forward to\n"),
+        );
+    };
+    let WorkloadState::Running { pid } = w.state else {
+        return error(
+            StatusCode::BAD_REQUEST,
+            format!("pod {pod} has no running container to forward to\n"),
+        );
+    };
+    if tier.name() == "microvm" {
+        return error(
+            StatusCode::BAD_REQUEST,
+            format!("port-forward into microvm pod {pod} is not supported\n"),
+        );
+    }
+    let ws = match ws {
+        Ok(ws) => ws.protocols([crate::portforward::PROTOCOL]),
+        Err(e) => {
+            return error(
+                StatusCode::UPGRADE_REQUIRED,
+                format!("port-forward needs a WebSocket upgrade: {e}\n"),
+            )
+        }
+    };
+    if ws.selected_protocol().is_none() {
+        return error(
+            StatusCode::BAD_REQUEST,
+            format!(
+                "port-forward needs the subprotocol {}\n",
+                crate::portforward::PROTOCOL
+            ),
+        );
+    }
+    let connect: crate::portforward::Connector =
+        Arc::new(move |port| connect_in_netns_of(pid, port));
+    tracing::info!(pod = %format!("{ns}/{pod}"), ?ports, "port-forward started");
+    ws.on_upgrade(move |socket| crate::portforward::session(socket, connect, ports))
+}
+
+/// A TCP connection to 127.0.0.1:`port` in the network namespace of
+/// process `pid`: made on a short-lived thread that joins the namespace,
+/// so no pooled thread changes namespace. The socket stays in the pod's
+/// namespace after the thread ends.
+fn connect_in_netns_of(pid: u32, port: u16) -> std::io::Result<std::net::TcpStream> {
+    let ns = std::fs::File::open(format!("/proc/{pid}/ns/net"))?;
+    std::thread::spawn(move || {
+        nix::sched::setns(&ns, nix::sched::CloneFlags::CLONE_NEWNET)
+            .map_err(|e| std::io::Error::other(format!("joining the pod's network: {e}")))?;
+        std::net::TcpStream::connect_timeout(
+            &std::net::SocketAddr::from(([127, 0, 0, 1], port)),
+            Duration::from_secs(5),
+        )
+    })
+    .join()
+    .map_err(|_| std::io::Error::other("the connecting thread panicked"))?
 }
 
 /// `GET /attach/{ns}/{pod}/{container}`: the main process's output from
@@ -402,6 +513,7 @@ pub async fn serve(
         .route("/containerLogs/{ns}/{pod}/{container}", get(logs))
         .route("/exec/{ns}/{pod}/{container}", get(exec))
         .route("/attach/{ns}/{pod}/{container}", get(attach))
+        .route("/portForward/{ns}/{pod}", get(port_forward))
         .route("/healthz", get(healthz))
         .with_state(app);
     let listener = tokio::net::TcpListener::bind(addr)

@@ -295,3 +295,75 @@ spec:
         "{err}"
     );
 }
+
+/// One HTTP GET over a fresh connection to 127.0.0.1:`port`.
+fn http_get(port: u16, path: &str) -> String {
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect to kubectl");
+    s.set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    write!(s, "GET {path} HTTP/1.0\r\nHost: x\r\n\r\n").expect("request");
+    let mut out = String::new();
+    s.read_to_string(&mut out).expect("response");
+    out
+}
+
+#[test]
+fn port_forward_reaches_a_port_on_the_pods_loopback() {
+    if !common::require_pods() {
+        return;
+    }
+    let c = common::start_cluster();
+    c.run_pod(
+        "web",
+        "apiVersion: v1
+kind: Pod
+metadata: {name: web}
+spec:
+  terminationGracePeriodSeconds: 1
+  containers:
+  - name: httpd
+    image: busybox:1
+    command: [/bin/sh, -c, 'echo hello from the pod > /tmp/index.html; exec httpd -f -p 127.0.0.1:8080 -h /tmp']
+",
+    );
+    let mut pf = Command::new(common::KUBECTL)
+        .env("KUBECONFIG", &c.kubeconfig)
+        .env("HOME", &c.data_dir)
+        .args(["port-forward", "pod/web", ":8080"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn kubectl port-forward");
+    // "Forwarding from 127.0.0.1:PORT -> 8080"
+    let lines = collect(pf.stdout.take().expect("stdout"));
+    let mut seen = String::new();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let local: u16 = loop {
+        if let Some(p) = seen.lines().find_map(|l| {
+            l.strip_prefix("Forwarding from 127.0.0.1:")
+                .and_then(|r| r.split_whitespace().next())
+                .and_then(|p| p.parse().ok())
+        }) {
+            break p;
+        }
+        match lines.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
+            Ok(b) => seen.push_str(&String::from_utf8_lossy(&b)),
+            Err(_) => {
+                let _ = pf.kill();
+                panic!("kubectl port-forward did not start: {seen}");
+            }
+        }
+    };
+    // Several connections, each its own pair of streams.
+    for _ in 0..3 {
+        let reply = http_get(local, "/index.html");
+        assert!(
+            reply.lines().next().is_some_and(|l| l.contains(" 200 ")),
+            "{reply}"
+        );
+        assert!(reply.ends_with("hello from the pod\n"), "{reply}");
+    }
+    let _ = pf.kill();
+    let _ = pf.wait();
+}

@@ -167,7 +167,9 @@ async fn dispatch(ctx: &Ctx, method: &Method, path: &str) -> Result<Reply, ApiEr
         (&Method::GET, true, None | Some("status")) => read::get(ctx).await,
         (&Method::GET, true, Some("scale")) => sub::get_scale(ctx).await,
         (&Method::GET, true, Some("log")) => proxy::logs(ctx).await,
-        (&Method::GET | &Method::POST, true, Some("exec" | "attach")) => stream::exec(ctx).await,
+        (&Method::GET | &Method::POST, true, Some("exec" | "attach" | "portforward")) => {
+            stream::exec(ctx).await
+        }
         (&Method::POST, false, None) => write::create(ctx).await,
         (&Method::POST, true, Some("binding")) => sub::bind(ctx, ctx.t.name.clone()).await,
         (&Method::POST, true, Some("eviction")) => sub::evict(ctx).await,

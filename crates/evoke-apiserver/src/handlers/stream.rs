@@ -1,5 +1,5 @@
-//! `pods/<name>/exec` and `pods/<name>/attach`: the streaming
-//! subresources behind `kubectl exec` and `kubectl attach`.
+//! `pods/<name>/exec`, `attach` and `portforward`: the streaming
+//! subresources behind `kubectl exec`, `attach` and `port-forward`.
 //!
 //! kubectl 1.30+ opens it as a WebSocket (`GET` with `Upgrade: websocket`
 //! and the subprotocol `v5.channel.k8s.io`) and falls back to SPDY (`POST`)
@@ -81,7 +81,7 @@ async fn dial_node(
     let mut req = format!("ws://{endpoint}{path}")
         .into_client_request()
         .map_err(|e| ApiError::bad_request(format!("exec request for node {node}: {e}")))?;
-    let bearer = format!("Bearer {}", ctx.state.token)
+    let bearer = format!("Bearer {}", ctx.state.node_token)
         .parse()
         .map_err(|_| ApiError::new(500, "InternalError", "the cluster token is not a header"))?;
     req.headers_mut()
@@ -130,19 +130,24 @@ async fn dial_node(
     }
 }
 
-/// `GET|POST .../pods/{name}/exec` and `.../attach` (the same session
-/// without a command, on the main process).
+/// `GET|POST .../pods/{name}/exec`, `.../attach` (the same session
+/// without a command, on the main process) and `.../portforward` (SPDY
+/// tunnelled in the WebSocket, relayed the same way).
 pub(crate) async fn exec(ctx: &Ctx) -> Result<Reply, ApiError> {
     let name = ctx.name().to_string();
     let ns = ctx.t.namespace.clone().unwrap_or_default();
     let upgrade = ctx.upgrade.lock().unwrap_or_else(|p| p.into_inner()).take();
     let (_, pod) = load(ctx, &name).await?;
-    let container = super::proxy::container_of(&pod, ctx.params.get("container"), &name)?;
+    let sub = ctx.t.sub.as_deref().unwrap_or("exec");
+    // port-forward reaches the pod's network, not one container.
+    let container = match sub {
+        "portforward" => String::new(),
+        _ => super::proxy::container_of(&pod, ctx.params.get("container"), &name)?,
+    };
     let query = upgrade
         .as_ref()
         .map(|u| u.query.clone())
         .unwrap_or_default();
-    let sub = ctx.t.sub.as_deref().unwrap_or("exec");
     if sub == "exec" && !form_has_command(&query) {
         return Err(ApiError::bad_request(
             "you must specify at least one command for the container",
@@ -160,7 +165,10 @@ pub(crate) async fn exec(ctx: &Ctx) -> Result<Reply, ApiError> {
         )));
     }
     let endpoint = super::proxy::node_endpoint(ctx, &node).await?;
-    let path = format!("/{sub}/{ns}/{name}/{container}?{query}");
+    let path = match sub {
+        "portforward" => format!("/portForward/{ns}/{name}?{query}"),
+        _ => format!("/{sub}/{ns}/{name}/{container}?{query}"),
+    };
     let Some(upgrade) = upgrade.filter(Upgrade::is_websocket) else {
         // SPDY (kubectl's fallback after a failed WebSocket upgrade) or a
         // plain request. The node's checks without an upgrade give the
@@ -170,7 +178,7 @@ pub(crate) async fn exec(ctx: &Ctx) -> Result<Reply, ApiError> {
             return Err(super::proxy::node_error(resp).await);
         }
         return Err(ApiError::bad_request(format!(
-            "pods/{sub} is served over WebSocket (v5.channel.k8s.io) only; SPDY is not supported"
+            "pods/{sub} is served over WebSocket only (kubectl 1.30+); SPDY is not supported"
         )));
     };
     let key = upgrade
@@ -188,6 +196,7 @@ pub(crate) async fn exec(ctx: &Ctx) -> Result<Reply, ApiError> {
     .await?;
     tracing::info!(pod = %format!("{ns}/{name}"), %container, %node, %sub, "session relayed");
     let on = upgrade.on;
+    let sub = sub.to_string();
     tokio::spawn(async move {
         match on.await {
             Ok(upgraded) => {
@@ -196,7 +205,7 @@ pub(crate) async fn exec(ctx: &Ctx) -> Result<Reply, ApiError> {
                         .await;
                 relay(client, node_ws).await;
             }
-            Err(e) => tracing::warn!(error = %e, "upgrade for pods/exec or attach failed"),
+            Err(e) => tracing::warn!(error = %e, %sub, "upgrade failed"),
         }
     });
     let body = http_body_util::Empty::new()
