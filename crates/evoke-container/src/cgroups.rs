@@ -1,14 +1,25 @@
 //! Cgroups behind one trait: [`CgroupManager`], with a v1 ([`V1`]) and a v2
-//! ([`V2`]) implementation. [`detect`] reads /proc/self/mountinfo once and
-//! says which hierarchy this host offers; [`Hierarchy::create`] then makes
-//! the cgroup for one workload. The process tier uses the same types.
+//! ([`V2`]) implementation. [`detect`] says which hierarchy this host offers
+//! (from the standard /sys/fs/cgroup layout, else /proc/self/mountinfo);
+//! [`Hierarchy::create`] then makes the cgroup for one workload. The process
+//! tier uses the same types.
 //!
 //! Hybrid hosts (v1 controllers plus an empty v2 mount, like this one) are
 //! treated as v1: limits live where the controllers are.
+//!
+//! A new container's process enters its cgroup by itself, through a
+//! [`Placement`] opened by the parent: writing another pid to `cgroup.procs`
+//! takes the kernel's global threadgroup lock for writing, which waits for
+//! an RCU grace period (6–15 ms here, most of a container's creation). A
+//! single-threaded process that writes `0` to v1's `tasks` file skips that
+//! lock; on v2 the process is cloned straight into the cgroup with
+//! `CLONE_INTO_CGROUP`, which takes it only for reading.
 
 use std::collections::BTreeMap;
 use std::fs;
 use std::io::ErrorKind;
+use std::os::fd::OwnedFd;
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -33,6 +44,9 @@ pub enum CgroupError {
     /// A cgroup path that tries to leave its hierarchy.
     #[error("invalid cgroup path {0:?}")]
     InvalidPath(String),
+    /// A device rule that is not `TYPE MAJOR:MINOR ACCESS`.
+    #[error("invalid device rule {0:?}")]
+    InvalidDeviceRule(String),
 }
 
 type Result<T> = std::result::Result<T, CgroupError>;
@@ -61,8 +75,9 @@ pub struct Resources {
     pub cpu_period: Option<u64>,
     /// Maximum number of tasks.
     pub pids_limit: Option<i64>,
-    /// Device rules for the v1 devices controller, in `devices.allow` syntax
-    /// (`c 1:3 rwm`). When set, everything else is denied.
+    /// Device rules in v1's `devices.allow` syntax (`c 1:3 rwm`). When set,
+    /// everything else is denied: by the v1 devices controller, or on v2 by
+    /// a BPF program (see `devices`).
     pub device_allow: Option<Vec<String>>,
 }
 
@@ -123,10 +138,56 @@ impl CgroupPaths {
     }
 }
 
+/// How a new process gets into a cgroup by itself, opened in advance by the
+/// parent so that the child only makes system calls (see the module doc).
+#[derive(Debug)]
+pub enum Placement {
+    /// v1: each hierarchy's `tasks` file, open for writing. The child
+    /// writes `0` to each while it is single-threaded.
+    V1Tasks(Vec<OwnedFd>),
+    /// v2: the cgroup directory, for `clone3(CLONE_INTO_CGROUP)`.
+    V2Dir(OwnedFd),
+}
+
+impl Placement {
+    /// Moves the calling thread into the v1 cgroups; the whole process when
+    /// it is single-threaded (a freshly forked child). Nothing for v2, whose
+    /// placement happens at clone time.
+    pub fn enter_self(&self) -> std::result::Result<(), nix::Error> {
+        if let Placement::V1Tasks(fds) = self {
+            for fd in fds {
+                nix::unistd::write(fd, b"0")?;
+            }
+        }
+        Ok(())
+    }
+
+    /// The v2 cgroup directory to clone into, if any.
+    pub fn clone_into(&self) -> Option<&OwnedFd> {
+        match self {
+            Placement::V2Dir(fd) => Some(fd),
+            Placement::V1Tasks(_) => None,
+        }
+    }
+}
+
+fn open_placement_file(path: &Path, write: bool) -> Result<OwnedFd> {
+    let mut o = fs::OpenOptions::new();
+    if write {
+        o.write(true);
+    } else {
+        o.read(true).custom_flags(libc::O_DIRECTORY);
+    }
+    o.open(path).map(OwnedFd::from).map_err(io("open", path))
+}
+
 /// One workload's cgroup, whatever the hierarchy.
 pub trait CgroupManager: Send + Sync + std::fmt::Debug {
     /// Moves a process (and so its future children) into the cgroup.
     fn add_process(&self, pid: i32) -> Result<()>;
+    /// Opens what a new child needs to enter the cgroup by itself; cheaper
+    /// than [`CgroupManager::add_process`] (see the module doc).
+    fn placement(&self) -> Result<Placement>;
     /// Writes the limits. Unset fields are left as they are.
     fn set(&self, r: &Resources) -> Result<()>;
     /// The processes in the cgroup.
@@ -161,13 +222,84 @@ pub enum Hierarchy {
 /// hierarchy costs a mkdir, a write and an rmdir per container.
 pub const V1_CONTROLLERS: &[&str] = &["memory", "cpu", "cpuacct", "pids", "devices"];
 
-/// Finds the cgroup hierarchy from /proc/self/mountinfo and /proc/self/cgroup.
+/// Finds the cgroup hierarchy: from the standard layout under
+/// /sys/fs/cgroup when it is there (a few statfs calls), else from
+/// /proc/self/mountinfo, which on a busy host is hundreds of lines.
 pub fn detect() -> Result<Hierarchy> {
-    let mountinfo = fs::read_to_string("/proc/self/mountinfo")
-        .map_err(io("read", Path::new("/proc/self/mountinfo")))?;
     let own = fs::read_to_string("/proc/self/cgroup")
         .map_err(io("read", Path::new("/proc/self/cgroup")))?;
+    if let Some(h) = detect_standard(Path::new("/sys/fs/cgroup"), &own) {
+        return Ok(h);
+    }
+    let mountinfo = fs::read_to_string("/proc/self/mountinfo")
+        .map_err(io("read", Path::new("/proc/self/mountinfo")))?;
     detect_from(&mountinfo, &own)
+}
+
+/// A file that a hierarchy's root has only when the controller is bound to
+/// it (the root pids cgroup has no pids.* file, so any cgroup file does).
+fn v1_marker(ctrl: &str) -> &'static str {
+    match ctrl {
+        "memory" => "memory.limit_in_bytes",
+        "cpu" => "cpu.shares",
+        "cpuacct" => "cpuacct.usage",
+        "devices" => "devices.allow",
+        _ => "cgroup.procs",
+    }
+}
+
+/// The layout systemd and Docker hosts use: a cgroup2 file system at
+/// `base`, or a tmpfs there with one v1 mount per controller named after
+/// it. `None` when the host looks different; [`detect_from`] then decides.
+fn detect_standard(base: &Path, self_cgroup: &str) -> Option<Hierarchy> {
+    use nix::sys::statfs::{statfs, CGROUP2_SUPER_MAGIC, CGROUP_SUPER_MAGIC};
+    let (own_v1, own_v2) = parse_self_cgroup(self_cgroup);
+    let t = statfs(base).ok()?.filesystem_type();
+    if t == CGROUP2_SUPER_MAGIC {
+        return Some(Hierarchy::V2 {
+            mount: base.to_path_buf(),
+            own: own_v2,
+        });
+    }
+    let mut mounts = BTreeMap::new();
+    for ctrl in V1_CONTROLLERS {
+        let dir = base.join(ctrl);
+        // statfs follows the cpu -> cpu,cpuacct symlinks of co-mounts.
+        match statfs(&dir) {
+            Ok(s) if s.filesystem_type() == CGROUP_SUPER_MAGIC => {}
+            _ => continue,
+        }
+        if !dir.join(v1_marker(ctrl)).exists() {
+            return None;
+        }
+        mounts.insert(ctrl.to_string(), dir);
+    }
+    if mounts.contains_key("memory") || mounts.contains_key("pids") {
+        return Some(Hierarchy::V1 {
+            mounts,
+            own: own_v1,
+        });
+    }
+    None
+}
+
+/// This process's v1 cgroups (controller → path) and its v2 cgroup.
+fn parse_self_cgroup(self_cgroup: &str) -> (BTreeMap<String, String>, String) {
+    let mut own_v1 = BTreeMap::new();
+    let mut own_v2 = String::from("/");
+    for line in self_cgroup.lines() {
+        let mut parts = line.splitn(3, ':');
+        let (Some(id), Some(ctrls), Some(path)) = (parts.next(), parts.next(), parts.next()) else {
+            continue;
+        };
+        if id == "0" && ctrls.is_empty() {
+            own_v2 = path.to_string();
+        }
+        for c in ctrls.split(',') {
+            own_v1.insert(c.to_string(), path.to_string());
+        }
+    }
+    (own_v1, own_v2)
 }
 
 /// [`detect`] on given file contents, so that it can be tested.
@@ -197,20 +329,7 @@ pub fn detect_from(mountinfo: &str, self_cgroup: &str) -> Result<Hierarchy> {
             _ => {}
         }
     }
-    let mut own_v1 = BTreeMap::new();
-    let mut own_v2 = String::from("/");
-    for line in self_cgroup.lines() {
-        let mut parts = line.splitn(3, ':');
-        let (Some(id), Some(ctrls), Some(path)) = (parts.next(), parts.next(), parts.next()) else {
-            continue;
-        };
-        if id == "0" && ctrls.is_empty() {
-            own_v2 = path.to_string();
-        }
-        for c in ctrls.split(',') {
-            own_v1.insert(c.to_string(), path.to_string());
-        }
-    }
+    let (own_v1, own_v2) = parse_self_cgroup(self_cgroup);
     if v1.contains_key("memory") || v1.contains_key("pids") {
         return Ok(Hierarchy::V1 {
             mounts: v1,
@@ -360,6 +479,14 @@ impl CgroupManager for V1 {
         Ok(())
     }
 
+    fn placement(&self) -> Result<Placement> {
+        let mut fds = Vec::with_capacity(self.dirs.len());
+        for dir in self.dirs.values() {
+            fds.push(open_placement_file(&dir.join("tasks"), true)?);
+        }
+        Ok(Placement::V1Tasks(fds))
+    }
+
     fn set(&self, r: &Resources) -> Result<()> {
         if let (Some(limit), Some(f)) = (r.memory_limit, self.file("memory", "")) {
             let dir = f;
@@ -503,6 +630,10 @@ impl CgroupManager for V2 {
         write(&self.dir.join("cgroup.procs"), &pid.to_string())
     }
 
+    fn placement(&self) -> Result<Placement> {
+        Ok(Placement::V2Dir(open_placement_file(&self.dir, false)?))
+    }
+
     fn set(&self, r: &Resources) -> Result<()> {
         if let Some(limit) = r.memory_limit {
             write(&self.dir.join("memory.max"), &limit.to_string())?;
@@ -531,7 +662,10 @@ impl CgroupManager for V2 {
         if let Some(l) = r.pids_limit {
             write(&self.dir.join("pids.max"), &l.to_string())?;
         }
-        // Device rules need a BPF program on v2; not done yet (see docs).
+        if let Some(allow) = &r.device_allow {
+            // v2 has no devices controller: the rules become a BPF program.
+            crate::devices::attach(&self.dir, &crate::devices::program(allow)?)?;
+        }
         Ok(())
     }
 
@@ -616,6 +750,32 @@ mod tests {
                 own: "/user.slice".into()
             }
         );
+    }
+
+    #[test]
+    fn standard_layout_detection_agrees_with_mountinfo() {
+        let base = Path::new("/sys/fs/cgroup");
+        let own = fs::read_to_string("/proc/self/cgroup").unwrap();
+        let Some(fast) = detect_standard(base, &own) else {
+            eprintln!("skipping: this host does not use the standard cgroup layout");
+            return;
+        };
+        let mi = fs::read_to_string("/proc/self/mountinfo").unwrap();
+        let slow = detect_from(&mi, &own).unwrap();
+        match (&fast, &slow) {
+            (Hierarchy::V1 { mounts: a, own: oa }, Hierarchy::V1 { mounts: b, own: ob }) => {
+                assert_eq!(a.keys().collect::<Vec<_>>(), b.keys().collect::<Vec<_>>());
+                for (ctrl, dir) in a {
+                    // Same mount, whether reached through a co-mount symlink.
+                    assert_eq!(
+                        fs::canonicalize(dir).unwrap(),
+                        fs::canonicalize(&b[ctrl]).unwrap()
+                    );
+                }
+                assert_eq!(oa, ob);
+            }
+            _ => assert_eq!(fast, slow),
+        }
     }
 
     #[test]

@@ -99,6 +99,38 @@ pub(crate) struct ChildFds {
     pub console: Option<OwnedFd>,
     /// Namespaces to join, opened by the parent.
     pub join: Vec<(OwnedFd, CloneFlags)>,
+    /// The cgroup to enter (the intermediate child places itself).
+    pub placement: Option<crate::cgroups::Placement>,
+}
+
+/// Enters the v1 cgroups, as the still single-threaded intermediate child
+/// and before it joins any namespace; the clones inherit them.
+fn enter_cgroup(placement: Option<&crate::cgroups::Placement>) -> R<()> {
+    match placement {
+        Some(p) => ctx(p.enter_self(), || "enter the cgroup".into()),
+        None => Ok(()),
+    }
+}
+
+/// Clones the next process as a sibling with namespace flags `ns`, straight
+/// into the v2 cgroup if there is one. Returns whether the child must still
+/// unshare its cgroup namespace (see [`sys::clone_sibling_into`]).
+fn clone_placed(
+    ns: CloneFlags,
+    placement: Option<&crate::cgroups::Placement>,
+) -> R<(sys::Forked, bool)> {
+    if let Some(p) = placement {
+        if let Some(dir) = p.clone_into() {
+            let cgroupns = ns.contains(CloneFlags::CLONE_NEWCGROUP);
+            let rest = ns - CloneFlags::CLONE_NEWCGROUP;
+            let f = ctx(sys::clone_sibling_into(rest.bits(), dir.as_fd()), || {
+                format!("clone3({rest:?}) into the cgroup")
+            })?;
+            return Ok((f, cgroupns));
+        }
+    }
+    let f = ctx(sys::clone_sibling(ns.bits()), || format!("clone({ns:?})"))?;
+    Ok((f, false))
 }
 
 type R<T> = std::result::Result<T, String>;
@@ -150,6 +182,7 @@ fn intermediate_inner(plan: &Plan, mut fds: ChildFds, status: &OwnedFd) -> R<()>
         "prctl(PR_SET_DUMPABLE)".into()
     })?;
     wait_go(&fds.go)?;
+    enter_cgroup(fds.placement.as_ref())?;
     // The user namespace first, so that the others are owned by it.
     fds.join
         .sort_by_key(|(_, f)| !f.contains(CloneFlags::CLONE_NEWUSER));
@@ -157,19 +190,26 @@ fn intermediate_inner(plan: &Plan, mut fds: ChildFds, status: &OwnedFd) -> R<()>
         ctx(nix::sched::setns(fd, *flag), || format!("setns {flag:?}"))?;
     }
     drop(std::mem::take(&mut fds.join));
-    match ctx(sys::clone_sibling(plan.new_ns.bits()), || {
-        format!("clone({:?})", plan.new_ns)
-    })? {
-        sys::Forked::Parent(pid) => {
+    let placement = fds.placement.take();
+    match clone_placed(plan.new_ns, placement.as_ref())? {
+        (sys::Forked::Parent(pid), _) => {
             send(status, &Msg::Pid(pid.as_raw()));
             Ok(())
         }
-        sys::Forked::Child => match container_init(plan, fds, status)? {},
+        (sys::Forked::Child, unshare_cgroupns) => {
+            drop(placement);
+            match container_init(plan, fds, status, unshare_cgroupns)? {}
+        }
     }
 }
 
 /// The container's pid 1 until it execs the workload.
-fn container_init(plan: &Plan, fds: ChildFds, status: &OwnedFd) -> R<std::convert::Infallible> {
+fn container_init(
+    plan: &Plan,
+    fds: ChildFds,
+    status: &OwnedFd,
+    unshare_cgroupns: bool,
+) -> R<std::convert::Infallible> {
     let ChildFds {
         go,
         fifo,
@@ -179,6 +219,12 @@ fn container_init(plan: &Plan, fds: ChildFds, status: &OwnedFd) -> R<std::conver
     } = fds;
     wait_go(&go)?;
     drop(go);
+    if unshare_cgroupns {
+        // Now that we are in our cgroup, root the namespace here.
+        ctx(nix::sched::unshare(CloneFlags::CLONE_NEWCGROUP), || {
+            "unshare(CLONE_NEWCGROUP)".into()
+        })?;
+    }
     if plan.new_ns.contains(CloneFlags::CLONE_NEWUSER) {
         // Become root of the new user namespace for the set-up.
         ctx(
@@ -892,16 +938,19 @@ fn exec_intermediate_inner(p: &ProcessPlan, mut fds: ChildFds, status: &OwnedFd)
         "prctl(PR_SET_DUMPABLE)".into()
     })?;
     wait_go(&fds.go)?;
+    enter_cgroup(fds.placement.as_ref())?;
     for (fd, flag) in &fds.join {
         ctx(nix::sched::setns(fd, *flag), || format!("setns {flag:?}"))?;
     }
     drop(std::mem::take(&mut fds.join));
-    match ctx(sys::clone_sibling(0), || "clone".into())? {
-        sys::Forked::Parent(pid) => {
+    let placement = fds.placement.take();
+    match clone_placed(CloneFlags::empty(), placement.as_ref())? {
+        (sys::Forked::Parent(pid), _) => {
             send(status, &Msg::Pid(pid.as_raw()));
             Ok(())
         }
-        sys::Forked::Child => {
+        (sys::Forked::Child, _) => {
+            drop(placement);
             let ChildFds {
                 go,
                 mut stdio,

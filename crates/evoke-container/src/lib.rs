@@ -9,14 +9,17 @@
 //! the child, which then waits on an exec fifo until [`start`].
 //!
 //! Modules: [`spec`] (Docker's defaults as an OCI spec), [`cgroups`] (the
-//! [`cgroups::CgroupManager`] trait with v1 and v2), `seccomp` (OCI
+//! [`cgroups::CgroupManager`] trait with v1 and v2), [`devices`] (device
+//! rules as a BPF program for v2), `seccomp` (OCI
 //! profile → BPF), `init` (the child side), `sys` (the raw syscalls).
 
 pub mod cgroups;
+pub mod devices;
 mod error;
 mod init;
 mod plan;
 pub mod seccomp;
+pub mod selfexe;
 pub mod spec;
 mod sys;
 pub mod testutil;
@@ -123,6 +126,9 @@ pub struct CreateOptions {
     pub console_socket: Option<PathBuf>,
     /// A file to write the init's pid to.
     pub pid_file: Option<PathBuf>,
+    /// The cgroup hierarchy to use; `None` takes what [`cgroups::detect`]
+    /// finds. (A hybrid host is driven through v1 unless told otherwise.)
+    pub hierarchy: Option<cgroups::Hierarchy>,
 }
 
 /// Options for [`exec`].
@@ -298,7 +304,10 @@ pub fn create(state_root: &Path, id: &str, bundle: &Path, opts: CreateOptions) -
         .as_ref()
         .map(|p| p.to_string_lossy().into_owned())
         .unwrap_or_else(|| format!("evoke/{id}"));
-    let hierarchy = cgroups::detect()?;
+    let hierarchy = match opts.hierarchy.clone() {
+        Some(h) => h,
+        None => cgroups::detect()?,
+    };
     let cg = hierarchy.create(&cg_path)?;
     cleanup.cgroup = Some(cg);
     let cg = cleanup.cgroup.as_ref().expect("set just above");
@@ -341,6 +350,7 @@ pub fn create(state_root: &Path, id: &str, bundle: &Path, opts: CreateOptions) -
         stdio: [opts.stdin, opts.stdout, opts.stderr],
         console,
         join,
+        placement: Some(cg.placement()?),
     };
     let child = match sys::fork().map_err(|e| Error::sys("fork", e))? {
         sys::Forked::Child => init::intermediate(&plan, fds),
@@ -353,15 +363,9 @@ pub fn create(state_root: &Path, id: &str, bundle: &Path, opts: CreateOptions) -
     };
     let mut go = fs::File::from(go_w);
     let mut status = fs::File::from(st_r);
-    // The intermediate child goes into the cgroup before it clones the
+    // The intermediate child enters the cgroup itself before it clones the
     // init, so the init starts inside it and its cgroup namespace is rooted
-    // there.
-    let placed = cg.add_process(child.as_raw());
-    if let Err(e) = placed {
-        let _ = nix::sys::signal::kill(child, Signal::SIGKILL);
-        let _ = nix::sys::wait::waitpid(child, None);
-        return Err(e.into());
-    }
+    // there (see `cgroups::Placement` for why the child does it).
     let _ = go.write_all(b"1");
     let first = Msg::read(&mut status).map_err(|e| init_err(format!("read status: {e}")));
     let _ = nix::sys::wait::waitpid(child, None);
@@ -408,10 +412,10 @@ pub fn create(state_root: &Path, id: &str, bundle: &Path, opts: CreateOptions) -
 }
 
 fn write_pid_file(path: &Path, pid: i32) -> Result<()> {
-    // Write then rename, so a reader never sees a partial pid.
-    let tmp = path.with_extension("evoke-tmp");
-    fs::write(&tmp, pid.to_string()).map_err(|e| Error::io("write", &tmp, e))?;
-    fs::rename(&tmp, path).map_err(|e| Error::io("rename", path, e))
+    // Written in place, before `create` returns, which is when callers
+    // (containerd, conmon) read it; a temporary file plus rename would cost
+    // another inode allocation per container.
+    fs::write(path, pid.to_string()).map_err(|e| Error::io("write", path, e))
 }
 
 /// Starts a created container: its init execs the workload.
@@ -620,6 +624,10 @@ pub fn exec(
         nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(|e| Error::sys("pipe2", e))?;
     let (st_r, st_w) =
         nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(|e| Error::sys("pipe2", e))?;
+    let placement = match rec.cgroup.as_ref().map(CgroupPaths::open) {
+        Some(cg) => Some(cg.placement()?),
+        None => None,
+    };
     let fds = ChildFds {
         go: go_r,
         status: init::StatusFd(Some(st_w)),
@@ -627,6 +635,7 @@ pub fn exec(
         stdio: [opts.stdin, opts.stdout, opts.stderr],
         console,
         join,
+        placement,
     };
     let child = match sys::fork().map_err(|e| Error::sys("fork", e))? {
         sys::Forked::Child => init::exec_intermediate(&pplan, fds),
@@ -637,13 +646,6 @@ pub fn exec(
         id: id.to_string(),
         msg,
     };
-    if let Some(cg) = rec.cgroup.as_ref().map(CgroupPaths::open) {
-        if let Err(e) = cg.add_process(child.as_raw()) {
-            let _ = nix::sys::signal::kill(child, Signal::SIGKILL);
-            let _ = nix::sys::wait::waitpid(child, None);
-            return Err(e.into());
-        }
-    }
     let mut go = fs::File::from(go_w);
     let mut st = fs::File::from(st_r);
     let _ = go.write_all(b"12");

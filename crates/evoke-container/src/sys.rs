@@ -1,5 +1,6 @@
 //! The few raw system calls nix does not wrap safely: fork, clone with
-//! CLONE_PARENT, close_range, _exit and TIOCSCTTY.
+//! CLONE_PARENT (and clone3 with CLONE_INTO_CGROUP), close_range, _exit and
+//! TIOCSCTTY.
 #![allow(unsafe_code)]
 
 use nix::unistd::Pid;
@@ -45,6 +46,63 @@ pub(crate) fn clone_sibling(flags: libc::c_int) -> nix::Result<Forked> {
         pid => Ok(Forked::Parent(Pid::from_raw(pid as i32))),
     }
 }
+
+/// The kernel's `struct clone_args` up to `cgroup` (CLONE_ARGS_SIZE_VER2).
+#[repr(C)]
+#[derive(Default)]
+struct CloneArgs {
+    flags: u64,
+    pidfd: u64,
+    child_tid: u64,
+    parent_tid: u64,
+    exit_signal: u64,
+    stack: u64,
+    stack_size: u64,
+    tls: u64,
+    set_tid: u64,
+    set_tid_size: u64,
+    cgroup: u64,
+}
+
+/// Like [`clone_sibling`], but the new process starts in the cgroup v2
+/// directory `cgroup` (CLONE_INTO_CGROUP), so nobody has to move it there.
+/// `flags` must not hold CLONE_NEWCGROUP: the kernel makes namespaces
+/// before it places the child, so the namespace would be rooted in the
+/// caller's cgroup; the child unshares it itself. Single-threaded callers
+/// only, as for [`clone_sibling`].
+pub(crate) fn clone_sibling_into(
+    flags: libc::c_int,
+    cgroup: std::os::fd::BorrowedFd<'_>,
+) -> nix::Result<Forked> {
+    use std::os::fd::AsRawFd;
+    let args = CloneArgs {
+        flags: (flags | libc::CLONE_PARENT) as u64 | CLONE_INTO_CGROUP,
+        // clone3 refuses an exit signal with CLONE_PARENT: the child takes
+        // the caller's own (SIGCHLD, from its fork).
+        exit_signal: 0,
+        cgroup: cgroup.as_raw_fd() as u64,
+        ..Default::default()
+    };
+    // SAFETY: clone3 reads `args` (size given) and, with a zero stack,
+    // behaves like fork: the child continues on a copy-on-write copy of this
+    // stack. The caller is single-threaded, so no lock can be held by
+    // another thread in the child.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_clone3,
+            &args as *const CloneArgs,
+            std::mem::size_of::<CloneArgs>(),
+        )
+    };
+    match rc {
+        -1 => Err(nix::Error::last()),
+        0 => Ok(Forked::Child),
+        pid => Ok(Forked::Parent(Pid::from_raw(pid as i32))),
+    }
+}
+
+/// include/uapi/linux/sched.h (not in every libc crate version).
+const CLONE_INTO_CGROUP: u64 = 0x2_0000_0000;
 
 /// Closes every descriptor in [first, last].
 pub(crate) fn close_range(first: u32, last: u32) -> nix::Result<()> {

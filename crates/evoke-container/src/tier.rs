@@ -770,6 +770,7 @@ impl WorkloadRuntime for ContainerTier {
                     stderr: e,
                     console_socket: console.as_ref().map(|c| c.path.clone()),
                     pid_file: None,
+                    hierarchy: None,
                 },
             )
             .map_err(Self::err)?;
