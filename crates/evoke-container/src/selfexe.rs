@@ -46,10 +46,7 @@ pub enum SelfExeError {
     Exec { path: PathBuf, source: io::Error },
 }
 
-fn io_err<'a>(
-    op: &'static str,
-    path: &'a Path,
-) -> impl FnOnce(io::Error) -> SelfExeError + 'a {
+fn io_err<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> SelfExeError + 'a {
     move |source| SelfExeError::Io {
         op,
         path: path.to_path_buf(),
