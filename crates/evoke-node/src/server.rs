@@ -117,6 +117,18 @@ impl App {
         Ok(())
     }
 
+    /// exec, attach and port-forward reach into pods: without a token
+    /// configured they are off, whoever asks.
+    fn authorize_stream(&self, headers: &HeaderMap) -> Result<(), Box<Response>> {
+        if self.token.is_none() {
+            return Err(Box::new(error(
+                StatusCode::FORBIDDEN,
+                "streaming is disabled: this node endpoint has no token\n".into(),
+            )));
+        }
+        self.authorize(headers)
+    }
+
     fn pod_uid(&self, ns: &str, pod: &str) -> Result<String, Box<Response>> {
         self.pods
             .read()
@@ -199,7 +211,7 @@ async fn exec(
     headers: HeaderMap,
     ws: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
 ) -> Response {
-    if let Err(r) = app.authorize(&headers) {
+    if let Err(r) = app.authorize_stream(&headers) {
         return *r;
     }
     let req = match ExecRequest::parse(query.as_deref().unwrap_or_default()) {
@@ -251,7 +263,7 @@ async fn port_forward(
     headers: HeaderMap,
     ws: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
 ) -> Response {
-    if let Err(r) = app.authorize(&headers) {
+    if let Err(r) = app.authorize_stream(&headers) {
         return *r;
     }
     let mut ports = Vec::new();
@@ -344,7 +356,7 @@ async fn attach(
     headers: HeaderMap,
     ws: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
 ) -> Response {
-    if let Err(r) = app.authorize(&headers) {
+    if let Err(r) = app.authorize_stream(&headers) {
         return *r;
     }
     let wants_stdin = form_urlencoded::parse(query.unwrap_or_default().as_bytes())
@@ -674,6 +686,10 @@ mod tests {
     }
 
     async fn exec_endpoint() -> (tempfile::TempDir, u16) {
+        exec_endpoint_with(Some("tok".into())).await
+    }
+
+    async fn exec_endpoint_with(token: Option<String>) -> (tempfile::TempDir, u16) {
         let tmp = tempfile::tempdir().unwrap();
         let pods: PodIndex = Arc::new(RwLock::new(HashMap::from([(
             "ns/p".to_string(),
@@ -683,15 +699,9 @@ mod tests {
             "host".to_string(),
             Arc::new(HostTier) as Arc<dyn WorkloadRuntime>,
         )]);
-        let port = serve(
-            "127.0.0.1:0",
-            tmp.path().to_path_buf(),
-            Some("tok".into()),
-            pods,
-            tiers,
-        )
-        .await
-        .unwrap();
+        let port = serve("127.0.0.1:0", tmp.path().to_path_buf(), token, pods, tiers)
+            .await
+            .unwrap();
         (tmp, port)
     }
 
@@ -789,6 +799,11 @@ mod tests {
         let (code, msg) = refused("/exec/ns/p/c?stdout=true", "tok").await;
         assert_eq!(code, 400);
         assert!(msg.contains("at least one command"), "{msg}");
+        // Without a configured token, nobody may exec.
+        let (_tmp2, open) = exec_endpoint_with(None).await;
+        assert!(get(open, "/exec/ns/p/c?command=true", "")
+            .await
+            .starts_with("HTTP/1.1 403"));
         // Checks pass but no upgrade: the API server's probe before it
         // refuses SPDY.
         assert!(get(port, "/exec/ns/p/c?command=true", "tok")
