@@ -248,8 +248,45 @@ fn internal_ip(n: &Node) -> Option<Ipv4Addr> {
         .ok()
 }
 
+/// The routes to change so that every other node's podCIDR goes via its
+/// InternalIP, given the routes made so far: (to add or move, to delete).
+pub fn plan_routes(
+    me: &str,
+    nodes: &[Node],
+    routed: &HashMap<Ipv4Net, Ipv4Addr>,
+) -> (Vec<(Ipv4Net, Ipv4Addr)>, Vec<Ipv4Net>) {
+    let mut want: HashMap<Ipv4Net, Ipv4Addr> = HashMap::new();
+    for n in nodes {
+        if n.metadata.name.as_deref() == Some(me) {
+            continue;
+        }
+        let cidr = n
+            .spec
+            .as_ref()
+            .and_then(|s| s.pod_cidr.as_deref())
+            .and_then(|c| c.parse::<Ipv4Net>().ok());
+        if let (Some(cidr), Some(via)) = (cidr, internal_ip(n)) {
+            want.insert(cidr, via);
+        }
+    }
+    let mut add: Vec<(Ipv4Net, Ipv4Addr)> = want
+        .iter()
+        .filter(|(c, v)| routed.get(c) != Some(v))
+        .map(|(c, v)| (*c, *v))
+        .collect();
+    add.sort();
+    let mut remove: Vec<Ipv4Net> = routed
+        .keys()
+        .filter(|c| !want.contains_key(c))
+        .copied()
+        .collect();
+    remove.sort();
+    (add, remove)
+}
+
 /// Routes every other node's podCIDR via its InternalIP, following Node
-/// changes (flannel's host-gw backend: nodes share one L2/L3 network).
+/// changes (flannel's host-gw backend: nodes share one L2/L3 network); a
+/// node that leaves loses its route.
 async fn route_other_nodes(client: Client, me: String, bridge: Arc<BridgeNetwork>) {
     let (store, writer) = reflector::store::<Node>();
     let events = reflector(
@@ -261,22 +298,9 @@ async fn route_other_nodes(client: Client, me: String, bridge: Arc<BridgeNetwork
     let mut routed: HashMap<Ipv4Net, Ipv4Addr> = HashMap::new();
     // Every event, including the end of a (re)list when the store fills.
     while events.next().await.is_some() {
-        for n in store.state() {
-            if n.metadata.name.as_deref() == Some(me.as_str()) {
-                continue;
-            }
-            let Some(cidr) = n
-                .spec
-                .as_ref()
-                .and_then(|s| s.pod_cidr.as_deref())
-                .and_then(|c| c.parse::<Ipv4Net>().ok())
-            else {
-                continue;
-            };
-            let Some(via) = internal_ip(&n) else { continue };
-            if routed.get(&cidr) == Some(&via) {
-                continue;
-            }
+        let nodes: Vec<Node> = store.state().iter().map(|n| (**n).clone()).collect();
+        let (add, remove) = plan_routes(&me, &nodes, &routed);
+        for (cidr, via) in add {
             let b = bridge.clone();
             match blocking(move || b.route_via(cidr, via)).await {
                 Ok(()) => {
@@ -284,6 +308,16 @@ async fn route_other_nodes(client: Client, me: String, bridge: Arc<BridgeNetwork
                     routed.insert(cidr, via);
                 }
                 Err(e) => warn!(%cidr, %via, error = %e, "cannot route another node's pods"),
+            }
+        }
+        for cidr in remove {
+            let b = bridge.clone();
+            match blocking(move || b.delete_route(cidr)).await {
+                Ok(()) => {
+                    info!(%cidr, "route to a node that left removed");
+                    routed.remove(&cidr);
+                }
+                Err(e) => warn!(%cidr, error = %e, "cannot remove a route"),
             }
         }
     }
@@ -438,5 +472,42 @@ mod tests {
     fn a_full_cluster_cidr_is_an_error() {
         let nodes = [node("a", Some("10.42.0.0/24")), node("b", None)];
         assert!(plan_pod_cidrs(net("10.42.0.0/24"), &nodes, &BTreeMap::new()).is_err());
+    }
+
+    fn node_at(name: &str, cidr: &str, ip: &str) -> Node {
+        serde_json::from_value(serde_json::json!({
+            "metadata": {"name": name},
+            "spec": {"podCIDR": cidr},
+            "status": {"addresses": [{"type": "InternalIP", "address": ip}]},
+        }))
+        .expect("node")
+    }
+
+    #[test]
+    fn other_nodes_subnets_are_routed_via_their_address_and_unrouted_when_they_leave() {
+        let nodes = [
+            node_at("me", "10.42.0.0/24", "192.168.1.1"),
+            node_at("b", "10.42.1.0/24", "192.168.1.2"),
+            node_at("c", "10.42.2.0/24", "192.168.1.3"),
+        ];
+        let ip = |s: &str| s.parse::<Ipv4Addr>().expect("ip");
+        let (add, remove) = plan_routes("me", &nodes, &HashMap::new());
+        assert_eq!(
+            add,
+            vec![
+                (net("10.42.1.0/24"), ip("192.168.1.2")),
+                (net("10.42.2.0/24"), ip("192.168.1.3")),
+            ]
+        );
+        assert!(remove.is_empty());
+        // c left, b moved to another address.
+        let routed: HashMap<Ipv4Net, Ipv4Addr> = add.into_iter().collect();
+        let nodes = [
+            node_at("me", "10.42.0.0/24", "192.168.1.1"),
+            node_at("b", "10.42.1.0/24", "192.168.1.9"),
+        ];
+        let (add, remove) = plan_routes("me", &nodes, &routed);
+        assert_eq!(add, vec![(net("10.42.1.0/24"), ip("192.168.1.9"))]);
+        assert_eq!(remove, vec![net("10.42.2.0/24")]);
     }
 }

@@ -58,6 +58,11 @@ impl BridgeNetwork {
         self.block(move |net| Box::pin(async move { net.route_via(dst, via).await }))
     }
 
+    /// Removes the route to a node that left (see [`PodNetwork::delete_route`]).
+    pub fn delete_route(&self, dst: crate::Ipv4Net) -> Result<(), NetError> {
+        self.block(move |net| Box::pin(async move { net.delete_route(dst).await }))
+    }
+
     /// The pod network behind the seam.
     pub fn pod_network(&self) -> &PodNetwork {
         &self.net

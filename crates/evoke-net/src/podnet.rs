@@ -237,6 +237,18 @@ impl PodNetwork {
             .map_err(|e| NetError::netlink("add route", format!("{dst} via {via}"), e))
     }
 
+    /// Removes the route to `dst` (a node that left); a missing one is fine.
+    pub async fn delete_route(&self, dst: Ipv4Net) -> Result<(), NetError> {
+        let route = RouteMessageBuilder::<Ipv4Addr>::new()
+            .destination_prefix(dst.network(), dst.prefix())
+            .build();
+        match self.node.route().del(route).execute().await {
+            Ok(()) => Ok(()),
+            Err(e) if is_errno(&e, nix::libc::ESRCH) => Ok(()),
+            Err(e) => Err(NetError::netlink("delete route", dst.to_string(), e)),
+        }
+    }
+
     /// The address allocator of this node.
     pub fn ipam(&self) -> &PodIpam {
         &self.ipam

@@ -124,7 +124,7 @@ impl ServiceProxy {
     /// Syncs start once both initial lists are in: the reflector stores
     /// fill at a list's end (`InitDone`), and a sync against a half-listed
     /// state would program Services without their endpoints.
-    pub async fn run(mut self, client: Client) {
+    pub async fn run(self, client: Client) {
         let (svc_store, svc_writer) = reflector::store::<Service>();
         let (eps_store, eps_writer) = reflector::store::<EndpointSlice>();
         let svc_events = reflector(
@@ -147,6 +147,9 @@ impl ServiceProxy {
         .map(|e| (Kind::Slices, is_init_done(&e)));
         let mut events = std::pin::pin!(futures::stream::select(svc_events, eps_events));
         let (mut svc_listed, mut eps_listed) = (false, false);
+        // The proxy moves to a blocking thread for each sync: it runs `nft`
+        // and waits for it, which must not hold up the runtime's workers.
+        let mut me = Some(self);
         while let Some((kind, listed)) = events.next().await {
             match kind {
                 Kind::Services => svc_listed |= listed,
@@ -158,8 +161,23 @@ impl ServiceProxy {
             let services: Vec<Service> = svc_store.state().iter().map(|s| (**s).clone()).collect();
             let slices: Vec<EndpointSlice> =
                 eps_store.state().iter().map(|s| (**s).clone()).collect();
-            if let Err(e) = self.sync(&services, &slices) {
-                warn!(error = %e, "service proxy sync incomplete");
+            let Some(mut sp) = me.take() else { return };
+            let synced = tokio::task::spawn_blocking(move || {
+                let r = sp.sync(&services, &slices);
+                (sp, r)
+            })
+            .await;
+            match synced {
+                Ok((sp, r)) => {
+                    if let Err(e) = r {
+                        warn!(error = %e, "service proxy sync incomplete");
+                    }
+                    me = Some(sp);
+                }
+                Err(e) => {
+                    warn!(error = %e, "service proxy sync thread failed; the proxy stops");
+                    return;
+                }
             }
         }
     }

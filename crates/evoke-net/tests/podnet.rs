@@ -212,3 +212,58 @@ async fn microvm_pods_get_a_tap_on_the_bridge_that_teardown_removes() {
     assert!(!links(&n.ns).contains(&tap), "tap removed");
     assert!(net.ipam().allocations().is_empty());
 }
+
+/// What the node agent relies on after a restart and for other nodes: an
+/// intact pod keeps its very veth (its connections survive), the bridge
+/// holds the cluster DNS address, and other nodes' subnets are routed and
+/// unrouted.
+#[tokio::test]
+async fn an_intact_pod_keeps_its_veth_and_the_node_holds_dns_address_and_routes() {
+    if !privileged() {
+        return;
+    }
+    let n = node("10.42.11.0/24");
+    let net = PodNetwork::new(n.cfg.clone()).await.expect("pod network");
+    let a = net.setup("pod-keep").await.expect("setup");
+    let index = |name: &str| {
+        let (ok, out) = run_in(&n.ns, &["ip", "-o", "link", "show", "dev", name]);
+        assert!(ok, "link {name}");
+        out.split(':').next().unwrap_or_default().to_string()
+    };
+    let before = index(&a.host_veth);
+    let restarted = PodNetwork::new(n.cfg.clone()).await.expect("restarted");
+    let again = restarted.setup("pod-keep").await.expect("setup again");
+    assert_eq!(again.ip, a.ip);
+    assert_eq!(index(&a.host_veth), before, "the same veth, not a new one");
+
+    restarted
+        .add_bridge_address("10.43.0.10".parse().expect("ip"))
+        .await
+        .expect("dns address");
+    restarted
+        .add_bridge_address("10.43.0.10".parse().expect("ip"))
+        .await
+        .expect("adding it again is fine");
+    let (_, addrs) = run_in(&n.ns, &["ip", "-4", "-o", "addr", "show", "dev", "evoke0"]);
+    assert!(addrs.contains("10.43.0.10/32"), "{addrs}");
+
+    let other: Ipv4Net = "10.42.12.0/24".parse().expect("cidr");
+    restarted
+        .route_via(other, "10.42.11.200".parse().expect("ip"))
+        .await
+        .expect("route");
+    restarted
+        .route_via(other, "10.42.11.201".parse().expect("ip"))
+        .await
+        .expect("a moved node's route is replaced");
+    let (_, routes) = run_in(&n.ns, &["ip", "route", "show", "10.42.12.0/24"]);
+    assert!(routes.contains("via 10.42.11.201"), "{routes}");
+    restarted.delete_route(other).await.expect("unroute");
+    restarted
+        .delete_route(other)
+        .await
+        .expect("a missing route is fine");
+    let (_, routes) = run_in(&n.ns, &["ip", "route", "show", "10.42.12.0/24"]);
+    assert!(routes.trim().is_empty(), "{routes}");
+    restarted.teardown("pod-keep").await.expect("teardown");
+}
