@@ -411,7 +411,11 @@ fn run_workload(spec: &GuestSpec, sink: &mut Sink) -> Result<ExitStatus, AgentEr
     cmd.args(&spec.argv[1..])
         .env_clear()
         .envs(spec.env.iter().filter_map(|kv| kv.split_once('=')))
-        .stdin(Stdio::null())
+        .stdin(if spec.stdin {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
     sys::confine(&mut cmd, root, workdir, spec.uid, spec.gid)
@@ -426,6 +430,7 @@ fn run_workload(spec: &GuestSpec, sink: &mut Sink) -> Result<ExitStatus, AgentEr
     };
     set_nonblocking(out.as_fd());
     set_nonblocking(err.as_fd());
+    let mut input = WorkloadInput::new(child.stdin.take());
     if let Some(fd) = sink.readable() {
         set_nonblocking(fd);
     }
@@ -443,7 +448,7 @@ fn run_workload(spec: &GuestSpec, sink: &mut Sink) -> Result<ExitStatus, AgentEr
                 break;
             }
         }
-        let (ready_out, ready_err, ready_sig, ready_chan) = {
+        let (ready_out, ready_err, ready_sig, ready_chan, ready_in) = {
             let mut fds = vec![PollFd::new(sigfd.as_fd(), PollFlags::POLLIN)];
             let out_i = out_open.then(|| {
                 fds.push(PollFd::new(out.as_fd(), PollFlags::POLLIN));
@@ -453,8 +458,14 @@ fn run_workload(spec: &GuestSpec, sink: &mut Sink) -> Result<ExitStatus, AgentEr
                 fds.push(PollFd::new(err.as_fd(), PollFlags::POLLIN));
                 fds.len() - 1
             });
-            let chan_i = sink.readable().map(|fd| {
+            // Stop reading the channel while the workload's stdin is
+            // backed up: the host then waits on the virtio queue.
+            let chan_i = sink.readable().filter(|_| input.has_room()).map(|fd| {
                 fds.push(PollFd::new(fd, PollFlags::POLLIN));
+                fds.len() - 1
+            });
+            let in_i = input.waiting_fd().map(|fd| {
+                fds.push(PollFd::new(fd, PollFlags::POLLOUT));
                 fds.len() - 1
             });
             let timeout = if exited_at.is_some() { 20u16 } else { 1000 };
@@ -465,7 +476,7 @@ fn run_workload(spec: &GuestSpec, sink: &mut Sink) -> Result<ExitStatus, AgentEr
             let hit = |i: Option<usize>| {
                 i.is_some_and(|i| fds[i].revents().is_some_and(|r| !r.is_empty()))
             };
-            (hit(out_i), hit(err_i), hit(Some(0)), hit(chan_i))
+            (hit(out_i), hit(err_i), hit(Some(0)), hit(chan_i), hit(in_i))
         };
         if ready_out {
             out_open = pump(&mut out, false, sink, &mut buf);
@@ -480,7 +491,10 @@ fn run_workload(spec: &GuestSpec, sink: &mut Sink) -> Result<ExitStatus, AgentEr
                     _ => {}
                 }
             }
-            deliver_signals(&mut inbox, pid);
+            handle_host_frames(&mut inbox, pid, &mut input);
+        }
+        if ready_in {
+            input.flush();
         }
         if ready_sig {
             while let Ok(Some(_)) = sigfd.read_signal() {}
@@ -526,8 +540,81 @@ fn run_workload(spec: &GuestSpec, sink: &mut Sink) -> Result<ExitStatus, AgentEr
     })
 }
 
-/// Decodes complete host → guest frames from `inbox` and acts on them.
-fn deliver_signals(inbox: &mut Vec<u8>, pid: Pid) {
+/// The workload's stdin when the spec keeps it open: bytes from
+/// [`Frame::Stdin`] wait here until the pipe takes them (it is
+/// non-blocking, so a workload that does not read cannot stall the agent).
+struct WorkloadInput {
+    pipe: Option<std::process::ChildStdin>,
+    pending: Vec<u8>,
+    /// An empty Stdin frame came: close the pipe once `pending` is written.
+    eof: bool,
+}
+
+/// Most bytes held for a workload that does not read its stdin.
+const INPUT_BUFFER: usize = 1 << 20;
+
+impl WorkloadInput {
+    fn new(pipe: Option<std::process::ChildStdin>) -> Self {
+        if let Some(p) = &pipe {
+            set_nonblocking(p.as_fd());
+        }
+        WorkloadInput {
+            pipe,
+            pending: Vec::new(),
+            eof: false,
+        }
+    }
+
+    fn has_room(&self) -> bool {
+        self.pending.len() < INPUT_BUFFER
+    }
+
+    /// The pipe, when bytes wait for it.
+    fn waiting_fd(&self) -> Option<BorrowedFd<'_>> {
+        self.pipe
+            .as_ref()
+            .filter(|_| !self.pending.is_empty())
+            .map(|p| p.as_fd())
+    }
+
+    fn push(&mut self, bytes: &[u8]) {
+        if bytes.is_empty() {
+            self.eof = true;
+        } else if self.pipe.is_some() {
+            self.pending.extend_from_slice(bytes);
+        }
+        self.flush();
+    }
+
+    /// Writes what the pipe takes now; closes it at the end of input or
+    /// when the workload closed its end.
+    fn flush(&mut self) {
+        if let Some(p) = self.pipe.as_mut() {
+            while !self.pending.is_empty() {
+                match p.write(&self.pending) {
+                    Ok(n) => {
+                        self.pending.drain(..n);
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                    Err(_) => {
+                        // EPIPE: nobody reads any more.
+                        self.pending.clear();
+                        self.pipe = None;
+                        return;
+                    }
+                }
+            }
+        }
+        if self.eof {
+            self.pipe = None;
+        }
+    }
+}
+
+/// Decodes complete host → guest frames from `inbox` and acts on them:
+/// signals go to the workload's process group, stdin bytes to its stdin.
+fn handle_host_frames(inbox: &mut Vec<u8>, pid: Pid, input: &mut WorkloadInput) {
     loop {
         if inbox.len() < 5 {
             return;
@@ -547,6 +634,7 @@ fn deliver_signals(inbox: &mut Vec<u8>, pid: Pid) {
                     let _ = nix::sys::signal::kill(Pid::from_raw(-pid.as_raw()), sig);
                 }
             }
+            Ok(Some(Frame::Stdin(bytes))) => input.push(&bytes),
             Ok(_) => {}
             Err(e) => console(&format!("evoke-guest: bad frame from host: {e}")),
         }
@@ -565,12 +653,41 @@ mod tests {
         let mut inbox = wire[..7].to_vec();
         // Signal 0 to a process group that does not exist: nothing happens.
         let nobody = Pid::from_raw(i32::MAX - 1);
-        deliver_signals(&mut inbox, nobody);
+        let mut input = WorkloadInput::new(None);
+        handle_host_frames(&mut inbox, nobody, &mut input);
         // A signal frame is 9 bytes: 7 are not enough to act on.
         assert_eq!(inbox.len(), 7);
         inbox.extend_from_slice(&wire[7..]);
-        deliver_signals(&mut inbox, nobody);
+        handle_host_frames(&mut inbox, nobody, &mut input);
         assert!(inbox.is_empty());
+    }
+
+    #[test]
+    fn stdin_frames_reach_the_workload_and_an_empty_one_closes_its_stdin() {
+        let mut child = Command::new("cat")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut input = WorkloadInput::new(child.stdin.take());
+        let mut wire = Vec::new();
+        Frame::Stdin(b"hello ".to_vec())
+            .write_to(&mut wire)
+            .unwrap();
+        Frame::Stdin(b"guest\n".to_vec())
+            .write_to(&mut wire)
+            .unwrap();
+        Frame::Stdin(Vec::new()).write_to(&mut wire).unwrap();
+        let nobody = Pid::from_raw(i32::MAX - 1);
+        handle_host_frames(&mut wire, nobody, &mut input);
+        while input.waiting_fd().is_some() {
+            input.flush();
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        assert!(input.pipe.is_none(), "stdin not closed at the end of input");
+        // cat ends only if its stdin was closed.
+        let out = child.wait_with_output().unwrap();
+        assert_eq!(out.stdout, b"hello guest\n");
     }
 
     #[test]

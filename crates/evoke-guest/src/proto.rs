@@ -21,6 +21,10 @@ const STDERR: u8 = 3;
 const EXIT: u8 = 4;
 const ERROR: u8 = 5;
 const SIGNAL: u8 = 16;
+const STDIN: u8 = 17;
+
+/// Bytes in a frame header: the kind and the payload length.
+pub const HEADER_LEN: usize = 5;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ProtoError {
@@ -56,6 +60,23 @@ pub enum Frame {
     Error(String),
     /// Host → guest: deliver this signal to the workload.
     Signal(i32),
+    /// Host → guest: bytes for the workload's stdin; empty means end of input.
+    Stdin(Vec<u8>),
+}
+
+/// The length of the first whole frame at the start of `buf`, header
+/// included: `Ok(None)` while more bytes are needed, an error when the
+/// header announces a payload over [`MAX_PAYLOAD`]. Lets a relay pass frames
+/// on whole without decoding them.
+pub fn whole_frame_len(buf: &[u8]) -> Result<Option<usize>, ProtoError> {
+    let Some(head) = buf.get(..HEADER_LEN) else {
+        return Ok(None);
+    };
+    let len = u32::from_le_bytes([head[1], head[2], head[3], head[4]]) as usize;
+    if len > MAX_PAYLOAD {
+        return Err(ProtoError::TooLarge { kind: head[0], len });
+    }
+    Ok((buf.len() >= HEADER_LEN + len).then_some(HEADER_LEN + len))
 }
 
 impl Frame {
@@ -75,6 +96,7 @@ impl Frame {
             }
             Frame::Error(m) => (ERROR, m.as_bytes().into()),
             Frame::Signal(s) => (SIGNAL, s.to_le_bytes().to_vec().into()),
+            Frame::Stdin(b) => (STDIN, b.as_slice().into()),
         };
         if payload.len() > MAX_PAYLOAD {
             return Err(ProtoError::TooLarge {
@@ -135,6 +157,7 @@ impl Frame {
                     .filter(|_| len == 4)
                     .ok_or_else(malformed)?,
             ),
+            STDIN => Frame::Stdin(payload),
             other => return Err(ProtoError::UnknownKind(other)),
         }))
     }
@@ -151,6 +174,8 @@ mod tests {
             Frame::Stdout(b"hello\n".to_vec()),
             Frame::Stderr(Vec::new()),
             Frame::Signal(15),
+            Frame::Stdin(b"input".to_vec()),
+            Frame::Stdin(Vec::new()),
             Frame::Error("no such file: /bin/x".into()),
             Frame::Exit(ExitStatus {
                 code: 137,
@@ -168,6 +193,20 @@ mod tests {
             back.push(f);
         }
         assert_eq!(back, frames);
+    }
+
+    #[test]
+    fn whole_frame_len_waits_for_the_payload_and_refuses_oversized_headers() {
+        let mut wire = Vec::new();
+        Frame::Stdin(b"abc".to_vec()).write_to(&mut wire).unwrap();
+        Frame::Signal(2).write_to(&mut wire).unwrap();
+        assert_eq!(whole_frame_len(&wire[..4]).unwrap(), None);
+        assert_eq!(whole_frame_len(&wire[..7]).unwrap(), None);
+        assert_eq!(whole_frame_len(&wire).unwrap(), Some(8));
+        assert_eq!(whole_frame_len(&wire[8..]).unwrap(), Some(9));
+        let mut big = vec![STDOUT];
+        big.extend_from_slice(&u32::MAX.to_le_bytes());
+        assert!(whole_frame_len(&big).is_err());
     }
 
     #[test]

@@ -38,6 +38,9 @@ pub struct GuestSpec {
     pub hostname: Option<String>,
     pub channel: Channel,
     pub shutdown: Shutdown,
+    /// Give the workload a stdin pipe fed by the host's [`crate::proto::Frame::Stdin`]
+    /// frames; otherwise its stdin is /dev/null.
+    pub stdin: bool,
     /// eth0's address, route and resolv.conf when the VM has a virtio-net.
     pub network: Option<crate::net::NetConfig>,
 }
@@ -53,6 +56,7 @@ impl Default for GuestSpec {
             hostname: None,
             channel: Channel::default(),
             shutdown: Shutdown::default(),
+            stdin: false,
             network: None,
         }
     }

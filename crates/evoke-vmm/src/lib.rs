@@ -11,19 +11,22 @@
 //! console) until the guest resets or powers off, or the host stops it.
 //!
 //! Around it: [`seccomp`] confines every VMM thread, [`cgroup`] the VMM
-//! process; [`runner`] is the VMM process (`evoke vmm`, or the small
-//! `evoke-vmm` binary in `src/bin`); [`tier`] is the `microvm`
+//! process; [`runner`] is the VMM process and [`cli`] its command line
+//! (`evoke vmm`, or the small `evoke-vmm` binary in `src/bin`); [`tier`] is the `microvm`
 //! WorkloadRuntime on top; [`vmlinux`] extracts the uncompressed kernel for
-//! PVH; [`kvm_check`] says early, in one line, why a host cannot run guests.
+//! PVH; [`residency`] lets go of start-up pages once the VM is set up;
+//! [`kvm_check`] says early, in one line, why a host cannot run guests.
 
 pub mod acpi;
 pub mod arch;
 pub mod boot;
 pub mod cgroup;
+pub mod cli;
 pub mod devices;
 pub mod error;
 pub mod kvm_check;
 pub mod layout;
+pub mod residency;
 pub mod runner;
 pub mod seccomp;
 mod sys;

@@ -204,6 +204,7 @@ pub fn guest_spec(
         ),
         channel: Channel::VirtioConsole,
         shutdown: Shutdown::Reboot,
+        stdin: spec.stdin,
         network: spec.guest_network.as_ref().map(|n| NetConfig {
             interface: "eth0".into(),
             address: n.address,
@@ -376,6 +377,9 @@ impl WorkloadRuntime for MicroVmTier {
                     vcpus,
                 )),
                 console_cap: 4 << 20,
+                // `evoke stop`/`kill` from any process signal the VMM,
+                // which hands the signal to the workload in the guest.
+                forward_signals: true,
             };
             let cfg_path = dir.join("vmm.json");
             let bytes = serde_json::to_vec_pretty(&cfg).map_err(tier_err)?;
@@ -450,6 +454,13 @@ impl WorkloadRuntime for MicroVmTier {
         rec.status.started_at = Some(SystemTime::now());
         self.write_record(&rec)?;
         lock(&self.running).insert(id.to_string(), stdin.clone());
+        if let (Some(fd), true) = (stdio.stdin, rec.spec.stdin) {
+            let sink = stdin.clone();
+            std::thread::Builder::new()
+                .name(format!("microvm-in-{id}"))
+                .spawn(move || forward_stdin(File::from(fd), &sink))
+                .map_err(|e| RuntimeError::io("starting the microvm stdin thread", e))?;
+        }
         let sup = Supervisor {
             dir,
             rec,
@@ -549,6 +560,25 @@ impl WorkloadRuntime for MicroVmTier {
     }
 }
 
+/// Sends the caller's stdin to the workload as [`Frame::Stdin`] frames, and
+/// an empty one at its end. Ends early when the VM is gone (the supervisor
+/// has dropped the VMM's stdin, or writing to it fails).
+fn forward_stdin(mut input: File, sink: &Mutex<Option<ChildStdin>>) {
+    let mut buf = vec![0u8; 16 << 10];
+    loop {
+        let n = match input.read(&mut buf) {
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(_) => 0,
+        };
+        let mut guard = lock(sink);
+        let Some(w) = guard.as_mut() else { return };
+        if Frame::Stdin(buf[..n].to_vec()).write_to(w).is_err() || n == 0 {
+            return;
+        }
+    }
+}
+
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     match m.lock() {
         Ok(g) => g,
@@ -602,7 +632,7 @@ impl Supervisor {
                         let _ = writeln!(self.err, "evoke: microvm: {msg}");
                         exit.get_or_insert(ExitInfo::exited(127));
                     }
-                    Ok(Some(Frame::Ready | Frame::Signal(_))) => {}
+                    Ok(Some(Frame::Ready | Frame::Signal(_) | Frame::Stdin(_))) => {}
                     Ok(None) => break,
                     Err(e) => {
                         tracing::warn!(error = %e, "agent channel broke");
@@ -618,7 +648,9 @@ impl Supervisor {
             Some(i) => i,
             None => {
                 use std::os::unix::process::ExitStatusExt;
-                let tail = console_tail(&self.dir.join("console.log"));
+                let console = fs::read(self.dir.join("console.log")).unwrap_or_default();
+                let console = String::from_utf8_lossy(&console);
+                let tail = console_tail(&console);
                 match status.as_ref().ok().and_then(|s| s.signal()) {
                     Some(sig) => {
                         let _ = writeln!(
@@ -628,9 +660,13 @@ impl Supervisor {
                         ExitInfo::signaled(sig, false)
                     }
                     None => {
+                        let why = match kernel_panic(&console) {
+                            Some(line) => format!("the guest kernel panicked: {line}"),
+                            None => "kernel panic or crash?".to_string(),
+                        };
                         let _ = writeln!(
                             self.err,
-                            "evoke: microvm: the guest ended without reporting an exit status (kernel panic or crash?); last console lines:\n{tail}"
+                            "evoke: microvm: the guest ended without reporting an exit status ({why}); last console lines:\n{tail}"
                         );
                         ExitInfo::exited(1)
                     }
@@ -644,11 +680,19 @@ impl Supervisor {
     }
 }
 
-fn console_tail(path: &Path) -> String {
-    let text = fs::read(path).unwrap_or_default();
-    let text = String::from_utf8_lossy(&text);
-    let lines: Vec<&str> = text.lines().collect();
+fn console_tail(console: &str) -> String {
+    let lines: Vec<&str> = console.lines().collect();
     lines[lines.len().saturating_sub(15)..].join("\n")
+}
+
+/// The guest kernel's last panic line (`Kernel panic - not syncing: ...`),
+/// without the console timestamp. The panic's stack trace follows it, so it
+/// is often not among the last console lines.
+fn kernel_panic(console: &str) -> Option<&str> {
+    console.lines().rev().find_map(|l| {
+        l.find("Kernel panic - not syncing")
+            .map(|i| l[i..].trim_end())
+    })
 }
 
 #[cfg(test)]
@@ -795,7 +839,7 @@ mod tests {
         fs::write(&wire, bytes).unwrap();
         fs::write(
             dir.path().join("console.log"),
-            b"line 1\nKernel panic - not syncing\n",
+            b"line 1\n[    2.5] Kernel panic - not syncing: sysrq triggered crash\n",
         )
         .unwrap();
         let mut child = Command::new("sh")
@@ -864,8 +908,56 @@ mod tests {
         assert_eq!(out, b"going down\n");
         let err = String::from_utf8_lossy(&err);
         assert!(err.contains("without reporting an exit status"), "{err}");
+        assert!(
+            err.contains(
+                "the guest kernel panicked: Kernel panic - not syncing: sysrq triggered crash"
+            ),
+            "{err}"
+        );
         assert!(err.contains("Kernel panic"), "{err}");
         assert_eq!(info.code, 1);
+    }
+
+    #[test]
+    fn the_panic_line_is_found_even_when_a_long_stack_trace_follows_it() {
+        let mut console = String::from("boot\n[    3.1] Kernel panic - not syncing: Attempted to kill init! exitcode=0x00000100\n");
+        for i in 0..40 {
+            console.push_str(&format!("[    3.1]  trace line {i}\n"));
+        }
+        assert_eq!(
+            kernel_panic(&console),
+            Some("Kernel panic - not syncing: Attempted to kill init! exitcode=0x00000100")
+        );
+        assert!(!console_tail(&console).contains("Kernel panic"));
+        assert_eq!(kernel_panic("just a log\n"), None);
+    }
+
+    #[test]
+    fn the_callers_stdin_reaches_the_vmm_as_stdin_frames_ending_with_an_empty_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let input = dir.path().join("in");
+        fs::write(&input, b"line one\nline two\n").unwrap();
+        let mut vmm = Command::new("cat")
+            .stdin(ProcStdio::piped())
+            .stdout(ProcStdio::piped())
+            .spawn()
+            .unwrap();
+        let sink = Mutex::new(vmm.stdin.take());
+        forward_stdin(File::open(&input).unwrap(), &sink);
+        sink.lock().unwrap().take();
+        let out = vmm.wait_with_output().unwrap().stdout;
+        let mut r = out.as_slice();
+        let mut got = Vec::new();
+        while let Some(f) = Frame::read_from(&mut r).unwrap() {
+            got.push(f);
+        }
+        assert_eq!(
+            got,
+            [
+                Frame::Stdin(b"line one\nline two\n".to_vec()),
+                Frame::Stdin(Vec::new())
+            ]
+        );
     }
 
     #[test]

@@ -71,6 +71,11 @@ enum Command {
 }
 
 fn main() -> ExitCode {
+    // The microVM monitor (one process per VM) skips clap and the full
+    // logging setup to stay small in memory; see cmd/vmm.rs.
+    if let Some(code) = cmd::vmm::fast_path() {
+        return code;
+    }
     let cli = Cli::parse();
     init_logging(&cli.global.log);
     let result = match cli.command {

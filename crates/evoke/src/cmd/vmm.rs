@@ -1,87 +1,55 @@
 //! `evoke vmm` (hidden): the microVM monitor process. The microvm tier starts
 //! one per VM with `--config`; the flags serve benchmarks and debugging.
+//!
+//! [`fast_path`] runs it before clap and the full logging setup: every VM
+//! has one such process, and its memory overhead beside guest RAM is
+//! benchmarked. Parsing evoke's whole command tree and building an
+//! EnvFilter would touch megabytes of the binary's code that stay resident
+//! in every VMM. The arguments are [`evoke_vmm::cli`]'s, shared with the
+//! small `evoke-vmm` binary.
 
-use std::path::PathBuf;
-
-use anyhow::Context;
-use evoke_vmm::boot::BootProtocol;
-use evoke_vmm::runner::{self, ProcessConfig};
-use evoke_vmm::vm::{AgentDevice, Payload, VmConfig};
+use std::ffi::OsString;
+use std::process::ExitCode;
 
 use crate::Global;
 
 #[derive(clap::Args, Debug)]
 pub struct VmmArgs {
-    /// A ProcessConfig as JSON (written by the microvm tier); other flags are ignored.
-    #[arg(long)]
-    pub config: Option<PathBuf>,
-    /// Guest kernel: bzImage or ELF vmlinux (default /boot/vmlinuz-*-cloud-amd64).
-    #[arg(long)]
-    pub kernel: Option<PathBuf>,
-    /// Initramfs part (newc cpio); repeat to concatenate.
-    #[arg(long)]
-    pub initrd: Vec<PathBuf>,
-    #[arg(
-        long,
-        default_value = "console=ttyS0 reboot=k panic=-1 pci=off i8042.noaux i8042.nomux i8042.nopnp i8042.dumbkbd"
-    )]
-    pub cmdline: String,
-    /// Guest memory in MiB.
-    #[arg(long, default_value_t = 256)]
-    pub memory: u64,
-    #[arg(long, default_value_t = 1)]
-    pub cpus: u8,
-    /// virtio-console or serial (COM2).
-    #[arg(long, default_value = "virtio-console")]
-    pub agent_device: String,
-    /// auto, linux64 or pvh.
-    #[arg(long, default_value = "auto")]
-    pub boot_protocol: String,
-    /// Run without the seccomp filter (debugging only).
-    #[arg(long)]
-    pub no_seccomp: bool,
+    /// The VMM's arguments (see `evoke vmm --help`).
+    #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+    pub args: Vec<OsString>,
 }
 
+/// Reached only through clap (global flags before `vmm`); logging is set up.
 pub fn main(_global: &Global, args: VmmArgs) -> anyhow::Result<u8> {
-    let cfg: ProcessConfig = match &args.config {
-        Some(path) => {
-            let text =
-                std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
-            serde_json::from_slice(&text).with_context(|| format!("parsing {}", path.display()))?
-        }
-        None => {
-            let kernel = match args.kernel {
-                Some(k) => k,
-                None => evoke_vmm::boot::default_kernel()?,
-            };
-            let protocol: BootProtocol =
-                serde_json::from_value(serde_json::Value::String(args.boot_protocol.clone()))
-                    .with_context(|| format!("unknown boot protocol {:?}", args.boot_protocol))?;
-            let agent_device: AgentDevice =
-                serde_json::from_value(serde_json::Value::String(args.agent_device.clone()))
-                    .with_context(|| format!("unknown agent device {:?}", args.agent_device))?;
-            ProcessConfig {
-                vm: VmConfig {
-                    mem_mib: args.memory,
-                    vcpus: args.cpus,
-                    payload: Payload::Linux {
-                        kernel,
-                        initrd: args.initrd,
-                        cmdline: args.cmdline,
-                        protocol,
-                    },
-                    agent_device,
-                    seccomp: !args.no_seccomp,
-                    net: Vec::new(),
-                },
-                cgroup: None,
-                console_cap: 16 << 20,
-            }
-        }
-    };
-    let reason = runner::run_process(&cfg)?;
-    if let evoke_vmm::ExitReason::VcpuError(msg) = &reason {
-        eprintln!("evoke vmm: {msg}");
+    Ok(evoke_vmm::cli::main("evoke vmm", args.args))
+}
+
+/// `evoke vmm ...` as the first argument: runs the VMM and returns its exit
+/// code; anything else returns `None` for the normal command line.
+pub fn fast_path() -> Option<ExitCode> {
+    let mut args = std::env::args_os().skip(1);
+    if args.next()? != "vmm" {
+        return None;
     }
-    Ok(runner::exit_code(&reason))
+    init_logging();
+    Some(ExitCode::from(evoke_vmm::cli::main("evoke vmm", args)))
+}
+
+/// Warnings and errors to stderr (the console log), or the level EVOKE_LOG
+/// names; a filter that is not a plain level gets the full EnvFilter.
+fn init_logging() {
+    let spec = std::env::var("EVOKE_LOG").unwrap_or_default();
+    let builder = tracing_subscriber::fmt().with_writer(std::io::stderr);
+    if spec.is_empty() {
+        builder
+            .with_max_level(tracing_subscriber::filter::LevelFilter::WARN)
+            .init();
+    } else if let Ok(level) = spec.parse::<tracing_subscriber::filter::LevelFilter>() {
+        builder.with_max_level(level).init();
+    } else {
+        builder
+            .with_env_filter(tracing_subscriber::EnvFilter::new(spec))
+            .init();
+    }
 }
