@@ -124,6 +124,30 @@ fn exec_runs_in_the_chosen_container_with_stdin_streams_and_exit_codes() {
     assert_eq!(big.lines().count(), 20000);
     assert_eq!(big.lines().last(), Some("20000"));
 
+    // kubectl cp is tar over exec, both ways: binary data intact.
+    let payload: Vec<u8> = (0..300_000u32)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+        .collect();
+    let local = c.data_dir.join("payload.bin");
+    std::fs::write(&local, &payload).expect("write payload");
+    let local_s = local.to_string_lossy().into_owned();
+    c.ok(&["cp", &local_s, "two:/tmp/payload.bin", "-c", "second"]);
+    let sum = c.ok(&[
+        "exec",
+        "two",
+        "-c",
+        "second",
+        "--",
+        "wc",
+        "-c",
+        "/tmp/payload.bin",
+    ]);
+    assert!(sum.starts_with("300000"), "{sum}");
+    let back = c.data_dir.join("back.bin");
+    let back_s = back.to_string_lossy().into_owned();
+    c.ok(&["cp", "two:/tmp/payload.bin", &back_s, "-c", "second"]);
+    assert!(std::fs::read(&back).expect("copied back") == payload);
+
     // A container the pod does not have, or a program the image lacks.
     let err = c.fails(&["exec", "two", "-c", "nosuch", "--", "true"], None);
     assert!(
