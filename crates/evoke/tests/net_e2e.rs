@@ -6,6 +6,7 @@
 //! Shown here: pod IPs in `kubectl get pods -o wide`, pod to pod and node to
 //! pod traffic, a ClusterIP Service spreading load over three pods, DNS
 //! names (short, `<svc>.<ns>`, FQDN, headless A records and per-pod names),
+//! sessionAffinity ClientIP,
 //! an unready pod leaving the rotation, NodePort from the node, the
 //! `kubernetes` Service reaching the API server, a deleted Service no longer
 //! answering, addresses and interfaces released, and a pod keeping its IP
@@ -415,6 +416,14 @@ spec:
 ---
 apiVersion: v1
 kind: Service
+metadata: {name: web-sticky}
+spec:
+  selector: {app: web}
+  sessionAffinity: ClientIP
+  ports: [{port: 80, targetPort: 8080}]
+---
+apiVersion: v1
+kind: Service
 metadata: {name: web-h}
 spec:
   clusterIP: None
@@ -434,6 +443,7 @@ fn client_pod(direct_ip: &str) -> String {
         "echo HEADLESS $(nslookup web-h.default.svc.cluster.local 2>&1 | grep -v 10.43.0.10 | grep Address | tr '\\n' ' ')".into(),
         "echo PODNAME $(nslookup web-1.web-h.default.svc.cluster.local 2>&1 | grep -v 10.43.0.10 | grep Address | tr '\\n' ' ')".into(),
         "if nc -w 3 kubernetes.default 443 </dev/null; then echo KUBE open; else echo KUBE closed; fi".into(),
+        "for i in 1 2 3 4 5 6 7 8 9 10 11 12; do echo STICKY $(wget -q -O - http://web-sticky/ 2>&1); done".into(),
         "echo SETUP done".into(),
         "while true; do echo LB $(timeout 3 wget -q -O - http://web/ 2>&1); sleep 0.2; done".into(),
     ]
@@ -559,6 +569,15 @@ fn pods_reach_each_other_and_services_spread_load_follow_readiness_resolve_and_s
         tagged(&log, "KUBE"),
         "open",
         "kubernetes.default reaches the API server:\n{log}"
+    );
+
+    let sticky: BTreeSet<&str> = log
+        .lines()
+        .filter_map(|l| l.strip_prefix("STICKY "))
+        .collect();
+    assert!(
+        sticky.len() == 1 && sticky.iter().all(|s| s.starts_with("web-")),
+        "sessionAffinity ClientIP keeps one client on one pod: {sticky:?}"
     );
 
     // Load spreads over the three replicas.
