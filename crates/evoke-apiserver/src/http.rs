@@ -84,13 +84,23 @@ async fn handle(state: Arc<State>, verified_cert: bool, req: Request<Incoming>) 
     let uri = req.uri().clone();
     let started = std::time::Instant::now();
     let public_ca = uri.path() == "/cacerts" && method == http::Method::GET;
-    let reply = match auth::authenticate(req.headers(), verified_cert, &state.token) {
+    let who = auth::authenticate(
+        req.headers(),
+        verified_cert,
+        &state.token,
+        &state.node_token,
+    );
+    let reply = match who {
         None if public_ca => respond::full(200, "text/plain; charset=utf-8", state.ca_pem.clone()),
         None => {
             tracing::info!(%method, path = uri.path(), "unauthenticated request refused");
             respond::error(&ApiError::unauthorized())
         }
-        Some(_) => {
+        Some(who) => {
+            if let Err(why) = auth::authorize(&who, &method, uri.path()) {
+                tracing::info!(%method, path = uri.path(), "node request forbidden");
+                return respond::error(&ApiError::new(403, "Forbidden", why));
+            }
             let (parts, body) = req.into_parts();
             match Limited::new(body, MAX_BODY).collect().await {
                 Err(e) => {

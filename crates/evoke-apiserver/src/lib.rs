@@ -46,8 +46,11 @@ pub struct Config {
     pub bind_address: String,
     /// HTTPS port; 0 picks a free one.
     pub port: u16,
-    /// A fixed bearer token; None keeps (or makes) the stored one.
+    /// A fixed admin bearer token; None keeps (or makes) the stored one.
     pub token: Option<String>,
+    /// A fixed node token (the join secret, `evoke server --token`); None
+    /// keeps (or makes) the stored one.
+    pub node_token: Option<String>,
     /// Where to write the admin kubeconfig; None is
     /// `<data_dir>/server/cred/admin.kubeconfig`.
     pub kubeconfig_path: Option<PathBuf>,
@@ -129,6 +132,7 @@ impl Config {
             bind_address: "127.0.0.1".into(),
             port: 6443,
             token: None,
+            node_token: None,
             kubeconfig_path: None,
             kubeconfig_mode: 0o600,
             bookmark_interval: watch::BOOKMARK_EVERY,
@@ -141,6 +145,9 @@ impl Config {
 pub(crate) struct State {
     pub store: Arc<dyn Backend>,
     pub token: String,
+    /// What joined nodes authenticate with, and what the API server
+    /// presents to the nodes' endpoints (logs, exec).
+    pub node_token: String,
     /// The cluster CA, served without authentication at `/cacerts` (as
     /// k3s does) so agents can pin it against their join token's hash.
     pub ca_pem: String,
@@ -205,7 +212,12 @@ impl Server {
                 sans.push(h);
             }
         }
-        let creds = tls::load_or_create(&server_dir.join("tls"), &sans, config.token.as_deref())?;
+        let creds = tls::load_or_create(
+            &server_dir.join("tls"),
+            &sans,
+            config.token.as_deref(),
+            config.node_token.as_deref(),
+        )?;
         let tls_config = tls::server_config(&creds)?;
 
         // Clients on this machine reach a wildcard bind through loopback.
@@ -227,6 +239,7 @@ impl Server {
         let state = Arc::new(State {
             store,
             token: creds.token.clone(),
+            node_token: creds.node_token.clone(),
             ca_pem: creds.ca_cert_pem.clone(),
             server_address: format!("{host}:{}", addr.port()),
             service_lock: tokio::sync::Mutex::new(()),

@@ -1,7 +1,9 @@
 //! Certificates, k3s style: a CA made on first start and kept in
 //! `<data-dir>/server/tls`, a serving certificate signed by it, an admin
-//! client certificate (CN admin, O system:masters) and a bearer token.
-//! A restart reuses the CA, the client certificate and the token, so old
+//! client certificate (CN admin, O system:masters), an admin bearer token
+//! and the node token (the secret of the join token, which authenticates
+//! nodes with a node's rights only; see `auth.rs`).
+//! A restart reuses the CA, the client certificate and the tokens, so old
 //! kubeconfigs keep working; the serving certificate is re-issued every start
 //! because the bind address or hostname may have changed.
 
@@ -28,8 +30,12 @@ pub struct Credentials {
     pub serving_key_pem: String,
     pub client_cert_pem: String,
     pub client_key_pem: String,
-    /// The bearer token agents and clients may use instead of a certificate.
+    /// The admin bearer token clients may use instead of a certificate.
     pub token: String,
+    /// The node token: joined agents authenticate with it (it is the
+    /// secret of the join token), and the API server presents it to the
+    /// nodes' endpoints. It grants a node's rights, not an admin's.
+    pub node_token: String,
 }
 
 impl std::fmt::Debug for Credentials {
@@ -87,6 +93,7 @@ struct Files {
     client_cert: PathBuf,
     client_key: PathBuf,
     token: PathBuf,
+    node_token: PathBuf,
 }
 
 impl Files {
@@ -97,17 +104,19 @@ impl Files {
             client_cert: dir.join("client-admin.crt"),
             client_key: dir.join("client-admin.key"),
             token: dir.join("token"),
+            node_token: dir.join("node-token"),
         }
     }
 }
 
 /// Loads the credentials under `dir`, creating what is missing. `sans` are
 /// the names and addresses the serving certificate must cover. A `token`
-/// given on the command line replaces the stored one.
+/// or `node_token` given on the command line replaces the stored one.
 pub fn load_or_create(
     dir: &Path,
     sans: &[String],
     token: Option<&str>,
+    node_token: Option<&str>,
 ) -> Result<Credentials, StartError> {
     fs::create_dir_all(dir).map_err(io_err(dir))?;
     fs::set_permissions(dir, fs::Permissions::from_mode(0o700)).map_err(io_err(dir))?;
@@ -164,20 +173,15 @@ pub fn load_or_create(
             }
         };
 
-    let token = match token {
-        Some(t) if !t.is_empty() => {
-            write_private(&files.token, t.as_bytes(), 0o600)?;
-            t.to_string()
-        }
-        _ => match read_opt(&files.token)? {
-            Some(t) if !t.trim().is_empty() => t.trim().to_string(),
-            _ => {
-                let t = random_token();
-                write_private(&files.token, t.as_bytes(), 0o600)?;
-                t
-            }
-        },
-    };
+    let token = secret(&files.token, token)?;
+    let node_token = secret(&files.node_token, node_token)?;
+    if node_token == token {
+        // The join token would then be an admin credential.
+        return Err(StartError::Certificate {
+            what: "node token",
+            reason: "it must differ from the admin token".into(),
+        });
+    }
 
     let serving_key = KeyPair::generate().map_err(cert_err("serving key"))?;
     let mut params = CertificateParams::new(sans.to_vec()).map_err(cert_err("serving"))?;
@@ -200,7 +204,27 @@ pub fn load_or_create(
         client_cert_pem,
         client_key_pem,
         token,
+        node_token,
     })
+}
+
+/// The secret stored at `path`: `given` replaces it; else the stored one;
+/// else a new random one, stored.
+fn secret(path: &Path, given: Option<&str>) -> Result<String, StartError> {
+    match given {
+        Some(t) if !t.is_empty() => {
+            write_private(path, t.as_bytes(), 0o600)?;
+            Ok(t.to_string())
+        }
+        _ => match read_opt(path)? {
+            Some(t) if !t.trim().is_empty() => Ok(t.trim().to_string()),
+            _ => {
+                let t = random_token();
+                write_private(path, t.as_bytes(), 0o600)?;
+                Ok(t)
+            }
+        },
+    }
 }
 
 fn now_secs() -> u64 {
@@ -277,12 +301,18 @@ mod tests {
     fn second_load_reuses_ca_client_cert_and_token() {
         let dir = tempfile::tempdir().expect("tempdir");
         let sans = vec!["127.0.0.1".to_string(), "localhost".to_string()];
-        let a = load_or_create(dir.path(), &sans, None).expect("first");
-        let b = load_or_create(dir.path(), &sans, None).expect("second");
+        let a = load_or_create(dir.path(), &sans, None, None).expect("first");
+        let b = load_or_create(dir.path(), &sans, None, None).expect("second");
         assert_eq!(a.ca_cert_pem, b.ca_cert_pem);
         assert_eq!(a.client_cert_pem, b.client_cert_pem);
         assert_eq!(a.token, b.token);
         assert_eq!(a.token.len(), 64);
+        assert_eq!(a.node_token, b.node_token);
+        assert_eq!(a.node_token.len(), 64);
+        assert_ne!(
+            a.node_token, a.token,
+            "the join secret is not the admin token"
+        );
         let mode = fs::metadata(dir.path().join("server-ca.key"))
             .expect("key")
             .permissions()
@@ -295,10 +325,13 @@ mod tests {
     fn token_from_the_command_line_replaces_the_stored_one() {
         let dir = tempfile::tempdir().expect("tempdir");
         let sans = vec!["127.0.0.1".to_string()];
-        load_or_create(dir.path(), &sans, None).expect("first");
-        let b = load_or_create(dir.path(), &sans, Some("s3cret")).expect("second");
+        load_or_create(dir.path(), &sans, None, None).expect("first");
+        let b = load_or_create(dir.path(), &sans, Some("s3cret"), Some("n0de")).expect("second");
         assert_eq!(b.token, "s3cret");
-        let c = load_or_create(dir.path(), &sans, None).expect("third");
+        assert_eq!(b.node_token, "n0de");
+        let c = load_or_create(dir.path(), &sans, None, None).expect("third");
         assert_eq!(c.token, "s3cret");
+        assert_eq!(c.node_token, "n0de");
+        assert!(load_or_create(dir.path(), &sans, None, Some("s3cret")).is_err());
     }
 }

@@ -853,7 +853,13 @@ async fn eviction_deletes_the_pod_with_its_options() {
 async fn pod_logs_are_proxied_from_the_node_endpoint_with_the_cluster_token() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let h = start().await;
-    let token = h.server.as_ref().expect("server").credentials.token.clone();
+    let token = h
+        .server
+        .as_ref()
+        .expect("server")
+        .credentials
+        .node_token
+        .clone();
     // A stand-in node endpoint: answers one request, checking the token.
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await

@@ -63,7 +63,8 @@ impl JoinToken {
         })
     }
 
-    /// The token for a server whose CA is `ca_pem` and bearer token `secret`.
+    /// The join token for a server whose CA is `ca_pem` and node token
+    /// `secret` (a node's credential, not an admin's).
     pub fn for_server(ca_pem: &str, secret: &str) -> Result<JoinToken, NodeError> {
         Ok(JoinToken {
             ca_hash: ca_hash_pem(ca_pem)?,

@@ -1,7 +1,8 @@
 //! `evoke agent` joins a second node to `evoke server`, through the built
 //! binary and the real kubectl: the node registers with this machine's
 //! capacity, heartbeats its Lease and turns Ready; a pod pinned to it runs
-//! there and `kubectl logs` reaches it through the API server; a killed
+//! there and `kubectl logs` reaches it through the API server; the join
+//! secret grants a node's rights, not an admin's; a killed
 //! agent's node turns NotReady; a wrong token stops the agent with one
 //! line, and a server with the wrong CA never sees the secret.
 //!
@@ -165,6 +166,63 @@ spec:
         },
         diag,
     );
+
+    // The join token's secret is a node's credential, not an admin's: it
+    // reads, but it cannot create workloads or reach into pods.
+    let as_node = a.path().join("node.kubeconfig");
+    let secret = server
+        .token()
+        .rsplit(':')
+        .next()
+        .expect("secret")
+        .to_string();
+    std::fs::write(
+        &as_node,
+        format!(
+            "apiVersion: v1
+kind: Config
+clusters:
+- name: c
+  cluster: {{server: '{}', certificate-authority: '{}'}}
+users:
+- name: node
+  user: {{token: '{secret}'}}
+contexts:
+- name: c
+  context: {{cluster: c, user: node}}
+current-context: c
+",
+            server.url,
+            a.path().join("server/tls/server-ca.crt").display()
+        ),
+    )
+    .expect("node kubeconfig");
+    let node_kubectl = |args: &[&str]| {
+        Command::new(join_support::KUBECTL)
+            .env("KUBECONFIG", &as_node)
+            .env("HOME", a.path())
+            .args(args)
+            .output()
+            .expect("kubectl")
+    };
+    let out = node_kubectl(&["get", "pods", "-o", "name"]);
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("pod/pinned"),
+        "a node reads pods: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for args in [
+        &["run", "intruder", "--image", "busybox:1"][..],
+        &["logs", "pinned"][..],
+        &["delete", "node", "n2"][..],
+    ] {
+        let out = node_kubectl(args);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !out.status.success() && err.contains("Forbidden"),
+            "kubectl {args:?} with the join secret: {err}"
+        );
+    }
 }
 
 #[test]

@@ -2,7 +2,7 @@
 //! kube-apiserver proxies to the kubelet. The node endpoint is plain HTTP
 //! at the Node's InternalIP and `status.daemonEndpoints.kubeletEndpoint`
 //! port (see evoke-node's `server.rs`); the API server authenticates with
-//! the cluster token. The body streams through, so `logs -f` follows.
+//! the node token (the join secret). The body streams through, so `logs -f` follows.
 
 use evoke_types::registry;
 use evoke_types::status::ApiError;
@@ -85,7 +85,7 @@ fn unavailable(what: String) -> ApiError {
     ApiError::new(503, "ServiceUnavailable", what)
 }
 
-/// A GET on the node endpoint with the cluster token; the response body
+/// A GET on the node endpoint with the node token; the response body
 /// streams.
 pub(super) async fn node_get(
     ctx: &Ctx,
@@ -110,7 +110,7 @@ pub(super) async fn node_get(
         .header(http::header::HOST, endpoint)
         .header(
             http::header::AUTHORIZATION,
-            format!("Bearer {}", ctx.state.token),
+            format!("Bearer {}", ctx.state.node_token),
         )
         .body(http_body_util::Empty::<bytes::Bytes>::new())
         .map_err(|e| ApiError::bad_request(format!("request to node {node}: {e}")))?;

@@ -154,17 +154,19 @@ pub fn main(global: &Global, args: AgentArgs) -> anyhow::Result<u8> {
 
 /// Starts the scheduler, the controllers and (unless `disable_agent`) the
 /// in-process node agent against the server whose admin kubeconfig is at
-/// `kubeconfig`; writes the join token for other nodes next to it.
+/// `kubeconfig`; writes the join token (the CA's hash and the node token) for
+/// other nodes next to it. The in-process agent's endpoint, like a joined
+/// one's, accepts the node token the API server presents.
 pub async fn start_orchestration(
     global: &Global,
     kubeconfig: &Path,
     ca_pem: &str,
-    secret: &str,
+    node_token: &str,
     disable_agent: bool,
     net_args: &NetArgs,
     node_ip: String,
 ) -> anyhow::Result<()> {
-    let token = JoinToken::for_server(ca_pem, secret).context("making the join token")?;
+    let token = JoinToken::for_server(ca_pem, node_token).context("making the join token")?;
     let token_path = global.data_dir.join("server").join("node-token");
     write_private(&token_path, &format!("{token}\n"))
         .with_context(|| format!("writing {}", token_path.display()))?;
@@ -212,7 +214,7 @@ pub async fn start_orchestration(
                 node_name,
                 node_ip,
                 labels,
-                secret,
+                node_token,
                 network,
             ),
         );

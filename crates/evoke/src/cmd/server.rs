@@ -21,7 +21,9 @@ pub struct ServerArgs {
     /// File mode of the kubeconfig, in octal.
     #[arg(long, default_value = "0600")]
     pub write_kubeconfig_mode: String,
-    /// Shared secret for joining agents; generated on first start if absent.
+    /// Shared secret for joining agents (the node token, with a node's rights
+    /// only); generated on first start if absent. The join token in
+    /// `<data-dir>/server/node-token` carries it with the CA's hash.
     #[arg(long, env = "EVOKE_TOKEN")]
     pub token: Option<String>,
     /// Use etcd (http://HOST:PORT) instead of the embedded SQLite store.
@@ -84,7 +86,7 @@ async fn run(global: &Global, args: ServerArgs, mode: u32) -> anyhow::Result<u8>
         data_dir: global.data_dir.clone(),
         bind_address: args.bind_address.clone(),
         port: args.https_listen_port,
-        token: args.token.clone(),
+        node_token: args.token.clone(),
         kubeconfig_path: args.write_kubeconfig.clone(),
         kubeconfig_mode: mode,
         ..evoke_apiserver::Config::new(global.data_dir.clone())
@@ -107,7 +109,7 @@ async fn run(global: &Global, args: ServerArgs, mode: u32) -> anyhow::Result<u8>
         global,
         &server.kubeconfig,
         &server.credentials.ca_cert_pem,
-        &server.credentials.token,
+        &server.credentials.node_token,
         args.disable_agent,
         &args.net,
         node_ip(&args, server.addr.ip()),
