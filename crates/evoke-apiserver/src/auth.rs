@@ -59,25 +59,28 @@ struct Target<'a> {
     subresource: Option<&'a str>,
 }
 
-/// Parses `/api/v1/...` and `/apis/GROUP/VERSION/...`; None for paths
+/// Parses `/api/v1/...` and `/apis/GROUP/VERSION/...` exactly as the
+/// router does (`route.rs`: empty segments dropped, the legacy `watch/`
+/// prefix, a namespace's own `status`/`finalize`), so no spelling of a path
+/// reaches a resource other than the one judged here. None for paths
 /// outside the resource tree (discovery, /version, /openapi...).
 fn target(path: &str) -> Option<Target<'_>> {
-    let segs: Vec<&str> = path.trim_matches('/').split('/').collect();
-    let (group, rest) = match segs.as_slice() {
+    let segs: Vec<&str> = path.split('/').filter(|s| !s.is_empty()).collect();
+    let (group, mut rest) = match segs.as_slice() {
         ["api", _version, rest @ ..] => ("", rest),
         ["apis", group, _version, rest @ ..] => (*group, rest),
         _ => return None,
     };
-    // namespaces/NS/RESOURCE/... unless it is a namespace's own subresource.
-    let rest = match rest {
-        ["namespaces", _ns, r, tail @ ..] if !matches!(*r, "status" | "finalize") => {
-            let mut v = vec![*r];
-            v.extend(tail);
-            v
-        }
-        other => other.to_vec(),
-    };
-    match rest.as_slice() {
+    if rest.first() == Some(&"watch") {
+        rest = &rest[1..];
+    }
+    if rest.len() >= 3
+        && rest[0] == "namespaces"
+        && !(rest.len() == 3 && matches!(rest[2], "status" | "finalize"))
+    {
+        rest = &rest[2..];
+    }
+    match rest {
         [] => None,
         [resource] | [resource, _] => Some(Target {
             group,
@@ -97,8 +100,18 @@ pub(crate) fn authorize(who: &Identity, method: &http::Method, path: &str) -> Re
     if *who != Identity::Node {
         return Ok(());
     }
+    use http::Method;
+    let read = matches!(*method, Method::GET | Method::HEAD | Method::OPTIONS);
     let Some(t) = target(path) else {
-        return Ok(());
+        // Discovery, /version, /openapi: all read-only.
+        return if read {
+            Ok(())
+        } else {
+            Err(format!(
+                "a node may not {} {path}",
+                method.as_str().to_ascii_lowercase()
+            ))
+        };
     };
     let denied = || {
         let what = match t.subresource {
@@ -120,8 +133,7 @@ pub(crate) fn authorize(who: &Identity, method: &http::Method, path: &str) -> Re
     {
         return Err(denied());
     }
-    use http::Method;
-    if matches!(*method, Method::GET | Method::HEAD | Method::OPTIONS) {
+    if read {
         return Ok(());
     }
     let write = matches!(
@@ -227,6 +239,15 @@ mod tests {
             target("/apis/coordination.k8s.io/v1/namespaces/kube-node-lease/leases/n2"),
             t("coordination.k8s.io", "leases", None)
         );
+        // Spellings the router accepts name the same target.
+        assert_eq!(
+            target("//api//v1/namespaces//default/pods/"),
+            t("", "pods", None)
+        );
+        assert_eq!(
+            target("/api/v1/watch/namespaces/default/pods"),
+            t("", "pods", None)
+        );
         assert_eq!(target("/apis/apps/v1"), None);
         assert_eq!(target("/version"), None);
     }
@@ -252,6 +273,9 @@ mod tests {
         assert!(ok(Method::GET, "/version"));
         // What it may not.
         assert!(!ok(Method::POST, "/api/v1/namespaces/ns/pods"));
+        assert!(!ok(Method::POST, "/api//v1/namespaces/ns//pods"));
+        assert!(!ok(Method::POST, "/api/v1/watch/namespaces/ns/pods"));
+        assert!(!ok(Method::POST, "/apis/apps/v1"));
         assert!(!ok(Method::PATCH, "/api/v1/namespaces/ns/pods/p"));
         assert!(!ok(Method::POST, "/apis/apps/v1/namespaces/ns/deployments"));
         assert!(!ok(Method::PUT, "/api/v1/namespaces/ns/secrets/s"));
