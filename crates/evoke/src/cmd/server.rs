@@ -89,6 +89,7 @@ async fn run(global: &Global, args: ServerArgs, mode: u32) -> anyhow::Result<u8>
         node_token: args.token.clone(),
         kubeconfig_path: args.write_kubeconfig.clone(),
         kubeconfig_mode: mode,
+        service_cidr: crate::cmd::net::service_cidr(&args.net)?,
         ..evoke_apiserver::Config::new(global.data_dir.clone())
     };
     let server = evoke_apiserver::Server::start(config, store.clone())
