@@ -30,6 +30,7 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::Router;
+use futures::StreamExt;
 use evoke_runtime::{WorkloadRuntime, WorkloadState};
 
 use crate::spec::{LABEL_ATTEMPT, LABEL_CONTAINER, LABEL_POD_UID};
@@ -57,6 +58,8 @@ pub struct LogQuery {
     #[serde(default)]
     pub previous: bool,
     pub tail_lines: Option<usize>,
+    /// Stop after this many bytes (`kubectl logs --limit-bytes`).
+    pub limit_bytes: Option<u64>,
 }
 
 /// The attempts with a log file, ascending.
@@ -449,7 +452,10 @@ async fn logs(
         Some(n) => text.len() - tail(&text, n).len(),
         None => 0,
     };
-    let first = text[start..].to_vec();
+    let mut first = text[start..].to_vec();
+    if let Some(limit) = q.limit_bytes {
+        first.truncate(usize::try_from(limit).unwrap_or(usize::MAX));
+    }
     if !q.follow || q.previous {
         return (StatusCode::OK, first).into_response();
     }
@@ -494,6 +500,24 @@ async fn logs(
                 }
                 tokio::time::sleep(Duration::from_millis(200)).await;
             }
+        },
+    );
+    // --limit-bytes ends the stream as soon as that much went out.
+    let stream = futures::stream::unfold(
+        (stream.boxed(), q.limit_bytes),
+        |(mut inner, left)| async move {
+            if left == Some(0) {
+                return None;
+            }
+            let mut chunk = inner.next().await?;
+            let left = match (left, chunk.as_mut()) {
+                (Some(n), Ok(b)) => {
+                    b.truncate(usize::try_from(n).unwrap_or(usize::MAX));
+                    Some(n - b.len() as u64)
+                }
+                (left, _) => left,
+            };
+            Some((chunk, (inner, left)))
         },
     );
     Response::builder()
@@ -602,6 +626,9 @@ mod tests {
         assert!(get(port, "/containerLogs/ns/p/c?tailLines=1", "tok")
             .await
             .ends_with("\r\n\r\nthree\n"));
+        assert!(get(port, "/containerLogs/ns/p/c?limitBytes=5", "tok")
+            .await
+            .ends_with("\r\n\r\none\nt"));
         assert!(get(port, "/containerLogs/ns/p/c", "wrong")
             .await
             .starts_with("HTTP/1.1 401"));

@@ -43,6 +43,13 @@ fn logs_show_the_chosen_container_and_follow_new_lines() {
     });
     let tail = c.ok(&["logs", "ticker", "-c", "quiet", "--tail", "2"]);
     assert_eq!(tail, "two\nthree\n");
+    let some = c.ok(&["logs", "ticker", "-c", "quiet", "--limit-bytes", "6"]);
+    assert_eq!(some, "one\ntw");
+    // With -f too, the stream ends once the limit is out.
+    let started = Instant::now();
+    let some = c.ok(&["logs", "-f", "ticker", "-c", "ticks", "--limit-bytes", "14"]);
+    assert_eq!(some, "tick 1\ntick 2\n");
+    assert!(started.elapsed() < Duration::from_secs(10));
 
     // Two containers and no -c: kubectl picks the first and says so.
     let out = c.kubectl(&["logs", "ticker"]);
