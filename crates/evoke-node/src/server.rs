@@ -30,8 +30,8 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::Router;
-use futures::StreamExt;
 use evoke_runtime::{WorkloadRuntime, WorkloadState};
+use futures::StreamExt;
 
 use crate::spec::{LABEL_ATTEMPT, LABEL_CONTAINER, LABEL_POD_UID};
 use crate::stream::{self, ExecRequest};
