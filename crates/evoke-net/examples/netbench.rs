@@ -228,14 +228,19 @@ async fn main() {
         }
     }
 
+    let all: Vec<ServiceRules> = (0..1000u32)
+        .map(|i| {
+            let ip = Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 43, 1, 0)) + i);
+            svc(&format!("s{i}"), ip, &[pod.ip])
+        })
+        .collect();
     let start = Instant::now();
-    for i in 0..1000u32 {
-        let ip = Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 43, 1, 0)) + i);
-        proxy
-            .apply(svc(&format!("s{i}"), ip, &[pod.ip]))
-            .expect("service");
-    }
-    println!("program 1000 Services one by one: {:?}", start.elapsed());
+    let errors = proxy.apply_all(all);
+    assert!(errors.is_empty(), "{errors:?}");
+    println!(
+        "program 1000 Services in one transaction (a resync): {:?}",
+        start.elapsed()
+    );
     let mut times = Vec::new();
     for round in 0..20u32 {
         let eps: Vec<Ipv4Addr> = (0..=(round % 3))

@@ -388,6 +388,56 @@ impl Proxy {
         Ok(())
     }
 
+    /// Brings many Services to their rules in one `nft` transaction (a
+    /// resync after a restart programs a thousand Services in one process
+    /// start instead of a thousand). If the transaction fails, each Service
+    /// is applied alone, so that one bad Service holds up no other; the
+    /// errors are returned with the Service they belong to.
+    pub fn apply_all(&mut self, all: Vec<ServiceRules>) -> Vec<((String, String), NetError)> {
+        let mut errors = Vec::new();
+        let mut changed = Vec::new();
+        for rules in all {
+            match rules.validate() {
+                Err(e) => errors.push((rules.key(), e)),
+                Ok(()) if self.programmed.get(&rules.key()) == Some(&rules) => {}
+                Ok(()) => changed.push(rules),
+            }
+        }
+        if changed.is_empty() {
+            return errors;
+        }
+        let script: String = changed
+            .iter()
+            .map(|r| service_update(self.programmed.get(&r.key()), Some(r)))
+            .collect();
+        let batch = if script.is_empty() {
+            Ok(())
+        } else {
+            run_nft(self.netns.as_deref(), &script)
+        };
+        match batch {
+            Ok(()) => {
+                debug!(
+                    services = changed.len(),
+                    "service rules updated in one transaction"
+                );
+                for r in changed {
+                    self.programmed.insert(r.key(), r);
+                }
+            }
+            Err(e) => {
+                debug!(error = %e, "batched service update failed; applying one by one");
+                for r in changed {
+                    let key = r.key();
+                    if let Err(e) = self.apply(r) {
+                        errors.push((key, e));
+                    }
+                }
+            }
+        }
+        errors
+    }
+
     /// Removes a Service's rules; an unknown Service is a no-op.
     pub fn remove(&mut self, namespace: &str, name: &str) -> Result<(), NetError> {
         let key = (namespace.to_string(), name.to_string());

@@ -60,6 +60,7 @@ impl ServiceProxy {
     pub fn sync(&mut self, services: &[Service], slices: &[EndpointSlice]) -> Result<(), NetError> {
         let mut first_err = None;
         let mut present = BTreeSet::new();
+        let mut to_apply = Vec::new();
         for svc in services {
             let ns = svc
                 .metadata
@@ -91,7 +92,8 @@ impl ServiceProxy {
                 if rules.cluster_ip.is_some_and(|ip| self.local.contains(&ip)) {
                     self.proxy.remove(&ns, &name)
                 } else {
-                    self.proxy.apply(rules)
+                    to_apply.push(rules);
+                    Ok(())
                 }
             });
             if let Err(e) = result {
@@ -99,6 +101,11 @@ impl ServiceProxy {
                 first_err.get_or_insert(e);
             }
             present.insert((ns, name));
+        }
+        // Every changed Service in one transaction.
+        for ((ns, name), e) in self.proxy.apply_all(to_apply) {
+            warn!(service = %format!("{ns}/{name}"), error = %e, "service not programmed");
+            first_err.get_or_insert(e);
         }
         let mut gone: BTreeSet<(String, String)> = self
             .proxy

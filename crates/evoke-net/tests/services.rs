@@ -217,14 +217,22 @@ async fn one_service_change_among_a_thousand_is_one_small_transaction() {
     let mut proxy =
         Proxy::new(Some(node_ns.clone()), "10.42.0.0/16".parse().expect("cidr")).expect("proxy");
     let start = Instant::now();
-    for i in 0..1000u32 {
-        let mut s = web(&[Ipv4Addr::new(10, 42, 1, 2)], None);
-        s.name = format!("s{i}");
-        s.cluster_ip = Some(Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 43, 1, 0)) + i));
-        s.ports[0].node_port = None;
-        proxy.apply(s).expect("apply");
-    }
-    eprintln!("1000 services programmed in {:?}", start.elapsed());
+    let all: Vec<ServiceRules> = (0..1000u32)
+        .map(|i| {
+            let mut s = web(&[Ipv4Addr::new(10, 42, 1, 2)], None);
+            s.name = format!("s{i}");
+            s.cluster_ip = Some(Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 43, 1, 0)) + i));
+            s.ports[0].node_port = None;
+            s
+        })
+        .collect();
+    let errors = proxy.apply_all(all);
+    assert!(errors.is_empty(), "{errors:?}");
+    assert_eq!(proxy.services().count(), 1000);
+    eprintln!(
+        "1000 services programmed in one transaction in {:?}",
+        start.elapsed()
+    );
     let mut s = web(
         &[Ipv4Addr::new(10, 42, 1, 2), Ipv4Addr::new(10, 42, 1, 3)],
         None,
@@ -362,4 +370,52 @@ async fn a_locally_served_service_gets_a_name_and_no_rules() {
         Answer::NxDomain,
         "a deleted local Service loses its name"
     );
+}
+
+/// A resync programs every changed Service in one transaction; when that
+/// fails, a bad Service is isolated and the others are still programmed.
+#[tokio::test]
+async fn a_failed_batch_falls_back_to_one_transaction_per_service() {
+    if !ready() {
+        return;
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let node_ns = dir.path().join("node.net");
+    netns::create(&node_ns).expect("node namespace");
+    let _cleanup = Cleanup(vec![node_ns.clone()]);
+    let mut proxy =
+        Proxy::new(Some(node_ns.clone()), "10.42.0.0/16".parse().expect("cidr")).expect("proxy");
+    let svc = |name: &str, ip: [u8; 4]| {
+        let mut s = web(&[Ipv4Addr::new(10, 42, 1, 2)], None);
+        s.name = name.into();
+        s.cluster_ip = Some(Ipv4Addr::from(ip));
+        s.ports[0].node_port = None;
+        s
+    };
+    // "b" claims the address and port "a" has: the map refuses the second.
+    let batch = vec![
+        svc("a", [10, 43, 5, 1]),
+        svc("b", [10, 43, 5, 1]),
+        svc("c", [10, 43, 5, 3]),
+    ];
+    let errors = proxy.apply_all(batch);
+    let failed: Vec<&str> = errors.iter().map(|((_, n), _)| n.as_str()).collect();
+    assert_eq!(failed, vec!["b"], "{errors:?}");
+    let mut programmed: Vec<&str> = proxy.services().map(|s| s.name.as_str()).collect();
+    programmed.sort();
+    assert_eq!(programmed, vec!["a", "c"]);
+    let listing = Command::new("nsenter")
+        .arg(format!("--net={}", node_ns.display()))
+        .args(["nft", "list", "map", "ip", "evoke", "services"])
+        .output()
+        .expect("nft list");
+    let listing = String::from_utf8_lossy(&listing.stdout);
+    assert!(
+        listing.contains("10.43.5.1") && listing.contains("10.43.5.3"),
+        "{listing}"
+    );
+    // Unchanged Services cost nothing the second time.
+    assert!(proxy
+        .apply_all(vec![svc("a", [10, 43, 5, 1]), svc("c", [10, 43, 5, 3])])
+        .is_empty());
 }
