@@ -72,16 +72,23 @@ fn an_agent_joined_with_the_token_registers_a_ready_node_heartbeats_and_runs_its
         diag,
     );
 
-    // Both nodes are listed; the joined one carries its label.
-    let nodes = server.json(&["get", "nodes"]);
-    let names: Vec<&str> = nodes["items"]
-        .as_array()
-        .expect("items")
-        .iter()
-        .filter_map(|n| n["metadata"]["name"].as_str())
-        .collect();
-    assert_eq!(names.len(), 2, "{names:?}");
-    assert!(names.contains(&"n2"), "{names:?}");
+    // Both nodes are listed (the server's own agent registers on its own
+    // schedule); the joined one carries its label.
+    let names = || -> Vec<String> {
+        server.json(&["get", "nodes"])["items"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|n| n["metadata"]["name"].as_str().map(String::from))
+            .collect()
+    };
+    wait_for(
+        "kubectl get nodes to list both nodes",
+        30,
+        || names().len() == 2,
+        diag,
+    );
+    assert!(names().iter().any(|n| n == "n2"), "{:?}", names());
     let n2 = server.json(&["get", "node", "n2"]);
     assert_eq!(n2["metadata"]["labels"]["evoke.test/pool"], "joined");
 
