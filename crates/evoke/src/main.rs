@@ -76,7 +76,26 @@ fn main() -> ExitCode {
     if let Some(code) = cmd::vmm::fast_path() {
         return code;
     }
+    // `evoke oci …` runs several times per container (create, start,
+    // delete), so it gets a parser of its own: building the whole command
+    // tree costs more than the command itself.
+    if std::env::args_os().nth(1).as_deref() == Some(std::ffi::OsStr::new("oci")) {
+        return report(cmd::oci::main_fast());
+    }
     let cli = Cli::parse();
+    let enters_container = match &cli.command {
+        Command::Run(a) => a.tier != "microvm",
+        Command::Exec(_) => true,
+        _ => false,
+    };
+    if enters_container {
+        // Their processes enter a container (CVE-2019-5736): run from a
+        // copy of the binary that nobody can write. (A microVM's workload
+        // is in a guest, and its tier finds files next to the binary.)
+        if let Err(e) = evoke_container::selfexe::protect() {
+            return report(Err(e.into()));
+        }
+    }
     init_logging(&cli.global.log);
     let result = match cli.command {
         Command::Server(a) => cmd::server::main(&cli.global, a),
@@ -92,6 +111,11 @@ fn main() -> ExitCode {
         Command::Oci(a) => cmd::oci::main(&cli.global, a),
         Command::Vmm(a) => cmd::vmm::main(&cli.global, a),
     };
+    report(result)
+}
+
+/// The process exit code for a command's result; errors are printed.
+fn report(result: anyhow::Result<u8>) -> ExitCode {
     match result {
         Ok(code) => ExitCode::from(code),
         Err(e) => {
@@ -102,12 +126,16 @@ fn main() -> ExitCode {
     }
 }
 
-/// Structured logs go to stderr so that stdout stays the workload's.
-fn init_logging(filter: &str) {
+/// Structured logs go to stderr so that stdout stays the workload's. A bare
+/// level (the default `info`) skips building an EnvFilter, which short
+/// commands would otherwise pay for on every start.
+pub(crate) fn init_logging(filter: &str) {
+    let builder = tracing_subscriber::fmt().with_writer(std::io::stderr);
+    if let Ok(level) = filter.parse::<tracing_subscriber::filter::LevelFilter>() {
+        builder.with_max_level(level).init();
+        return;
+    }
     let filter = tracing_subscriber::EnvFilter::try_new(filter)
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .init();
+    builder.with_env_filter(filter).init();
 }

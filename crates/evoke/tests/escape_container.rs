@@ -4,7 +4,8 @@
 // Helpers outside #[test] fns unwrap too: a failed unwrap is a failed test.
 #![allow(clippy::unwrap_used)]
 
-use std::os::fd::AsFd;
+use std::os::fd::{AsFd, AsRawFd};
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
 use std::process::{Command, Output};
 
@@ -114,6 +115,55 @@ fn container_cannot_exec_the_runtime_binary_via_proc_self_exe() {
         std::fs::read(&evoke).unwrap() == before,
         "host binary was modified"
     );
+}
+
+/// CVE-2019-5736, the other way in: a process that holds on to the init's
+/// /proc/PID/exe while the init still runs the runtime (before `start`), and
+/// reopens it for writing once no process runs it any more. The runtime
+/// runs from a read-only overlay of its binary, so the reopen fails.
+#[test]
+fn runtime_binary_seen_by_a_container_cannot_be_reopened_for_writing() {
+    if !require_root_and_busybox("CVE-2019-5736 reopen") {
+        return;
+    }
+    // A copy of evoke, so that a failed defence cannot hurt the build's binary.
+    let t = tempfile::tempdir().unwrap();
+    let evoke = t.path().join("evoke-copy");
+    std::fs::copy(env!("CARGO_BIN_EXE_evoke"), &evoke).unwrap();
+    let bundle = busybox_bundle(&t.path().join("b"), &["true"], |_| {}).unwrap();
+    let root = t.path().join("state");
+    let pid_file = t.path().join("pid");
+    let id = unique_id("reopen");
+    let status = Command::new(&evoke)
+        .arg("oci")
+        .arg("--root")
+        .arg(&root)
+        .args(["create", "--bundle", bundle.to_str().unwrap(), "--pid-file"])
+        .arg(&pid_file)
+        .arg(&id)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status()
+        .unwrap();
+    assert!(status.success(), "create: {status}");
+    let pid = std::fs::read_to_string(&pid_file).unwrap();
+    let held = std::fs::File::options()
+        .read(true)
+        .custom_flags(nix::libc::O_PATH)
+        .open(format!("/proc/{}/exe", pid.trim()))
+        .unwrap();
+    let o = oci(&root, &["delete", "--force", &id]);
+    assert!(o.status.success(), "delete: {}", stderr(&o));
+    // The init is gone and nothing runs the file now: only a read-only
+    // file system stands between the holder and the runtime's binary.
+    let reopened = std::fs::OpenOptions::new()
+        .write(true)
+        .open(format!("/proc/self/fd/{}", held.as_raw_fd()));
+    match reopened {
+        Ok(_) => panic!("the runtime's binary was reopened for writing"),
+        Err(e) => assert_eq!(e.raw_os_error(), Some(nix::libc::EROFS), "{e}"),
+    }
 }
 
 /// CVE-2024-21626: a descriptor of the runtime's (here a directory of the

@@ -152,3 +152,26 @@ fn containers_get_their_own_hostname_and_hosts_files() {
     );
     assert_eq!(lines[1], "2", "{out}");
 }
+
+#[test]
+fn process_tier_runs_a_host_program_given_by_absolute_path_without_an_image() {
+    if !can_run_containers() {
+        return;
+    }
+    let env = Env::with_busybox();
+    let out = env.evoke(&[
+        "run",
+        "--rm",
+        "--tier",
+        "process",
+        "--",
+        "/bin/echo",
+        "hi",
+        "-n",
+    ]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    assert_eq!(text(&out.stdout), "hi -n\n");
+    // A relative name is still an image reference, and there is no such image.
+    let out = env.evoke(&["run", "--rm", "--tier", "process", "no-such-image"]);
+    assert_ne!(out.status.code(), Some(0));
+}

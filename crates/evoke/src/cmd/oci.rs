@@ -12,6 +12,39 @@ use evoke_container as engine;
 
 use crate::Global;
 
+/// `evoke oci …` parsed on its own (see `main`): the same arguments as
+/// the `oci` subcommand of the full command line, global options included.
+#[derive(clap::Parser, Debug)]
+#[command(
+    name = "evoke oci",
+    version,
+    about = "OCI runtime commands, a drop-in for runc and crun."
+)]
+struct OciCli {
+    #[command(flatten)]
+    global: Global,
+    #[command(flatten)]
+    args: OciArgs,
+}
+
+/// Entry point for `evoke oci …`, called before the full command line is
+/// built.
+pub fn main_fast() -> anyhow::Result<u8> {
+    use clap::Parser;
+    let argv = std::env::args_os().skip(2);
+    let cli =
+        OciCli::parse_from(std::iter::once(std::ffi::OsString::from("evoke oci")).chain(argv));
+    if matches!(
+        cli.args.command,
+        OciCommand::Create(_) | OciCommand::Run(_) | OciCommand::Exec(_)
+    ) {
+        // These fork processes that enter a container (CVE-2019-5736).
+        engine::selfexe::protect()?;
+    }
+    crate::init_logging(&cli.global.log);
+    main(&cli.global, cli.args)
+}
+
 #[derive(clap::Args, Debug)]
 pub struct OciArgs {
     /// Directory for container state (runc's --root).

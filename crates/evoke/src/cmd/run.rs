@@ -65,7 +65,8 @@ pub struct RunArgs {
     /// TAP,ADDRESS/PREFIX[,GATEWAY] (pods get theirs from the pod network).
     #[arg(long, value_name = "TAP,ADDR/PREFIX[,GW]")]
     pub guest_net: Option<String>,
-    /// The image.
+    /// The image. With `--tier process`, an absolute path instead runs that
+    /// host program with no image: `evoke run --tier process -- /bin/echo hi`.
     pub image: String,
     /// Command and arguments (default: the image's Entrypoint and Cmd).
     #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
@@ -88,7 +89,8 @@ pub fn tier(data_dir: &Path, name: &str) -> anyhow::Result<Arc<dyn WorkloadRunti
         "process" => Ok(Arc::new(ProcessTier::new(data_dir)?)),
         "microvm" => Ok(Arc::new(evoke_vmm::tier::MicroVmTier::new(
             data_dir,
-            std::env::current_exe().context("locating the evoke binary for the vmm")?,
+            evoke_container::selfexe::original_exe()
+                .context("locating the evoke binary for the vmm")?,
         ))),
         other => bail!("unknown tier {other:?}: use process, container or microvm"),
     }
@@ -174,18 +176,28 @@ pub fn main(global: &Global, args: RunArgs) -> anyhow::Result<u8> {
         }
         None => id[..12].to_string(),
     };
+    // The process tier runs host programs; an absolute path there is the
+    // program, not an image reference (image names never start with '/').
+    let (image, command) = if args.tier == "process" && args.image.starts_with('/') {
+        let mut cmd = vec![args.image.clone()];
+        cmd.extend(args.command.iter().cloned());
+        (None, Some(cmd))
+    } else {
+        (Some(args.image.clone()), None)
+    };
     let mut labels = BTreeMap::new();
     labels.insert(NAME_LABEL.to_string(), name.clone());
-    labels.insert(COMMAND_LABEL.to_string(), args.command.join(" "));
+    let shown = command.as_ref().unwrap_or(&args.command);
+    labels.insert(COMMAND_LABEL.to_string(), shown.join(" "));
     let cpu = match args.cpus {
         Some(c) => Some(CpuLimit::from_cpus(c)?),
         None => None,
     };
     let spec = WorkloadSpec {
         id: id.clone(),
-        image: Some(args.image.clone()),
-        command: None,
-        args: (!args.command.is_empty()).then(|| args.command.clone()),
+        args: (image.is_some() && !args.command.is_empty()).then(|| args.command.clone()),
+        image,
+        command,
         env: parse_env(&args.env),
         workdir: args.workdir.clone(),
         user: args.user.as_deref().map(str::parse::<User>).transpose()?,
