@@ -1,12 +1,14 @@
 //! The node agent's network seam: [`BridgeNetwork`] implements
 //! `evoke_node::network::PodNetwork` with the bridge, veth and IPAM of
-//! [`PodNetwork`].
+//! [`PodNetwork`]; [`LoopbackNetwork`] gives each pod a namespace with
+//! loopback only (`--flannel-backend none`).
 //!
 //! The agent calls the seam synchronously from `spawn_blocking` threads, and
 //! netlink handles need the runtime their connection task runs on; so this
 //! keeps a small runtime of its own and enters it from a fresh thread (a
 //! blocking thread of the agent's runtime may not block on another runtime).
 
+use std::path::PathBuf;
 use std::sync::Arc;
 
 use evoke_node::network::{PodNet, PodNetwork as NodePodNetwork};
@@ -133,5 +135,61 @@ impl NodePodNetwork for BridgeNetwork {
             gateway: Some(subnet.gateway()),
             resolv_conf: None,
         }))
+    }
+}
+
+/// A network namespace per pod with only `lo`, up: the containers of a pod
+/// share it, and nothing leaves it (`--flannel-backend none`). Made with
+/// netlink and a bind mount, like the bridge network's, not with `ip`.
+pub struct LoopbackNetwork {
+    netns_dir: PathBuf,
+}
+
+impl LoopbackNetwork {
+    /// Namespaces under `netns_dir` (`/run/netns` on a node).
+    pub fn new(netns_dir: impl Into<PathBuf>) -> Self {
+        Self {
+            netns_dir: netns_dir.into(),
+        }
+    }
+
+    /// The namespace file of pod `uid`.
+    pub fn netns_path(&self, uid: &str) -> PathBuf {
+        self.netns_dir.join(format!("evoke-{uid}"))
+    }
+}
+
+impl NodePodNetwork for LoopbackNetwork {
+    fn setup(&self, pod_uid: &str, _namespace: &str, _name: &str) -> Result<PodNet, NodeError> {
+        if pod_uid.is_empty() || pod_uid.contains('/') {
+            return Err(NodeError::Network(format!("bad pod uid {pod_uid:?}")));
+        }
+        let path = self.netns_path(pod_uid);
+        let made = crate::netns::create(&path).and_then(|()| {
+            // One netlink request: a throwaway single-thread runtime on a
+            // fresh thread costs less than keeping one, and cannot be
+            // shared wrongly between concurrent pod workers.
+            on_fresh_thread(|| {
+                tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .map_err(|e| NetError::io(std::path::Path::new("tokio runtime"), e))?
+                    .block_on(crate::podnet::loopback_up(&path))
+            })
+        });
+        if let Err(e) = made {
+            let _ = crate::netns::remove(&path);
+            return Err(NodeError::Network(format!("pod {pod_uid}: {e}")));
+        }
+        Ok(PodNet {
+            netns: Some(path),
+            ip: None,
+            mounts: Vec::new(),
+        })
+    }
+
+    fn teardown(&self, pod_uid: &str) -> Result<(), NodeError> {
+        crate::netns::remove(&self.netns_path(pod_uid))
+            .map_err(|e| NodeError::Network(format!("pod {pod_uid}: {e}")))
     }
 }

@@ -137,6 +137,19 @@ async fn add_addr(
     }
 }
 
+/// Sets `lo` up in the namespace at `ns` (a namespace starts with it down).
+pub async fn loopback_up(ns: &Path) -> Result<(), NetError> {
+    let h = connect(Some(ns)).await?;
+    let lo = link_by_name(&h, "lo")
+        .await?
+        .ok_or_else(|| NetError::netlink("get link", "lo", "missing in the namespace"))?;
+    h.link()
+        .set(LinkUnspec::new_with_index(lo.header.index).up().build())
+        .execute()
+        .await
+        .map_err(|e| NetError::netlink("set up", format!("lo in {}", ns.display()), e))
+}
+
 /// A stable interface name for pod `uid` (IFNAMSIZ allows 15 characters).
 pub fn veth_name(prefix: &str, uid: &str) -> String {
     // FNV-1a: short, stable across runs and builds.

@@ -267,3 +267,31 @@ async fn an_intact_pod_keeps_its_veth_and_the_node_holds_dns_address_and_routes(
     assert!(routes.trim().is_empty(), "{routes}");
     restarted.teardown("pod-keep").await.expect("teardown");
 }
+
+/// `--flannel-backend none`: a namespace per pod with `lo` up and nothing
+/// else, made and removed without the `ip` tool; setup is idempotent.
+#[test]
+fn loopback_pods_get_a_namespace_with_only_lo_up() {
+    use evoke_node::network::PodNetwork as _;
+    if !privileged() {
+        return;
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let net = evoke_net::node::LoopbackNetwork::new(dir.path().join("netns"));
+    let got = net.setup("lo-pod", "default", "p").expect("setup");
+    let ns = got.netns.clone().expect("a namespace");
+    assert!(netns::is_netns(&ns));
+    assert_eq!(got.ip, None);
+    assert_eq!(links(&ns), vec!["lo".to_string()]);
+    let (_, lo) = run_in(&ns, &["ip", "-o", "link", "show", "lo"]);
+    assert!(
+        lo.contains(",UP") || lo.contains("<LOOPBACK,UP"),
+        "lo up: {lo}"
+    );
+    let (ok, _) = run_in(&ns, &["busybox", "ping", "-c", "1", "-W", "2", "127.0.0.1"]);
+    assert!(ok, "loopback answers");
+    assert_eq!(net.setup("lo-pod", "default", "p").expect("again"), got);
+    net.teardown("lo-pod").expect("teardown");
+    net.teardown("lo-pod").expect("teardown is idempotent");
+    assert!(!ns.exists());
+}

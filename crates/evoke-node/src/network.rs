@@ -1,11 +1,9 @@
 //! Pod networking seam. The agent asks a [`PodNetwork`] for each pod's
-//! network namespace and IP; evoke-net plugs its bridge and IPAM in here.
-//! [`LoopbackNetwork`], the default, gives each pod its own namespace with
-//! only loopback (containers of a pod share it, as Kubernetes requires), and
+//! network namespace and IP; evoke-net plugs its implementations in here
+//! (the bridge with IPAM, and a loopback-only namespace per pod), and
 //! [`HostNetwork`] runs pods in the host's network (the process tier).
 
 use std::path::PathBuf;
-use std::process::Command;
 
 use crate::NodeError;
 
@@ -60,10 +58,8 @@ impl PodNetwork for HostNetwork {
     }
 }
 
-/// A named namespace per pod (`ip netns add`), with loopback up.
-pub struct LoopbackNetwork;
-
-/// The netns name of a pod: short, stable across restarts.
+/// A short name for pod `pod_uid`, stable across restarts (the pod's IPC
+/// namespace file is named after it).
 pub fn netns_name(pod_uid: &str) -> String {
     let short: String = pod_uid
         .chars()
@@ -71,61 +67,6 @@ pub fn netns_name(pod_uid: &str) -> String {
         .take(20)
         .collect();
     format!("evoke-{short}")
-}
-
-fn ip(args: &[&str]) -> Result<(), NodeError> {
-    let out = Command::new("ip")
-        .args(args)
-        .output()
-        .map_err(|source| NodeError::Io {
-            path: PathBuf::from("ip"),
-            source,
-        })?;
-    if out.status.success() {
-        Ok(())
-    } else {
-        Err(NodeError::Network(format!(
-            "ip {}: {}",
-            args.join(" "),
-            String::from_utf8_lossy(&out.stderr).trim()
-        )))
-    }
-}
-
-/// `ip netns add` mounts /var/run/netns on first use; concurrent first
-/// calls can trip over each other, so this process makes them one at a
-/// time and retries once (another process may have raced us).
-static NETNS_LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
-
-impl PodNetwork for LoopbackNetwork {
-    fn setup(&self, pod_uid: &str, _: &str, _: &str) -> Result<PodNet, NodeError> {
-        let name = netns_name(pod_uid);
-        let path = PathBuf::from("/var/run/netns").join(&name);
-        if !path.exists() {
-            let _guard = NETNS_LOCK.lock().unwrap_or_else(|e| e.into_inner());
-            if let Err(e) = ip(&["netns", "add", &name]) {
-                if !path.exists() {
-                    tracing::debug!(error = %e, "ip netns add failed; retrying once");
-                    std::thread::sleep(std::time::Duration::from_millis(50));
-                    let _ = std::fs::remove_file(&path);
-                    ip(&["netns", "add", &name])?;
-                }
-            }
-        }
-        ip(&["-n", &name, "link", "set", "lo", "up"])?;
-        Ok(PodNet {
-            netns: Some(path),
-            ip: None,
-            mounts: Vec::new(),
-        })
-    }
-    fn teardown(&self, pod_uid: &str) -> Result<(), NodeError> {
-        let name = netns_name(pod_uid);
-        if PathBuf::from("/var/run/netns").join(&name).exists() {
-            ip(&["netns", "delete", &name])?;
-        }
-        Ok(())
-    }
 }
 
 #[cfg(test)]
@@ -138,26 +79,5 @@ mod tests {
         assert_eq!(n, netns_name("6f1c2a9e-1111-2222-3333-444455556666"));
         assert!(n.len() <= 26);
         assert!(n.starts_with("evoke-"));
-    }
-
-    #[test]
-    fn loopback_network_creates_and_removes_a_namespace() {
-        let root = nix::unistd::geteuid().is_root();
-        let has_ip = std::process::Command::new("ip").arg("-V").output().is_ok();
-        if !root || !has_ip {
-            if std::env::var("CI").is_ok_and(|v| v == "true") {
-                panic!("this test needs root and iproute2 (ip) under CI");
-            }
-            eprintln!("skipping: needs root and iproute2");
-            return;
-        }
-        let uid = format!("test-{}-{}", std::process::id(), rand::random::<u32>());
-        let net = LoopbackNetwork.setup(&uid, "ns", "p").unwrap();
-        let path = net.netns.clone().unwrap();
-        assert!(path.exists());
-        // Idempotent.
-        assert_eq!(LoopbackNetwork.setup(&uid, "ns", "p").unwrap(), net);
-        LoopbackNetwork.teardown(&uid).unwrap();
-        assert!(!path.exists());
     }
 }

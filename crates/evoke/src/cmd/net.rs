@@ -6,8 +6,9 @@ use std::path::Path;
 use std::sync::Arc;
 
 use evoke_net::cluster::{ClusterNetConfig, NodeNetwork};
+use evoke_net::node::LoopbackNetwork;
 use evoke_net::Ipv4Net;
-use evoke_node::network::{LoopbackNetwork, PodNetwork};
+use evoke_node::network::PodNetwork;
 
 /// How pods are networked.
 #[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
@@ -95,7 +96,7 @@ pub fn pod_network(
     client: kube::Client,
 ) -> Arc<dyn PodNetwork> {
     match args.flannel_backend {
-        Backend::None => Arc::new(LoopbackNetwork),
+        Backend::None => Arc::new(LoopbackNetwork::new("/run/netns")),
         Backend::HostGw => {
             let net = NodeNetwork::new(ClusterNetConfig {
                 data_dir: data_dir.to_path_buf(),
