@@ -3,11 +3,13 @@
 //! server` with its agent in one, `evoke agent` joined over the veth in the
 //! other. Each node routes the other's pod subnet via the other's address
 //! (flannel's host-gw), so pods on either node reach pods on the other by
-//! pod IP, through a ClusterIP Service and by the Service's DNS name; and
+//! pod IP, through a ClusterIP Service and by the Service's DNS name; a
+//! Service with an endpoint on each node answers from both; and
 //! `kubectl logs` reaches the joined node through the API server.
 //!
-//! Needs root, `ip` (iproute2), `nsenter`, kubectl and busybox-static; under CI=true a
-//! missing one is a failure, elsewhere the test prints why it skips.
+//! Needs root, `ip` (iproute2), `nsenter`, kubectl and busybox-static;
+//! under CI=true a missing one is a failure, elsewhere the test prints why
+//! it skips.
 
 mod join_support;
 
@@ -28,7 +30,7 @@ fn server_pod(name: &str, node: &str) -> String {
 kind: Pod
 metadata:
   name: {name}
-  labels: {{app: {name}}}
+  labels: {{app: {name}, tier: web}}
 spec:
   nodeSelector: {{kubernetes.io/hostname: {node}}}
   terminationGracePeriodSeconds: 1
@@ -235,6 +237,21 @@ fn pods_on_two_nodes_in_their_own_namespaces_reach_each_other_by_pod_ip_service_
             .to_string()
     };
     let (svc1, svc2) = (svc_ip("web1"), svc_ip("web2"));
+    // And one Service over both, one endpoint on each node.
+    server.ok_with(
+        &["apply", "-f", "-"],
+        Some(
+            "apiVersion: v1
+kind: Service
+metadata: {name: web}
+spec:
+  selector: {tier: web}
+  ports:
+  - {port: 80, targetPort: 8080}
+",
+        ),
+    );
+    let both = svc_ip("web");
 
     // A client on each node fetches the other node's pod by IP, by
     // ClusterIP and by name.
@@ -247,6 +264,7 @@ fn pods_on_two_nodes_in_their_own_namespaces_reach_each_other_by_pod_ip_service_
                 ("pod", ip2.clone(), 8080),
                 ("svc", svc2.clone(), 80),
                 ("dns", "web2".into(), 80),
+                ("any", both.clone(), 80),
             ],
         )),
     );
@@ -263,10 +281,14 @@ fn pods_on_two_nodes_in_their_own_namespaces_reach_each_other_by_pod_ip_service_
         )),
     );
     for (client, other) in [("client1", "n2"), ("client2", "n1")] {
-        let want: Vec<String> = ["pod", "svc", "dns"]
+        let mut want: Vec<String> = ["pod", "svc", "dns"]
             .iter()
             .map(|t| format!("{t} hello from {other}"))
             .collect();
+        if client == "client1" {
+            // The Service over both nodes answers from each of them.
+            want.extend(["any hello from n1".into(), "any hello from n2".into()]);
+        }
         let last = std::cell::RefCell::new(String::new());
         wait_for(
             &format!("{client} to reach the pod on {other} by IP, Service and name"),
@@ -274,7 +296,7 @@ fn pods_on_two_nodes_in_their_own_namespaces_reach_each_other_by_pod_ip_service_
             || {
                 // Through the API server, from the node's endpoint: for
                 // client2 this is the joined node across the veth.
-                let out = server.kubectl(&["logs", client, "--tail", "30"], None);
+                let out = server.kubectl(&["logs", client, "--tail", "200"], None);
                 let text = String::from_utf8_lossy(&out.stdout).into_owned();
                 let done = want.iter().all(|w| text.lines().any(|l| l == w));
                 *last.borrow_mut() = text;
