@@ -24,7 +24,7 @@ use kube::runtime::{reflector, watcher, WatchStreamExt};
 use kube::{Api, Client};
 use tracing::{info, warn};
 
-use crate::dns::{resolv_conf, DnsServer, Records};
+use crate::dns::{pod_resolv_conf, resolv_conf, DnsServer, PodDns, Records};
 use crate::ipam::{allocate_node_subnet, Ipv4Net};
 use crate::nft::Proxy;
 use crate::node::BridgeNetwork;
@@ -111,6 +111,45 @@ impl NodeNetwork {
             .join(format!("{pod_uid}.conf"))
     }
 
+    /// A veth pod with the resolv.conf its DNS settings ask for.
+    fn attach(
+        &self,
+        pod_uid: &str,
+        namespace: &str,
+        name: &str,
+        dns: &PodDns,
+    ) -> Result<PodNet, NodeError> {
+        let bridge = self.bridge()?;
+        let mut net = bridge.setup(pod_uid, namespace, name)?;
+        let node_conf = if dns.policy.as_deref() == Some("Default") {
+            std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default()
+        } else {
+            String::new()
+        };
+        let conf = pod_resolv_conf(
+            namespace,
+            self.cfg.cluster_dns,
+            &self.cfg.cluster_domain,
+            dns,
+            &node_conf,
+        );
+        let path = self.resolv_path(pod_uid);
+        let io = |e| NodeError::Io {
+            path: path.clone(),
+            source: e,
+        };
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir).map_err(io)?;
+        }
+        std::fs::write(&path, conf).map_err(io)?;
+        net.mounts.push(evoke_runtime::Mount {
+            host_path: path.clone(),
+            container_path: PathBuf::from("/etc/resolv.conf"),
+            read_only: true,
+        });
+        Ok(net)
+    }
+
     /// Brings the network up and keeps Services, DNS and routes to the other
     /// nodes level with the API. Returns only if start-up fails.
     pub async fn run(self: Arc<Self>, client: Client) -> Result<(), NetError> {
@@ -165,24 +204,31 @@ async fn blocking<R: Send + 'static>(
 
 impl NodePodNetwork for NodeNetwork {
     fn setup(&self, pod_uid: &str, namespace: &str, name: &str) -> Result<PodNet, NodeError> {
-        let bridge = self.bridge()?;
-        let mut net = bridge.setup(pod_uid, namespace, name)?;
-        let path = self.resolv_path(pod_uid);
-        let conf = resolv_conf(namespace, self.cfg.cluster_dns, &self.cfg.cluster_domain);
-        let io = |e| NodeError::Io {
-            path: path.clone(),
-            source: e,
+        self.attach(pod_uid, namespace, name, &PodDns::default())
+    }
+
+    fn setup_pod(&self, pod: &k8s_openapi::api::core::v1::Pod) -> Result<PodNet, NodeError> {
+        let spec = pod.spec.as_ref();
+        let config = spec.and_then(|s| s.dns_config.as_ref());
+        let dns = PodDns {
+            policy: spec.and_then(|s| s.dns_policy.clone()),
+            nameservers: config
+                .and_then(|c| c.nameservers.clone())
+                .unwrap_or_default(),
+            searches: config.and_then(|c| c.searches.clone()).unwrap_or_default(),
+            options: config
+                .and_then(|c| c.options.as_ref())
+                .into_iter()
+                .flatten()
+                .filter_map(|o| Some((o.name.clone()?, o.value.clone())))
+                .collect(),
         };
-        if let Some(dir) = path.parent() {
-            std::fs::create_dir_all(dir).map_err(io)?;
-        }
-        std::fs::write(&path, conf).map_err(io)?;
-        net.mounts.push(evoke_runtime::Mount {
-            host_path: path.clone(),
-            container_path: PathBuf::from("/etc/resolv.conf"),
-            read_only: true,
-        });
-        Ok(net)
+        self.attach(
+            pod.metadata.uid.as_deref().unwrap_or_default(),
+            pod.metadata.namespace.as_deref().unwrap_or_default(),
+            pod.metadata.name.as_deref().unwrap_or_default(),
+            &dns,
+        )
     }
 
     fn setup_vm(

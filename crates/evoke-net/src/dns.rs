@@ -33,6 +33,99 @@ pub fn resolv_conf(namespace: &str, dns: Ipv4Addr, domain: &str) -> String {
     )
 }
 
+/// A pod's DNS settings: `spec.dnsPolicy` and `spec.dnsConfig`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PodDns {
+    /// ClusterFirst (also the default), ClusterFirstWithHostNet, Default or None.
+    pub policy: Option<String>,
+    /// dnsConfig.nameservers
+    pub nameservers: Vec<String>,
+    /// dnsConfig.searches
+    pub searches: Vec<String>,
+    /// dnsConfig.options as (name, value)
+    pub options: Vec<(String, Option<String>)>,
+}
+
+/// The resolv.conf of a pod in `namespace` with settings `dns`, as the
+/// kubelet writes it: ClusterFirst (the default) points at the cluster DNS
+/// with the cluster search path; `Default` takes the node's `node_conf`;
+/// `None` starts empty. dnsConfig then adds nameservers (three at most) and
+/// search domains (32 at most), and its options override by name.
+pub fn pod_resolv_conf(
+    namespace: &str,
+    dns: Ipv4Addr,
+    domain: &str,
+    pod: &PodDns,
+    node_conf: &str,
+) -> String {
+    let mut servers: Vec<String> = Vec::new();
+    let mut search: Vec<String> = Vec::new();
+    let mut options: Vec<(String, Option<String>)> = Vec::new();
+    let parse_option = |o: &str| match o.split_once(':') {
+        Some((n, v)) => (n.to_string(), Some(v.to_string())),
+        None => (o.to_string(), None),
+    };
+    match pod.policy.as_deref() {
+        Some("None") => {}
+        Some("Default") => {
+            for line in node_conf.lines() {
+                let mut words = line.split_whitespace();
+                match words.next() {
+                    Some("nameserver") => servers.extend(words.next().map(str::to_string)),
+                    Some("search") | Some("domain") => search.extend(words.map(str::to_string)),
+                    Some("options") => options.extend(words.map(parse_option)),
+                    _ => {}
+                }
+            }
+        }
+        _ => {
+            servers.push(dns.to_string());
+            search = vec![
+                format!("{namespace}.svc.{domain}"),
+                format!("svc.{domain}"),
+                domain.to_string(),
+            ];
+            options.push(("ndots".into(), Some("5".into())));
+        }
+    }
+    for n in &pod.nameservers {
+        if !servers.contains(n) {
+            servers.push(n.clone());
+        }
+    }
+    servers.truncate(3);
+    for d in &pod.searches {
+        if !search.contains(d) {
+            search.push(d.clone());
+        }
+    }
+    search.truncate(32);
+    for (name, value) in &pod.options {
+        match options.iter_mut().find(|(n, _)| n == name) {
+            Some(o) => o.1 = value.clone(),
+            None => options.push((name.clone(), value.clone())),
+        }
+    }
+    let mut out = String::new();
+    for s in &servers {
+        out.push_str(&format!("nameserver {s}\n"));
+    }
+    if !search.is_empty() {
+        out.push_str(&format!("search {}\n", search.join(" ")));
+    }
+    if !options.is_empty() {
+        let opts: Vec<String> = options
+            .iter()
+            .map(|(n, v)| match v {
+                Some(v) => format!("{n}:{v}"),
+                None => n.clone(),
+            })
+            .collect();
+        out.push_str(&format!("options {}\n", opts.join(" ")));
+    }
+    out
+}
+
 /// What DNS knows of one Service.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct ServiceRecord {
@@ -281,6 +374,44 @@ mod tests {
         assert_eq!(r.lookup("web.shop.cluster.local."), Answer::NxDomain);
         assert_eq!(r.lookup("example.com."), Answer::Refused);
         assert_eq!(r.lookup("web.shop.svc.xcluster.local."), Answer::Refused);
+    }
+
+    #[test]
+    fn dns_policy_and_config_shape_the_pods_resolv_conf() {
+        let dns = crate::ipam::DNS_SERVICE_IP;
+        let cluster_first = pod_resolv_conf("shop", dns, CLUSTER_DOMAIN, &PodDns::default(), "");
+        assert_eq!(cluster_first, resolv_conf("shop", dns, CLUSTER_DOMAIN));
+        let node = "# generated\nnameserver 192.0.2.53\nsearch corp.example\noptions edns0\n";
+        let default = PodDns {
+            policy: Some("Default".into()),
+            ..PodDns::default()
+        };
+        assert_eq!(
+            pod_resolv_conf("shop", dns, CLUSTER_DOMAIN, &default, node),
+            "nameserver 192.0.2.53\nsearch corp.example\noptions edns0\n"
+        );
+        let none = PodDns {
+            policy: Some("None".into()),
+            nameservers: vec!["192.0.2.1".into()],
+            searches: vec!["a.example".into()],
+            options: vec![("ndots".into(), Some("2".into())), ("edns0".into(), None)],
+        };
+        assert_eq!(
+            pod_resolv_conf("shop", dns, CLUSTER_DOMAIN, &none, node),
+            "nameserver 192.0.2.1\nsearch a.example\noptions ndots:2 edns0\n"
+        );
+        let merged = PodDns {
+            policy: None,
+            nameservers: vec!["192.0.2.1".into(), "192.0.2.2".into(), "192.0.2.3".into()],
+            searches: vec!["svc.cluster.local".into(), "b.example".into()],
+            options: vec![("ndots".into(), Some("1".into()))],
+        };
+        assert_eq!(
+            pod_resolv_conf("shop", dns, CLUSTER_DOMAIN, &merged, node),
+            "nameserver 10.43.0.10\nnameserver 192.0.2.1\nnameserver 192.0.2.2\n\
+             search shop.svc.cluster.local svc.cluster.local cluster.local b.example\n\
+             options ndots:1\n"
+        );
     }
 
     #[test]

@@ -25,6 +25,16 @@ pub trait PodNetwork: Send + Sync {
     fn setup(&self, pod_uid: &str, namespace: &str, name: &str) -> Result<PodNet, NodeError>;
     fn teardown(&self, pod_uid: &str) -> Result<(), NodeError>;
 
+    /// [`PodNetwork::setup`] for a network that reads the pod's spec (its
+    /// dnsPolicy and dnsConfig). The agent calls this one.
+    fn setup_pod(&self, pod: &k8s_openapi::api::core::v1::Pod) -> Result<PodNet, NodeError> {
+        self.setup(
+            pod.metadata.uid.as_deref().unwrap_or_default(),
+            pod.metadata.namespace.as_deref().unwrap_or_default(),
+            pod.metadata.name.as_deref().unwrap_or_default(),
+        )
+    }
+
     /// The network of a microVM pod, in place of [`PodNetwork::setup`]: a
     /// tap on the pod network and the address, gateway and resolv.conf the
     /// guest gives its eth0 (the microvm tier backs a virtio-net with the

@@ -327,12 +327,8 @@ impl Worker {
             })
         } else {
             let network = self.ctx.network.clone();
-            let (uid, ns, name) = (
-                self.pod.uid().unwrap_or_default(),
-                self.pod.namespace().unwrap_or_default(),
-                self.pod.name_any(),
-            );
-            tokio::task::spawn_blocking(move || network.setup(&uid, &ns, &name))
+            let pod = self.pod.clone();
+            tokio::task::spawn_blocking(move || network.setup_pod(&pod))
                 .await
                 .map_err(|e| ("NetworkNotReady".to_string(), e.to_string()))?
         };

@@ -6,7 +6,7 @@
 //! Shown here: pod IPs in `kubectl get pods -o wide`, pod to pod and node to
 //! pod traffic, a ClusterIP Service spreading load over three pods, DNS
 //! names (short, `<svc>.<ns>`, FQDN, headless A records and per-pod names),
-//! sessionAffinity ClientIP,
+//! sessionAffinity ClientIP, dnsPolicy None with dnsConfig,
 //! an unready pod leaving the rotation, NodePort from the node, the
 //! `kubernetes` Service reaching the API server, a deleted Service no longer
 //! answering, addresses and interfaces released, and a pod keeping its IP
@@ -431,6 +431,23 @@ spec:
   ports: [{port: 8080}]
 ";
 
+/// A pod with its own DNS settings, printing its resolv.conf.
+const DNS_CONFIG_POD: &str = "apiVersion: v1
+kind: Pod
+metadata: {name: dnscfg}
+spec:
+  terminationGracePeriodSeconds: 1
+  dnsPolicy: None
+  dnsConfig:
+    nameservers: [192.0.2.53]
+    searches: [corp.example]
+    options: [{name: ndots, value: '2'}]
+  containers:
+  - name: c
+    image: busybox:1
+    command: [/bin/busybox, sh, -c, 'cat /etc/resolv.conf; exec sleep 3600']
+";
+
 /// A client pod: one-off checks printed as `TAG value`, then a request
 /// to http://web/ every 200 ms printed as `LB <body or error>`.
 fn client_pod(direct_ip: &str) -> String {
@@ -534,6 +551,7 @@ fn pods_reach_each_other_and_services_spread_load_follow_readiness_resolve_and_s
     );
 
     c.ok(&["apply", "-f", "-"], Some(&client_pod(&ips["web-0"])));
+    c.ok(&["apply", "-f", "-"], Some(DNS_CONFIG_POD));
     c.wait_for("the client's one-off checks", 40, || {
         c.logs("client").contains("SETUP done")
     });
@@ -578,6 +596,15 @@ fn pods_reach_each_other_and_services_spread_load_follow_readiness_resolve_and_s
     assert!(
         sticky.len() == 1 && sticky.iter().all(|s| s.starts_with("web-")),
         "sessionAffinity ClientIP keeps one client on one pod: {sticky:?}"
+    );
+
+    c.wait_for("the dnsPolicy None pod's resolv.conf", 30, || {
+        c.logs("dnscfg").contains("options")
+    });
+    assert_eq!(
+        c.logs("dnscfg"),
+        "nameserver 192.0.2.53\nsearch corp.example\noptions ndots:2\n",
+        "dnsPolicy None takes dnsConfig alone"
     );
 
     // Load spreads over the three replicas.
