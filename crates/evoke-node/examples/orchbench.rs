@@ -37,6 +37,13 @@ fn pod(name: &str, ns: &str, tier: &str, image: &str) -> Res<Pod> {
     Ok(serde_json::from_value(v)?)
 }
 
+/// What the watch showed of a pod.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Stage {
+    Bound,
+    Running,
+}
+
 fn percentile(sorted: &[f64], p: f64) -> f64 {
     if sorted.is_empty() {
         return f64::NAN;
@@ -71,14 +78,18 @@ async fn startup(
     let ns = format!("bench-{tier}");
     ensure_ns(&client, &ns).await;
     let api: Api<Pod> = Api::namespaced(client.clone(), &ns);
-    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<(String, Instant)>();
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<(String, Stage, Instant)>();
     let watch_api = api.clone();
     tokio::spawn(async move {
         let mut s = watcher(watch_api, watcher::Config::default().labels("bench=orch")).boxed();
         while let Ok(Some(ev)) = s.try_next().await {
             if let Event::Apply(p) | Event::InitApply(p) = ev {
+                let now = Instant::now();
+                if p.spec.as_ref().and_then(|s| s.node_name.as_ref()).is_some() {
+                    let _ = tx.send((p.name_any(), Stage::Bound, now));
+                }
                 if is_running(&p) {
-                    let _ = tx.send((p.name_any(), Instant::now()));
+                    let _ = tx.send((p.name_any(), Stage::Running, now));
                 }
             }
         }
@@ -112,14 +123,24 @@ async fn startup(
         created.insert(name, t);
     }
     let mut latencies: BTreeMap<String, f64> = BTreeMap::new();
+    let mut bound: HashMap<String, Instant> = HashMap::new();
+    // Where the time goes: creation -> bound, bound -> Running.
+    let (mut to_bind, mut to_run): (Vec<f64>, Vec<f64>) = (Vec::new(), Vec::new());
+    let ms = |a: Instant, b: Instant| b.saturating_duration_since(a).as_secs_f64() * 1000.0;
     let deadline = Instant::now() + Duration::from_secs(120);
     while latencies.len() < n && Instant::now() < deadline {
         match tokio::time::timeout(Duration::from_secs(5), rx.recv()).await {
-            Ok(Some((name, t))) => {
-                if let Some(c) = created.get(&name) {
-                    latencies
-                        .entry(name)
-                        .or_insert_with(|| t.duration_since(*c).as_secs_f64() * 1000.0);
+            Ok(Some((name, stage, t))) => {
+                let Some(c) = created.get(&name).copied() else {
+                    continue;
+                };
+                if !bound.contains_key(&name) {
+                    bound.insert(name.clone(), t);
+                    to_bind.push(ms(c, t));
+                }
+                if stage == Stage::Running && !latencies.contains_key(&name) {
+                    to_run.push(ms(bound[&name], t));
+                    latencies.insert(name, ms(c, t));
                 }
             }
             Ok(None) => break,
@@ -128,6 +149,13 @@ async fn startup(
     }
     let mut v: Vec<f64> = latencies.values().copied().collect();
     v.sort_by(|a, b| a.total_cmp(b));
+    to_bind.sort_by(|a, b| a.total_cmp(b));
+    to_run.sort_by(|a, b| a.total_cmp(b));
+    let creating = created
+        .values()
+        .max()
+        .map(|l| ms(t_start, *l))
+        .unwrap_or(0.0);
     println!(
         "startup tier={tier} pods={n} rate={} running={} p50_ms={:.0} p99_ms={:.0} max_ms={:.0}",
         if rate > 0.0 {
@@ -139,6 +167,13 @@ async fn startup(
         percentile(&v, 50.0),
         percentile(&v, 99.0),
         v.last().copied().unwrap_or(f64::NAN)
+    );
+    println!(
+        "  stages tier={tier}: creates_issued_over_ms={creating:.0} created->bound p50_ms={:.0} p99_ms={:.0}; bound->running p50_ms={:.0} p99_ms={:.0}",
+        percentile(&to_bind, 50.0),
+        percentile(&to_bind, 99.0),
+        percentile(&to_run, 50.0),
+        percentile(&to_run, 99.0),
     );
     if keep {
         return Ok(());

@@ -60,14 +60,63 @@ pub struct Ctx {
     pub recorder: Recorder,
     /// namespace/name -> uid of the pods this node runs (for the endpoint).
     pub pods: crate::server::PodIndex,
+    /// Pod sandboxes and container starts in progress at once. Starting a
+    /// container is CPU-bound (clone, mounts, cgroups, exec); a burst of 100
+    /// at once on a small node only makes each one slower and parks a
+    /// thread per start. A fair (FIFO) queue lets pods finish in arrival
+    /// order instead of all at the end.
+    pub start_slots: Arc<tokio::sync::Semaphore>,
+    /// When each tier last answered `available()` with yes: the check reads
+    /// /proc/self/mountinfo, which grows with every running container, so a
+    /// burst of pods shares one recent answer.
+    available: std::sync::Mutex<HashMap<String, std::time::Instant>>,
 }
 
+/// How long a tier's "available" answer is reused.
+const AVAILABLE_TTL: Duration = Duration::from_secs(10);
+
 impl Ctx {
+    /// The tier's `available()`, reusing a yes from the last few seconds.
+    pub async fn tier_available(
+        &self,
+        tier: &Arc<dyn WorkloadRuntime>,
+    ) -> Result<(), evoke_runtime::RuntimeError> {
+        let name = tier.name().to_string();
+        let fresh = self
+            .available
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&name)
+            .is_some_and(|t| t.elapsed() < AVAILABLE_TTL);
+        if fresh {
+            return Ok(());
+        }
+        let t = tier.clone();
+        tokio::task::spawn_blocking(move || t.available())
+            .await
+            .unwrap_or_else(|e| {
+                Err(evoke_runtime::RuntimeError::InvalidSpec(format!(
+                    "availability check panicked: {e}"
+                )))
+            })?;
+        self.available
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(name, std::time::Instant::now());
+        Ok(())
+    }
+
     pub fn tier_names(&self) -> Vec<String> {
         let mut v: Vec<String> = self.tiers.keys().cloned().collect();
         v.sort();
         v
     }
+}
+
+/// Container starts in flight at once: two per core, so one start's
+/// waits (fsync, netlink, exec) overlap another's CPU work.
+fn start_parallelism() -> usize {
+    std::thread::available_parallelism().map_or(2, |n| n.get()) * 2
 }
 
 /// The node agent. Build with [`Agent::new`], then [`Agent::run`].
@@ -111,6 +160,8 @@ impl Agent {
                 network: cfg.network,
                 recorder,
                 pods: Default::default(),
+                start_slots: Arc::new(tokio::sync::Semaphore::new(start_parallelism())),
+                available: Default::default(),
             }),
             labels: cfg.labels,
             listen: cfg.listen,

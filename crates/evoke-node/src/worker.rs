@@ -30,6 +30,9 @@ use crate::spec::{self, Refs, LABEL_ATTEMPT, LABEL_CONTAINER, LABEL_POD_UID};
 use crate::status::{pod_status, CState, ContainerRecord, Ended, PodFacts};
 use crate::volumes;
 
+mod sys;
+pub use sys::cap_malloc_arenas;
+
 /// Which probe sent a verdict.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ProbeKind {
@@ -218,6 +221,8 @@ impl Worker {
         if self.setup_retry_at.is_some_and(|t| Instant::now() < t) {
             return false;
         }
+        let slots = self.ctx.start_slots.clone();
+        let _slot = slots.acquire().await;
         match self.try_setup().await {
             Ok(()) => {
                 self.facts.sandbox_ready = true;
@@ -229,7 +234,13 @@ impl Worker {
             Err((reason, message)) => {
                 if self.warned.as_deref() != Some(&message) {
                     tracing::warn!(pod = %self.key(), %reason, %message, "pod sandbox not ready");
-                    self.event(EventType::Warning, "FailedCreatePodSandBox", &message);
+                    // The kubelet's event reasons for each kind of failure.
+                    let (event, text) = match reason.as_str() {
+                        "FailedMount" => ("FailedMount", message.clone()),
+                        "CreateContainerConfigError" => ("Failed", format!("Error: {message}")),
+                        _ => ("FailedCreatePodSandBox", message.clone()),
+                    };
+                    self.event(EventType::Warning, event, &text);
                     self.warned = Some(message.clone());
                 }
                 for c in self.init.iter_mut().chain(self.main.iter_mut()) {
@@ -264,15 +275,7 @@ impl Worker {
                 ),
             ));
         };
-        let t = tier.clone();
-        let avail = tokio::task::spawn_blocking(move || t.available())
-            .await
-            .unwrap_or_else(|e| {
-                Err(RuntimeError::InvalidSpec(format!(
-                    "availability check panicked: {e}"
-                )))
-            });
-        if let Err(e) = avail {
+        if let Err(e) = self.ctx.tier_available(&tier).await {
             return Err(("RuntimeUnavailable".into(), e.to_string()));
         }
         self.tier = Some(tier);
@@ -546,6 +549,8 @@ impl Worker {
         spec.ipc_namespace = self.ipc.clone();
         let id = spec.id.clone();
         let pod_uid = self.pod.uid().unwrap_or_default();
+        let slots = self.ctx.start_slots.clone();
+        let _slot = slots.acquire().await;
         let res = tokio::task::spawn_blocking(move || -> Result<(), RuntimeError> {
             if let Some(parent) = log.parent() {
                 std::fs::create_dir_all(parent)
@@ -599,6 +604,16 @@ impl Worker {
                 }
             }
             Err(e) => {
+                if let RuntimeError::ImageNotFound(image) = &e {
+                    // The image puller's own event, before the start failure.
+                    self.event(
+                        EventType::Warning,
+                        "ErrImageNeverPull",
+                        &format!(
+                            "Container image \"{image}\" is not present with pull policy of Never"
+                        ),
+                    );
+                }
                 let reason = match e {
                     RuntimeError::ImageNotFound(_) => "ErrImageNeverPull",
                     RuntimeError::Unavailable { .. } => "RuntimeUnavailable",
@@ -629,34 +644,47 @@ impl Worker {
         }
     }
 
+    /// Learns how the workload `id` ends and tells the worker. The exit is
+    /// awaited on a pidfd in the reactor, so a running container costs no
+    /// thread; only once the process is gone does a blocking thread call
+    /// the tier's `wait`, which then reaps at once and reads the exit code
+    /// and OOM kill. Where no pidfd can be had (no pid from the tier, an
+    /// old kernel) it falls back to a thread parked in `wait`.
     fn spawn_waiter(&self, id: String) {
         let Some(tier) = self.tier.clone() else {
             return;
         };
         let tx = self.tx.clone();
-        tokio::task::spawn_blocking(move || {
-            // Without a timeout the tier reaps the process when this agent
-            // is its parent, which is the only way to learn a true exit
-            // code and OOM kill; the thread is parked until the exit.
-            let exit = loop {
-                match tier.wait(&id, None) {
-                    Ok(Some(exit)) => break exit,
-                    Ok(None) => {
-                        if tx.is_closed() {
-                            return;
+        tokio::spawn(async move {
+            let (t, i) = (tier.clone(), id.clone());
+            let pid = match tokio::task::spawn_blocking(move || t.state(&i)).await {
+                Ok(Ok(WorkloadStatus {
+                    state: WorkloadState::Running { pid },
+                    ..
+                })) => i32::try_from(pid).ok().filter(|p| *p > 0),
+                _ => None,
+            };
+            if let Some(pid) = pid {
+                match sys::pidfd_open(pid) {
+                    Ok(fd) => {
+                        if let Err(e) = sys::exited(fd).await {
+                            tracing::debug!(%id, pid, error = %e, "pidfd wait failed; waiting in a thread");
                         }
                     }
-                    Err(RuntimeError::NotFound(_)) => break ExitInfo::signaled(9, false),
+                    // Gone already: `wait` below answers at once.
+                    Err(e) if e.raw_os_error() == Some(libc::ESRCH) => {}
                     Err(e) => {
-                        tracing::warn!(%id, error = %e, "waiting for workload failed");
-                        std::thread::sleep(Duration::from_secs(1));
-                        if tx.is_closed() {
-                            return;
-                        }
+                        tracing::debug!(%id, pid, error = %e, "no pidfd; waiting in a thread")
                     }
                 }
-            };
-            let _ = tx.send(Msg::Exited { id, exit });
+            }
+            let exit = tokio::task::spawn_blocking(move || {
+                wait_blocking(tier.as_ref(), &id, &tx).map(|e| (id, e, tx))
+            })
+            .await;
+            if let Ok(Some((id, exit, tx))) = exit {
+                let _ = tx.send(Msg::Exited { id, exit });
+            }
         });
     }
 
@@ -748,6 +776,7 @@ impl Worker {
         let pod_name = self.pod.name_any();
         let pod_ns = self.pod.namespace().unwrap_or_default();
         let pod_uid = self.pod.uid().unwrap_or_default();
+        let ctx = self.ctx.clone();
         let Some((rec, is_init)) = self.find_by_id(id) else {
             return;
         };
@@ -773,6 +802,25 @@ impl Worker {
             }
         };
         tracing::info!(pod = %format!("{pod_ns}/{pod_name}"), container = %name, code = exit.code, reason = exit.reason(), restart, "container exited");
+        if exit.oom_killed {
+            // As the kubelet's OOM watcher: a SystemOOM event on the Node;
+            // the pod shows it as the container's OOMKilled reason.
+            let node = k8s_openapi::api::core::v1::ObjectReference {
+                api_version: Some("v1".into()),
+                kind: Some("Node".into()),
+                name: Some(ctx.node_name.clone()),
+                uid: Some(ctx.node_name.clone()),
+                ..Default::default()
+            };
+            ctx.recorder.publish(
+                &node,
+                EventType::Warning,
+                "SystemOOM",
+                &format!(
+                    "System OOM encountered, victim container: {name}, pod: {pod_ns}/{pod_name}"
+                ),
+            );
+        }
         if is_init && exit.code == 0 {
             rec.state = CState::Terminated(ended);
             return;
@@ -985,6 +1033,34 @@ impl Worker {
                 Err(kube::Error::Api(s)) if s.code == 404 || s.code == 409 => {}
                 Err(e) => {
                     tracing::warn!(pod = %self.key(), error = %e, "could not remove terminated pod")
+                }
+            }
+        }
+    }
+}
+
+/// The tier's `wait` without a timeout: the tier reaps the process when
+/// this agent is its parent, the only way to learn a true exit code and OOM
+/// kill. None when the worker went away while the tier kept failing.
+fn wait_blocking(
+    tier: &dyn WorkloadRuntime,
+    id: &str,
+    tx: &mpsc::UnboundedSender<Msg>,
+) -> Option<ExitInfo> {
+    loop {
+        match tier.wait(id, None) {
+            Ok(Some(exit)) => return Some(exit),
+            Ok(None) => {
+                if tx.is_closed() {
+                    return None;
+                }
+            }
+            Err(RuntimeError::NotFound(_)) => return Some(ExitInfo::signaled(9, false)),
+            Err(e) => {
+                tracing::warn!(%id, error = %e, "waiting for workload failed");
+                std::thread::sleep(Duration::from_secs(1));
+                if tx.is_closed() {
+                    return None;
                 }
             }
         }
