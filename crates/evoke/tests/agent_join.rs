@@ -240,13 +240,17 @@ fn a_killed_agent_leaves_its_node_not_ready_after_the_grace_period() {
     let a = tempfile::tempdir().expect("tempdir");
     let b = tempfile::tempdir().expect("tempdir");
     let server = Server::start(a.path(), None, &["--disable-agent"], NO_POD_NETWORK);
+    // This agent reads its token from a file, off the command line.
+    let token_file = b.path().join("token");
+    std::fs::write(&token_file, format!("{}\n", server.token())).expect("token file");
+    let token_arg = token_file.to_str().expect("utf-8 path");
     let mut agent = start_agent(
         &server.url,
-        &server.token(),
+        "",
         b.path(),
         "gone",
         None,
-        &[],
+        &["--token-file", token_arg],
         NO_POD_NETWORK,
     );
     let diag = || server.proc.log_tail();

@@ -21,9 +21,19 @@ pub struct AgentArgs {
     /// The server's URL, e.g. https://127.0.0.1:6443.
     #[arg(long)]
     pub server: String,
-    /// The join token printed by the server.
-    #[arg(long, env = "EVOKE_TOKEN")]
-    pub token: String,
+    /// The join token (`<data-dir>/server/node-token` on the server).
+    /// Other users can read a command line; prefer --token-file or the
+    /// environment.
+    #[arg(
+        long,
+        env = "EVOKE_TOKEN",
+        required_unless_present = "token_file",
+        conflicts_with = "token_file"
+    )]
+    pub token: Option<String>,
+    /// A file holding the join token.
+    #[arg(long, env = "EVOKE_TOKEN_FILE")]
+    pub token_file: Option<std::path::PathBuf>,
     /// This node's name (default: the hostname).
     #[arg(long)]
     pub node_name: Option<String>,
@@ -105,7 +115,15 @@ const JOIN_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(20);
 /// Nothing is written to the agent's disk: the secret stays in memory.
 pub fn main(global: &Global, args: AgentArgs) -> anyhow::Result<u8> {
     args.net.validate()?;
-    let token = JoinToken::parse(&args.token).context("--token")?;
+    let token = match (&args.token, &args.token_file) {
+        (Some(t), _) => JoinToken::parse(t).context("--token")?,
+        (None, Some(path)) => {
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("--token-file {}", path.display()))?;
+            JoinToken::parse(&text).with_context(|| format!("--token-file {}", path.display()))?
+        }
+        (None, None) => anyhow::bail!("--token or --token-file is required"),
+    };
     let host_ip = match args.node_ip {
         Some(ip) => ip,
         None => evoke_node::token::source_address_to(&args.server)

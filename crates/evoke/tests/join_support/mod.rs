@@ -307,7 +307,8 @@ impl Drop for PodCleanup<'_> {
     }
 }
 
-/// `evoke agent` joined to `server` as `name`.
+/// `evoke agent` joined to `server` as `name` with `token` (or, when it is
+/// empty, with the --token-file in `extra`).
 pub fn start_agent(
     server_url: &str,
     token: &str,
@@ -318,8 +319,12 @@ pub fn start_agent(
     env: &[(&str, &str)],
 ) -> Proc {
     let mut cmd = evoke(netns, data_dir);
-    cmd.args(["agent", "--server", server_url, "--token", token])
-        .args(["--node-name", name])
+    cmd.args(["agent", "--server", server_url]);
+    // An empty token: the caller passes --token-file in `extra`.
+    if !token.is_empty() {
+        cmd.args(["--token", token]);
+    }
+    cmd.args(["--node-name", name])
         .args(extra)
         .envs(env.iter().copied());
     Proc::spawn(cmd, &data_dir.join("agent.log"), "evoke agent joined", 30)
