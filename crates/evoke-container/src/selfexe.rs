@@ -58,7 +58,7 @@ fn io_err<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> Sel
 /// after [`protect`] re-executed us from a detached mount.
 pub fn original_exe() -> io::Result<PathBuf> {
     match std::env::var_os(ORIGINAL_EXE_ENV) {
-        Some(p) if !p.is_empty() => Ok(PathBuf::from(p)),
+        Some(p) if !p.is_empty() && is_protected() => Ok(PathBuf::from(p)),
         _ => std::env::current_exe(),
     }
 }
@@ -94,6 +94,17 @@ pub fn protect() -> Result<(), SelfExeError> {
     }
     let exe =
         fs::read_link("/proc/self/exe").map_err(io_err("readlink", Path::new("/proc/self/exe")))?;
+    if let Some(orig) = std::env::var_os(ORIGINAL_EXE_ENV) {
+        // Set, yet we run from elsewhere: we are the re-executed copy and
+        // still not protected. Fail closed rather than loop. (A process
+        // that merely inherited the variable runs from the original path.)
+        if Path::new(&orig) != exe {
+            return Err(SelfExeError::Exec {
+                path: exe,
+                source: io::Error::other("the re-executed binary is still writable"),
+            });
+        }
+    }
     let file = match overlay_file(&exe) {
         Ok(f) => f,
         Err(e) => {
