@@ -56,6 +56,18 @@ impl NetArgs {
                 self.service_cidr
             );
         }
+        if self.service_cidr.prefix() > 28 {
+            anyhow::bail!(
+                "--service-cidr {} is too small: it needs at least 16 addresses",
+                self.service_cidr
+            );
+        }
+        if self.service_cidr.nth(1) == Some(self.cluster_dns) {
+            anyhow::bail!(
+                "--cluster-dns {} is the kubernetes Service's address (the first of --service-cidr)",
+                self.cluster_dns
+            );
+        }
         if self.cluster_cidr.contains(self.service_cidr.network())
             || self.service_cidr.contains(self.cluster_cidr.network())
         {
@@ -130,5 +142,54 @@ pub fn start_server_side(args: &NetArgs, client: kube::Client) {
             client,
             args.cluster_dns,
         ));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args(cluster: &str, service: &str, dns: &str) -> NetArgs {
+        NetArgs {
+            flannel_backend: Backend::HostGw,
+            cluster_cidr: cluster.parse().expect("cidr"),
+            service_cidr: service.parse().expect("cidr"),
+            cluster_dns: dns.parse().expect("ip"),
+            cluster_domain: "cluster.local".into(),
+        }
+    }
+
+    #[test]
+    fn k3s_defaults_are_valid_and_inconsistent_flags_are_refused_with_their_names() {
+        assert!(args("10.42.0.0/16", "10.43.0.0/16", "10.43.0.10")
+            .validate()
+            .is_ok());
+        let refused = |a: NetArgs, flag: &str| {
+            let e = a.validate().expect_err("refused").to_string();
+            assert!(e.contains(flag), "{e}");
+        };
+        refused(
+            args("10.42.0.0/16", "10.43.0.0/16", "10.99.0.10"),
+            "--cluster-dns",
+        );
+        refused(
+            args("10.42.0.0/16", "10.43.0.0/16", "10.43.0.1"),
+            "kubernetes",
+        );
+        refused(args("10.0.0.0/8", "10.43.0.0/16", "10.43.0.10"), "overlap");
+        refused(
+            args("10.42.0.0/25", "10.43.0.0/16", "10.43.0.10"),
+            "--cluster-cidr",
+        );
+        refused(
+            args("10.42.0.0/16", "10.43.0.0/29", "10.43.0.2"),
+            "--service-cidr",
+        );
+        assert_eq!(
+            service_cidr(&args("10.42.0.0/16", "10.96.0.0/12", "10.96.0.10"))
+                .expect("cidr")
+                .first(),
+            std::net::Ipv4Addr::new(10, 96, 0, 1)
+        );
     }
 }
