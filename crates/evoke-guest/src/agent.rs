@@ -292,6 +292,9 @@ fn open_raw(path: &str) -> Result<File, AgentError> {
         termios::cfmakeraw(&mut t);
         termios::tcsetattr(&f, termios::SetArg::TCSANOW, &t)
             .map_err(nix_ctx(format!("make {path} raw")))?;
+        // Whatever arrived while the tty was still cooked was mangled (and
+        // echoed); the host sends nothing before our Ready frame anyway.
+        let _ = termios::tcflush(&f, termios::FlushArg::TCIFLUSH);
     }
     Ok(f)
 }

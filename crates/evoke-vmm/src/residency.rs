@@ -25,7 +25,9 @@ pub struct CleanMapping {
 }
 
 /// The read-only, private, file-backed mappings in `smaps` that have
-/// resident pages and no private ones (Anonymous and Private_Dirty both 0).
+/// resident pages and no private copies of pages (Anonymous 0). Dirty is no
+/// test: a file's pages still dirty in the page cache (just written, or on
+/// tmpfs) count as Private_Dirty, yet the file still holds them.
 pub fn clean_file_mappings(smaps: &str) -> Vec<CleanMapping> {
     struct Entry {
         start: usize,
@@ -68,7 +70,8 @@ pub fn clean_file_mappings(smaps: &str) -> Vec<CleanMapping> {
                         && perms.ends_with('p')
                         && path.starts_with('/'),
                     rss: 0,
-                    private: 0,
+                    // Unknown until the Anonymous line says otherwise.
+                    private: 1,
                 });
                 continue;
             }
@@ -83,7 +86,7 @@ pub fn clean_file_mappings(smaps: &str) -> Vec<CleanMapping> {
         };
         match first {
             "Rss:" => e.rss = kib(),
-            "Anonymous:" | "Private_Dirty:" => e.private += kib(),
+            "Anonymous:" => e.private = kib(),
             _ => {}
         }
     }
@@ -93,6 +96,8 @@ pub fn clean_file_mappings(smaps: &str) -> Vec<CleanMapping> {
 
 /// Drops the resident pages of this process's clean read-only file mappings
 /// (see the module doc); returns how many KiB were resident in them.
+/// A mapping without an Anonymous line is kept: its pages cannot be told
+/// apart.
 pub fn drop_clean_file_pages() -> std::io::Result<u64> {
     let smaps = std::fs::read_to_string("/proc/self/smaps")?;
     let mut dropped = 0;
@@ -132,7 +137,7 @@ Private_Dirty:         0 kB
 Anonymous:             0 kB
 55a95c371000-55a95db43000 r-xp 0061b000 fe:00 5335805                    /usr/bin/evoke
 Rss:                3448 kB
-Private_Dirty:         0 kB
+Private_Dirty:      3448 kB
 Anonymous:             0 kB
 55a95db43000-55a95dc03000 r--p 01dec000 fe:00 5335805                    /usr/bin/evoke
 Rss:                 768 kB
@@ -154,10 +159,15 @@ Private_Dirty:         0 kB
 Rss:                 152 kB
 Private_Dirty:         0 kB
 Anonymous:             0 kB
+7fc675a58000-7fc675a62000 r--p 00027000 fe:00 325843                     /usr/lib/x86_64-linux-gnu/ld-linux-x86-64.so.2
+Rss:                  40 kB
 ";
 
     #[test]
-    fn only_clean_read_only_file_mappings_with_resident_pages_are_dropped() {
+    fn only_read_only_file_mappings_without_private_copies_are_dropped() {
+        // The text is dirty in the page cache (a fresh or tmpfs file) but
+        // has no private copies: dropped. The relocated RELRO has: kept.
+        // The last mapping does not say: kept.
         let got = clean_file_mappings(SMAPS);
         let starts: Vec<usize> = got.iter().map(|m| m.start).collect();
         assert_eq!(starts, [0x55a95bd55000, 0x55a95c371000, 0x7fc675a32000]);

@@ -9,11 +9,19 @@
 //! killing the VM: a relay thread passes stdin's frames on whole and puts a
 //! [`Frame::Signal`] between them for each signal caught. The VM ends when
 //! the workload does; SIGKILL still ends the VMM at once.
+//!
+//! The relay holds everything back until the guest has written to the agent
+//! channel (the agent's Ready frame). Until the agent has opened its end and
+//! made the tty raw, the guest kernel would treat input as a terminal's
+//! cooked input and echo it back into the host's frame stream.
 
 use std::fs::File;
 use std::io::{Read, Write};
 use std::os::fd::AsFd;
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
 
 use evoke_guest::proto::{self, Frame};
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
@@ -92,15 +100,21 @@ pub fn run_process(cfg: &ProcessConfig) -> Result<ExitReason, VmmError> {
         cfg.console_cap,
     ));
     let stdin = dup(std::io::stdin(), "agent stdin")?;
-    let (agent_in, relay) = if cfg.forward_signals {
-        let (rx, relay) = start_relay(stdin, cfg.vm.seccomp)?;
-        (rx, Some(relay))
+    let stdout = dup(std::io::stdout(), "agent stdout")?;
+    let (agent_in, agent_out, relay): (File, Box<dyn Write + Send>, _) = if cfg.forward_signals {
+        let guest_spoke = Arc::new(AtomicBool::new(false));
+        let (rx, relay) = start_relay(stdin, cfg.vm.seccomp, guest_spoke.clone())?;
+        let out = NotesFirstWrite {
+            inner: stdout,
+            flag: guest_spoke,
+        };
+        (rx, Box::new(out), Some(relay))
     } else {
-        (stdin, None)
+        (stdin, Box::new(stdout), None)
     };
     let io = VmIo {
         serial_out: serial,
-        agent_out: Box::new(dup(std::io::stdout(), "agent stdout")?),
+        agent_out,
         agent_in: Some(agent_in),
     };
     let reason = Vm::new(&cfg.vm, io).and_then(|vm| {
@@ -130,6 +144,7 @@ pub fn run_process(cfg: &ProcessConfig) -> Result<ExitReason, VmmError> {
 fn start_relay(
     stdin: File,
     seccomp: bool,
+    guest_spoke: Arc<AtomicBool>,
 ) -> Result<(File, std::thread::JoinHandle<()>), VmmError> {
     let sys = |what| {
         move |e: nix::Error| VmmError::Sys {
@@ -160,7 +175,7 @@ fn start_relay(
                     return;
                 }
             }
-            relay(stdin, &sigfd, File::from(tx));
+            relay(stdin, &sigfd, File::from(tx), &guest_spoke);
         })
         .map_err(|source| VmmError::Sys {
             what: "signal relay thread",
@@ -169,29 +184,62 @@ fn start_relay(
     Ok((File::from(rx), t))
 }
 
+/// How often the relay looks whether the guest has written yet.
+const GUEST_SPOKE_POLL: Duration = Duration::from_millis(10);
+
 /// The relay needs little stack: one small buffer and no recursion.
 const RELAY_STACK: usize = 64 << 10;
 
+/// The agent output: notes that the guest has written (so its end of the
+/// channel is open and raw).
+struct NotesFirstWrite {
+    inner: File,
+    flag: Arc<AtomicBool>,
+}
+
+impl Write for NotesFirstWrite {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.flag.store(true, Ordering::Release);
+        self.inner.write(buf)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.inner.flush()
+    }
+}
+
 /// Copies whole frames from `input` to `out` and writes a [`Frame::Signal`]
-/// for each signal read from `sigfd`, never inside another frame. Ends when
-/// `out`'s reader is gone (the VM ended) or `input` sends a frame too large
-/// to be one.
-fn relay(mut input: File, sigfd: &SignalFd, mut out: File) {
+/// for each signal read from `sigfd`, never inside another frame; nothing
+/// before `guest_spoke` is set (signals wait, pending). Ends when `out`'s
+/// reader is gone (the VM ended).
+fn relay(mut input: File, sigfd: &SignalFd, mut out: File, guest_spoke: &AtomicBool) {
     let mut pending: Vec<u8> = Vec::new();
     let mut buf = vec![0u8; 16 << 10];
     let mut input_open = true;
     loop {
+        let open = guest_spoke.load(Ordering::Acquire);
         let (input_ready, sig_ready, out_gone) = {
+            let wanted = if open {
+                PollFlags::POLLIN
+            } else {
+                PollFlags::empty()
+            };
             let mut fds = vec![
-                PollFd::new(sigfd.as_fd(), PollFlags::POLLIN),
+                PollFd::new(sigfd.as_fd(), wanted),
                 // No events asked: poll still reports POLLERR once the
                 // read end is closed.
                 PollFd::new(out.as_fd(), PollFlags::empty()),
             ];
             if input_open {
-                fds.push(PollFd::new(input.as_fd(), PollFlags::POLLIN));
+                fds.push(PollFd::new(input.as_fd(), wanted));
             }
-            match poll(&mut fds, PollTimeout::NONE) {
+            // Until the guest speaks, wake now and then to look again.
+            let timeout = if open {
+                PollTimeout::NONE
+            } else {
+                PollTimeout::from(GUEST_SPOKE_POLL.as_millis() as u16)
+            };
+            match poll(&mut fds, timeout) {
                 Ok(_) | Err(nix::Error::EINTR) => {}
                 Err(e) => {
                     tracing::error!(error = %e, "signal relay: poll");
@@ -227,6 +275,7 @@ fn relay(mut input: File, sigfd: &SignalFd, mut out: File) {
             loop {
                 match proto::whole_frame_len(&pending) {
                     Ok(Some(len)) => {
+                        tracing::trace!(bytes = len, "relaying a frame to the guest");
                         if out.write_all(&pending[..len]).is_err() {
                             return;
                         }
@@ -275,7 +324,9 @@ mod tests {
         let sigfd = SignalFd::with_flags(&set, SfdFlags::SFD_NONBLOCK).unwrap();
         let (in_r, mut in_w) = pipe();
         let (mut out_r, out_w) = pipe();
-        let relay_thread = std::thread::spawn(move || relay(in_r, &sigfd, out_w));
+        let spoke = Arc::new(AtomicBool::new(false));
+        let flag = spoke.clone();
+        let relay_thread = std::thread::spawn(move || relay(in_r, &sigfd, out_w, &flag));
 
         let mut stdin_frame = Vec::new();
         Frame::Stdin(b"typed".to_vec())
@@ -284,6 +335,11 @@ mod tests {
         in_w.write_all(&stdin_frame[..3]).unwrap();
         std::thread::sleep(Duration::from_millis(50));
         relay_thread.kill(libc::SIGUSR1).unwrap();
+        std::thread::sleep(Duration::from_millis(50));
+        // Nothing reaches the guest before it has written to the channel.
+        let mut fds = [PollFd::new(out_r.as_fd(), PollFlags::POLLIN)];
+        assert_eq!(poll(&mut fds, PollTimeout::from(100u8)).unwrap(), 0);
+        spoke.store(true, Ordering::Release);
         std::thread::sleep(Duration::from_millis(50));
         in_w.write_all(&stdin_frame[3..]).unwrap();
         drop(in_w);
@@ -311,7 +367,7 @@ mod tests {
         let sigfd = SignalFd::with_flags(&SigSet::empty(), SfdFlags::SFD_NONBLOCK).unwrap();
         let (in_r, mut in_w) = pipe();
         let (out_r, out_w) = pipe();
-        let t = std::thread::spawn(move || relay(in_r, &sigfd, out_w));
+        let t = std::thread::spawn(move || relay(in_r, &sigfd, out_w, &AtomicBool::new(true)));
         // A header announcing 4 GiB: not a frame of this protocol.
         in_w.write_all(&[2, 0xff, 0xff, 0xff, 0xff, b'x']).unwrap();
         std::thread::sleep(Duration::from_millis(50));

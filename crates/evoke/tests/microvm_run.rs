@@ -66,6 +66,7 @@ cat /tmp/p.out /tmp/p.err
 [ "$rc" != 0 ] || fail "a guest panic reported success"
 grep -q "going down" /tmp/p.out || fail "output before the panic was lost"
 [ -s /tmp/p.err ] || fail "no message for a panicked guest"
+grep -q "the guest kernel panicked: Kernel panic - not syncing" /tmp/p.err || fail "the kernel's panic line is not in the error"
 
 evoke run --rm --tier microvm bb sh -c 'echo started; sleep 600' >/tmp/k.out 2>/tmp/k.err &
 run=$!
@@ -85,6 +86,41 @@ rc=$?
 cat /tmp/k.err
 [ "$rc" != 0 ] || fail "a killed VMM reported success"
 [ -s /tmp/k.err ] || fail "no message for a killed VMM"
+left=$(vmm_pids)
+[ -z "$left" ] || fail "VMM processes left behind: $left"
+echo ALL-CHECKS-PASSED
+"#
+    );
+    let (code, out) = run_in_test_host(&script);
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("ALL-CHECKS-PASSED"), "{out}");
+}
+
+#[test]
+fn microvm_stop_signals_the_workload_in_the_guest_and_run_i_forwards_stdin() {
+    if !test_host_ready() {
+        return;
+    }
+    let script = format!(
+        r#"{IMAGE}
+printf 'one\ntwo\n' | evoke run -i --rm --tier microvm bb sh -c 'while read l; do echo "got $l"; done; echo eof' >/tmp/i.out 2>/tmp/i.err
+rc=$?
+cat /tmp/i.out /tmp/i.err
+[ "$rc" = 0 ] || fail "evoke run -i: exit $rc"
+grep -qx "got two" /tmp/i.out || fail "stdin did not reach the workload"
+grep -qx "eof" /tmp/i.out || fail "the end of stdin did not reach the workload"
+
+id=$(evoke run -d --tier microvm bb sh -c 'trap "echo got TERM; exit 7" TERM; echo ready; while :; do sleep 1; done') || fail "evoke run -d"
+i=0
+until evoke logs "$id" 2>/dev/null | grep -q ready; do
+  i=$((i + 1)); [ "$i" -lt 600 ] || fail "workload did not start"; sleep 0.2
+done
+evoke stop -t 60 "$id" || fail "evoke stop"
+evoke logs "$id"
+evoke logs "$id" | grep -q "got TERM" || fail "SIGTERM did not reach the workload in the guest"
+evoke ps -a | grep "$id"
+evoke ps -a | grep "$id" | grep -q "Exited (7)" || fail "the workload's own exit code after SIGTERM was not kept"
+evoke rm "$id" || fail "evoke rm"
 left=$(vmm_pids)
 [ -z "$left" ] || fail "VMM processes left behind: $left"
 echo ALL-CHECKS-PASSED
