@@ -1,10 +1,10 @@
 //! `evoke agent` joins a second node to `evoke server`, through the built
 //! binary and the real kubectl: the node registers with this machine's
 //! capacity, heartbeats its Lease and turns Ready; a pod pinned to it runs
-//! there and `kubectl logs` reaches it through the API server; the join
-//! secret grants a node's rights, not an admin's; a killed
-//! agent's node turns NotReady; a wrong token stops the agent with one
-//! line, and a server with the wrong CA never sees the secret.
+//! there and `kubectl logs` and `exec` reach it through the API server; the
+//! join secret grants a node's rights, not an admin's; a killed agent's
+//! node turns NotReady; a wrong token stops the agent with one line, and a
+//! server with the wrong CA never sees the secret.
 //!
 //! Needs root, kubectl and busybox-static; under CI=true a missing one is
 //! a failure, elsewhere the test prints why it skips.
@@ -173,6 +173,10 @@ spec:
         },
         diag,
     );
+
+    // exec reaches the joined node's endpoint the same way.
+    let out = server.ok(&["exec", "pinned", "--", "cat", "/www/index.html"]);
+    assert_eq!(out, "n2\n");
 
     // The join token's secret is a node's credential, not an admin's: it
     // reads, but it cannot create workloads or reach into pods.
