@@ -1259,10 +1259,13 @@ mod spawn {
 
     use crate::cgroups::CgroupPaths;
 
-    /// Open the `cgroup.procs` file of every hierarchy of the cgroup.
+    /// Open the file of every hierarchy of the cgroup that the child writes
+    /// itself into: v1's `tasks` (a single-threaded writer of "0" skips the
+    /// kernel's global threadgroup lock, see `cgroups::Placement`), v2's
+    /// `cgroup.procs`.
     pub(super) fn open_procs(paths: &CgroupPaths) -> Result<Vec<File>, RuntimeError> {
         let files: Vec<PathBuf> = match paths {
-            CgroupPaths::V1(dirs) => dirs.values().map(|d| d.join("cgroup.procs")).collect(),
+            CgroupPaths::V1(dirs) => dirs.values().map(|d| d.join("tasks")).collect(),
             CgroupPaths::V2(dir) => vec![dir.join("cgroup.procs")],
         };
         files
@@ -1277,7 +1280,7 @@ mod spawn {
     }
 
     /// Spawn `cmd` so that it joins the cgroup before it execs: the child
-    /// writes "0" (itself) to each `cgroup.procs`, so it cannot fork out of
+    /// writes "0" (itself) to each file of [`open_procs`], so it cannot fork out of
     /// its limits first, and no wrapper process or second exec is needed.
     pub(super) fn spawn_in_cgroup(
         cmd: &mut std::process::Command,
