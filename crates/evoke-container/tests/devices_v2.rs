@@ -90,3 +90,22 @@ fn v2_container_can_mknod_but_not_open_a_device_outside_the_default_list() {
     );
     assert!(out.contains("Operation not permitted"), "{out}");
 }
+
+#[test]
+fn v2_container_is_cloned_into_its_cgroup_and_sees_it_as_the_namespace_root() {
+    if !testutil::require_root_and_busybox("v2 cgroup namespace") {
+        return;
+    }
+    let Some(mount) = cgroup2_mount() else {
+        if std::env::var("CI").as_deref() == Ok("true") {
+            panic!("no cgroup2 mount on this host");
+        }
+        eprintln!("skipping: no cgroup2 mount");
+        return;
+    };
+    // The init is cloned straight into the cgroup (CLONE_INTO_CGROUP) and
+    // unshares its cgroup namespace there, so it sees itself at the root.
+    let (code, out) = run_on_v2(mount, "grep '^0::' /proc/self/cgroup");
+    assert_eq!(code, 0, "{out}");
+    assert!(out.lines().any(|l| l == "0::/"), "{out}");
+}
