@@ -31,7 +31,6 @@ use crate::status::{pod_status, CState, ContainerRecord, Ended, PodFacts};
 use crate::volumes;
 
 mod sys;
-pub use sys::cap_malloc_arenas;
 
 /// Which probe sent a verdict.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
