@@ -266,6 +266,42 @@ pub async fn client(server: &str, token: &JoinToken) -> Result<kube::Client, Nod
     })
 }
 
+/// [`client`], waiting up to `within` for a server that is not up yet (an
+/// agent may start before its server): a refused or dropped connection is
+/// retried every second; a CA that does not match, or any other error,
+/// ends the wait at once.
+pub async fn client_when_up(
+    server: &str,
+    token: &JoinToken,
+    within: std::time::Duration,
+) -> Result<kube::Client, NodeError> {
+    let deadline = tokio::time::Instant::now() + within;
+    let mut logged = false;
+    loop {
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        let attempt = tokio::time::timeout(left, client(server, token)).await;
+        match attempt {
+            Ok(Err(NodeError::Io { path, source })) => {
+                if tokio::time::Instant::now() + std::time::Duration::from_secs(1) >= deadline {
+                    return Err(NodeError::Io { path, source });
+                }
+                if !logged {
+                    tracing::info!(%server, error = %source, "waiting for the server");
+                    logged = true;
+                }
+                tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+            }
+            Ok(other) => return other,
+            Err(_) => {
+                return Err(NodeError::Token(format!(
+                    "server {server} did not answer within {}s",
+                    within.as_secs()
+                )))
+            }
+        }
+    }
+}
+
 /// Proves the token's secret before the agent starts: one authenticated
 /// request (a list of at most one Node). The CA was verified already, so
 /// the secret only ever reaches the pinned server. A refusal becomes a

@@ -285,6 +285,42 @@ fn a_killed_agent_leaves_its_node_not_ready_after_the_grace_period() {
     );
 }
 
+#[test]
+fn an_agent_started_before_its_server_waits_for_it_and_joins() {
+    if !prerequisites(&[]) {
+        return;
+    }
+    let a = tempfile::tempdir().expect("tempdir");
+    let b = tempfile::tempdir().expect("tempdir");
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port()
+        .to_string();
+    let flags = ["--disable-agent", "--https-listen-port", port.as_str()];
+    // A first start makes the CA and the join token; then the server is down.
+    let first = Server::start(a.path(), None, &flags, NO_POD_NETWORK);
+    let (url, token) = (first.url.clone(), first.token());
+    drop(first);
+    let agent_dir = b.path().to_path_buf();
+    let joining = std::thread::spawn(move || {
+        start_agent(&url, &token, &agent_dir, "early", None, &[], NO_POD_NETWORK)
+    });
+    std::thread::sleep(Duration::from_secs(2));
+    let server = Server::start(a.path(), None, &flags, NO_POD_NETWORK);
+    let agent = joining
+        .join()
+        .expect("the agent joined once the server was up");
+    wait_for(
+        "node early Ready",
+        30,
+        || server.node_condition("early", "Ready").as_deref() == Some("True"),
+        || format!("{}\n{}", server.proc.log_tail(), agent.log_tail()),
+    );
+    let log = std::fs::read_to_string(&agent.log).unwrap_or_default();
+    assert!(log.contains("waiting for the server"), "{log}");
+}
+
 /// A TLS server with its own self-signed certificate (not the CA the
 /// token names) that records every plaintext byte it receives.
 fn recording_tls_server() -> (u16, Arc<Mutex<Vec<u8>>>) {

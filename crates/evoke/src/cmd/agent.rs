@@ -108,8 +108,11 @@ fn agent_config(
 
 /// How long the agent waits for the server to prove the token's secret.
 const JOIN_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(20);
+/// How long an agent started before its server waits for it to come up.
+const JOIN_WAIT: std::time::Duration = std::time::Duration::from_secs(60);
 
-/// Joins `--server` as a node: parse the token, pin the server's CA to the
+/// Joins `--server` as a node (waiting up to a minute for a server that is
+/// not up yet): parse the token, pin the server's CA to the
 /// token's hash (no secret is sent before that), prove the secret with one
 /// request, then run the node agent with the secret as its credential.
 /// Nothing is written to the agent's disk: the secret stays in memory.
@@ -137,14 +140,9 @@ pub fn main(global: &Global, args: AgentArgs) -> anyhow::Result<u8> {
         .context("starting the async runtime")?;
     runtime.block_on(async {
         let joining = || format!("joining {}", args.server);
-        let client = tokio::time::timeout(
-            JOIN_TIMEOUT,
-            evoke_node::token::client(&args.server, &token),
-        )
-        .await
-        .map_err(|_| anyhow::anyhow!("no answer within {}s", JOIN_TIMEOUT.as_secs()))
-        .with_context(joining)?
-        .with_context(joining)?;
+        let client = evoke_node::token::client_when_up(&args.server, &token, JOIN_WAIT)
+            .await
+            .with_context(joining)?;
         evoke_node::token::check_secret(&client, &args.server, JOIN_TIMEOUT)
             .await
             .with_context(joining)?;

@@ -134,7 +134,8 @@ impl Drop for Proc {
     }
 }
 
-/// `evoke server` on a free port; `netns` and `extra` flags as given.
+/// `evoke server` on a free port (unless `extra` names one); `netns` and
+/// `extra` flags as given.
 pub struct Server {
     pub proc: Proc,
     pub data_dir: PathBuf,
@@ -152,9 +153,11 @@ impl Server {
         env: &[(&str, &str)],
     ) -> Server {
         let mut cmd = evoke(netns, data_dir);
-        cmd.args(["server", "--https-listen-port", "0"])
-            .args(extra)
-            .envs(env.iter().copied());
+        cmd.arg("server");
+        if !extra.contains(&"--https-listen-port") {
+            cmd.args(["--https-listen-port", "0"]);
+        }
+        cmd.args(extra).envs(env.iter().copied());
         let proc = Proc::spawn(cmd, &data_dir.join("server.log"), "evoke server ready", 30);
         // "evoke server ready on https://HOST:PORT kubeconfig=PATH"
         let url = proc
