@@ -118,8 +118,9 @@ done
 evoke stop -t 60 "$id" || fail "evoke stop"
 evoke logs "$id"
 evoke logs "$id" | grep -q "got TERM" || fail "SIGTERM did not reach the workload in the guest"
-evoke ps -a | grep "$id"
-evoke ps -a | grep "$id" | grep -q "Exited (7)" || fail "the workload's own exit code after SIGTERM was not kept"
+short=$(echo "$id" | cut -c1-12)
+evoke ps -a | grep "$short"
+evoke ps -a | grep "$short" | grep -q "Exited (7)" || fail "the workload's own exit code after SIGTERM was not kept"
 evoke rm "$id" || fail "evoke rm"
 left=$(vmm_pids)
 [ -z "$left" ] || fail "VMM processes left behind: $left"
