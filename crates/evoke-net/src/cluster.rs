@@ -380,7 +380,8 @@ pub async fn ensure_dns_service(client: Client, dns: Ipv4Addr) {
         "metadata": {"name": "kube-dns", "namespace": "kube-system",
             "labels": {"k8s-app": "kube-dns", "kubernetes.io/name": "CoreDNS"}},
         "spec": {"clusterIP": dns.to_string(), "clusterIPs": [dns.to_string()],
-            "ports": [{"name": "dns", "port": 53, "protocol": "UDP", "targetPort": 53}]},
+            "ports": [{"name": "dns", "port": 53, "protocol": "UDP", "targetPort": 53},
+                      {"name": "dns-tcp", "port": 53, "protocol": "TCP", "targetPort": 53}]},
     })) {
         Ok(s) => s,
         Err(e) => {

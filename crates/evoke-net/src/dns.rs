@@ -1,5 +1,6 @@
 //! Cluster DNS: A records for Services and for the pods behind headless
-//! Services, served over UDP with hickory-proto doing the wire format.
+//! Services, served over UDP (and TCP for answers too large for a
+//! datagram) with hickory-proto doing the wire format.
 //!
 //! Names: `<svc>.<ns>.svc.cluster.local` answers the ClusterIP (or, for a
 //! headless Service, every ready pod IP), and `<hostname>.<svc>.<ns>.svc.
@@ -15,7 +16,7 @@ use std::sync::{Arc, RwLock};
 use hickory_proto::op::{Message, MessageType, OpCode, ResponseCode};
 use hickory_proto::rr::rdata::A;
 use hickory_proto::rr::{RData, Record, RecordType};
-use tokio::net::UdpSocket;
+use tokio::net::{TcpListener, TcpStream, UdpSocket};
 use tracing::{debug, warn};
 
 use crate::NetError;
@@ -226,8 +227,35 @@ impl Records {
     }
 }
 
-/// Builds the response to a wire-format DNS request.
+/// Builds the response to a wire-format DNS request, with no size limit
+/// (DNS over TCP).
 pub fn respond(records: &Records, request: &[u8]) -> Result<Vec<u8>, NetError> {
+    build(records, request)?
+        .0
+        .to_vec()
+        .map_err(|e| NetError::BadInput(format!("dns response: {e}")))
+}
+
+/// Builds the response to a DNS request over UDP: one that does not fit
+/// the client's payload size (512 bytes, or what its EDNS record offers)
+/// goes back truncated, with no answers and TC set, so the client asks
+/// again over TCP (a headless Service with many pods).
+pub fn respond_udp(records: &Records, request: &[u8]) -> Result<Vec<u8>, NetError> {
+    let (mut resp, max) = build(records, request)?;
+    let encode = |m: &Message| {
+        m.to_vec()
+            .map_err(|e| NetError::BadInput(format!("dns response: {e}")))
+    };
+    let bytes = encode(&resp)?;
+    if bytes.len() <= usize::from(max) {
+        return Ok(bytes);
+    }
+    resp.answers.clear();
+    resp.metadata.truncation = true;
+    encode(&resp)
+}
+
+fn build(records: &Records, request: &[u8]) -> Result<(Message, u16), NetError> {
     let req =
         Message::from_vec(request).map_err(|e| NetError::BadInput(format!("dns request: {e}")))?;
     let mut resp = Message::response(req.metadata.id, req.metadata.op_code);
@@ -256,23 +284,34 @@ pub fn respond(records: &Records, request: &[u8]) -> Result<Vec<u8>, NetError> {
         }
         resp.add_query(q);
     }
-    resp.to_vec()
-        .map_err(|e| NetError::BadInput(format!("dns response: {e}")))
+    Ok((resp, req.max_payload()))
 }
 
-/// A UDP DNS server over shared [`Records`].
+/// A DNS server over shared [`Records`], on UDP and on TCP at the same
+/// address (clients retry over TCP when a UDP answer comes back truncated).
 pub struct DnsServer {
     socket: UdpSocket,
+    listener: TcpListener,
     records: Arc<RwLock<Records>>,
 }
 
 impl DnsServer {
-    /// Binds the server (port 0 picks a free port).
+    /// Binds the server (port 0 picks a free port, the same for both).
     pub async fn bind(addr: SocketAddr, records: Arc<RwLock<Records>>) -> Result<Self, NetError> {
         let socket = UdpSocket::bind(addr)
             .await
             .map_err(|e| NetError::io(std::path::Path::new(&format!("udp {addr}")), e))?;
-        Ok(Self { socket, records })
+        let bound = socket
+            .local_addr()
+            .map_err(|e| NetError::io(std::path::Path::new("dns socket"), e))?;
+        let listener = TcpListener::bind(bound)
+            .await
+            .map_err(|e| NetError::io(std::path::Path::new(&format!("tcp {bound}")), e))?;
+        Ok(Self {
+            socket,
+            listener,
+            records,
+        })
     }
 
     /// The bound address.
@@ -285,9 +324,30 @@ impl DnsServer {
     /// Serves until the task is dropped. A malformed request is logged and
     /// dropped; it never stops the server.
     pub async fn serve(self) {
+        let Self {
+            socket,
+            listener,
+            records,
+        } = self;
+        let tcp_records = records.clone();
+        let tcp = tokio::spawn(async move {
+            loop {
+                match listener.accept().await {
+                    Ok((conn, peer)) => {
+                        tokio::spawn(serve_tcp(conn, peer, tcp_records.clone()));
+                    }
+                    Err(e) => {
+                        warn!(error = %e, "dns accept failed");
+                        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                    }
+                }
+            }
+        });
+        // The TCP side ends with this task.
+        let _abort_tcp = AbortOnDrop(tcp);
         let mut buf = vec![0u8; 4096];
         loop {
-            let (n, peer) = match self.socket.recv_from(&mut buf).await {
+            let (n, peer) = match socket.recv_from(&mut buf).await {
                 Ok(x) => x,
                 Err(e) => {
                     warn!(error = %e, "dns receive failed");
@@ -295,17 +355,65 @@ impl DnsServer {
                 }
             };
             let reply = {
-                let records = self.records.read().unwrap_or_else(|p| p.into_inner());
-                respond(&records, &buf[..n])
+                let records = records.read().unwrap_or_else(|p| p.into_inner());
+                respond_udp(&records, &buf[..n])
             };
             match reply {
                 Ok(bytes) => {
-                    if let Err(e) = self.socket.send_to(&bytes, peer).await {
+                    if let Err(e) = socket.send_to(&bytes, peer).await {
                         debug!(%peer, error = %e, "dns reply not sent");
                     }
                 }
                 Err(e) => debug!(%peer, error = %e, "dns request dropped"),
             }
+        }
+    }
+}
+
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// One TCP client: two-byte length-prefixed requests, answered in order,
+/// until it closes or goes quiet for 10 s.
+async fn serve_tcp(mut conn: TcpStream, peer: SocketAddr, records: Arc<RwLock<Records>>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let idle = std::time::Duration::from_secs(10);
+    loop {
+        let mut len = [0u8; 2];
+        match tokio::time::timeout(idle, conn.read_exact(&mut len)).await {
+            Ok(Ok(_)) => {}
+            _ => return,
+        }
+        let mut req = vec![0u8; usize::from(u16::from_be_bytes(len))];
+        if !matches!(
+            tokio::time::timeout(idle, conn.read_exact(&mut req)).await,
+            Ok(Ok(_))
+        ) {
+            return;
+        }
+        let reply = {
+            let records = records.read().unwrap_or_else(|p| p.into_inner());
+            respond(&records, &req)
+        };
+        let bytes = match reply {
+            Ok(b) => b,
+            Err(e) => {
+                debug!(%peer, error = %e, "dns request dropped");
+                return;
+            }
+        };
+        let Ok(n) = u16::try_from(bytes.len()) else {
+            debug!(%peer, "dns answer too large for TCP");
+            return;
+        };
+        if conn.write_all(&n.to_be_bytes()).await.is_err() || conn.write_all(&bytes).await.is_err()
+        {
+            return;
         }
     }
 }
@@ -535,6 +643,67 @@ mod tests {
             .expect("recv");
         let resp = Message::from_vec(&buf[..n]).expect("decode");
         assert_eq!(resp.metadata.response_code, ResponseCode::NXDomain);
+        task.abort();
+    }
+
+    #[tokio::test]
+    async fn an_answer_too_large_for_udp_is_truncated_and_whole_over_tcp() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut r = records();
+        r.upsert(
+            "shop",
+            "big",
+            ServiceRecord {
+                cluster_ip: None,
+                endpoints: (0..60u8)
+                    .map(|i| (None, Ipv4Addr::new(10, 42, 9, i + 1)))
+                    .collect(),
+            },
+        );
+        let server = DnsServer::bind(
+            "127.0.0.1:0".parse().expect("addr"),
+            Arc::new(RwLock::new(r)),
+        )
+        .await
+        .expect("bind");
+        let addr = server.local_addr().expect("addr");
+        let task = tokio::spawn(server.serve());
+        let mut m = Message::query();
+        m.add_query(Query::query(
+            Name::from_ascii("big.shop.svc.cluster.local.").expect("name"),
+            RecordType::A,
+        ));
+        let ask = m.to_vec().expect("encode");
+        let a_records = |resp: &Message| {
+            resp.answers
+                .iter()
+                .filter(|r| matches!(r.data, RData::A(_)))
+                .count()
+        };
+
+        let udp = UdpSocket::bind("127.0.0.1:0").await.expect("client");
+        udp.send_to(&ask, addr).await.expect("send");
+        let mut buf = vec![0u8; 4096];
+        let n = tokio::time::timeout(std::time::Duration::from_secs(5), udp.recv(&mut buf))
+            .await
+            .expect("answer in time")
+            .expect("recv");
+        assert!(n <= 512, "a UDP answer fits 512 bytes: {n}");
+        let resp = Message::from_vec(&buf[..n]).expect("decode");
+        assert!(resp.metadata.truncation, "TC set");
+        assert_eq!(a_records(&resp), 0);
+
+        let mut tcp = TcpStream::connect(addr).await.expect("tcp");
+        let len = u16::try_from(ask.len()).expect("len");
+        tcp.write_all(&len.to_be_bytes()).await.expect("len");
+        tcp.write_all(&ask).await.expect("query");
+        let mut len = [0u8; 2];
+        tcp.read_exact(&mut len).await.expect("answer length");
+        let mut body = vec![0u8; usize::from(u16::from_be_bytes(len))];
+        tcp.read_exact(&mut body).await.expect("answer");
+        let resp = Message::from_vec(&body).expect("decode");
+        assert!(!resp.metadata.truncation);
+        assert_eq!(a_records(&resp), 60, "every pod over TCP");
         task.abort();
     }
 }
