@@ -2,9 +2,10 @@
 //! Services, served over UDP (and TCP for answers too large for a
 //! datagram) with hickory-proto doing the wire format.
 //!
-//! Names: `<svc>.<ns>.svc.cluster.local` answers the ClusterIP (or, for a
-//! headless Service, every ready pod IP), and `<hostname>.<svc>.<ns>.svc.
-//! cluster.local` answers one pod of a headless Service. Short forms
+//! Names: `<svc>.<ns>.svc.cluster.local` answers the ClusterIP (for a
+//! headless Service, every ready pod IP; for an ExternalName one, a CNAME),
+//! and `<hostname>.<svc>.<ns>.svc.cluster.local` answers one pod of a
+//! headless Service. Short forms
 //! (`web`, `web.default`, `kubernetes.default`) resolve on the client through
 //! the search path [`resolv_conf`] writes. Names outside the cluster domain
 //! are refused: evoke forwards nothing anywhere.
@@ -14,8 +15,8 @@ use std::net::{Ipv4Addr, SocketAddr};
 use std::sync::{Arc, RwLock};
 
 use hickory_proto::op::{Message, MessageType, OpCode, ResponseCode};
-use hickory_proto::rr::rdata::A;
-use hickory_proto::rr::{RData, Record, RecordType};
+use hickory_proto::rr::rdata::{A, CNAME};
+use hickory_proto::rr::{Name, RData, Record, RecordType};
 use tokio::net::{TcpListener, TcpStream, UdpSocket};
 use tracing::{debug, warn};
 
@@ -134,6 +135,8 @@ pub struct ServiceRecord {
     pub cluster_ip: Option<Ipv4Addr>,
     /// Ready endpoints: (pod hostname if any, pod IP).
     pub endpoints: Vec<(Option<String>, Ipv4Addr)>,
+    /// An ExternalName Service's target: the name answers with a CNAME.
+    pub external_name: Option<String>,
 }
 
 /// The answer to one name.
@@ -141,6 +144,8 @@ pub struct ServiceRecord {
 pub enum Answer {
     /// Addresses for the name (possibly none: the name exists, no A data).
     Addresses(Vec<Ipv4Addr>),
+    /// An ExternalName Service: a CNAME to this name.
+    Alias(String),
     /// The name is in the cluster domain but does not exist.
     NxDomain,
     /// Not a name this server is authoritative for.
@@ -202,6 +207,10 @@ impl Records {
         let labels: Vec<&str> = rest.split('.').collect();
         match labels.as_slice() {
             [svc, ns] => match self.services.get(&(ns.to_string(), svc.to_string())) {
+                Some(ServiceRecord {
+                    external_name: Some(target),
+                    ..
+                }) => Answer::Alias(target.trim_end_matches('.').to_string()),
                 Some(ServiceRecord {
                     cluster_ip: Some(ip),
                     ..
@@ -268,11 +277,28 @@ fn build(records: &Records, request: &[u8]) -> Result<(Message, u16), NetError> 
         resp.metadata.response_code = ResponseCode::NotImp;
     } else {
         let q = req.queries[0].clone();
+        let wants_a = q.query_type() == RecordType::A || q.query_type() == RecordType::ANY;
         match records.lookup(&q.name().to_ascii()) {
             Answer::Addresses(ips) => {
-                if q.query_type() == RecordType::A || q.query_type() == RecordType::ANY {
+                if wants_a {
                     for ip in ips {
                         resp.add_answer(Record::from_rdata(q.name().clone(), TTL, RData::A(A(ip))));
+                    }
+                }
+            }
+            Answer::Alias(target) => {
+                let name = Name::from_ascii(format!("{target}."))
+                    .map_err(|e| NetError::BadInput(format!("externalName {target:?}: {e}")))?;
+                resp.add_answer(Record::from_rdata(
+                    q.name().clone(),
+                    TTL,
+                    RData::CNAME(CNAME(name.clone())),
+                ));
+                // A target inside the cluster is answered here too; any
+                // other is the client's to resolve (evoke forwards nothing).
+                if let (true, Answer::Addresses(ips)) = (wants_a, records.lookup(&target)) {
+                    for ip in ips {
+                        resp.add_answer(Record::from_rdata(name.clone(), TTL, RData::A(A(ip))));
                     }
                 }
             }
@@ -432,6 +458,7 @@ mod tests {
             ServiceRecord {
                 cluster_ip: Some(crate::ipam::KUBERNETES_SERVICE_IP),
                 endpoints: vec![],
+                external_name: None,
             },
         );
         r.upsert(
@@ -440,6 +467,7 @@ mod tests {
             ServiceRecord {
                 cluster_ip: Some(Ipv4Addr::new(10, 43, 0, 20)),
                 endpoints: vec![(None, Ipv4Addr::new(10, 42, 0, 5))],
+                external_name: None,
             },
         );
         r.upsert(
@@ -451,6 +479,7 @@ mod tests {
                     (Some("db-0".into()), Ipv4Addr::new(10, 42, 0, 7)),
                     (Some("db-1".into()), Ipv4Addr::new(10, 42, 1, 8)),
                 ],
+                external_name: None,
             },
         );
         r
@@ -531,6 +560,7 @@ mod tests {
             ServiceRecord {
                 cluster_ip: Some(Ipv4Addr::new(10, 43, 0, 20)),
                 endpoints: vec![],
+                external_name: None,
             },
         );
         assert_eq!(
@@ -658,6 +688,7 @@ mod tests {
                 endpoints: (0..60u8)
                     .map(|i| (None, Ipv4Addr::new(10, 42, 9, i + 1)))
                     .collect(),
+                external_name: None,
             },
         );
         let server = DnsServer::bind(
@@ -705,5 +736,50 @@ mod tests {
         assert!(!resp.metadata.truncation);
         assert_eq!(a_records(&resp), 60, "every pod over TCP");
         task.abort();
+    }
+
+    #[test]
+    fn external_name_services_answer_a_cname_and_chase_it_inside_the_cluster() {
+        let mut r = records();
+        for (name, target) in [
+            ("alias", "web.shop.svc.cluster.local"),
+            ("out", "db.example.com."),
+        ] {
+            r.upsert(
+                "shop",
+                name,
+                ServiceRecord {
+                    cluster_ip: None,
+                    endpoints: vec![],
+                    external_name: Some(target.into()),
+                },
+            );
+        }
+        assert_eq!(
+            r.lookup("out.shop.svc.cluster.local."),
+            Answer::Alias("db.example.com".into())
+        );
+        let ask = |name: &str| {
+            let mut m = Message::query();
+            m.add_query(Query::query(
+                Name::from_ascii(name).expect("name"),
+                RecordType::A,
+            ));
+            let resp = respond(&r, &m.to_vec().expect("encode")).expect("respond");
+            Message::from_vec(&resp).expect("decode")
+        };
+        let resp = ask("alias.shop.svc.cluster.local.");
+        let data: Vec<String> = resp.answers.iter().map(|a| a.data.to_string()).collect();
+        assert_eq!(
+            data,
+            vec![
+                "web.shop.svc.cluster.local.".to_string(),
+                "10.43.0.20".to_string()
+            ]
+        );
+        let resp = ask("out.shop.svc.cluster.local.");
+        let data: Vec<String> = resp.answers.iter().map(|a| a.data.to_string()).collect();
+        assert_eq!(data, vec!["db.example.com.".to_string()]);
+        assert_eq!(resp.metadata.response_code, ResponseCode::NoError);
     }
 }

@@ -97,8 +97,18 @@ pub fn service_rules(svc: &Service, slices: &[EndpointSlice]) -> Result<ServiceR
     })
 }
 
-/// The DNS record of a Service given its EndpointSlices.
-pub fn service_record(rules: &ServiceRules, slices: &[EndpointSlice]) -> ServiceRecord {
+/// The DNS record of `svc` (whose rules are `rules`) given its
+/// EndpointSlices.
+pub fn service_record(
+    svc: &Service,
+    rules: &ServiceRules,
+    slices: &[EndpointSlice],
+) -> ServiceRecord {
+    let spec = svc.spec.as_ref();
+    let external_name = spec
+        .filter(|s| s.type_.as_deref() == Some("ExternalName"))
+        .and_then(|s| s.external_name.clone())
+        .filter(|n| !n.is_empty());
     let mut endpoints: Vec<(Option<String>, Ipv4Addr)> = ready_ipv4(slices)
         .into_iter()
         .map(|(h, ip, _)| (h, ip))
@@ -108,6 +118,7 @@ pub fn service_record(rules: &ServiceRules, slices: &[EndpointSlice]) -> Service
     ServiceRecord {
         cluster_ip: rules.cluster_ip,
         endpoints,
+        external_name,
     }
 }
 
@@ -159,10 +170,12 @@ mod tests {
 
     #[test]
     fn headless_services_have_no_cluster_ip_and_dns_lists_their_ready_pods() {
-        let r = service_rules(&svc("None", true), &[slice()]).expect("rules");
+        let headless = svc("None", true);
+        let r = service_rules(&headless, &[slice()]).expect("rules");
         assert_eq!(r.cluster_ip, None);
         assert_eq!(r.affinity_timeout, Some(10800));
-        let rec = service_record(&r, &[slice()]);
+        let rec = service_record(&headless, &r, &[slice()]);
+        assert_eq!(rec.external_name, None);
         assert_eq!(rec.endpoints.len(), 2);
         assert!(rec
             .endpoints
@@ -175,5 +188,18 @@ mod tests {
             service_rules(&svc("not-an-ip", false), &[]),
             Err(NetError::BadInput(_))
         ));
+    }
+
+    #[test]
+    fn an_external_name_service_is_an_alias_in_dns_with_no_rules() {
+        let svc: Service = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "db", "namespace": "shop"},
+            "spec": {"type": "ExternalName", "externalName": "db.example.com"}
+        }))
+        .expect("service");
+        let r = service_rules(&svc, &[]).expect("rules");
+        assert_eq!(r.cluster_ip, None);
+        let rec = service_record(&svc, &r, &[]);
+        assert_eq!(rec.external_name.as_deref(), Some("db.example.com"));
     }
 }

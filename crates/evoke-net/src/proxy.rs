@@ -83,7 +83,7 @@ impl ServiceProxy {
                 .cloned()
                 .collect();
             let result = service_rules(svc, &own).and_then(|rules| {
-                let record = service_record(&rules, &own);
+                let record = service_record(svc, &rules, &own);
                 self.records
                     .write()
                     .unwrap_or_else(|p| p.into_inner())
