@@ -413,6 +413,14 @@ fn a_wrong_secret_or_ca_hash_stops_the_agent_with_one_line_and_no_secret_reaches
     let (out, took) = agent_output(&server.url, &format!("{prefix}:wrong"), b.path());
     assert_one_line_failure(&out, took, "refused the token's secret");
 
+    // A node name the API would refuse is refused before any connection.
+    let mut cmd = join_support::evoke(None, b.path());
+    cmd.args(["agent", "--server", &server.url, "--token", &token])
+        .args(["--node-name", "Not_A_Name"])
+        .env("EVOKE_LOG", "warn");
+    let (out, took) = output_within(cmd, 40);
+    assert_one_line_failure(&out, took, "set --node-name");
+
     // A malformed token never leaves the machine.
     let (out, took) = agent_output(&server.url, "not-a-token", b.path());
     assert_one_line_failure(&out, took, "K10");

@@ -55,9 +55,11 @@ fn parse_label(s: &str) -> Result<(String, String), String> {
     }
 }
 
+/// This machine's host name, lower-cased as a Node name must be (k3s does
+/// the same).
 fn hostname() -> String {
     std::fs::read_to_string("/proc/sys/kernel/hostname")
-        .map(|s| s.trim().to_string())
+        .map(|s| s.trim().to_lowercase())
         .ok()
         .filter(|s| !s.is_empty())
         .unwrap_or_else(|| "evoke-node".into())
@@ -133,6 +135,10 @@ pub fn main(global: &Global, args: AgentArgs) -> anyhow::Result<u8> {
             .with_context(|| format!("finding this node's address towards {}", args.server))?,
     };
     let name = args.node_name.clone().unwrap_or_else(hostname);
+    // The server would refuse it on every registration attempt; say so now.
+    if let Some(why) = evoke_types::validate::dns_subdomain(&name) {
+        anyhow::bail!("node name {name:?}: {why}; set --node-name");
+    }
     let labels: BTreeMap<String, String> = args.node_labels.iter().cloned().collect();
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
