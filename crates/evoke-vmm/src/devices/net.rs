@@ -39,6 +39,9 @@ const STATUS_FAILED: u32 = 0x80;
 /// The largest frame with its header a tap hands over (64 KiB + header);
 /// without offloads frames are MTU-sized, but a read must never truncate.
 const MAX_FRAME: usize = 65_562;
+/// How long the receive loop waits after a backend error before it looks
+/// at the backend again.
+const FAILED_BACKOFF: std::time::Duration = std::time::Duration::from_millis(100);
 
 /// Register offsets of the virtio-mmio version 2 window.
 mod reg {
@@ -90,6 +93,9 @@ pub enum RxState {
     Idle,
     /// A frame waits for the guest to post buffers: wait for a notify.
     NeedBuffers,
+    /// The backend failed (a tap deleted under the VM, say): back off
+    /// rather than spin on an fd that stays readable with an error.
+    Failed,
 }
 
 /// A virtio-net device on a virtio-mmio window.
@@ -359,11 +365,10 @@ impl NetDevice {
                 None => match self.backend.recv(&mut self.rx_buf) {
                     Ok(n) => n,
                     Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => break RxState::Idle,
                     Err(e) => {
-                        if e.kind() != io::ErrorKind::WouldBlock {
-                            tracing::debug!(error = %e, "virtio-net: backend read failed");
-                        }
-                        break RxState::Idle;
+                        tracing::debug!(error = %e, "virtio-net: backend read failed");
+                        break RxState::Failed;
                     }
                 },
             };
@@ -449,7 +454,14 @@ pub fn run_rx_loop(
         // Clear the kick before looking at the queue, so a notify that
         // lands during processing wakes the next poll.
         let _ = kick.read();
-        want_backend = lock(dev).process_rx() == RxState::Idle;
+        match lock(dev).process_rx() {
+            RxState::Idle => want_backend = true,
+            RxState::NeedBuffers => want_backend = false,
+            RxState::Failed => {
+                want_backend = true;
+                std::thread::sleep(FAILED_BACKOFF);
+            }
+        }
     }
 }
 
@@ -717,6 +729,42 @@ mod tests {
         assert_eq!(irq.0.read().unwrap(), 1);
         stop.store(true, Ordering::SeqCst);
         t.join().unwrap();
+    }
+
+    /// A backend whose reads fail, like a tap deleted under a running VM.
+    struct Broken(std::fs::File);
+
+    impl NetBackend for Broken {
+        fn send(&mut self, _: &[u8]) -> io::Result<()> {
+            Err(io::Error::from_raw_os_error(libc::EIO))
+        }
+        fn recv(&mut self, _: &mut [u8]) -> io::Result<usize> {
+            Err(io::Error::from_raw_os_error(libc::EBADFD))
+        }
+        fn fd(&self) -> BorrowedFd<'_> {
+            self.0.as_fd()
+        }
+    }
+
+    #[test]
+    fn a_failing_backend_is_reported_and_its_frames_count_as_dropped() {
+        let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
+        let backend = Broken(std::fs::File::open("/dev/null").unwrap());
+        let mut d = NetDevice::new(
+            mem.clone(),
+            EventFdTrigger::new().unwrap(),
+            [2, 0x65, 0, 0, 0, 1],
+            Box::new(backend),
+        )
+        .unwrap();
+        driver_setup(&mut d);
+        assert_eq!(d.process_rx(), RxState::Failed);
+        let f = frame(b"lost");
+        mem.write_slice(&f, GuestAddress(DATA)).unwrap();
+        post(&mem, TX as u64, 0, &[(DATA, f.len() as u32)], false);
+        w32(&mut d, reg::QUEUE_NOTIFY, TX as u32);
+        assert_eq!(d.stats.tx_dropped, 1);
+        assert_eq!(used_idx(&mem, TX as u64), 1, "the buffer still goes back");
     }
 
     #[test]
