@@ -6,11 +6,15 @@
 //! Shown here: pod IPs in `kubectl get pods -o wide`, pod to pod and node to
 //! pod traffic, a ClusterIP Service spreading load over three pods, DNS
 //! names (short, `<svc>.<ns>`, FQDN, headless A records and per-pod names),
-//! sessionAffinity ClientIP, dnsPolicy None with dnsConfig,
+//! an ExternalName alias, sessionAffinity ClientIP, dnsPolicy None with
+//! dnsConfig,
 //! an unready pod leaving the rotation, NodePort from the node, the
 //! `kubernetes` Service reaching the API server, a deleted Service no longer
 //! answering, addresses and interfaces released, and a pod keeping its IP
 //! and its Service across a `kill -9` of the server.
+//!
+//! Waits are generous (a loaded 2-core CI machine runs the client's loop
+//! slowly); a passing run takes about 25 s.
 //!
 //! Needs root, iproute2, nsenter, nft, kubectl and busybox-static; under
 //! CI=true a missing one is a failure, elsewhere the test says why it skips.
@@ -245,7 +249,18 @@ impl<'a> Cluster<'a> {
         lines[lines.len().saturating_sub(40)..].join("\n")
     }
 
-    fn wait_for(&self, what: &str, secs: u64, mut cond: impl FnMut() -> bool) {
+    fn wait_for(&self, what: &str, secs: u64, cond: impl FnMut() -> bool) {
+        self.wait_for_with(what, secs, &String::new, cond)
+    }
+
+    /// [`Cluster::wait_for`], adding `extra()` (a pod's log) to the failure.
+    fn wait_for_with(
+        &self,
+        what: &str,
+        secs: u64,
+        extra: &dyn Fn() -> String,
+        mut cond: impl FnMut() -> bool,
+    ) {
         let deadline = Instant::now() + Duration::from_secs(secs);
         while Instant::now() < deadline {
             if cond() {
@@ -254,8 +269,9 @@ impl<'a> Cluster<'a> {
             std::thread::sleep(Duration::from_millis(250));
         }
         panic!(
-            "timed out after {secs}s waiting for {what}\n--- pods ---\n{}\n--- server log tail ---\n{}",
+            "timed out after {secs}s waiting for {what}\n--- pods ---\n{}\n--- more ---\n{}\n--- server log tail ---\n{}",
             String::from_utf8_lossy(&self.kubectl(&["get", "pods", "-o", "wide"], None).stdout),
+            extra(),
             self.log_tail()
         );
     }
@@ -424,6 +440,13 @@ spec:
 ---
 apiVersion: v1
 kind: Service
+metadata: {name: web-alias}
+spec:
+  type: ExternalName
+  externalName: web.default.svc.cluster.local
+---
+apiVersion: v1
+kind: Service
 metadata: {name: web-h}
 spec:
   clusterIP: None
@@ -457,6 +480,7 @@ fn client_pod(direct_ip: &str) -> String {
         "echo SHORT $(wget -q -O - http://web/ 2>&1)".into(),
         "echo NS $(wget -q -O - http://web.default/ 2>&1)".into(),
         "echo FQDN $(wget -q -O - http://web.default.svc.cluster.local/ 2>&1)".into(),
+        "echo ALIAS $(wget -q -O - http://web-alias/ 2>&1)".into(),
         "echo HEADLESS $(nslookup web-h.default.svc.cluster.local 2>&1 | grep -v 10.43.0.10 | grep Address | tr '\\n' ' ')".into(),
         "echo PODNAME $(nslookup web-1.web-h.default.svc.cluster.local 2>&1 | grep -v 10.43.0.10 | grep Address | tr '\\n' ' ')".into(),
         "if nc -w 3 kubernetes.default 443 </dev/null; then echo KUBE open; else echo KUBE closed; fi".into(),
@@ -563,7 +587,7 @@ fn pods_reach_each_other_and_services_spread_load_follow_readiness_resolve_and_s
         "resolv.conf points at the cluster DNS:\n{log}"
     );
     assert_eq!(tagged(&log, "POD"), "web-0", "pod to pod by IP:\n{log}");
-    for tag in ["SHORT", "NS", "FQDN"] {
+    for tag in ["SHORT", "NS", "FQDN", "ALIAS"] {
         assert!(
             tagged(&log, tag).starts_with("web-"),
             "{tag} name reaches the Service:\n{log}"
@@ -608,9 +632,12 @@ fn pods_reach_each_other_and_services_spread_load_follow_readiness_resolve_and_s
     );
 
     // Load spreads over the three replicas.
-    c.wait_for("30 requests through the Service", 30, || {
-        lb_answers(&c.logs("client"), 0).len() >= 30
-    });
+    c.wait_for_with(
+        "30 requests through the Service",
+        90,
+        &|| c.logs("client"),
+        || lb_answers(&c.logs("client"), 0).len() >= 30,
+    );
     let answers = lb_answers(&c.logs("client"), 0);
     for i in 0..3 {
         let n = answers.iter().filter(|a| **a == format!("web-{i}")).count();
@@ -629,7 +656,7 @@ fn pods_reach_each_other_and_services_spread_load_follow_readiness_resolve_and_s
     // Rules follow the Endpoints within a moment; count from after that.
     std::thread::sleep(Duration::from_secs(1));
     let from = lb_answers(&c.logs("client"), 0).len();
-    c.wait_for("20 more requests", 30, || {
+    c.wait_for("20 more requests", 90, || {
         lb_answers(&c.logs("client"), from).len() >= 20
     });
     let after = lb_answers(&c.logs("client"), from);
@@ -665,7 +692,7 @@ fn pods_reach_each_other_and_services_spread_load_follow_readiness_resolve_and_s
     );
     std::thread::sleep(Duration::from_secs(1));
     let from = lb_answers(&c.logs("client"), 0).len();
-    c.wait_for("5 more requests", 30, || {
+    c.wait_for("5 more requests", 60, || {
         lb_answers(&c.logs("client"), from).len() >= 5
     });
     let gone = lb_answers(&c.logs("client"), from);
