@@ -538,7 +538,7 @@ fn pods_reach_each_other_and_services_spread_load_follow_readiness_resolve_and_s
     }
     yaml.push_str(SERVICES);
     c.ok(&["apply", "-f", "-"], Some(&yaml));
-    c.wait_for("three ready web pods", 45, || {
+    c.wait_for("three ready web pods", 90, || {
         c.ready_ips("app=web").len() == 3
     });
     let ips = c.ready_ips("app=web");
@@ -576,7 +576,7 @@ fn pods_reach_each_other_and_services_spread_load_follow_readiness_resolve_and_s
 
     c.ok(&["apply", "-f", "-"], Some(&client_pod(&ips["web-0"])));
     c.ok(&["apply", "-f", "-"], Some(DNS_CONFIG_POD));
-    c.wait_for("the client's one-off checks", 40, || {
+    c.wait_for("the client's one-off checks", 90, || {
         c.logs("client").contains("SETUP done")
     });
     let log = c.logs("client");
@@ -622,7 +622,7 @@ fn pods_reach_each_other_and_services_spread_load_follow_readiness_resolve_and_s
         "sessionAffinity ClientIP keeps one client on one pod: {sticky:?}"
     );
 
-    c.wait_for("the dnsPolicy None pod's resolv.conf", 30, || {
+    c.wait_for("the dnsPolicy None pod's resolv.conf", 60, || {
         c.logs("dnscfg").contains("options")
     });
     assert_eq!(
@@ -650,7 +650,7 @@ fn pods_reach_each_other_and_services_spread_load_follow_readiness_resolve_and_s
 
     // An unready pod leaves the rotation.
     std::fs::remove_file(tmp.path().join("www-2/ready")).expect("unready");
-    c.wait_for("web-2 to leave the endpoints", 20, || {
+    c.wait_for("web-2 to leave the endpoints", 40, || {
         c.endpoint_ips("web").len() == 2
     });
     // Rules follow the Endpoints within a moment; count from after that.
@@ -734,13 +734,13 @@ fn a_pod_keeps_its_ip_interface_and_service_across_a_kill_9_of_the_server() {
     let mut yaml = web_pod("web-0", &www);
     yaml.push_str(SERVICES);
     c.ok(&["apply", "-f", "-"], Some(&yaml));
-    c.wait_for("a ready web pod", 45, || c.ready_ips("app=web").len() == 1);
+    c.wait_for("a ready web pod", 90, || c.ready_ips("app=web").len() == 1);
     let ip = c.ready_ips("app=web")["web-0"].clone();
     let cluster_ip = c.json(&["get", "svc", "web"])["spec"]["clusterIP"]
         .as_str()
         .expect("clusterIP")
         .to_string();
-    c.wait_for("the Service to answer", 20, || {
+    c.wait_for("the Service to answer", 40, || {
         ns.wget(&format!("http://{cluster_ip}/")).as_deref() == Some("web-0")
     });
     let veths: Vec<String> = ns
@@ -758,11 +758,11 @@ fn a_pod_keeps_its_ip_interface_and_service_across_a_kill_9_of_the_server() {
     );
     let c2 = Cluster::start(&ns, tmp.path());
     // The restarted proxy reprograms the Service with no change to it.
-    c2.wait_for("the Service to answer again", 30, || {
+    c2.wait_for("the Service to answer again", 60, || {
         ns.wget(&format!("http://{cluster_ip}/")).as_deref() == Some("web-0")
     });
     // Readiness is probed afresh after a restart, as a kubelet does.
-    c2.wait_for("the adopted pod to be ready again", 30, || {
+    c2.wait_for("the adopted pod to be ready again", 60, || {
         c2.ready_ips("app=web").contains_key("web-0")
     });
     assert_eq!(c2.ready_ips("app=web").get("web-0"), Some(&ip), "same IP");
