@@ -345,6 +345,28 @@ impl<'a> Cluster<'a> {
 
 impl Drop for Cluster<'_> {
     fn drop(&mut self) {
+        if self.child.is_some() {
+            // Containers outlive the server: on a failed test, remove the
+            // pods first (best effort, no panic in a drop).
+            let _ = self.kubectl(
+                &[
+                    "delete",
+                    "pods",
+                    "--all",
+                    "--grace-period=1",
+                    "--wait=false",
+                ],
+                None,
+            );
+            let deadline = Instant::now() + Duration::from_secs(30);
+            while Instant::now() < deadline {
+                let out = self.kubectl(&["get", "pods", "-o", "name"], None);
+                if out.status.success() && out.stdout.is_empty() {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(250));
+            }
+        }
         if let Some(mut c) = self.child.take() {
             let _ = nix::sys::signal::kill(
                 nix::unistd::Pid::from_raw(c.id() as i32),
