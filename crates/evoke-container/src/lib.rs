@@ -650,24 +650,32 @@ pub fn exec(
     let mut st = fs::File::from(st_r);
     let _ = go.write_all(b"12");
     drop(go);
-    let first = Msg::read(&mut st).map_err(|e| err(format!("read status: {e}")));
-    let _ = nix::sys::wait::waitpid(child, None);
-    let pid = match first? {
-        Some(Msg::Pid(p)) => Pid::from_raw(p),
-        Some(Msg::Error(e)) => return Err(err(e)),
-        _ => return Err(err("exec intermediate process died".into())),
+    // The intermediate reports the pid and the process reports Ready on the
+    // same pipe, in either order: both were released by "12" above, and the
+    // process can be scheduled before its parent returns from clone.
+    let (mut pid, mut ready) = (None, false);
+    let outcome = loop {
+        match Msg::read(&mut st) {
+            Ok(Some(Msg::Pid(p))) => pid = Some(Pid::from_raw(p)),
+            Ok(Some(Msg::Ready)) => ready = true,
+            Ok(Some(Msg::Error(e))) => break Err(err(e)),
+            Ok(None) => {
+                break Err(err(match pid {
+                    None => "exec intermediate process died".into(),
+                    Some(_) => "exec process died during set-up".into(),
+                }))
+            }
+            Err(e) => break Err(err(format!("read status: {e}"))),
+        }
+        if let (Some(p), true) = (pid, ready) {
+            break Ok(p);
+        }
     };
-    match Msg::read(&mut st).map_err(|e| err(format!("read status: {e}")))? {
-        Some(Msg::Ready) => Ok(pid),
-        Some(Msg::Error(e)) => {
-            let _ = nix::sys::wait::waitpid(pid, None);
-            Err(err(e))
-        }
-        _ => {
-            let _ = nix::sys::wait::waitpid(pid, None);
-            Err(err("exec process died during set-up".into()))
-        }
+    let _ = nix::sys::wait::waitpid(child, None);
+    if let (Err(_), Some(p)) = (&outcome, pid) {
+        let _ = nix::sys::wait::waitpid(p, None);
     }
+    outcome
 }
 
 /// Waits for a process started by [`exec`] (the caller is its parent).
