@@ -10,205 +10,14 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
-use std::time::{Duration, Instant};
+use std::process::Command;
+use std::time::Duration;
 
 use serde_json::Value;
 
-/// Whether this machine can run the tests; panics under CI when not.
-fn prerequisites() -> bool {
-    if !common::require_kubectl() {
-        return false;
-    }
-    let mut missing = Vec::new();
-    if !nix::unistd::geteuid().is_root() {
-        missing.push("root");
-    }
-    if !Path::new("/bin/busybox").exists() {
-        missing.push("/bin/busybox (busybox-static)");
-    }
-    if missing.is_empty() {
-        return true;
-    }
-    if std::env::var("CI").is_ok_and(|v| v == "true") {
-        panic!("orchestration e2e needs {}", missing.join(", "));
-    }
-    eprintln!("skipping: needs {}", missing.join(", "));
-    false
-}
-
-/// `evoke server` with its node agent, on a free port, in `data_dir`.
-struct Cluster {
-    data_dir: PathBuf,
-    kubeconfig: PathBuf,
-    child: Option<Child>,
-}
-
-impl Cluster {
-    fn start(data_dir: &Path) -> Cluster {
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(data_dir.join("server.log"))
-            .expect("server log");
-        let mut child = Command::new(env!("CARGO_BIN_EXE_evoke"))
-            .arg("--data-dir")
-            .arg(data_dir)
-            .args(["server", "--https-listen-port", "0"])
-            // Loopback-only pods: parallel servers share the host's network
-            // namespace, where bridges and nft tables would collide.
-            .args(["--flannel-backend", "none"])
-            .env("EVOKE_LOG", "info")
-            .stdout(Stdio::piped())
-            .stderr(Stdio::from(log))
-            .spawn()
-            .expect("spawn evoke server");
-        let stdout = child.stdout.take().expect("stdout piped");
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines() {
-                let Ok(line) = line else { break };
-                if line.starts_with("evoke server ready") {
-                    let _ = tx.send(line);
-                }
-            }
-        });
-        let line = rx
-            .recv_timeout(Duration::from_secs(30))
-            .unwrap_or_else(|_| {
-                let _ = child.kill();
-                panic!(
-                    "evoke server did not become ready:\n{}",
-                    std::fs::read_to_string(data_dir.join("server.log")).unwrap_or_default()
-                )
-            });
-        let kubeconfig = PathBuf::from(
-            line.split_whitespace()
-                .find_map(|w| w.strip_prefix("kubeconfig="))
-                .expect("kubeconfig in the ready line"),
-        );
-        Cluster {
-            data_dir: data_dir.to_path_buf(),
-            kubeconfig,
-            child: Some(child),
-        }
-    }
-
-    fn kubectl(&self, args: &[&str], stdin: Option<&str>) -> Output {
-        let mut cmd = Command::new(common::KUBECTL);
-        cmd.env("KUBECONFIG", &self.kubeconfig)
-            .env("HOME", &self.data_dir)
-            .args(["--request-timeout", "30s"])
-            .args(args)
-            .stdin(if stdin.is_some() {
-                Stdio::piped()
-            } else {
-                Stdio::null()
-            })
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
-        let mut child = cmd.spawn().expect("spawn kubectl");
-        if let Some(input) = stdin {
-            use std::io::Write;
-            child
-                .stdin
-                .take()
-                .expect("stdin")
-                .write_all(input.as_bytes())
-                .expect("write kubectl stdin");
-        }
-        child.wait_with_output().expect("kubectl output")
-    }
-
-    /// kubectl that must succeed; returns stdout.
-    fn ok(&self, args: &[&str]) -> String {
-        self.ok_with(args, None)
-    }
-
-    fn ok_with(&self, args: &[&str], stdin: Option<&str>) -> String {
-        let out = self.kubectl(args, stdin);
-        assert!(
-            out.status.success(),
-            "kubectl {args:?} failed: {}\n{}",
-            String::from_utf8_lossy(&out.stderr),
-            self.log_tail()
-        );
-        String::from_utf8_lossy(&out.stdout).into_owned()
-    }
-
-    fn json(&self, args: &[&str]) -> Value {
-        let mut a = args.to_vec();
-        a.extend(["-o", "json"]);
-        serde_json::from_str(&self.ok(&a)).expect("kubectl json")
-    }
-
-    fn pods(&self, selector: &str) -> Vec<Value> {
-        let v = self.json(&["get", "pods", "-l", selector]);
-        v["items"].as_array().cloned().unwrap_or_default()
-    }
-
-    fn log_tail(&self) -> String {
-        let log = std::fs::read_to_string(self.data_dir.join("server.log")).unwrap_or_default();
-        let lines: Vec<&str> = log.lines().collect();
-        let from = lines.len().saturating_sub(40);
-        format!("server log tail:\n{}", lines[from..].join("\n"))
-    }
-
-    /// Polls `cond` until it holds or `secs` pass; panics with `what`.
-    fn wait_for(&self, what: &str, secs: u64, mut cond: impl FnMut() -> bool) {
-        let deadline = Instant::now() + Duration::from_secs(secs);
-        while Instant::now() < deadline {
-            if cond() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(300));
-        }
-        let pods = self.kubectl(&["get", "pods", "-o", "wide"], None);
-        panic!(
-            "timed out after {secs}s waiting for {what}\npods:\n{}\n{}",
-            String::from_utf8_lossy(&pods.stdout),
-            self.log_tail()
-        );
-    }
-
-    /// SIGKILL, as a crash would.
-    fn kill9(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
-
-impl Drop for Cluster {
-    fn drop(&mut self) {
-        // Stop the workloads through the agent before the server goes, so
-        // no container, namespace or cgroup outlives its test. The agent
-        // removes a pod's directory last, once everything else is gone.
-        if self.child.is_some() {
-            let _ = self.kubectl(
-                &[
-                    "delete",
-                    "deployments,replicasets,pods",
-                    "--all",
-                    "--grace-period=1",
-                    "--timeout=40s",
-                ],
-                None,
-            );
-            let pods = self.data_dir.join("pods");
-            let deadline = Instant::now() + Duration::from_secs(30);
-            while Instant::now() < deadline
-                && std::fs::read_dir(&pods).is_ok_and(|mut d| d.next().is_some())
-            {
-                std::thread::sleep(Duration::from_millis(200));
-            }
-        }
-        self.kill9();
-    }
-}
+/// The cluster under test: `evoke server` with its in-process node agent
+/// (see common::start_cluster_in).
+type Cluster = common::Server;
 
 fn running(pod: &Value) -> bool {
     pod["status"]["phase"] == "Running"
@@ -220,28 +29,6 @@ fn running(pod: &Value) -> bool {
 
 fn count_running(c: &Cluster, selector: &str) -> usize {
     c.pods(selector).iter().filter(|p| running(p)).count()
-}
-
-/// Builds `busybox:<tag>` from the host's static busybox with
-/// `evoke image build-dir`, with a /www for httpd.
-fn build_image(data_dir: &Path, tag: &str) {
-    let root = data_dir.join(format!("rootfs-{}", tag.replace([':', '/'], "-")));
-    evoke_runtime::testing::busybox_rootfs(&root).expect("busybox rootfs");
-    std::fs::create_dir_all(root.join("www")).expect("www");
-    std::fs::write(root.join("www/index.html"), format!("hello from {tag}\n")).expect("index");
-    let out = Command::new(env!("CARGO_BIN_EXE_evoke"))
-        .arg("--data-dir")
-        .arg(data_dir)
-        .args(["image", "build-dir"])
-        .arg(&root)
-        .args(["--tag", tag])
-        .output()
-        .expect("evoke image build-dir");
-    assert!(
-        out.status.success(),
-        "image build-dir failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
 }
 
 /// Host pids of a pod's container processes (found through the cgroup
@@ -298,12 +85,12 @@ spec:
 
 #[test]
 fn busybox_httpd_deployment_runs_restarts_killed_containers_replaces_deleted_pods_and_scales() {
-    if !prerequisites() {
+    if !common::require_pods() {
         return;
     }
     let tmp = tempfile::tempdir().expect("tempdir");
-    build_image(tmp.path(), "busybox:1");
-    let c = Cluster::start(tmp.path());
+    common::build_image(tmp.path(), "busybox:1");
+    let c = common::start_cluster_in(tmp.path(), &[]);
     c.ok_with(
         &["apply", "-f", "-"],
         Some(&deployment("web", "busybox:1", 3, None)),
@@ -360,13 +147,13 @@ fn busybox_httpd_deployment_runs_restarts_killed_containers_replaces_deleted_pod
 
 #[test]
 fn set_image_rolls_out_completely_and_undo_brings_the_old_image_back() {
-    if !prerequisites() {
+    if !common::require_pods() {
         return;
     }
     let tmp = tempfile::tempdir().expect("tempdir");
-    build_image(tmp.path(), "busybox:1");
-    build_image(tmp.path(), "busybox:2");
-    let c = Cluster::start(tmp.path());
+    common::build_image(tmp.path(), "busybox:1");
+    common::build_image(tmp.path(), "busybox:2");
+    let c = common::start_cluster_in(tmp.path(), &[]);
     c.ok_with(
         &["apply", "-f", "-"],
         Some(&deployment("roll", "busybox:1", 2, None)),
@@ -413,12 +200,12 @@ fn set_image_rolls_out_completely_and_undo_brings_the_old_image_back() {
 
 #[test]
 fn process_tier_deployment_runs_and_a_microvm_pod_on_this_host_says_why_it_cannot_start() {
-    if !prerequisites() {
+    if !common::require_pods() {
         return;
     }
     let tmp = tempfile::tempdir().expect("tempdir");
-    build_image(tmp.path(), "busybox:1");
-    let c = Cluster::start(tmp.path());
+    common::build_image(tmp.path(), "busybox:1");
+    let c = common::start_cluster_in(tmp.path(), &[]);
     // Created by the server right after its API comes up.
     c.wait_for("the three tier RuntimeClasses", 20, || {
         let names = c.ok(&["get", "runtimeclass", "-o", "name"]);
@@ -479,12 +266,12 @@ spec:
 
 #[test]
 fn crash_loop_backs_off_and_memory_hog_is_oom_killed() {
-    if !prerequisites() {
+    if !common::require_pods() {
         return;
     }
     let tmp = tempfile::tempdir().expect("tempdir");
-    build_image(tmp.path(), "busybox:1");
-    let c = Cluster::start(tmp.path());
+    common::build_image(tmp.path(), "busybox:1");
+    let c = common::start_cluster_in(tmp.path(), &[]);
     let pods = "apiVersion: v1
 kind: Pod
 metadata: {name: crash}
@@ -542,16 +329,126 @@ spec:
         events.contains("BackOff") && events.contains("Started"),
         "{events}"
     );
+    // The OOM kill is also a SystemOOM event on the Node, as the kubelet's
+    // OOM watcher reports it.
+    c.wait_for("a SystemOOM event on the node", 20, || {
+        event_reasons(&c, "Node", None).contains(&"SystemOOM".to_string())
+    });
+}
+
+/// The reasons of the events about objects of `kind` (and `name`), in order.
+fn event_reasons(c: &Cluster, kind: &str, name: Option<&str>) -> Vec<String> {
+    let v = c.json(&[
+        "get",
+        "events",
+        "-A",
+        "--sort-by",
+        ".metadata.creationTimestamp",
+    ]);
+    v["items"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|e| {
+            e["involvedObject"]["kind"] == kind
+                && name.is_none_or(|n| e["involvedObject"]["name"] == n)
+        })
+        .filter_map(|e| e["reason"].as_str().map(str::to_string))
+        .collect()
+}
+
+#[test]
+fn each_pod_step_is_recorded_as_an_event_as_the_kubelet_does() {
+    if !common::require_pods() {
+        return;
+    }
+    let tmp = tempfile::tempdir().expect("tempdir");
+    common::build_image(tmp.path(), "busybox:1");
+    let c = common::start_cluster_in(tmp.path(), &[]);
+    let pods = "apiVersion: v1
+kind: Pod
+metadata: {name: fine}
+spec:
+  terminationGracePeriodSeconds: 1
+  containers:
+  - {name: c, image: busybox:1, command: [sleep, '3600']}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: sick}
+spec:
+  terminationGracePeriodSeconds: 1
+  containers:
+  - name: c
+    image: busybox:1
+    command: [sleep, '3600']
+    livenessProbe: {tcpSocket: {port: 1}, periodSeconds: 1, failureThreshold: 1}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: noimage}
+spec:
+  containers:
+  - {name: c, image: 'nothere:1', command: [sleep, '3600']}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: noconfig}
+spec:
+  containers:
+  - name: c
+    image: busybox:1
+    command: [sleep, '3600']
+    env: [{name: X, valueFrom: {configMapKeyRef: {name: missing, key: k}}}]
+";
+    c.ok_with(&["apply", "-f", "-"], Some(pods));
+    let has = |pod: &str, want: &[&str]| {
+        let got = event_reasons(&c, "Pod", Some(pod));
+        want.iter().all(|w| got.iter().any(|g| g == w))
+    };
+    c.wait_for("fine: Scheduled, Pulled, Created, Started", 30, || {
+        has("fine", &["Scheduled", "Pulled", "Created", "Started"])
+    });
+    c.wait_for("sick: Unhealthy, then Killing for the restart", 30, || {
+        has("sick", &["Unhealthy", "Killing"])
+    });
+    c.wait_for("noimage: ErrImageNeverPull and Failed", 30, || {
+        has("noimage", &["ErrImageNeverPull", "Failed"])
+    });
+    c.wait_for("noconfig: Failed (the configmap is missing)", 30, || {
+        has("noconfig", &["Failed"])
+    });
+    let v = c.json(&[
+        "get",
+        "events",
+        "--field-selector",
+        "involvedObject.name=noconfig",
+    ]);
+    assert!(
+        v["items"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .any(|e| e["reason"] == "Failed"
+                && e["message"]
+                    .as_str()
+                    .is_some_and(|m| m.contains("configmap \"missing\" not found"))),
+        "{v}"
+    );
+    c.ok(&["delete", "pod", "fine", "--wait=true", "--timeout=30s"]);
+    c.wait_for("fine: Killing on deletion", 20, || {
+        has("fine", &["Killing"])
+    });
 }
 
 #[test]
 fn after_kill_9_of_the_server_a_restart_adopts_running_pods_without_duplicates() {
-    if !prerequisites() {
+    if !common::require_pods() {
         return;
     }
     let tmp = tempfile::tempdir().expect("tempdir");
-    build_image(tmp.path(), "busybox:1");
-    let mut c = Cluster::start(tmp.path());
+    common::build_image(tmp.path(), "busybox:1");
+    let mut c = common::start_cluster_in(tmp.path(), &[]);
     c.ok_with(
         &["apply", "-f", "-"],
         Some(&deployment("keep", "busybox:1", 3, None)),
@@ -580,7 +477,7 @@ fn after_kill_9_of_the_server_a_restart_adopts_running_pods_without_duplicates()
             "pod {name} lost its process"
         );
     }
-    let c = Cluster::start(tmp.path());
+    let c = common::start_cluster_in(tmp.path(), &[]);
     std::thread::sleep(Duration::from_secs(3));
     c.wait_for("the same 3 pods running again", 30, || {
         count_running(&c, "app=keep") == 3
@@ -609,12 +506,12 @@ fn after_kill_9_of_the_server_a_restart_adopts_running_pods_without_duplicates()
 #[test]
 fn pod_with_init_container_env_sources_volumes_probes_and_a_sidecar_sharing_its_network_becomes_ready(
 ) {
-    if !prerequisites() {
+    if !common::require_pods() {
         return;
     }
     let tmp = tempfile::tempdir().expect("tempdir");
-    build_image(tmp.path(), "busybox:1");
-    let c = Cluster::start(tmp.path());
+    common::build_image(tmp.path(), "busybox:1");
+    let c = common::start_cluster_in(tmp.path(), &[]);
     let yaml = "apiVersion: v1
 kind: ConfigMap
 metadata: {name: cfg}
@@ -684,11 +581,11 @@ spec:
 
 #[test]
 fn agent_refuses_to_join_a_server_whose_ca_does_not_match_the_token() {
-    if !prerequisites() {
+    if !common::require_pods() {
         return;
     }
     let tmp = tempfile::tempdir().expect("tempdir");
-    let c = Cluster::start(tmp.path());
+    let c = common::start_cluster_in(tmp.path(), &[]);
     // The server wrote its own join token, K10<ca sha256>::server:<secret>.
     // It is written just after the API answers, so give it a moment.
     let token_path = tmp.path().join("server/node-token");

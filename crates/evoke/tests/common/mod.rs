@@ -106,8 +106,44 @@ pub fn start_cluster() -> Server {
     s
 }
 
+/// `evoke server` with its node agent on `data_dir`, which may hold a
+/// previous run's state (a restart after [`Server::kill9`]) and the images
+/// the test built ([`build_image`]); pods are loopback-only as in
+/// [`start_cluster`]. The caller keeps the data dir alive.
+pub fn start_cluster_in(data_dir: &Path, extra: &[&str]) -> Server {
+    spawn_server(data_dir, extra, true)
+}
+
+/// Builds `busybox:<tag>` (or any `name:tag`) into `data_dir`'s image store
+/// from the host's static busybox, with a /www/index.html that names the
+/// tag, for httpd.
+pub fn build_image(data_dir: &Path, tag: &str) {
+    let root = data_dir.join(format!("rootfs-{}", tag.replace([':', '/'], "-")));
+    evoke_runtime::testing::busybox_rootfs(&root).expect("busybox rootfs");
+    std::fs::create_dir_all(root.join("www")).expect("www");
+    std::fs::write(root.join("www/index.html"), format!("hello from {tag}\n")).expect("index");
+    let out = Command::new(env!("CARGO_BIN_EXE_evoke"))
+        .arg("--data-dir")
+        .arg(data_dir)
+        .args(["image", "build-dir"])
+        .arg(&root)
+        .args(["--tag", tag])
+        .output()
+        .expect("evoke image build-dir");
+    assert!(
+        out.status.success(),
+        "image build-dir failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 fn spawn_server(data_dir: &Path, args: &[&str], agent: bool) -> Server {
-    let log = std::fs::File::create(data_dir.join("server.log")).expect("server log");
+    // Appended to, so a restart on the same data dir keeps the first run's log.
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(data_dir.join("server.log"))
+        .expect("server log");
     let started = Instant::now();
     let mut child = Command::new(env!("CARGO_BIN_EXE_evoke"))
         .arg("--data-dir")
@@ -236,6 +272,27 @@ impl Server {
         format!("server log tail:\n{}", lines[from..].join("\n"))
     }
 
+    /// `kubectl ARGS -o json`, which must succeed.
+    pub fn json(&self, args: &[&str]) -> serde_json::Value {
+        let mut a = args.to_vec();
+        a.extend(["-o", "json"]);
+        serde_json::from_str(&self.ok(&a)).expect("kubectl json")
+    }
+
+    /// The pods matching a label selector, as JSON.
+    pub fn pods(&self, selector: &str) -> Vec<serde_json::Value> {
+        let v = self.json(&["get", "pods", "-l", selector]);
+        v["items"].as_array().cloned().unwrap_or_default()
+    }
+
+    /// SIGKILL, as a crash would: the pods' workloads stay behind for a
+    /// restart on the same data dir to adopt.
+    pub fn kill9(&mut self) {
+        self.agent = false;
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
     /// The server's pid, for tests that signal it.
     pub fn pid(&self) -> u32 {
         self.child.id()
@@ -288,9 +345,10 @@ impl Server {
             // container, namespace or cgroup outlives the test; the
             // agent removes a pod's directory last.
             self.agent = false;
+            // Owners first, so no controller replaces the pods meanwhile.
             let _ = self.kubectl(&[
                 "delete",
-                "pods",
+                "deployments,replicasets,pods",
                 "--all",
                 "--grace-period=1",
                 "--timeout=40s",
