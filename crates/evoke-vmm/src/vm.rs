@@ -294,6 +294,7 @@ impl Vm {
             size: mem_size,
             reason: e.to_string(),
         })?;
+        crate::sys::advise_huge_pages(&mem);
         crate::sys::register_guest_memory(&vm, &mem)?;
         vm.set_tss_address(KVM_TSS_ADDR as usize)
             .map_err(kerr("KVM_SET_TSS_ADDR"))?;
