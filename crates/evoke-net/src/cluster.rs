@@ -257,6 +257,9 @@ impl NodePodNetwork for NodeNetwork {
     }
 
     fn teardown(&self, pod_uid: &str) -> Result<(), NodeError> {
+        if pod_uid.is_empty() || pod_uid.contains('/') {
+            return Err(NodeError::Network(format!("bad pod uid {pod_uid:?}")));
+        }
         let path = self.resolv_path(pod_uid);
         match std::fs::remove_file(&path) {
             Ok(()) => {}
