@@ -189,6 +189,9 @@ impl NodePodNetwork for LoopbackNetwork {
     }
 
     fn teardown(&self, pod_uid: &str) -> Result<(), NodeError> {
+        if pod_uid.is_empty() || pod_uid.contains('/') {
+            return Err(NodeError::Network(format!("bad pod uid {pod_uid:?}")));
+        }
         crate::netns::remove(&self.netns_path(pod_uid))
             .map_err(|e| NodeError::Network(format!("pod {pod_uid}: {e}")))
     }

@@ -484,6 +484,9 @@ impl PodNetwork {
     /// Releases everything pod `uid` held: veth, namespace, address.
     /// Idempotent: a pod with nothing left is not an error.
     pub async fn teardown(&self, uid: &str) -> Result<(), NetError> {
+        if uid.is_empty() || uid.contains('/') {
+            return Err(NetError::BadInput(format!("pod uid {uid:?}")));
+        }
         self.delete_link(&veth_name("ve", uid)).await?;
         // A veth whose move into the namespace failed is still on the node.
         self.delete_link(&veth_name("vp", uid)).await?;
