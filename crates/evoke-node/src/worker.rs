@@ -7,7 +7,7 @@
 //! records and does the next due step; messages (exits, probe verdicts)
 //! and pod updates only update records and wake it.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
@@ -63,6 +63,9 @@ pub enum Msg {
         ok: bool,
     },
 }
+
+/// While stopping, how often the tier is asked whether a container is gone.
+const STOP_POLL: Duration = Duration::from_millis(500);
 
 /// How long to wait before retrying a sandbox that could not be set up.
 const SETUP_RETRY: Duration = Duration::from_secs(20);
@@ -985,20 +988,71 @@ impl Worker {
             }
         };
         if let Some(tier) = tier.clone() {
-            let mut stops = Vec::new();
-            for (name, id) in running {
+            for (name, _) in &running {
                 self.event(
                     EventType::Normal,
                     "Killing",
                     &format!("Stopping container {name}"),
                 );
-                let t = tier.clone();
-                stops.push(tokio::task::spawn_blocking(move || t.stop(&id, grace)));
             }
-            for s in stops {
-                if let Ok(Err(e)) = s.await {
-                    tracing::debug!(pod = %self.key(), error = %e, "stop failed");
+            // SIGTERM, then SIGKILL after the grace period. The exits come
+            // from the containers' waiters (pidfds), so no thread is parked
+            // per container for the grace period: deleting 100 pods at once
+            // used to start 100 blocking threads, whose stacks and malloc
+            // arenas stayed resident long after.
+            let mut left: HashSet<String> = running.into_iter().map(|(_, id)| id).collect();
+            for (signal, limit) in [
+                (libc::SIGTERM, grace),
+                (libc::SIGKILL, Duration::from_secs(30)),
+            ] {
+                if left.is_empty() {
+                    break;
                 }
+                let (t, targets): (_, Vec<String>) = (tier.clone(), left.iter().cloned().collect());
+                let _ = tokio::task::spawn_blocking(move || {
+                    for id in targets {
+                        if let Err(e) = t.signal(&id, signal) {
+                            tracing::debug!(%id, signal, error = %e, "could not signal container");
+                        }
+                    }
+                })
+                .await;
+                let deadline = tokio::time::Instant::now() + limit;
+                while !left.is_empty() && tokio::time::Instant::now() < deadline {
+                    let slice = deadline.min(tokio::time::Instant::now() + STOP_POLL);
+                    match tokio::time::timeout_at(slice, self.rx.recv()).await {
+                        Ok(Some(Msg::Exited { id, .. })) => {
+                            left.remove(&id);
+                        }
+                        Ok(Some(Msg::Probe { .. })) => {}
+                        Ok(None) => break,
+                        // A workload this agent did not start (adopted after
+                        // a restart) cannot be reaped here, and its waiter
+                        // learns the end late: ask the tier now and then.
+                        Err(_) => {
+                            let (t, ids): (_, Vec<String>) =
+                                (tier.clone(), left.iter().cloned().collect());
+                            let gone = tokio::task::spawn_blocking(move || {
+                                ids.into_iter()
+                                    .filter(|id| {
+                                        !matches!(
+                                            t.state(id).map(|s| s.state),
+                                            Ok(WorkloadState::Running { .. })
+                                        )
+                                    })
+                                    .collect::<Vec<_>>()
+                            })
+                            .await
+                            .unwrap_or_default();
+                            for id in gone {
+                                left.remove(&id);
+                            }
+                        }
+                    }
+                }
+            }
+            if !left.is_empty() {
+                tracing::warn!(pod = %self.key(), containers = ?left, "containers survived SIGKILL for 30 s; removing them by force");
             }
             let uid = self.pod.uid().unwrap_or_default();
             let _ = tokio::task::spawn_blocking(move || remove_pod_workloads(tier.as_ref(), &uid))
