@@ -302,7 +302,7 @@ spec:
   containers:
   - name: talk
     image: busybox:1
-    command: [/bin/sh, -c, 'echo early; sleep 3; echo late; sleep 1']
+    command: [/bin/sh, -c, 'echo early; sleep 5; echo late; sleep 1']
 ",
     );
     // Output from the moment of attaching, until the process ends.
