@@ -1,8 +1,9 @@
 //! The seccomp allow-list every VMM thread runs under once the VM is set
 //! up: I/O on fds it already holds, memory management for the allocator,
 //! futexes and signals for thread coordination, and `ioctl` only for
-//! `KVM_RUN`. Anything else kills the process: a guest that subverts a
-//! device model still cannot open files, spawn processes or use the network.
+//! `KVM_RUN` and a tap's `TUNSETOFFLOAD` (see [`crate::devices::net`]).
+//! Anything else kills the process: a guest that subverts a device model
+//! still cannot open files, spawn processes or use the network.
 
 use std::collections::BTreeMap;
 
@@ -15,6 +16,9 @@ use crate::error::VmmError;
 
 /// `_IO(KVMIO, 0x80)`.
 const KVM_RUN: u64 = 0xae80;
+/// `_IOW('T', 208, unsigned int)`: a virtio-net device sets its tap's
+/// offloads to what the guest driver accepted, once the driver is up.
+const TUNSETOFFLOAD: u64 = 0x4004_54d0;
 
 const ALLOWED: &[libc::c_long] = &[
     libc::SYS_read,
@@ -51,9 +55,15 @@ pub fn vmm_filter() -> Result<BpfProgram, VmmError> {
         ALLOWED.iter().map(|s| (*s, Vec::new())).collect();
     let kvm_run = SeccompCondition::new(1, SeccompCmpArgLen::Dword, SeccompCmpOp::Eq, KVM_RUN)
         .map_err(|e| VmmError::Seccomp(e.to_string()))?;
+    let tun_offload =
+        SeccompCondition::new(1, SeccompCmpArgLen::Dword, SeccompCmpOp::Eq, TUNSETOFFLOAD)
+            .map_err(|e| VmmError::Seccomp(e.to_string()))?;
     rules.insert(
         libc::SYS_ioctl,
-        vec![SeccompRule::new(vec![kvm_run]).map_err(|e| VmmError::Seccomp(e.to_string()))?],
+        vec![
+            SeccompRule::new(vec![kvm_run]).map_err(|e| VmmError::Seccomp(e.to_string()))?,
+            SeccompRule::new(vec![tun_offload]).map_err(|e| VmmError::Seccomp(e.to_string()))?,
+        ],
     );
     // Debug builds of std check an fd's validity (F_GETFD) when dropping it.
     let getfd = SeccompCondition::new(

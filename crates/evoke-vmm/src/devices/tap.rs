@@ -4,9 +4,11 @@
 //! The tap is opened with `IFF_VNET_HDR` and a 12-byte header
 //! (`TUNSETVNETHDRSZ`), the size of a virtio 1.0 `virtio_net_hdr`, so frames
 //! pass between the guest's queues and the tap unchanged, header included.
-//! No offloads are enabled (`TUNSETOFFLOAD 0`): the host stack then hands
-//! the tap only complete, checksummed frames, which is all a guest without
-//! the CSUM/TSO features can take. The fd is non-blocking: a full tap drops
+//! Offloads start off (`TUNSETOFFLOAD 0`): the host stack then hands the tap
+//! only complete, checksummed frames, which any guest can take. Once the
+//! guest driver has accepted checksum and TSO offloads the device widens
+//! them ([`NetBackend::set_offload`]), so the host can pass 64 KiB TCP
+//! segments instead of MTU-sized frames. The fd is non-blocking: a full tap drops
 //! a transmitted frame (as a NIC would) instead of stalling a vCPU.
 #![allow(unsafe_code)] // three ioctls on /dev/net/tun; each block has a SAFETY note
 
@@ -36,6 +38,11 @@ pub trait NetBackend: Send {
     fn recv(&mut self, buf: &mut [u8]) -> io::Result<usize>;
     /// The fd to poll for readability.
     fn fd(&self) -> BorrowedFd<'_>;
+    /// Which offloaded frames the backend may hand over (`TUN_F_*`: partial
+    /// checksums, TSO): what the guest driver accepted.
+    fn set_offload(&mut self, _tun_flags: u32) -> io::Result<()> {
+        Ok(())
+    }
 }
 
 /// An open tap interface.
@@ -114,6 +121,13 @@ impl NetBackend for Tap {
 
     fn fd(&self) -> BorrowedFd<'_> {
         self.file.as_fd()
+    }
+
+    fn set_offload(&mut self, tun_flags: u32) -> io::Result<()> {
+        // SAFETY: the fd is attached to a tap; the argument is a flag word.
+        unsafe { tun_set_offload(self.file.as_raw_fd(), tun_flags as libc::c_int) }
+            .map(|_| ())
+            .map_err(io::Error::from)
     }
 }
 
