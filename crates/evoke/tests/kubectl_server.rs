@@ -224,3 +224,54 @@ fn datastore_endpoint_runs_the_server_on_etcd() {
     drop(s);
     drop(etcd);
 }
+
+#[test]
+fn sigterm_stops_the_server_promptly_and_a_restart_adopts_its_running_pod() {
+    if !common::require_pods() {
+        return;
+    }
+    let tmp = tempfile::tempdir().expect("tempdir");
+    common::build_image(tmp.path(), "busybox:1");
+    let mut server = common::start_cluster_in(tmp.path(), &[]);
+    server.run_pod(
+        "sleeper",
+        "apiVersion: v1
+kind: Pod
+metadata: {name: sleeper}
+spec:
+  terminationGracePeriodSeconds: 1
+  containers:
+  - {name: main, image: busybox:1, command: [/bin/sleep, '3600']}
+",
+    );
+    // A watch stays open until the server closes it.
+    let mut watch = std::process::Command::new(common::KUBECTL)
+        .env("KUBECONFIG", &server.kubeconfig)
+        .env("HOME", &server.data_dir)
+        .args(["get", "pods", "--watch"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("spawn kubectl --watch");
+    let mut out = std::io::BufReader::new(watch.stdout.take().expect("stdout"));
+    let mut line = String::new();
+    std::io::BufRead::read_line(&mut out, &mut line).expect("watch output");
+    assert!(line.contains("NAME"), "watch printed {line:?}");
+
+    // The server must stop even though the agent has blocking work in
+    // flight for the running container.
+    let status = server.terminate(Duration::from_secs(20));
+    let _ = watch.kill();
+    let _ = watch.wait();
+    let status = status.expect("evoke server still running 20 s after SIGTERM");
+    assert!(status.success(), "evoke server exited with {status}");
+    drop(server);
+
+    // The workload outlived the server; the next start adopts it.
+    let server = common::start_cluster_in(tmp.path(), &[]);
+    server.wait_for("the pod adopted as Running with no restart", 30, || {
+        let p = server.pod("sleeper");
+        p["status"]["phase"] == "Running"
+            && p["status"]["containerStatuses"][0]["restartCount"] == 0
+    });
+}

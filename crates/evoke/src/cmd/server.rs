@@ -54,8 +54,17 @@ pub fn main(global: &Global, args: ServerArgs) -> anyhow::Result<u8> {
         .enable_all()
         .build()
         .context("starting the async runtime")?;
-    runtime.block_on(run(global, args, mode))
+    let code = runtime.block_on(run(global, args, mode));
+    // Blocking tasks (a tier call, a long-poll) must not hold the process
+    // after the API has stopped; the node's workloads keep running and are
+    // adopted on the next start.
+    runtime.shutdown_timeout(SHUTDOWN_GRACE);
+    code
 }
+
+/// How long a stopping server waits for open requests (watches never end on
+/// their own) and blocking work before it exits anyway.
+const SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// SQLite under `<data-dir>/server/db` by default, etcd when an endpoint
 /// is given, as k3s does; both compact their history in the background.
@@ -125,6 +134,14 @@ async fn run(global: &Global, args: ServerArgs, mode: u32) -> anyhow::Result<u8>
         _ = term.recv() => {}
     }
     tracing::info!("shutting down");
-    server.shutdown().await;
+    if tokio::time::timeout(SHUTDOWN_GRACE, server.shutdown())
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            grace = ?SHUTDOWN_GRACE,
+            "open connections outlived the grace period; closing them"
+        );
+    }
     Ok(0)
 }

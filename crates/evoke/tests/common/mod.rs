@@ -298,6 +298,25 @@ impl Server {
         self.child.id()
     }
 
+    /// Sends SIGTERM and waits up to `within` for the server to exit;
+    /// None if it is still running then (it is killed on drop).
+    pub fn terminate(&mut self, within: Duration) -> Option<std::process::ExitStatus> {
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status();
+        let deadline = Instant::now() + within;
+        while Instant::now() < deadline {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                // Nothing to stop through a server that is gone; a restart
+                // on the same data dir adopts (and later stops) its pods.
+                self.agent = false;
+                return Some(status);
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        None
+    }
+
     /// Stops the server and waits for it.
     pub fn stop(mut self) {
         self.kill();
