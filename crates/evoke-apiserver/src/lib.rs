@@ -207,6 +207,18 @@ impl Server {
         if !sans.contains(&reachable) {
             sans.push(reachable);
         }
+        // Pods reach the API through the `kubernetes` Service: its address
+        // and names, as kube-apiserver's certificate carries them.
+        sans.push(config.service_cidr.first().to_string());
+        sans.extend(
+            [
+                "kubernetes",
+                "kubernetes.default",
+                "kubernetes.default.svc",
+                "kubernetes.default.svc.cluster.local",
+            ]
+            .map(String::from),
+        );
         if let Ok(h) = hostname() {
             if !h.is_empty() && !sans.contains(&h) {
                 sans.push(h);

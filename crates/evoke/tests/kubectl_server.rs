@@ -275,3 +275,23 @@ spec:
             && p["status"]["containerStatuses"][0]["restartCount"] == 0
     });
 }
+
+#[test]
+fn serving_certificate_covers_the_kubernetes_service_names_pods_dial() {
+    if !require_kubectl() {
+        return;
+    }
+    let server = start_server();
+    for name in [
+        "kubernetes",
+        "kubernetes.default",
+        "kubernetes.default.svc",
+        "kubernetes.default.svc.cluster.local",
+        "10.43.0.1",
+    ] {
+        server.ok(&["--tls-server-name", name, "get", "namespaces"]);
+    }
+    // TLS verification is real: a name the certificate lacks is refused.
+    let err = server.fails(&["--tls-server-name", "not-this.example", "get", "namespaces"], None);
+    assert!(err.contains("certificate"), "unexpected error: {err}");
+}
