@@ -292,6 +292,9 @@ fn serving_certificate_covers_the_kubernetes_service_names_pods_dial() {
         server.ok(&["--tls-server-name", name, "get", "namespaces"]);
     }
     // TLS verification is real: a name the certificate lacks is refused.
-    let err = server.fails(&["--tls-server-name", "not-this.example", "get", "namespaces"], None);
+    let err = server.fails(
+        &["--tls-server-name", "not-this.example", "get", "namespaces"],
+        None,
+    );
     assert!(err.contains("certificate"), "unexpected error: {err}");
 }
