@@ -115,8 +115,13 @@ impl Ctx {
 
 /// Container starts in flight at once: two per core, so one start's
 /// waits (fsync, netlink, exec) overlap another's CPU work.
+/// `EVOKE_START_PARALLELISM` overrides it (for measuring).
 fn start_parallelism() -> usize {
-    std::thread::available_parallelism().map_or(2, |n| n.get()) * 2
+    std::env::var("EVOKE_START_PARALLELISM")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .filter(|n| *n > 0)
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(2, |n| n.get()) * 2)
 }
 
 /// The node agent. Build with [`Agent::new`], then [`Agent::run`].

@@ -223,8 +223,6 @@ impl Worker {
         if self.setup_retry_at.is_some_and(|t| Instant::now() < t) {
             return false;
         }
-        let slots = self.ctx.start_slots.clone();
-        let _slot = slots.acquire().await;
         match self.try_setup().await {
             Ok(()) => {
                 self.facts.sandbox_ready = true;
@@ -454,7 +452,24 @@ impl Worker {
 
     /// The next due step, if any.
     async fn sync(&mut self) {
-        if self.facts.final_phase.is_some() || !self.setup().await {
+        if self.facts.final_phase.is_some() {
+            return;
+        }
+        // One place in the start queue for the sandbox and the containers
+        // together, so a pod that got in finishes before the next begins
+        // (separate places let a burst's sandboxes all go before any start).
+        let work = !self.facts.sandbox_ready
+            || self
+                .init
+                .iter()
+                .chain(self.main.iter())
+                .any(|c| matches!(c.state, CState::Waiting { .. }));
+        let slots = self.ctx.start_slots.clone();
+        let _slot = match work {
+            true => Some(slots.acquire().await),
+            false => None,
+        };
+        if !self.setup().await {
             return;
         }
         let now = Instant::now();
@@ -551,8 +566,6 @@ impl Worker {
         spec.ipc_namespace = self.ipc.clone();
         let id = spec.id.clone();
         let pod_uid = self.pod.uid().unwrap_or_default();
-        let slots = self.ctx.start_slots.clone();
-        let _slot = slots.acquire().await;
         let res = tokio::task::spawn_blocking(move || -> Result<(), RuntimeError> {
             if let Some(parent) = log.parent() {
                 std::fs::create_dir_all(parent)
@@ -1055,11 +1068,17 @@ impl Worker {
                 tracing::warn!(pod = %self.key(), containers = ?left, "containers survived SIGKILL for 30 s; removing them by force");
             }
             let uid = self.pod.uid().unwrap_or_default();
+            let slots = self.ctx.start_slots.clone();
+            let _slot = slots.acquire().await;
             let _ = tokio::task::spawn_blocking(move || remove_pod_workloads(tier.as_ref(), &uid))
                 .await;
         }
         let (network, uid) = (self.ctx.network.clone(), self.pod.uid().unwrap_or_default());
         let dir = self.pod_dir();
+        // Teardown shares the start queue: a mass deletion then runs in a
+        // few threads instead of one per pod.
+        let slots = self.ctx.start_slots.clone();
+        let _slot = slots.acquire().await;
         let _ = tokio::task::spawn_blocking(move || {
             if let Err(e) = network.teardown(&uid) {
                 tracing::warn!(pod_uid = %uid, error = %e, "network teardown failed");
