@@ -66,6 +66,10 @@ pub struct Ctx {
     /// thread per start. A fair (FIFO) queue lets pods finish in arrival
     /// order instead of all at the end.
     pub start_slots: Arc<tokio::sync::Semaphore>,
+    /// Reaps in progress at once: when 100 containers end together (a mass
+    /// deletion), their exits are collected by a few threads, not 100.
+    /// Separate from `start_slots`, since a stop waits on its reap.
+    pub reap_slots: Arc<tokio::sync::Semaphore>,
     /// When each tier last answered `available()` with yes: the check reads
     /// /proc/self/mountinfo, which grows with every running container, so a
     /// burst of pods shares one recent answer.
@@ -166,6 +170,7 @@ impl Agent {
                 recorder,
                 pods: Default::default(),
                 start_slots: Arc::new(tokio::sync::Semaphore::new(start_parallelism())),
+                reap_slots: Arc::new(tokio::sync::Semaphore::new(start_parallelism())),
                 available: Default::default(),
             }),
             labels: cfg.labels,

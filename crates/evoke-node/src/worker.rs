@@ -670,6 +670,7 @@ impl Worker {
             return;
         };
         let tx = self.tx.clone();
+        let reaps = self.ctx.reap_slots.clone();
         tokio::spawn(async move {
             let (t, i) = (tier.clone(), id.clone());
             let pid = match tokio::task::spawn_blocking(move || t.state(&i)).await {
@@ -679,20 +680,29 @@ impl Worker {
                 })) => i32::try_from(pid).ok().filter(|p| *p > 0),
                 _ => None,
             };
+            // Whether the process is known to be gone, so `wait` is quick.
+            let mut ended = false;
             if let Some(pid) = pid {
                 match sys::pidfd_open(pid) {
-                    Ok(fd) => {
-                        if let Err(e) = sys::exited(fd).await {
-                            tracing::debug!(%id, pid, error = %e, "pidfd wait failed; waiting in a thread");
+                    Ok(fd) => match sys::exited(fd).await {
+                        Ok(()) => ended = true,
+                        Err(e) => {
+                            tracing::debug!(%id, pid, error = %e, "pidfd wait failed; waiting in a thread")
                         }
-                    }
+                    },
                     // Gone already: `wait` below answers at once.
-                    Err(e) if e.raw_os_error() == Some(libc::ESRCH) => {}
+                    Err(e) if e.raw_os_error() == Some(libc::ESRCH) => ended = true,
                     Err(e) => {
                         tracing::debug!(%id, pid, error = %e, "no pidfd; waiting in a thread")
                     }
                 }
             }
+            // Only quick reaps queue; a thread parked in `wait` must not
+            // hold a place.
+            let _reap = match ended {
+                true => Some(reaps.acquire().await),
+                false => None,
+            };
             let exit = tokio::task::spawn_blocking(move || {
                 wait_blocking(tier.as_ref(), &id, &tx).map(|e| (id, e, tx))
             })
