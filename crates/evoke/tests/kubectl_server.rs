@@ -298,3 +298,47 @@ fn serving_certificate_covers_the_kubernetes_service_names_pods_dial() {
     );
     assert!(err.contains("certificate"), "unexpected error: {err}");
 }
+
+#[test]
+fn an_invalid_node_name_is_a_one_line_error_before_the_server_starts() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_evoke"))
+        .arg("--data-dir")
+        .arg(dir.path())
+        .args([
+            "server",
+            "--https-listen-port",
+            "0",
+            "--node-name",
+            "(none)",
+        ])
+        .env("EVOKE_FLANNEL_BACKEND", "none")
+        .output()
+        .expect("run evoke server");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "server started: {err}");
+    assert_eq!(err.trim().lines().count(), 1, "not one line: {err}");
+    assert!(
+        err.contains("node name \"(none)\""),
+        "unexpected error: {err}"
+    );
+    assert!(
+        err.contains("--node-name"),
+        "does not say what to do: {err}"
+    );
+}
+
+#[test]
+fn node_name_flag_names_the_servers_own_node() {
+    if !common::require_pods() {
+        return;
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let server = common::start_cluster_in(dir.path(), &["--node-name", "first-node"]);
+    server.wait_for("node first-node registered", 30, || {
+        server
+            .kubectl(&["get", "node", "first-node"])
+            .status
+            .success()
+    });
+}

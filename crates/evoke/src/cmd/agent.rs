@@ -57,6 +57,17 @@ fn parse_label(s: &str) -> Result<(String, String), String> {
 
 /// This machine's host name, lower-cased as a Node name must be (k3s does
 /// the same).
+/// This node's name: the flag, else the hostname. A name the API would
+/// refuse on every registration attempt (a host whose hostname is unset
+/// reads as "(none)") is a one-line error now, not a node that never shows up.
+pub fn node_name(flag: Option<&str>) -> anyhow::Result<String> {
+    let name = flag.map_or_else(hostname, str::to_string);
+    if let Some(why) = evoke_types::validate::dns_subdomain(&name) {
+        anyhow::bail!("node name {name:?}: {why}; set --node-name");
+    }
+    Ok(name)
+}
+
 fn hostname() -> String {
     std::fs::read_to_string("/proc/sys/kernel/hostname")
         .map(|s| s.trim().to_lowercase())
@@ -134,11 +145,7 @@ pub fn main(global: &Global, args: AgentArgs) -> anyhow::Result<u8> {
         None => evoke_node::token::source_address_to(&args.server)
             .with_context(|| format!("finding this node's address towards {}", args.server))?,
     };
-    let name = args.node_name.clone().unwrap_or_else(hostname);
-    // The server would refuse it on every registration attempt; say so now.
-    if let Some(why) = evoke_types::validate::dns_subdomain(&name) {
-        anyhow::bail!("node name {name:?}: {why}; set --node-name");
-    }
+    let name = node_name(args.node_name.as_deref())?;
     let labels: BTreeMap<String, String> = args.node_labels.iter().cloned().collect();
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -187,6 +194,7 @@ pub async fn start_orchestration(
     disable_agent: bool,
     net_args: &NetArgs,
     node_ip: String,
+    node_name: String,
 ) -> anyhow::Result<()> {
     let token = JoinToken::for_server(ca_pem, node_token).context("making the join token")?;
     let token_path = global.data_dir.join("server").join("node-token");
@@ -227,7 +235,6 @@ pub async fn start_orchestration(
                 "true".to_string(),
             ),
         ]);
-        let node_name = hostname();
         let network = net::pod_network(net_args, &global.data_dir, &node_name, client.clone());
         let agent = evoke_node::Agent::new(
             client,

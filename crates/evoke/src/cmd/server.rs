@@ -39,6 +39,9 @@ pub struct ServerArgs {
     /// the default route).
     #[arg(long)]
     pub node_ip: Option<std::net::IpAddr>,
+    /// This node's name (default: the hostname).
+    #[arg(long)]
+    pub node_name: Option<String>,
 }
 
 pub fn main(global: &Global, args: ServerArgs) -> anyhow::Result<u8> {
@@ -50,11 +53,17 @@ pub fn main(global: &Global, args: ServerArgs) -> anyhow::Result<u8> {
             )
         })?;
     args.net.validate()?;
+    // Only the in-process agent registers a Node under this name.
+    let node_name = if args.disable_agent {
+        String::new()
+    } else {
+        crate::cmd::agent::node_name(args.node_name.as_deref())?
+    };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .context("starting the async runtime")?;
-    let code = runtime.block_on(run(global, args, mode));
+    let code = runtime.block_on(run(global, args, mode, node_name));
     // Blocking tasks (a tier call, a long-poll) must not hold the process
     // after the API has stopped; the node's workloads keep running and are
     // adopted on the next start.
@@ -89,7 +98,12 @@ fn node_ip(args: &ServerArgs, bound: std::net::IpAddr) -> String {
     }
 }
 
-async fn run(global: &Global, args: ServerArgs, mode: u32) -> anyhow::Result<u8> {
+async fn run(
+    global: &Global,
+    args: ServerArgs,
+    mode: u32,
+    node_name: String,
+) -> anyhow::Result<u8> {
     let store = open_store(global, &args).await?;
     let config = evoke_apiserver::Config {
         data_dir: global.data_dir.clone(),
@@ -123,6 +137,7 @@ async fn run(global: &Global, args: ServerArgs, mode: u32) -> anyhow::Result<u8>
         args.disable_agent,
         &args.net,
         node_ip(&args, server.addr.ip()),
+        node_name,
     )
     .await
     .context("starting orchestration")?;
