@@ -1,9 +1,10 @@
-//! Device models: the 8250 serial ports, a minimal i8042, a
-//! virtio-mmio transport with a virtio-console behind it, a virtio-net
-//! device ([`net`]) with its tap backend ([`tap`]), and the bounded output
-//! sinks they write to. None of them needs a VM to be tested.
+//! Device models: the 8250 serial ports, a minimal i8042, one virtio-mmio
+//! transport (`mmio`) shared by a virtio-console ([`virtio`]) and a
+//! virtio-net device ([`net`]) with its tap backend ([`tap`]), and the
+//! bounded output sinks they write to. None of them needs a VM to be tested.
 
 pub mod i8042;
+mod mmio;
 pub mod net;
 pub mod serial;
 pub mod sink;

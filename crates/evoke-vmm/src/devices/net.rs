@@ -24,17 +24,14 @@ use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 
 use nix::sys::eventfd::{EfdFlags, EventFd};
-use virtio_queue::{Queue, QueueT};
+use virtio_queue::QueueT;
 use vm_memory::{Bytes, GuestMemoryMmap};
 
+use super::mmio::{Event, Transport, VIRTIO_F_VERSION_1};
 use super::tap::{NetBackend, VNET_HDR_LEN};
 use super::EventFdTrigger;
 
-const MMIO_MAGIC: u32 = 0x7472_6976; // "virt"
-const MMIO_VERSION: u32 = 2;
-const VENDOR_ID: u32 = 0x4556_4b45; // "EKVE"
 const VIRTIO_ID_NET: u32 = 1;
-const VIRTIO_F_VERSION_1: u64 = 1 << 32;
 const VIRTIO_NET_F_CSUM: u64 = 1 << 0;
 const VIRTIO_NET_F_GUEST_CSUM: u64 = 1 << 1;
 const VIRTIO_NET_F_MAC: u64 = 1 << 5;
@@ -42,48 +39,27 @@ const VIRTIO_NET_F_GUEST_TSO4: u64 = 1 << 7;
 const VIRTIO_NET_F_GUEST_TSO6: u64 = 1 << 8;
 const VIRTIO_NET_F_HOST_TSO4: u64 = 1 << 11;
 const VIRTIO_NET_F_HOST_TSO6: u64 = 1 << 12;
+/// Checksum and TSO offloads both ways: the header carries them between
+/// the guest and the tap unchanged, so the device does no work for them,
+/// and TCP moves in 64 KiB segments instead of 1500-byte frames.
+const DEVICE_FEATURES: u64 = VIRTIO_F_VERSION_1
+    | VIRTIO_NET_F_MAC
+    | VIRTIO_NET_F_CSUM
+    | VIRTIO_NET_F_HOST_TSO4
+    | VIRTIO_NET_F_HOST_TSO6
+    | VIRTIO_NET_F_GUEST_CSUM
+    | VIRTIO_NET_F_GUEST_TSO4
+    | VIRTIO_NET_F_GUEST_TSO6;
 /// The tap's TUNSETOFFLOAD flags.
 const TUN_F_CSUM: u32 = 0x01;
 const TUN_F_TSO4: u32 = 0x02;
 const TUN_F_TSO6: u32 = 0x04;
-const QUEUE_MAX: u16 = 256;
-const INT_USED_RING: u32 = 1;
-const STATUS_DRIVER_OK: u32 = 4;
-const STATUS_FAILED: u32 = 0x80;
 /// The largest frame with its header a tap hands over (64 KiB + header);
 /// without offloads frames are MTU-sized, but a read must never truncate.
 const MAX_FRAME: usize = 65_562;
 /// How long the receive loop waits after a backend error before it looks
 /// at the backend again.
 const FAILED_BACKOFF: std::time::Duration = std::time::Duration::from_millis(100);
-
-/// Register offsets of the virtio-mmio version 2 window.
-mod reg {
-    pub const MAGIC: u64 = 0x000;
-    pub const VERSION: u64 = 0x004;
-    pub const DEVICE_ID: u64 = 0x008;
-    pub const VENDOR_ID: u64 = 0x00c;
-    pub const DEVICE_FEATURES: u64 = 0x010;
-    pub const DEVICE_FEATURES_SEL: u64 = 0x014;
-    pub const DRIVER_FEATURES: u64 = 0x020;
-    pub const DRIVER_FEATURES_SEL: u64 = 0x024;
-    pub const QUEUE_SEL: u64 = 0x030;
-    pub const QUEUE_NUM_MAX: u64 = 0x034;
-    pub const QUEUE_NUM: u64 = 0x038;
-    pub const QUEUE_READY: u64 = 0x044;
-    pub const QUEUE_NOTIFY: u64 = 0x050;
-    pub const INTERRUPT_STATUS: u64 = 0x060;
-    pub const INTERRUPT_ACK: u64 = 0x064;
-    pub const STATUS: u64 = 0x070;
-    pub const QUEUE_DESC_LOW: u64 = 0x080;
-    pub const QUEUE_DESC_HIGH: u64 = 0x084;
-    pub const QUEUE_DRIVER_LOW: u64 = 0x090;
-    pub const QUEUE_DRIVER_HIGH: u64 = 0x094;
-    pub const QUEUE_DEVICE_LOW: u64 = 0x0a0;
-    pub const QUEUE_DEVICE_HIGH: u64 = 0x0a4;
-    pub const CONFIG_GENERATION: u64 = 0x0fc;
-    pub const CONFIG: u64 = 0x100;
-}
 
 const RX: usize = 0;
 const TX: usize = 1;
@@ -114,15 +90,7 @@ pub enum RxState {
 
 /// A virtio-net device on a virtio-mmio window.
 pub struct NetDevice {
-    mem: GuestMemoryMmap,
-    queues: [Queue; 2],
-    queue_sel: u32,
-    device_features_sel: u32,
-    driver_features_sel: u32,
-    driver_features: u64,
-    status: u32,
-    interrupt_status: u32,
-    irq: EventFdTrigger,
+    t: Transport,
     mac: [u8; 6],
     backend: Box<dyn NetBackend>,
     /// Signalled when the guest posts receive buffers or the driver comes
@@ -143,17 +111,10 @@ impl NetDevice {
         mac: [u8; 6],
         backend: Box<dyn NetBackend>,
     ) -> Result<Self, io::Error> {
-        let q = || Queue::new(QUEUE_MAX).map_err(|e| io::Error::other(e.to_string()));
+        let t = Transport::new(mem, irq, "virtio-net", VIRTIO_ID_NET, DEVICE_FEATURES, 2)
+            .map_err(|e| io::Error::other(e.to_string()))?;
         Ok(Self {
-            mem,
-            queues: [q()?, q()?],
-            queue_sel: 0,
-            device_features_sel: 0,
-            driver_features_sel: 0,
-            driver_features: 0,
-            status: 0,
-            interrupt_status: 0,
-            irq,
+            t,
             mac,
             backend,
             rx_kick: Arc::new(EventFd::from_flags(
@@ -170,24 +131,10 @@ impl NetDevice {
         self.mac
     }
 
-    /// Checksum and TSO offloads both ways: the header carries them between
-    /// the guest and the tap unchanged, so the device does no work for
-    /// them, and TCP moves in 64 KiB segments instead of 1500-byte frames.
-    fn device_features(&self) -> u64 {
-        VIRTIO_F_VERSION_1
-            | VIRTIO_NET_F_MAC
-            | VIRTIO_NET_F_CSUM
-            | VIRTIO_NET_F_HOST_TSO4
-            | VIRTIO_NET_F_HOST_TSO6
-            | VIRTIO_NET_F_GUEST_CSUM
-            | VIRTIO_NET_F_GUEST_TSO4
-            | VIRTIO_NET_F_GUEST_TSO6
-    }
-
     /// What the backend may send the guest: the receive offloads the
     /// driver accepted (TSO needs checksum offload too).
     fn tun_offload(&self) -> u32 {
-        let f = self.driver_features & self.device_features();
+        let f = self.t.driver_features() & self.t.device_features();
         if f & VIRTIO_NET_F_GUEST_CSUM == 0 {
             return 0;
         }
@@ -208,18 +155,6 @@ impl NetDevice {
         }
     }
 
-    fn selected(&mut self) -> Option<&mut Queue> {
-        self.queues.get_mut(self.queue_sel as usize)
-    }
-
-    fn driver_ok(&self) -> bool {
-        self.status & STATUS_DRIVER_OK != 0 && self.status & STATUS_FAILED == 0
-    }
-
-    fn queue_usable(&self, i: usize) -> bool {
-        self.driver_ok() && self.queues[i].is_valid(&self.mem)
-    }
-
     fn kick_rx(&self) {
         // Failing means the counter is saturated: the thread wakes anyway.
         let _ = self.rx_kick.write(1);
@@ -227,146 +162,45 @@ impl NetDevice {
 
     /// A guest read of `data.len()` bytes at `offset` in the window.
     pub fn read(&mut self, offset: u64, data: &mut [u8]) {
-        if offset >= reg::CONFIG {
-            // Config space: the MAC, read a byte at a time by Linux.
-            let start = (offset - reg::CONFIG) as usize;
+        // Config space: the MAC, read a byte at a time by Linux.
+        let mac = self.mac;
+        self.t.read(offset, data, |start, data| {
             for (i, b) in data.iter_mut().enumerate() {
-                *b = self.mac.get(start + i).copied().unwrap_or(0);
+                *b = mac.get(start as usize + i).copied().unwrap_or(0);
             }
-            return;
-        }
-        if data.len() != 4 {
-            data.fill(0);
-            return;
-        }
-        let v: u32 = match offset {
-            reg::MAGIC => MMIO_MAGIC,
-            reg::VERSION => MMIO_VERSION,
-            reg::DEVICE_ID => VIRTIO_ID_NET,
-            reg::VENDOR_ID => VENDOR_ID,
-            reg::DEVICE_FEATURES => match self.device_features_sel {
-                0 => self.device_features() as u32,
-                1 => (self.device_features() >> 32) as u32,
-                _ => 0,
-            },
-            reg::QUEUE_NUM_MAX => self.selected().map_or(0, |q| u32::from(q.max_size())),
-            reg::QUEUE_READY => self.selected().map_or(0, |q| u32::from(q.ready())),
-            reg::INTERRUPT_STATUS => self.interrupt_status,
-            reg::STATUS => self.status,
-            reg::CONFIG_GENERATION => 0,
-            _ => 0,
-        };
-        data.copy_from_slice(&v.to_le_bytes());
+        });
     }
 
-    /// A guest write at `offset` in the window.
+    /// A guest write at `offset` in the window. The MAC is read-only
+    /// (VIRTIO_NET_F_CTRL_MAC_ADDR is not offered).
     pub fn write(&mut self, offset: u64, data: &[u8]) {
-        // The MAC is read-only (VIRTIO_NET_F_CTRL_MAC_ADDR is not offered).
-        if offset >= reg::CONFIG || data.len() != 4 {
-            return;
-        }
-        let v = u32::from_le_bytes([data[0], data[1], data[2], data[3]]);
-        match offset {
-            reg::DEVICE_FEATURES_SEL => self.device_features_sel = v,
-            reg::DRIVER_FEATURES_SEL => self.driver_features_sel = v,
-            reg::DRIVER_FEATURES => match self.driver_features_sel {
-                0 => self.driver_features = (self.driver_features & !0xffff_ffff) | u64::from(v),
-                1 => {
-                    self.driver_features =
-                        (self.driver_features & 0xffff_ffff) | (u64::from(v) << 32)
+        match self.t.write(offset, data) {
+            Some(Event::Notify(q)) if q as usize == TX => self.process_tx(),
+            Some(Event::Notify(q)) if q as usize == RX => self.kick_rx(),
+            Some(Event::DriverOk) => {
+                let flags = self.tun_offload();
+                self.apply_offload(flags);
+                self.kick_rx();
+            }
+            Some(Event::Reset { was_ok }) => {
+                if was_ok {
+                    // The next driver may accept less.
+                    self.apply_offload(0);
                 }
-                _ => {}
-            },
-            reg::QUEUE_SEL => self.queue_sel = v,
-            reg::QUEUE_NUM => {
-                if let Some(q) = self.selected() {
-                    q.set_size(v as u16);
-                }
-            }
-            reg::QUEUE_READY => {
-                if let Some(q) = self.selected() {
-                    q.set_ready(v == 1);
-                }
-            }
-            reg::QUEUE_DESC_LOW => self.set_addr(|q, v| q.set_desc_table_address(Some(v), None), v),
-            reg::QUEUE_DESC_HIGH => {
-                self.set_addr(|q, v| q.set_desc_table_address(None, Some(v)), v)
-            }
-            reg::QUEUE_DRIVER_LOW => {
-                self.set_addr(|q, v| q.set_avail_ring_address(Some(v), None), v)
-            }
-            reg::QUEUE_DRIVER_HIGH => {
-                self.set_addr(|q, v| q.set_avail_ring_address(None, Some(v)), v)
-            }
-            reg::QUEUE_DEVICE_LOW => {
-                self.set_addr(|q, v| q.set_used_ring_address(Some(v), None), v)
-            }
-            reg::QUEUE_DEVICE_HIGH => {
-                self.set_addr(|q, v| q.set_used_ring_address(None, Some(v)), v)
-            }
-            reg::QUEUE_NOTIFY if v as usize == TX => self.process_tx(),
-            reg::QUEUE_NOTIFY if v as usize == RX => self.kick_rx(),
-            reg::INTERRUPT_ACK => self.interrupt_status &= !v,
-            reg::STATUS => {
-                if v == 0 {
-                    self.reset();
-                } else {
-                    let was_ok = self.driver_ok();
-                    self.status = v;
-                    if self.driver_ok() && !was_ok {
-                        if self.driver_features & VIRTIO_F_VERSION_1 == 0 {
-                            tracing::warn!("virtio-net driver did not accept VIRTIO_F_VERSION_1");
-                        }
-                        let flags = self.tun_offload();
-                        self.apply_offload(flags);
-                        self.kick_rx();
-                    }
-                }
+                self.rx_pending = None;
             }
             _ => {}
         }
     }
 
-    fn set_addr(&mut self, f: impl FnOnce(&mut Queue, u32), v: u32) {
-        // Queue addresses may change only while the driver sets up.
-        if self.driver_ok() {
-            return;
-        }
-        if let Some(q) = self.selected() {
-            f(q, v);
-        }
-    }
-
-    fn reset(&mut self) {
-        if self.driver_ok() {
-            // The next driver may accept less.
-            self.apply_offload(0);
-        }
-        for q in &mut self.queues {
-            q.reset();
-        }
-        self.status = 0;
-        self.interrupt_status = 0;
-        self.driver_features = 0;
-        self.queue_sel = 0;
-        self.rx_pending = None;
-    }
-
-    fn signal_used(&mut self) {
-        self.interrupt_status |= INT_USED_RING;
-        if let Err(e) = vm_superio::Trigger::trigger(&self.irq) {
-            tracing::warn!(error = %e, "virtio-net interrupt failed");
-        }
-    }
-
     /// Sends every frame the guest has queued to the backend.
     pub fn process_tx(&mut self) {
-        if !self.queue_usable(TX) {
+        if !self.t.queue_usable(TX) {
             return;
         }
-        let mem = self.mem.clone();
+        let mem = self.t.mem.clone();
         let mut used = false;
-        while let Some(chain) = self.queues[TX].pop_descriptor_chain(&mem) {
+        while let Some(chain) = self.t.queues[TX].pop_descriptor_chain(&mem) {
             let head = chain.head_index();
             self.tx_buf.clear();
             let mut ok = true;
@@ -399,20 +233,20 @@ impl NetDevice {
             } else {
                 self.stats.tx_dropped += 1;
             }
-            if self.queues[TX].add_used(&mem, head, 0).is_err() {
+            if self.t.queues[TX].add_used(&mem, head, 0).is_err() {
                 tracing::warn!("virtio-net cannot return a tx buffer");
             }
             used = true;
         }
         if used {
-            self.signal_used();
+            self.t.signal_used();
         }
     }
 
     /// Moves frames from the backend into the guest's receive buffers until
     /// the backend is empty or the guest has no buffers left.
     pub fn process_rx(&mut self) -> RxState {
-        let mem = self.mem.clone();
+        let mem = self.t.mem.clone();
         let mut used = false;
         let state = loop {
             let len = match self.rx_pending.take() {
@@ -430,12 +264,12 @@ impl NetDevice {
             if len <= VNET_HDR_LEN {
                 continue;
             }
-            if !self.queue_usable(RX) {
+            if !self.t.queue_usable(RX) {
                 // No driver yet: a NIC that is down drops what arrives.
                 self.stats.rx_dropped += 1;
                 continue;
             }
-            let Some(chain) = self.queues[RX].pop_descriptor_chain(&mem) else {
+            let Some(chain) = self.t.queues[RX].pop_descriptor_chain(&mem) else {
                 self.rx_pending = Some(len);
                 break RxState::NeedBuffers;
             };
@@ -464,7 +298,7 @@ impl NetDevice {
             } else {
                 self.stats.rx_frames += 1;
             }
-            if self.queues[RX]
+            if self.t.queues[RX]
                 .add_used(&mem, head, written as u32)
                 .is_err()
             {
@@ -474,7 +308,7 @@ impl NetDevice {
         };
         if used {
             std::sync::atomic::fence(Ordering::Release);
-            self.signal_used();
+            self.t.signal_used();
         }
         state
     }
@@ -568,80 +402,26 @@ pub fn spawn_rx_thread(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::devices::mmio::testing::{post, probe, r32, w32, window, USED};
+    use crate::devices::mmio::{reg, INT_USED_RING, MMIO_MAGIC};
     use std::os::unix::net::UnixDatagram;
     use std::sync::atomic::AtomicBool;
     use std::time::Duration;
     use vm_memory::GuestAddress;
 
-    const DESC: u64 = 0x1000;
-    const AVAIL: u64 = 0x2000;
-    const USED: u64 = 0x3000;
     const DATA: u64 = 0x40000;
 
-    fn w32(t: &mut NetDevice, off: u64, v: u32) {
-        t.write(off, &v.to_le_bytes());
-    }
+    window!(NetDevice);
 
-    fn r32(t: &mut NetDevice, off: u64) -> u32 {
-        let mut b = [0u8; 4];
-        t.read(off, &mut b);
-        u32::from_le_bytes(b)
-    }
-
-    /// What the Linux virtio-mmio driver does at probe time: queue `q` at
-    /// (DESC, AVAIL, USED) + q * 0x10000.
+    /// What the Linux virtio-mmio driver does at probe time, accepting
+    /// VERSION_1 and the MAC.
     fn driver_setup(t: &mut NetDevice) {
-        w32(t, reg::STATUS, 0);
-        w32(t, reg::STATUS, 1 | 2);
         w32(t, reg::DEVICE_FEATURES_SEL, 0);
         let lo = r32(t, reg::DEVICE_FEATURES);
         assert_ne!(lo & (1 << 5), 0, "VIRTIO_NET_F_MAC offered");
         w32(t, reg::DEVICE_FEATURES_SEL, 1);
         assert_eq!(r32(t, reg::DEVICE_FEATURES) & 1, 1, "VERSION_1 offered");
-        w32(t, reg::DRIVER_FEATURES_SEL, 0);
-        w32(t, reg::DRIVER_FEATURES, 1 << 5);
-        w32(t, reg::DRIVER_FEATURES_SEL, 1);
-        w32(t, reg::DRIVER_FEATURES, 1);
-        w32(t, reg::STATUS, 1 | 2 | 8);
-        for q in 0..2u32 {
-            let base = u64::from(q) * 0x10000;
-            w32(t, reg::QUEUE_SEL, q);
-            w32(t, reg::QUEUE_NUM, 16);
-            w32(t, reg::QUEUE_DESC_LOW, (DESC + base) as u32);
-            w32(t, reg::QUEUE_DESC_HIGH, 0);
-            w32(t, reg::QUEUE_DRIVER_LOW, (AVAIL + base) as u32);
-            w32(t, reg::QUEUE_DRIVER_HIGH, 0);
-            w32(t, reg::QUEUE_DEVICE_LOW, (USED + base) as u32);
-            w32(t, reg::QUEUE_DEVICE_HIGH, 0);
-            w32(t, reg::QUEUE_READY, 1);
-        }
-        w32(t, reg::STATUS, 1 | 2 | 8 | 4);
-    }
-
-    /// Posts a chain of `(addr, len)` descriptors on queue `q`, starting at
-    /// descriptor `slot` (`write`: device-writable).
-    fn post(mem: &GuestMemoryMmap, q: u64, slot: u16, bufs: &[(u64, u32)], write: bool) {
-        let base = q * 0x10000;
-        for (i, (addr, len)) in bufs.iter().enumerate() {
-            let idx = slot + i as u16;
-            let d = DESC + base + u64::from(idx) * 16;
-            let mut flags = if write { 2u16 } else { 0 };
-            if i + 1 < bufs.len() {
-                flags |= 1;
-            }
-            mem.write_obj(*addr, GuestAddress(d)).unwrap();
-            mem.write_obj(*len, GuestAddress(d + 8)).unwrap();
-            mem.write_obj(flags, GuestAddress(d + 12)).unwrap();
-            mem.write_obj(idx + 1, GuestAddress(d + 14)).unwrap();
-        }
-        let avail_idx: u16 = mem.read_obj(GuestAddress(AVAIL + base + 2)).unwrap();
-        mem.write_obj(
-            slot,
-            GuestAddress(AVAIL + base + 4 + 2 * u64::from(avail_idx % 16)),
-        )
-        .unwrap();
-        mem.write_obj(avail_idx.wrapping_add(1), GuestAddress(AVAIL + base + 2))
-            .unwrap();
+        probe(t, VIRTIO_F_VERSION_1 | VIRTIO_NET_F_MAC);
     }
 
     fn used_idx(mem: &GuestMemoryMmap, q: u64) -> u16 {
