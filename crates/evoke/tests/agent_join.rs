@@ -9,6 +9,7 @@
 //! Needs root, kubectl and busybox-static; under CI=true a missing one is
 //! a failure, elsewhere the test prints why it skips.
 
+mod common;
 mod join_support;
 
 use std::io::{Read, Write};

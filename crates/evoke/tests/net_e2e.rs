@@ -19,10 +19,11 @@
 //! Needs root, iproute2, nsenter, nft, kubectl and busybox-static; under
 //! CI=true a missing one is a failure, elsewhere the test says why it skips.
 
+mod common;
+
 use std::collections::{BTreeMap, BTreeSet};
-use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Child, Command, Output};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
@@ -101,11 +102,7 @@ impl Netns {
     /// `program args…` run inside the namespace (mounts stay the host's,
     /// unlike `ip netns exec`, so cgroups remain visible).
     fn cmd(&self, program: &str) -> Command {
-        let mut c = Command::new("nsenter");
-        c.arg(format!("--net={}", self.path().display()))
-            .arg("--")
-            .arg(program);
-        c
+        common::in_netns(&self.path(), program)
     }
 
     /// busybox wget from the node, bounded: `Some(body)` or `None`.
@@ -154,44 +151,14 @@ struct Cluster<'a> {
 
 impl<'a> Cluster<'a> {
     fn start(ns: &'a Netns, data_dir: &Path) -> Cluster<'a> {
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(data_dir.join("server.log"))
-            .expect("server log");
-        let mut child = ns
-            .cmd(env!("CARGO_BIN_EXE_evoke"))
-            .arg("--data-dir")
+        let mut cmd = ns.cmd(env!("CARGO_BIN_EXE_evoke"));
+        cmd.arg("--data-dir")
             .arg(data_dir)
             .args(["server", "--https-listen-port", "0"])
-            .args(["--bind-address", "0.0.0.0"])
-            .env("EVOKE_LOG", "info")
-            .stdout(Stdio::piped())
-            .stderr(Stdio::from(log))
-            .spawn()
-            .expect("spawn evoke server");
-        let stdout = child.stdout.take().expect("stdout piped");
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines() {
-                let Ok(line) = line else { break };
-                if line.starts_with("evoke server ready") {
-                    let _ = tx.send(line);
-                }
-            }
-        });
-        let Ok(line) = rx.recv_timeout(Duration::from_secs(30)) else {
-            let _ = child.kill();
-            panic!(
-                "evoke server did not become ready:\n{}",
-                std::fs::read_to_string(data_dir.join("server.log")).unwrap_or_default()
-            );
-        };
-        let kubeconfig = PathBuf::from(
-            line.split_whitespace()
-                .find_map(|w| w.strip_prefix("kubeconfig="))
-                .expect("kubeconfig in the ready line"),
-        );
+            .args(["--bind-address", "0.0.0.0"]);
+        let (child, line) =
+            common::spawn_ready(cmd, &data_dir.join("server.log"), common::SERVER_READY, 30);
+        let kubeconfig = common::ready_kubeconfig(&line);
         Cluster {
             ns,
             data_dir: data_dir.to_path_buf(),
@@ -201,29 +168,15 @@ impl<'a> Cluster<'a> {
     }
 
     fn kubectl(&self, args: &[&str], stdin: Option<&str>) -> Output {
-        let mut cmd = self.ns.cmd(KUBECTL);
-        cmd.env("KUBECONFIG", &self.kubeconfig)
-            .env("HOME", &self.data_dir)
-            .args(["--request-timeout", "30s"])
-            .args(args)
-            .stdin(if stdin.is_some() {
-                Stdio::piped()
-            } else {
-                Stdio::null()
-            })
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
-        let mut child = cmd.spawn().expect("spawn kubectl");
-        if let Some(input) = stdin {
-            use std::io::Write;
-            child
-                .stdin
-                .take()
-                .expect("stdin")
-                .write_all(input.as_bytes())
-                .expect("write kubectl stdin");
-        }
-        child.wait_with_output().expect("kubectl output")
+        common::run_kubectl(
+            self.ns.cmd(KUBECTL),
+            &self.kubeconfig,
+            &self.data_dir,
+            "30s",
+            args,
+            stdin,
+            &[],
+        )
     }
 
     fn ok(&self, args: &[&str], stdin: Option<&str>) -> String {

@@ -11,6 +11,7 @@
 //! under CI=true a missing one is a failure, elsewhere the test prints why
 //! it skips.
 
+mod common;
 mod join_support;
 
 use join_support::{

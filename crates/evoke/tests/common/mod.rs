@@ -2,6 +2,7 @@
 //! fresh data dir, and run the real kubectl against it.
 #![allow(dead_code)]
 
+use std::ffi::OsStr;
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
@@ -138,67 +139,137 @@ pub fn build_image(data_dir: &Path, tag: &str) {
 }
 
 fn spawn_server(data_dir: &Path, args: &[&str], agent: bool) -> Server {
-    // Appended to, so a restart on the same data dir keeps the first run's log.
-    let log = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(data_dir.join("server.log"))
-        .expect("server log");
-    let started = Instant::now();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_evoke"))
-        .arg("--data-dir")
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_evoke"));
+    cmd.arg("--data-dir")
         .arg(data_dir)
         .args(["server", "--https-listen-port", "0"])
         .args(args)
-        .env("EVOKE_LOG", "info")
-        .env("EVOKE_FLANNEL_BACKEND", "none")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::from(log))
-        .spawn()
-        .expect("spawn evoke server");
-    let stdout = child.stdout.take().expect("stdout piped");
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines() {
-            let Ok(line) = line else { break };
-            if line.starts_with("evoke server ready") {
-                let _ = tx.send(line);
-            }
-        }
-    });
-    let line = match rx.recv_timeout(Duration::from_secs(20)) {
-        Ok(l) => l,
-        Err(_) => {
-            let _ = child.kill();
-            let log = std::fs::read_to_string(data_dir.join("server.log")).unwrap_or_default();
-            panic!("evoke server did not become ready; its log:\n{log}");
-        }
-    };
+        .env("EVOKE_FLANNEL_BACKEND", "none");
+    let started = Instant::now();
+    // Appended to, so a restart on the same data dir keeps the first run's log.
+    let (child, line) = spawn_ready(cmd, &data_dir.join("server.log"), SERVER_READY, 20);
     let startup = started.elapsed();
-    // "evoke server ready on https://127.0.0.1:PORT kubeconfig=PATH"
-    let addr = line
-        .split_whitespace()
-        .find_map(|w| w.strip_prefix("https://"))
-        .expect("address in ready line");
-    let port = addr
+    let port = ready_word(&line, "https://")
         .rsplit(':')
         .next()
         .and_then(|p| p.parse().ok())
         .expect("port");
-    let kubeconfig = PathBuf::from(
-        line.split_whitespace()
-            .find_map(|w| w.strip_prefix("kubeconfig="))
-            .expect("kubeconfig in ready line"),
-    );
     Server {
         tmp: None,
         data_dir: data_dir.to_path_buf(),
-        kubeconfig,
+        kubeconfig: ready_kubeconfig(&line),
         port,
         startup,
         agent,
         child,
     }
+}
+
+/// How `evoke server` says it is up:
+/// "evoke server ready on https://HOST:PORT kubeconfig=PATH".
+pub const SERVER_READY: &str = "evoke server ready";
+
+/// Spawns a long-running evoke process `cmd` (the binary itself or behind
+/// a prefix such as `nsenter --net=...`) with `EVOKE_LOG=info`, stderr
+/// appended to `log`, and waits up to `secs` for a stdout line starting
+/// with `ready`; returns the child and that line. On timeout the child is
+/// killed and the panic shows the log.
+pub fn spawn_ready(mut cmd: Command, log: &Path, ready: &str, secs: u64) -> (Child, String) {
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log)
+        .expect("log file");
+    let mut child = cmd
+        .env("EVOKE_LOG", "info")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::from(file))
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot spawn {cmd:?}: {e}"));
+    let stdout = child.stdout.take().expect("stdout piped");
+    let (tx, rx) = std::sync::mpsc::channel();
+    let want = ready.to_string();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines() {
+            let Ok(line) = line else { break };
+            if line.starts_with(&want) {
+                let _ = tx.send(line);
+            }
+        }
+    });
+    match rx.recv_timeout(Duration::from_secs(secs)) {
+        Ok(line) => (child, line),
+        Err(_) => {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!(
+                "no {ready:?} line within {secs}s; {}:\n{}",
+                log.display(),
+                std::fs::read_to_string(log).unwrap_or_default()
+            );
+        }
+    }
+}
+
+/// The word of a ready line that starts with `prefix`, without it
+/// (`https://` gives `HOST:PORT`).
+pub fn ready_word<'a>(line: &'a str, prefix: &str) -> &'a str {
+    line.split_whitespace()
+        .find_map(|w| w.strip_prefix(prefix))
+        .unwrap_or_else(|| panic!("no {prefix:?} in the ready line {line:?}"))
+}
+
+/// The kubeconfig path a server's ready line names.
+pub fn ready_kubeconfig(line: &str) -> PathBuf {
+    PathBuf::from(ready_word(line, "kubeconfig="))
+}
+
+/// `nsenter --net=NETNS -- program`: only the network namespace changes;
+/// `ip netns exec` would also remount /sys and hide the cgroup hierarchies.
+pub fn in_netns(netns: &Path, program: impl AsRef<OsStr>) -> Command {
+    let mut c = Command::new("nsenter");
+    c.arg(format!("--net={}", netns.display()))
+        .arg("--")
+        .arg(program);
+    c
+}
+
+/// Runs kubectl through `cmd` (`Command::new(KUBECTL)`, or kubectl behind a
+/// prefix such as [`in_netns`]) against `kubeconfig`, with HOME at `home`
+/// (its cache), `--request-timeout`, `args`, `stdin` and extra `env`.
+pub fn run_kubectl(
+    mut cmd: Command,
+    kubeconfig: &Path,
+    home: &Path,
+    request_timeout: &str,
+    args: &[&str],
+    stdin: Option<&str>,
+    env: &[(&str, &str)],
+) -> Output {
+    cmd.env("KUBECONFIG", kubeconfig)
+        .env("HOME", home)
+        .args(["--request-timeout", request_timeout])
+        .args(args)
+        .envs(env.iter().copied())
+        .stdin(if stdin.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut child = cmd.spawn().expect("spawn kubectl");
+    if let Some(input) = stdin {
+        use std::io::Write;
+        child
+            .stdin
+            .take()
+            .expect("stdin")
+            .write_all(input.as_bytes())
+            .expect("write kubectl stdin");
+    }
+    child.wait_with_output().expect("kubectl output")
 }
 
 impl Server {
@@ -209,32 +280,15 @@ impl Server {
 
     /// Runs kubectl with `stdin` and extra environment.
     pub fn kubectl_with(&self, args: &[&str], stdin: Option<&str>, env: &[(&str, &str)]) -> Output {
-        let mut cmd = Command::new(KUBECTL);
-        cmd.env("KUBECONFIG", &self.kubeconfig)
-            .env("HOME", &self.data_dir)
-            .args(["--request-timeout", "20s"])
-            .args(args)
-            .stdin(if stdin.is_some() {
-                Stdio::piped()
-            } else {
-                Stdio::null()
-            })
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
-        for (k, v) in env {
-            cmd.env(k, v);
-        }
-        let mut child = cmd.spawn().expect("spawn kubectl");
-        if let Some(input) = stdin {
-            use std::io::Write;
-            child
-                .stdin
-                .take()
-                .expect("stdin")
-                .write_all(input.as_bytes())
-                .expect("write stdin");
-        }
-        child.wait_with_output().expect("kubectl output")
+        run_kubectl(
+            Command::new(KUBECTL),
+            &self.kubeconfig,
+            &self.data_dir,
+            "20s",
+            args,
+            stdin,
+            env,
+        )
     }
 
     /// Runs kubectl, asserts success, returns stdout.

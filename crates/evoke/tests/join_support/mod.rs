@@ -1,15 +1,20 @@
 //! Helpers for the multi-node tests (`agent_join`, `net_two_node`): start
 //! the built `evoke server` and `evoke agent` as processes (optionally
 //! inside a network namespace the test made), wait for their ready lines,
-//! run the real kubectl against them, and clean up on drop.
+//! run the real kubectl against them, and clean up on drop. The spawning
+//! and kubectl running are `common`'s; a test using this also declares
+//! `mod common;`.
 #![allow(dead_code)]
 
-use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Child, Command, Output};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
+
+use crate::common::{
+    in_netns, ready_kubeconfig, ready_word, run_kubectl, spawn_ready, SERVER_READY,
+};
 
 pub const KUBECTL: &str = "/usr/bin/kubectl";
 
@@ -40,18 +45,16 @@ pub fn prerequisites(extra: &[&str]) -> bool {
 /// (a name under /run/netns) when given.
 pub fn evoke(netns: Option<&str>, data_dir: &Path) -> Command {
     let mut cmd = match netns {
-        Some(ns) => {
-            // nsenter switches only the network namespace; `ip netns exec`
-            // would also remount /sys and hide the cgroup hierarchies.
-            let mut c = Command::new("nsenter");
-            c.arg(format!("--net=/run/netns/{ns}"))
-                .arg(env!("CARGO_BIN_EXE_evoke"));
-            c
-        }
+        Some(ns) => in_netns(&netns_path(ns), env!("CARGO_BIN_EXE_evoke")),
         None => Command::new(env!("CARGO_BIN_EXE_evoke")),
     };
     cmd.arg("--data-dir").arg(data_dir);
     cmd
+}
+
+/// Where `ip netns add NAME` puts the namespace.
+fn netns_path(name: &str) -> PathBuf {
+    Path::new("/run/netns").join(name)
 }
 
 /// The environment that gives pods loopback only (no bridge, proxy or
@@ -70,44 +73,12 @@ pub struct Proc {
 impl Proc {
     /// Spawns `cmd` with stderr to `log` and waits up to `secs` for a
     /// stdout line starting with `ready`.
-    pub fn spawn(mut cmd: Command, log: &Path, ready: &str, secs: u64) -> Proc {
-        let file = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(log)
-            .expect("log file");
-        let mut child = cmd
-            .env("EVOKE_LOG", "info")
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::from(file))
-            .spawn()
-            .expect("spawn evoke");
-        let stdout = child.stdout.take().expect("stdout piped");
-        let (tx, rx) = std::sync::mpsc::channel();
-        let want = ready.to_string();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines() {
-                let Ok(line) = line else { break };
-                if line.starts_with(&want) {
-                    let _ = tx.send(line);
-                }
-            }
-        });
-        match rx.recv_timeout(Duration::from_secs(secs)) {
-            Ok(line) => Proc {
-                ready: line,
-                log: log.to_path_buf(),
-                child: Some(child),
-            },
-            Err(_) => {
-                let _ = child.kill();
-                let _ = child.wait();
-                panic!(
-                    "no {ready:?} line within {secs}s; log:\n{}",
-                    std::fs::read_to_string(log).unwrap_or_default()
-                );
-            }
+    pub fn spawn(cmd: Command, log: &Path, ready: &str, secs: u64) -> Proc {
+        let (child, line) = spawn_ready(cmd, log, ready, secs);
+        Proc {
+            ready: line,
+            log: log.to_path_buf(),
+            child: Some(child),
         }
     }
 
@@ -158,20 +129,9 @@ impl Server {
             cmd.args(["--https-listen-port", "0"]);
         }
         cmd.args(extra).envs(env.iter().copied());
-        let proc = Proc::spawn(cmd, &data_dir.join("server.log"), "evoke server ready", 30);
-        // "evoke server ready on https://HOST:PORT kubeconfig=PATH"
-        let url = proc
-            .ready
-            .split_whitespace()
-            .find(|w| w.starts_with("https://"))
-            .expect("url in the ready line")
-            .to_string();
-        let kubeconfig = PathBuf::from(
-            proc.ready
-                .split_whitespace()
-                .find_map(|w| w.strip_prefix("kubeconfig="))
-                .expect("kubeconfig in the ready line"),
-        );
+        let proc = Proc::spawn(cmd, &data_dir.join("server.log"), SERVER_READY, 30);
+        let url = format!("https://{}", ready_word(&proc.ready, "https://"));
+        let kubeconfig = ready_kubeconfig(&proc.ready);
         Server {
             proc,
             data_dir: data_dir.to_path_buf(),
@@ -202,36 +162,19 @@ impl Server {
 
     /// Runs kubectl against this server (in its namespace).
     pub fn kubectl(&self, args: &[&str], stdin: Option<&str>) -> Output {
-        let mut cmd = match &self.netns {
-            Some(ns) => {
-                let mut c = Command::new("nsenter");
-                c.arg(format!("--net=/run/netns/{ns}")).arg(KUBECTL);
-                c
-            }
+        let cmd = match &self.netns {
+            Some(ns) => in_netns(&netns_path(ns), KUBECTL),
             None => Command::new(KUBECTL),
         };
-        cmd.env("KUBECONFIG", &self.kubeconfig)
-            .env("HOME", &self.data_dir)
-            .args(["--request-timeout", "30s"])
-            .args(args)
-            .stdin(if stdin.is_some() {
-                Stdio::piped()
-            } else {
-                Stdio::null()
-            })
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
-        let mut child = cmd.spawn().expect("spawn kubectl");
-        if let Some(input) = stdin {
-            use std::io::Write;
-            child
-                .stdin
-                .take()
-                .expect("stdin")
-                .write_all(input.as_bytes())
-                .expect("write kubectl stdin");
-        }
-        child.wait_with_output().expect("kubectl output")
+        run_kubectl(
+            cmd,
+            &self.kubeconfig,
+            &self.data_dir,
+            "30s",
+            args,
+            stdin,
+            &[],
+        )
     }
 
     /// kubectl that must succeed; returns stdout.
