@@ -343,19 +343,7 @@ fn build_image(data_dir: &Path) {
     let root = data_dir.join("rootfs");
     evoke_runtime::testing::busybox_rootfs(&root).expect("busybox rootfs");
     std::fs::create_dir_all(root.join("www")).expect("www");
-    let out = Command::new(env!("CARGO_BIN_EXE_evoke"))
-        .arg("--data-dir")
-        .arg(data_dir)
-        .args(["image", "build-dir"])
-        .arg(&root)
-        .args(["--tag", "busybox:1"])
-        .output()
-        .expect("evoke image build-dir");
-    assert!(
-        out.status.success(),
-        "image build-dir failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    common::image_build_dir(data_dir, &root, "busybox:1");
 }
 
 /// A busybox httpd pod serving the host directory `www` (so the test can

@@ -89,19 +89,7 @@ pub fn start_cluster() -> Server {
     let dir = tmp.path().to_path_buf();
     let root = dir.join("busybox-rootfs");
     evoke_runtime::testing::busybox_rootfs(&root).expect("busybox rootfs");
-    let out = Command::new(env!("CARGO_BIN_EXE_evoke"))
-        .arg("--data-dir")
-        .arg(&dir)
-        .args(["image", "build-dir"])
-        .arg(&root)
-        .args(["--tag", "busybox:1"])
-        .output()
-        .expect("evoke image build-dir");
-    assert!(
-        out.status.success(),
-        "image build-dir failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    image_build_dir(&dir, &root, "busybox:1");
     let mut s = spawn_server(&dir, &[], true);
     s.tmp = Some(tmp);
     s
@@ -123,17 +111,24 @@ pub fn build_image(data_dir: &Path, tag: &str) {
     evoke_runtime::testing::busybox_rootfs(&root).expect("busybox rootfs");
     std::fs::create_dir_all(root.join("www")).expect("www");
     std::fs::write(root.join("www/index.html"), format!("hello from {tag}\n")).expect("index");
+    image_build_dir(data_dir, &root, tag);
+}
+
+/// `evoke --data-dir DATA_DIR image build-dir ROOT --tag TAG`, which must
+/// succeed.
+pub fn image_build_dir(data_dir: &Path, root: &Path, tag: &str) {
     let out = Command::new(env!("CARGO_BIN_EXE_evoke"))
         .arg("--data-dir")
         .arg(data_dir)
         .args(["image", "build-dir"])
-        .arg(&root)
+        .arg(root)
         .args(["--tag", tag])
         .output()
         .expect("evoke image build-dir");
     assert!(
         out.status.success(),
-        "image build-dir failed: {}",
+        "image build-dir of {} as {tag} failed: {}",
+        root.display(),
         String::from_utf8_lossy(&out.stderr)
     );
 }

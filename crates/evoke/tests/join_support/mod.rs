@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 
 use crate::common::{
-    in_netns, ready_kubeconfig, ready_word, run_kubectl, spawn_ready, SERVER_READY,
+    image_build_dir, in_netns, ready_kubeconfig, ready_word, run_kubectl, spawn_ready, SERVER_READY,
 };
 
 pub const KUBECTL: &str = "/usr/bin/kubectl";
@@ -283,17 +283,7 @@ pub fn build_image(data_dir: &Path, tag: &str, index: &str) {
     evoke_runtime::testing::busybox_rootfs(&root).expect("busybox rootfs");
     std::fs::create_dir_all(root.join("www")).expect("www");
     std::fs::write(root.join("www/index.html"), index).expect("index");
-    let out = evoke(None, data_dir)
-        .args(["image", "build-dir"])
-        .arg(&root)
-        .args(["--tag", tag])
-        .output()
-        .expect("evoke image build-dir");
-    assert!(
-        out.status.success(),
-        "image build-dir failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    image_build_dir(data_dir, &root, tag);
 }
 
 /// Polls `cond` every 300 ms until it holds or `secs` pass; then panics
