@@ -46,14 +46,7 @@ fn prerequisites() -> bool {
     if !Path::new("/bin/busybox").exists() {
         missing.push("/bin/busybox (busybox-static)".into());
     }
-    if missing.is_empty() {
-        return true;
-    }
-    if std::env::var("CI").is_ok_and(|v| v == "true") {
-        panic!("network e2e needs {}", missing.join(", "));
-    }
-    eprintln!("skipping: needs {}", missing.join(", "));
-    false
+    common::nothing_missing("network e2e", &missing)
 }
 
 fn run(cmd: &mut Command) -> Output {

@@ -70,13 +70,22 @@ pub fn require_pods() -> bool {
     if !Path::new("/bin/busybox").exists() {
         missing.push("/bin/busybox (busybox-static)");
     }
+    nothing_missing("this test runs pods", &missing)
+}
+
+/// True when `missing` (what `who` needs and this host lacks) is empty.
+/// Otherwise a failure under CI=true; elsewhere prints why the caller
+/// skips.
+pub fn nothing_missing(who: &str, missing: &[impl AsRef<str>]) -> bool {
     if missing.is_empty() {
         return true;
     }
+    let list: Vec<&str> = missing.iter().map(AsRef::as_ref).collect();
+    let list = list.join(", ");
     if std::env::var("CI").is_ok_and(|v| v == "true") {
-        panic!("this test runs pods and needs {}", missing.join(", "));
+        panic!("{who} needs {list}");
     }
-    eprintln!("skipping: needs {}", missing.join(", "));
+    eprintln!("skipping: needs {list}");
     false
 }
 

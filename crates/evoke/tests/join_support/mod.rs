@@ -13,7 +13,8 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 
 use crate::common::{
-    image_build_dir, in_netns, ready_kubeconfig, ready_word, run_kubectl, spawn_ready, SERVER_READY,
+    image_build_dir, in_netns, nothing_missing, ready_kubeconfig, ready_word, run_kubectl,
+    spawn_ready, SERVER_READY,
 };
 
 pub const KUBECTL: &str = "/usr/bin/kubectl";
@@ -31,14 +32,7 @@ pub fn prerequisites(extra: &[&str]) -> bool {
             missing.push((*p).to_string());
         }
     }
-    if missing.is_empty() {
-        return true;
-    }
-    if std::env::var("CI").is_ok_and(|v| v == "true") {
-        panic!("this test needs {}", missing.join(", "));
-    }
-    eprintln!("skipping: needs {}", missing.join(", "));
-    false
+    nothing_missing("this test", &missing)
 }
 
 /// A command for the built evoke binary, inside network namespace `netns`
