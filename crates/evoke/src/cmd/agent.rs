@@ -181,7 +181,14 @@ pub fn main(global: &Global, args: AgentArgs) -> anyhow::Result<u8> {
     })
 }
 
-/// Starts the scheduler, the controllers and (unless `disable_agent`) the
+/// The node `evoke server` runs in its own process (none with
+/// `--disable-agent`).
+pub struct LocalNode {
+    pub name: String,
+    pub ip: String,
+}
+
+/// Starts the scheduler, the controllers and (given `local_node`) the
 /// in-process node agent against the server whose admin kubeconfig is at
 /// `kubeconfig`; writes the join token (the CA's hash and the node token) for
 /// other nodes next to it. The in-process agent's endpoint, like a joined
@@ -191,10 +198,8 @@ pub async fn start_orchestration(
     kubeconfig: &Path,
     ca_pem: &str,
     node_token: &str,
-    disable_agent: bool,
     net_args: &NetArgs,
-    node_ip: String,
-    node_name: String,
+    local_node: Option<LocalNode>,
 ) -> anyhow::Result<()> {
     let token = JoinToken::for_server(ca_pem, node_token).context("making the join token")?;
     let token_path = global.data_dir.join("server").join("node-token");
@@ -224,7 +229,12 @@ pub async fn start_orchestration(
     });
     tokio::spawn(evoke_controllers::run(client.clone()));
     net::start_server_side(net_args, client.clone());
-    if !disable_agent {
+    let disable_agent = local_node.is_none();
+    if let Some(LocalNode {
+        name: node_name,
+        ip: node_ip,
+    }) = local_node
+    {
         let labels = BTreeMap::from([
             (
                 "node-role.kubernetes.io/control-plane".to_string(),

@@ -54,10 +54,9 @@ pub fn main(global: &Global, args: ServerArgs) -> anyhow::Result<u8> {
         })?;
     args.net.validate()?;
     // Only the in-process agent registers a Node under this name.
-    let node_name = if args.disable_agent {
-        String::new()
-    } else {
-        crate::cmd::agent::node_name(args.node_name.as_deref())?
+    let node_name = match args.disable_agent {
+        true => None,
+        false => Some(crate::cmd::agent::node_name(args.node_name.as_deref())?),
     };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -102,7 +101,7 @@ async fn run(
     global: &Global,
     args: ServerArgs,
     mode: u32,
-    node_name: String,
+    node_name: Option<String>,
 ) -> anyhow::Result<u8> {
     let store = open_store(global, &args).await?;
     let config = evoke_apiserver::Config {
@@ -134,10 +133,11 @@ async fn run(
         &server.kubeconfig,
         &server.credentials.ca_cert_pem,
         &server.credentials.node_token,
-        args.disable_agent,
         &args.net,
-        node_ip(&args, server.addr.ip()),
-        node_name,
+        node_name.map(|name| crate::cmd::agent::LocalNode {
+            name,
+            ip: node_ip(&args, server.addr.ip()),
+        }),
     )
     .await
     .context("starting orchestration")?;
