@@ -229,30 +229,44 @@ async fn exec(
         Ok(x) => x,
         Err(r) => return *r,
     };
-    let ws = match ws {
-        Ok(ws) => ws.protocols(stream::PROTOCOLS),
-        // The API server checks this way before refusing SPDY.
-        Err(e) => {
-            return error(
-                StatusCode::UPGRADE_REQUIRED,
-                format!("exec needs a WebSocket upgrade: {e}\n"),
-            )
-        }
+    // The API server checks for 426 before it falls back to SPDY.
+    let (ws, protocol) = match accept_upgrade(ws, &stream::PROTOCOLS, "exec") {
+        Ok(x) => x,
+        Err(r) => return *r,
     };
-    let Some(protocol) = ws
+    ws.on_upgrade(move |socket| stream::session(socket, protocol, tier, id, req))
+}
+
+/// Accepts kubectl's WebSocket upgrade for `what` with one of `protocols`:
+/// the upgrade and the subprotocol it chose, or the error response to send
+/// instead (426 without an upgrade, so the API server can tell).
+fn accept_upgrade(
+    ws: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
+    protocols: &[&'static str],
+    what: &str,
+) -> Result<(WebSocketUpgrade, String), Box<Response>> {
+    let ws = ws
+        .map_err(|e| {
+            Box::new(error(
+                StatusCode::UPGRADE_REQUIRED,
+                format!("{what} needs a WebSocket upgrade: {e}\n"),
+            ))
+        })?
+        .protocols(protocols.to_vec());
+    let protocol = ws
         .selected_protocol()
         .and_then(|p| p.to_str().ok())
         .map(String::from)
-    else {
-        return error(
-            StatusCode::BAD_REQUEST,
-            format!(
-                "exec needs one of the subprotocols {}\n",
-                stream::PROTOCOLS.join(", ")
-            ),
-        );
-    };
-    ws.on_upgrade(move |socket| stream::session(socket, protocol, tier, id, req))
+        .ok_or_else(|| {
+            Box::new(error(
+                StatusCode::BAD_REQUEST,
+                format!(
+                    "{what} needs one of the subprotocols {}\n",
+                    protocols.join(", ")
+                ),
+            ))
+        })?;
+    Ok((ws, protocol))
 }
 
 /// `GET /portForward/{ns}/{pod}[?ports=P[,P]]`: SPDY tunnelled in a
@@ -307,24 +321,10 @@ async fn port_forward(
             format!("port-forward into microvm pod {pod} is not supported\n"),
         );
     }
-    let ws = match ws {
-        Ok(ws) => ws.protocols([crate::portforward::PROTOCOL]),
-        Err(e) => {
-            return error(
-                StatusCode::UPGRADE_REQUIRED,
-                format!("port-forward needs a WebSocket upgrade: {e}\n"),
-            )
-        }
+    let ws = match accept_upgrade(ws, &[crate::portforward::PROTOCOL], "port-forward") {
+        Ok((ws, _)) => ws,
+        Err(r) => return *r,
     };
-    if ws.selected_protocol().is_none() {
-        return error(
-            StatusCode::BAD_REQUEST,
-            format!(
-                "port-forward needs the subprotocol {}\n",
-                crate::portforward::PROTOCOL
-            ),
-        );
-    }
     let connect: crate::portforward::Connector =
         Arc::new(move |port| connect_in_netns_of(pid, port));
     tracing::info!(pod = %format!("{ns}/{pod}"), ?ports, "port-forward started");
@@ -389,24 +389,10 @@ async fn attach(
             format!("container {container} in pod {pod} keeps no output to attach to\n"),
         );
     };
-    let ws = match ws {
-        Ok(ws) => ws.protocols(stream::PROTOCOLS),
-        Err(e) => {
-            return error(
-                StatusCode::UPGRADE_REQUIRED,
-                format!("attach needs a WebSocket upgrade: {e}\n"),
-            )
-        }
+    let ws = match accept_upgrade(ws, &stream::PROTOCOLS, "attach") {
+        Ok((ws, _)) => ws,
+        Err(r) => return *r,
     };
-    if ws.selected_protocol().is_none() {
-        return error(
-            StatusCode::BAD_REQUEST,
-            format!(
-                "attach needs one of the subprotocols {}\n",
-                stream::PROTOCOLS.join(", ")
-            ),
-        );
-    }
     ws.on_upgrade(move |socket| stream::attach_session(socket, tier, id, log))
 }
 
