@@ -54,6 +54,7 @@ measure() {
   out=/tmp/$name-$fmt
   [ -e "$out.failed" ] && return
   set_format "$fmt"
+  echo "bench: run $i/$N: $name ($fmt)"
   if ! "run_$(echo "$name" | tr - _)" >>"$out.json"; then
     echo "bench: $name ($fmt) run $i failed: $(tail -n1 "$out.json")"
     touch "$out.failed"
