@@ -58,9 +58,12 @@ fn microvm_guest_panic_and_a_killed_vmm_end_the_run_with_a_clear_failure() {
     if !test_host_ready() {
         return;
     }
+    // Output goes through the guest agent, so bytes written in the very
+    // instant of a panic can be lost with the guest, as on a real machine;
+    // output written a moment before must arrive.
     let script = format!(
         r#"{IMAGE}
-evoke run --rm --tier microvm bb sh -c 'echo going down; echo c > /proc/sysrq-trigger' >/tmp/p.out 2>/tmp/p.err
+evoke run --rm --tier microvm bb sh -c 'echo going down; sleep 1; echo c > /proc/sysrq-trigger' >/tmp/p.out 2>/tmp/p.err
 rc=$?
 cat /tmp/p.out /tmp/p.err
 [ "$rc" != 0 ] || fail "a guest panic reported success"
