@@ -22,9 +22,10 @@ use nix::sys::termios;
 use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
 use nix::unistd::Pid;
 
-use evoke_guest::proto::{ExitStatus, Frame};
+use evoke_guest::proto::{ExitStatus, Frame, FrameBuffer, MAIN_SESSION};
 use evoke_guest::spec::{self, Channel, GuestSpec, Shutdown};
 
+use crate::exec::{self, set_nonblocking, FrameSink, Input, Sessions};
 use crate::sys;
 
 #[derive(Debug, thiserror::Error)]
@@ -58,10 +59,13 @@ enum Sink {
     Console(File),
 }
 
-impl Sink {
+impl FrameSink for Sink {
     fn send(&mut self, frame: &Frame) {
         let res = match (self, frame) {
-            (Sink::Framed(f), _) => frame.write_to(f).map_err(|e| e.to_string()),
+            (Sink::Framed(f), _) => frame
+                .encode()
+                .map_err(|e| e.to_string())
+                .and_then(|b| write_all_waiting(f, &b).map_err(|e| e.to_string())),
             (Sink::Console(c), Frame::Stdout(b) | Frame::Stderr(b)) => {
                 c.write_all(b).map_err(|e| e.to_string())
             }
@@ -77,7 +81,31 @@ impl Sink {
             console(&format!("evoke-guest: agent channel write failed: {e}"));
         }
     }
+}
 
+/// Writes a whole frame to the channel, which is non-blocking (the agent
+/// polls it for input): when the port's buffers are full, wait for room
+/// rather than cut a frame in two.
+fn write_all_waiting(f: &mut File, mut bytes: &[u8]) -> io::Result<()> {
+    while !bytes.is_empty() {
+        match f.write(bytes) {
+            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+            Ok(n) => bytes = &bytes[n..],
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                let mut fds = [PollFd::new(f.as_fd(), PollFlags::POLLOUT)];
+                match poll(&mut fds, PollTimeout::from(1000u16)) {
+                    Ok(_) | Err(nix::Error::EINTR) => {}
+                    Err(e) => return Err(e.into()),
+                }
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+impl Sink {
     fn readable(&self) -> Option<BorrowedFd<'_>> {
         match self {
             Sink::Framed(f) => Some(f.as_fd()),
@@ -355,16 +383,6 @@ fn oom_kills() -> u64 {
         .unwrap_or(0)
 }
 
-fn set_nonblocking(fd: BorrowedFd<'_>) {
-    use nix::fcntl::{fcntl, FcntlArg, OFlag};
-    if let Ok(fl) = fcntl(fd, FcntlArg::F_GETFL) {
-        let _ = fcntl(
-            fd,
-            FcntlArg::F_SETFL(OFlag::from_bits_truncate(fl) | OFlag::O_NONBLOCK),
-        );
-    }
-}
-
 /// Reads what is available now from a non-blocking pipe; `Ok(false)` at EOF.
 fn pump(src: &mut impl Read, stderr: bool, sink: &mut Sink, buf: &mut [u8]) -> bool {
     loop {
@@ -433,13 +451,25 @@ fn run_workload(spec: &GuestSpec, sink: &mut Sink) -> Result<ExitStatus, AgentEr
     };
     set_nonblocking(out.as_fd());
     set_nonblocking(err.as_fd());
-    let mut input = WorkloadInput::new(child.stdin.take());
+    let mut input = Input::new(
+        child
+            .stdin
+            .take()
+            .map(|s| File::from(std::os::fd::OwnedFd::from(s))),
+    );
     if let Some(fd) = sink.readable() {
         set_nonblocking(fd);
     }
+    let mut sessions = Sessions::new(exec::Defaults {
+        root: root.to_owned(),
+        env: spec.env.clone(),
+        workdir: workdir.to_owned(),
+        uid: spec.uid,
+        gid: spec.gid,
+    });
 
     let mut buf = vec![0u8; 32 * 1024];
-    let mut inbox: Vec<u8> = Vec::new();
+    let mut inbox = FrameBuffer::default();
     let (mut out_open, mut err_open) = (true, true);
     let mut status: Option<WaitStatus> = None;
     let mut exited_at: Option<Instant> = None;
@@ -451,7 +481,7 @@ fn run_workload(spec: &GuestSpec, sink: &mut Sink) -> Result<ExitStatus, AgentEr
                 break;
             }
         }
-        let (ready_out, ready_err, ready_sig, ready_chan, ready_in) = {
+        let (ready_out, ready_err, ready_sig, ready_chan, ready_in, ready_sessions) = {
             let mut fds = vec![PollFd::new(sigfd.as_fd(), PollFlags::POLLIN)];
             let out_i = out_open.then(|| {
                 fds.push(PollFd::new(out.as_fd(), PollFlags::POLLIN));
@@ -471,7 +501,13 @@ fn run_workload(spec: &GuestSpec, sink: &mut Sink) -> Result<ExitStatus, AgentEr
                 fds.push(PollFd::new(fd, PollFlags::POLLOUT));
                 fds.len() - 1
             });
-            let timeout = if exited_at.is_some() { 20u16 } else { 1000 };
+            let first_session = fds.len();
+            let mut tags = Vec::new();
+            sessions.poll_fds(&mut fds, &mut tags);
+            let mut timeout = if exited_at.is_some() { 20u16 } else { 1000 };
+            if let Some(d) = sessions.next_deadline() {
+                timeout = timeout.min(d.as_millis() as u16 + 1);
+            }
             match poll(&mut fds, PollTimeout::from(timeout)) {
                 Ok(_) | Err(nix::Error::EINTR) => {}
                 Err(e) => return Err(nix_ctx("poll")(e)),
@@ -479,7 +515,20 @@ fn run_workload(spec: &GuestSpec, sink: &mut Sink) -> Result<ExitStatus, AgentEr
             let hit = |i: Option<usize>| {
                 i.is_some_and(|i| fds[i].revents().is_some_and(|r| !r.is_empty()))
             };
-            (hit(out_i), hit(err_i), hit(Some(0)), hit(chan_i), hit(in_i))
+            let ready_sessions: Vec<_> = tags
+                .into_iter()
+                .enumerate()
+                .filter(|(i, _)| hit(Some(first_session + i)))
+                .map(|(_, t)| t)
+                .collect();
+            (
+                hit(out_i),
+                hit(err_i),
+                hit(Some(0)),
+                hit(chan_i),
+                hit(in_i),
+                ready_sessions,
+            )
         };
         if ready_out {
             out_open = pump(&mut out, false, sink, &mut buf);
@@ -490,14 +539,18 @@ fn run_workload(spec: &GuestSpec, sink: &mut Sink) -> Result<ExitStatus, AgentEr
         if ready_chan {
             if let Sink::Framed(f) = sink {
                 match f.read(&mut buf) {
-                    Ok(n) if n > 0 => inbox.extend_from_slice(&buf[..n]),
+                    Ok(n) if n > 0 => inbox.push(&buf[..n]),
                     _ => {}
                 }
             }
-            handle_host_frames(&mut inbox, pid, &mut input);
+            handle_host_frames(&mut inbox, pid, &mut input, &mut sessions, sink);
         }
         if ready_in {
-            input.flush();
+            let taken = input.flush();
+            ack_main_stdin(taken, sink);
+        }
+        for (session, stream) in ready_sessions {
+            sessions.ready(session, stream, sink, &mut buf);
         }
         if ready_sig {
             while let Ok(Some(_)) = sigfd.read_signal() {}
@@ -510,11 +563,17 @@ fn run_workload(spec: &GuestSpec, sink: &mut Sink) -> Result<ExitStatus, AgentEr
                     if ws.pid() == Some(pid) {
                         status = Some(ws);
                         exited_at = Some(Instant::now());
+                    } else {
+                        sessions.reaped(&ws);
                     }
                 }
             }
         }
+        sessions.finish_ended(sink);
     }
+    // The VM ends with the workload, and every exec with it; the host
+    // tells each exec's caller so.
+    sessions.kill_all();
     if out_open {
         pump(&mut out, false, sink, &mut buf);
     }
@@ -525,17 +584,8 @@ fn run_workload(spec: &GuestSpec, sink: &mut Sink) -> Result<ExitStatus, AgentEr
     let _ = nix::sys::signal::kill(Pid::from_raw(-pid.as_raw()), Signal::SIGKILL);
     let oom = oom_kills() > oom_before;
     Ok(match status {
-        Some(WaitStatus::Exited(_, code)) => ExitStatus {
-            code,
-            signal: 0,
-            oom_killed: false,
-        },
-        Some(WaitStatus::Signaled(_, sig, _)) => ExitStatus {
-            code: 128 + sig as i32,
-            signal: sig as i32,
-            oom_killed: oom && sig == Signal::SIGKILL,
-        },
-        _ => ExitStatus {
+        Some(ws) => exec::exit_status(&ws, oom),
+        None => ExitStatus {
             code: 125,
             signal: 0,
             oom_killed: false,
@@ -543,103 +593,54 @@ fn run_workload(spec: &GuestSpec, sink: &mut Sink) -> Result<ExitStatus, AgentEr
     })
 }
 
-/// The workload's stdin when the spec keeps it open: bytes from
-/// [`Frame::Stdin`] wait here until the pipe takes them (it is
-/// non-blocking, so a workload that does not read cannot stall the agent).
-struct WorkloadInput {
-    pipe: Option<std::process::ChildStdin>,
-    pending: Vec<u8>,
-    /// An empty Stdin frame came: close the pipe once `pending` is written.
-    eof: bool,
-}
-
-/// Most bytes held for a workload that does not read its stdin.
-const INPUT_BUFFER: usize = 1 << 20;
-
-impl WorkloadInput {
-    fn new(pipe: Option<std::process::ChildStdin>) -> Self {
-        if let Some(p) = &pipe {
-            set_nonblocking(p.as_fd());
-        }
-        WorkloadInput {
-            pipe,
-            pending: Vec::new(),
-            eof: false,
-        }
-    }
-
-    fn has_room(&self) -> bool {
-        self.pending.len() < INPUT_BUFFER
-    }
-
-    /// The pipe, when bytes wait for it.
-    fn waiting_fd(&self) -> Option<BorrowedFd<'_>> {
-        self.pipe
-            .as_ref()
-            .filter(|_| !self.pending.is_empty())
-            .map(|p| p.as_fd())
-    }
-
-    fn push(&mut self, bytes: &[u8]) {
-        if bytes.is_empty() {
-            self.eof = true;
-        } else if self.pipe.is_some() {
-            self.pending.extend_from_slice(bytes);
-        }
-        self.flush();
-    }
-
-    /// Writes what the pipe takes now; closes it at the end of input or
-    /// when the workload closed its end.
-    fn flush(&mut self) {
-        if let Some(p) = self.pipe.as_mut() {
-            while !self.pending.is_empty() {
-                match p.write(&self.pending) {
-                    Ok(n) => {
-                        self.pending.drain(..n);
-                    }
-                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
-                    Err(_) => {
-                        // EPIPE: nobody reads any more.
-                        self.pending.clear();
-                        self.pipe = None;
-                        return;
-                    }
-                }
-            }
-        }
-        if self.eof {
-            self.pipe = None;
-        }
+fn ack_main_stdin(taken: usize, sink: &mut impl FrameSink) {
+    if taken > 0 {
+        sink.send(&Frame::StdinAck {
+            session: MAIN_SESSION,
+            bytes: taken as u32,
+        });
     }
 }
 
 /// Decodes complete host → guest frames from `inbox` and acts on them:
-/// signals go to the workload's process group, stdin bytes to its stdin.
-fn handle_host_frames(inbox: &mut Vec<u8>, pid: Pid, input: &mut WorkloadInput) {
+/// signals go to the workload's process group, stdin bytes to its stdin,
+/// exec frames to their session.
+fn handle_host_frames(
+    inbox: &mut FrameBuffer,
+    pid: Pid,
+    input: &mut Input,
+    sessions: &mut Sessions,
+    sink: &mut impl FrameSink,
+) {
     loop {
-        if inbox.len() < 5 {
-            return;
-        }
-        let len = u32::from_le_bytes([inbox[1], inbox[2], inbox[3], inbox[4]]) as usize;
-        if len > evoke_guest::proto::MAX_PAYLOAD {
-            inbox.clear();
-            return;
-        }
-        if inbox.len() < 5 + len {
-            return;
-        }
-        let frame: Vec<u8> = inbox.drain(..5 + len).collect();
-        match Frame::read_from(&mut frame.as_slice()) {
-            Ok(Some(Frame::Signal(n))) => {
+        let frame = match inbox.next_frame() {
+            Ok(Some(f)) => f,
+            Ok(None) => return,
+            Err(e) => {
+                console(&format!("evoke-guest: bad frame from host: {e}"));
+                continue;
+            }
+        };
+        match frame {
+            Frame::Signal(n) => {
                 if let Ok(sig) = Signal::try_from(n) {
                     let _ = nix::sys::signal::kill(Pid::from_raw(-pid.as_raw()), sig);
                 }
             }
-            Ok(Some(Frame::Stdin(bytes))) => input.push(&bytes),
-            Ok(_) => {}
-            Err(e) => console(&format!("evoke-guest: bad frame from host: {e}")),
+            Frame::Stdin(bytes) => {
+                let taken = input.push(&bytes);
+                ack_main_stdin(taken, sink);
+            }
+            Frame::ExecStart { session, request } => sessions.start(session, &request, sink),
+            Frame::ExecStdin { session, data } => sessions.stdin(session, &data, sink),
+            Frame::ExecResize {
+                session,
+                cols,
+                rows,
+            } => sessions.resize(session, cols, rows),
+            Frame::ExecSignal { session, signal } => sessions.signal(session, signal),
+            Frame::OutputAck { session, bytes } => sessions.output_acked(session, bytes),
+            _ => {}
         }
     }
 }
@@ -648,31 +649,50 @@ fn handle_host_frames(inbox: &mut Vec<u8>, pid: Pid, input: &mut WorkloadInput) 
 mod tests {
     use super::*;
 
+    fn no_sessions() -> Sessions {
+        Sessions::new(exec::Defaults {
+            root: "/".into(),
+            env: Vec::new(),
+            workdir: "/".into(),
+            uid: 0,
+            gid: 0,
+        })
+    }
+
     #[test]
     fn host_frames_are_taken_whole_and_partial_ones_wait_for_more_bytes() {
         let mut wire = Vec::new();
         Frame::Signal(0).write_to(&mut wire).unwrap();
         Frame::Signal(0).write_to(&mut wire).unwrap();
-        let mut inbox = wire[..7].to_vec();
+        let mut inbox = FrameBuffer::default();
+        inbox.push(&wire[..7]);
         // Signal 0 to a process group that does not exist: nothing happens.
         let nobody = Pid::from_raw(i32::MAX - 1);
-        let mut input = WorkloadInput::new(None);
-        handle_host_frames(&mut inbox, nobody, &mut input);
+        let mut input = Input::new(None);
+        let mut sent: Vec<Frame> = Vec::new();
+        let mut sessions = no_sessions();
+        handle_host_frames(&mut inbox, nobody, &mut input, &mut sessions, &mut sent);
         // A signal frame is 9 bytes: 7 are not enough to act on.
         assert_eq!(inbox.len(), 7);
-        inbox.extend_from_slice(&wire[7..]);
-        handle_host_frames(&mut inbox, nobody, &mut input);
+        inbox.push(&wire[7..]);
+        handle_host_frames(&mut inbox, nobody, &mut input, &mut sessions, &mut sent);
         assert!(inbox.is_empty());
+        assert!(sent.is_empty());
     }
 
     #[test]
-    fn stdin_frames_reach_the_workload_and_an_empty_one_closes_its_stdin() {
+    fn stdin_frames_reach_the_workload_are_acknowledged_and_an_empty_one_closes_its_stdin() {
         let mut child = Command::new("cat")
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .spawn()
             .unwrap();
-        let mut input = WorkloadInput::new(child.stdin.take());
+        let mut input = Input::new(
+            child
+                .stdin
+                .take()
+                .map(|s| File::from(std::os::fd::OwnedFd::from(s))),
+        );
         let mut wire = Vec::new();
         Frame::Stdin(b"hello ".to_vec())
             .write_to(&mut wire)
@@ -682,15 +702,35 @@ mod tests {
             .unwrap();
         Frame::Stdin(Vec::new()).write_to(&mut wire).unwrap();
         let nobody = Pid::from_raw(i32::MAX - 1);
-        handle_host_frames(&mut wire, nobody, &mut input);
+        let mut inbox = FrameBuffer::default();
+        inbox.push(&wire);
+        let mut sent: Vec<Frame> = Vec::new();
+        handle_host_frames(
+            &mut inbox,
+            nobody,
+            &mut input,
+            &mut no_sessions(),
+            &mut sent,
+        );
         while input.waiting_fd().is_some() {
-            input.flush();
+            ack_main_stdin(input.flush(), &mut sent);
             std::thread::sleep(Duration::from_millis(5));
         }
-        assert!(input.pipe.is_none(), "stdin not closed at the end of input");
+        assert!(input.is_closed(), "stdin not closed at the end of input");
         // cat ends only if its stdin was closed.
         let out = child.wait_with_output().unwrap();
         assert_eq!(out.stdout, b"hello guest\n");
+        let acked: u32 = sent
+            .iter()
+            .map(|f| match f {
+                Frame::StdinAck {
+                    session: MAIN_SESSION,
+                    bytes,
+                } => *bytes,
+                other => panic!("unexpected {other:?}"),
+            })
+            .sum();
+        assert_eq!(acked, 12);
     }
 
     #[test]

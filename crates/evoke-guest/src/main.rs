@@ -9,6 +9,8 @@
 //!   writes the workload's stdout and stderr, and exits with its code.
 
 mod agent;
+mod exec;
+mod pty;
 mod sys;
 mod tools;
 

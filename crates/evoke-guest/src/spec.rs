@@ -95,6 +95,44 @@ pub enum Shutdown {
     PowerOff,
 }
 
+/// A command to run next to the workload (`evoke exec`, `kubectl exec`),
+/// in the workload's rootfs, with its environment, working directory and
+/// user unless the request overrides them.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct ExecRequest {
+    /// Program and arguments, looked up like the workload's; not empty.
+    pub argv: Vec<String>,
+    /// `KEY=VALUE` entries added to (and overriding) the workload's.
+    pub env: Vec<String>,
+    /// Working directory; the workload's when unset.
+    pub workdir: Option<String>,
+    /// UID and GID; the workload's when unset.
+    pub user: Option<(u32, u32)>,
+    /// Run on a new pseudo-terminal (stdout carries both streams).
+    pub tty: bool,
+    /// The command reads stdin from the host; otherwise /dev/null.
+    pub stdin: bool,
+    /// The terminal's first size, when known.
+    pub cols: u16,
+    pub rows: u16,
+}
+
+impl ExecRequest {
+    pub fn from_json(bytes: &[u8]) -> Result<Self, serde_json::Error> {
+        let req: ExecRequest = serde_json::from_slice(bytes)?;
+        if req.argv.is_empty() {
+            return Err(serde::de::Error::custom("exec request has an empty argv"));
+        }
+        Ok(req)
+    }
+
+    pub fn to_json(&self) -> Vec<u8> {
+        // Plain strings and integers always serialise.
+        serde_json::to_vec(self).unwrap_or_default()
+    }
+}
+
 impl GuestSpec {
     /// Parses a spec; an empty `argv` is an error.
     pub fn from_json(bytes: &[u8]) -> Result<Self, serde_json::Error> {

@@ -630,7 +630,9 @@ impl Supervisor {
                         let _ = writeln!(self.err, "evoke: microvm: {msg}");
                         exit.get_or_insert(ExitInfo::exited(127));
                     }
-                    Ok(Some(Frame::Ready | Frame::Signal(_) | Frame::Stdin(_))) => {}
+                    // Ready, and frames for exec sessions (the VMM routes
+                    // those to their callers).
+                    Ok(Some(_)) => {}
                     Ok(None) => break,
                     Err(e) => {
                         tracing::warn!(error = %e, "agent channel broke");
