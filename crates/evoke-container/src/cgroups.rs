@@ -222,10 +222,25 @@ pub enum Hierarchy {
 /// hierarchy costs a mkdir, a write and an rmdir per container.
 pub const V1_CONTROLLERS: &[&str] = &["memory", "cpu", "cpuacct", "pids", "devices"];
 
+/// Finds the cgroup hierarchy, once per process: the first call looks (see
+/// [`detect_uncached`]) and later calls get a copy of what it found. The
+/// layout of a host does not change under a running process, and the node
+/// agent creates a cgroup per container: looking each time cost a read of
+/// /proc/self/cgroup and a dozen statfs/stat calls per container. A failure
+/// is not remembered, so a later call looks again.
+pub fn detect() -> Result<Hierarchy> {
+    static FOUND: std::sync::OnceLock<Hierarchy> = std::sync::OnceLock::new();
+    if let Some(h) = FOUND.get() {
+        return Ok(h.clone());
+    }
+    let h = detect_uncached()?;
+    Ok(FOUND.get_or_init(|| h).clone())
+}
+
 /// Finds the cgroup hierarchy: from the standard layout under
 /// /sys/fs/cgroup when it is there (a few statfs calls), else from
 /// /proc/self/mountinfo, which on a busy host is hundreds of lines.
-pub fn detect() -> Result<Hierarchy> {
+pub fn detect_uncached() -> Result<Hierarchy> {
     let own = fs::read_to_string("/proc/self/cgroup")
         .map_err(io("read", Path::new("/proc/self/cgroup")))?;
     if let Some(h) = detect_standard(Path::new("/sys/fs/cgroup"), &own) {

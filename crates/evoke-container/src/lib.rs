@@ -85,7 +85,14 @@ pub struct State {
     pub annotations: HashMap<String, String>,
 }
 
-/// What a container's state directory holds (state.json).
+/// What a container's state file (`STATE_ROOT/ID.json`) holds.
+///
+/// The layout is flat on purpose: one file per container, written once by
+/// [`create`] and removed by [`delete`]. There is no directory per
+/// container and no exec fifo on disk: `start` reaches the init's start
+/// pipe through `/proc/PID/fd/N` (see [`StartPipe`]). Every inode that
+/// `create` allocates and `delete` frees costs ext4 journal and bitmap
+/// work on the hot path; this way a container costs one.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 struct Record {
     id: String,
@@ -93,6 +100,8 @@ struct Record {
     /// The init's start time in clock ticks (/proc/PID/stat field 22), to
     /// tell it from a later process that reuses the pid.
     start_time: u64,
+    /// Where the init waits for `start`.
+    start_pipe: StartPipe,
     bundle: PathBuf,
     rootfs: PathBuf,
     cgroup: Option<CgroupPaths>,
@@ -155,15 +164,21 @@ fn validate_id(id: &str) -> Result<()> {
     }
 }
 
-fn container_dir(state_root: &Path, id: &str) -> Result<PathBuf> {
+/// The suffix of a state file: `STATE_ROOT/ID.json`.
+const STATE_SUFFIX: &str = ".json";
+
+fn state_file(state_root: &Path, id: &str) -> Result<PathBuf> {
     validate_id(id)?;
-    Ok(state_root.join(id))
+    Ok(state_root.join(format!("{id}{STATE_SUFFIX}")))
 }
 
+/// Reads a container's record. An empty state file belongs to a `create`
+/// that has claimed the id but not finished (or died half-way): such a
+/// container does not exist yet, as for `runc`.
 fn load_record(state_root: &Path, id: &str) -> Result<(PathBuf, Record)> {
-    let dir = container_dir(state_root, id)?;
-    let path = dir.join("state.json");
+    let path = state_file(state_root, id)?;
     let text = match fs::read(&path) {
+        Ok(t) if t.is_empty() => return Err(Error::NotFound(id.to_string())),
         Ok(t) => t,
         Err(e) if e.kind() == ErrorKind::NotFound => return Err(Error::NotFound(id.to_string())),
         Err(e) => return Err(Error::io("read", &path, e)),
@@ -172,18 +187,71 @@ fn load_record(state_root: &Path, id: &str) -> Result<(PathBuf, Record)> {
         id: id.to_string(),
         source,
     })?;
-    Ok((dir, rec))
+    Ok((path, rec))
 }
 
-fn save_record(dir: &Path, rec: &Record) -> Result<()> {
-    let tmp = dir.join("state.json.tmp");
+/// Fills the state file that `create` claimed (empty, opened O_EXCL). One
+/// write of a few hundred bytes into a new file, so no temporary file and
+/// rename (a second inode) are needed: readers see either an empty file
+/// (not created yet) or the whole record.
+fn save_record(file: &mut fs::File, path: &Path, rec: &Record) -> Result<()> {
     let text = serde_json::to_vec(rec).map_err(|source| Error::State {
         id: rec.id.clone(),
         source,
     })?;
-    fs::write(&tmp, text).map_err(|e| Error::io("write", &tmp, e))?;
-    let path = dir.join("state.json");
-    fs::rename(&tmp, &path).map_err(|e| Error::io("rename", &path, e))
+    file.write_all(&text)
+        .map_err(|e| Error::io("write", path, e))
+}
+
+/// The pipe on which a created container's init waits for `start`: its
+/// descriptor number in the init and the pipe's inode. `start` opens
+/// `/proc/PID/fd/FD` for writing, which reaches that very pipe, and writes
+/// one byte. The init holds the only descriptor of it (opened read-write,
+/// so that its read blocks instead of seeing end-of-file) and closes it
+/// before it execs the workload; until then `readlink /proc/PID/fd/FD`
+/// shows `pipe:[INODE]`, which is how [`status_of`] tells "created" from
+/// "running". Reaching it takes the same rights as ptrace-reading the init
+/// (root on the host; the init is not dumpable).
+#[derive(Debug, Clone, Copy, Serialize, Deserialize)]
+struct StartPipe {
+    fd: i32,
+    inode: u64,
+}
+
+impl StartPipe {
+    fn proc_path(&self, pid: i32) -> String {
+        format!("/proc/{pid}/fd/{}", self.fd)
+    }
+
+    /// Whether the init with `pid` still holds the pipe (has not started).
+    fn held_by(&self, pid: i32) -> bool {
+        fs::read_link(self.proc_path(pid))
+            .is_ok_and(|l| l.as_os_str().as_encoded_bytes() == self.link().as_bytes())
+    }
+
+    fn link(&self) -> String {
+        format!("pipe:[{}]", self.inode)
+    }
+}
+
+/// Makes the start pipe: one descriptor, readable and writable, on a fresh
+/// pipe (a pipe's /proc link reopened O_RDWR), plus its description.
+fn start_pipe() -> Result<(OwnedFd, u64)> {
+    use std::os::unix::fs::MetadataExt;
+    let (r, _w) =
+        nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(|e| Error::sys("pipe2", e))?;
+    let path = format!("/proc/self/fd/{}", r.as_raw_fd());
+    let rw = fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .custom_flags(libc::O_CLOEXEC)
+        .open(&path)
+        .map_err(|e| Error::io("open", &path, e))?;
+    let inode = rw
+        .metadata()
+        .map_err(|e| Error::io("stat", &path, e))?
+        .ino();
+    Ok((rw.into(), inode))
 }
 
 /// (state char, start time) of a live process, from /proc/PID/stat.
@@ -198,10 +266,10 @@ fn proc_stat(pid: i32) -> Option<(char, u64)> {
     Some((state, start))
 }
 
-fn status_of(dir: &Path, rec: &Record) -> Status {
+fn status_of(rec: &Record) -> Status {
     match proc_stat(rec.pid) {
         Some((state, start)) if start == rec.start_time && state != 'Z' && state != 'X' => {
-            if dir.join("exec.fifo").exists() {
+            if rec.start_pipe.held_by(rec.pid) {
                 Status::Created
             } else {
                 Status::Running
@@ -211,8 +279,8 @@ fn status_of(dir: &Path, rec: &Record) -> Status {
     }
 }
 
-fn to_state(dir: &Path, rec: &Record) -> State {
-    let status = status_of(dir, rec);
+fn to_state(rec: &Record) -> State {
+    let status = status_of(rec);
     State {
         oci_version: OCI_VERSION.to_string(),
         id: rec.id.clone(),
@@ -229,7 +297,8 @@ fn to_state(dir: &Path, rec: &Record) -> State {
 
 /// Everything [`create`] must undo when it fails half-way.
 struct Cleanup {
-    dir: Option<PathBuf>,
+    /// The claimed state file.
+    file: Option<PathBuf>,
     cgroup: Option<Box<dyn CgroupManager>>,
     pid: Option<Pid>,
 }
@@ -245,8 +314,8 @@ impl Drop for Cleanup {
                 tracing::warn!(error = %e, "removing cgroup after a failed create");
             }
         }
-        if let Some(dir) = self.dir.take() {
-            let _ = fs::remove_dir_all(dir);
+        if let Some(file) = self.file.take() {
+            let _ = fs::remove_file(file);
         }
     }
 }
@@ -269,9 +338,9 @@ fn write_id_map(pid: Pid, file: &str, maps: &[(u32, u32, u32)]) -> Result<()> {
 /// Creates container `id` from the bundle at `bundle` (which holds
 /// config.json) and returns once its init is set up and waits for
 /// [`start`]. The caller becomes the parent of the init, so it may
-/// [`wait`] for it. State goes to `state_root/id`.
+/// [`wait`] for it. State goes to `state_root/ID.json`.
 pub fn create(state_root: &Path, id: &str, bundle: &Path, opts: CreateOptions) -> Result<State> {
-    let dir = container_dir(state_root, id)?;
+    let path = state_file(state_root, id)?;
     let bundle = bundle
         .canonicalize()
         .map_err(|e| Error::io("resolve bundle", bundle, e))?;
@@ -287,13 +356,20 @@ pub fn create(state_root: &Path, id: &str, bundle: &Path, opts: CreateOptions) -
         .mode(0o711)
         .create(state_root)
         .map_err(|e| Error::io("mkdir", state_root, e))?;
-    match fs::DirBuilder::new().mode(0o711).create(&dir) {
-        Ok(()) => {}
+    // Claim the id: the empty state file is filled in once the init runs.
+    let mut file = match fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .custom_flags(libc::O_CLOEXEC)
+        .open(&path)
+    {
+        Ok(f) => f,
         Err(e) if e.kind() == ErrorKind::AlreadyExists => return Err(Error::Exists(id.into())),
-        Err(e) => return Err(Error::io("mkdir", &dir, e)),
-    }
+        Err(e) => return Err(Error::io("create", &path, e)),
+    };
     let mut cleanup = Cleanup {
-        dir: Some(dir.clone()),
+        file: Some(path.clone()),
         cgroup: None,
         pid: None,
     };
@@ -315,16 +391,11 @@ pub fn create(state_root: &Path, id: &str, bundle: &Path, opts: CreateOptions) -
         cg.set(&Resources::from_oci(r))?;
     }
 
-    let fifo_path = dir.join("exec.fifo");
-    nix::unistd::mkfifo(&fifo_path, nix::sys::stat::Mode::from_bits_truncate(0o600))
-        .map_err(|e| Error::io("mkfifo", &fifo_path, e.into()))?;
-    let fifo: OwnedFd = fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .custom_flags(libc::O_CLOEXEC)
-        .open(&fifo_path)
-        .map_err(|e| Error::io("open", &fifo_path, e))?
-        .into();
+    let (fifo, pipe_inode) = start_pipe()?;
+    let start_pipe = StartPipe {
+        fd: fifo.as_raw_fd(),
+        inode: pipe_inode,
+    };
     let console = match &opts.console_socket {
         Some(p) => Some(OwnedFd::from(
             std::os::unix::net::UnixStream::connect(p)
@@ -393,13 +464,14 @@ pub fn create(state_root: &Path, id: &str, bundle: &Path, opts: CreateOptions) -
         id: id.to_string(),
         pid: init_pid.as_raw(),
         start_time,
+        start_pipe,
         bundle: bundle.clone(),
         rootfs: plan.rootfs.clone(),
         cgroup: Some(cg.paths()),
         annotations: spec.annotations().clone().unwrap_or_default(),
         created: now_secs(),
     };
-    save_record(&dir, &rec)?;
+    save_record(&mut file, &path, &rec)?;
     if let Some(pf) = &opts.pid_file {
         write_pid_file(pf, init_pid.as_raw())?;
     }
@@ -407,8 +479,8 @@ pub fn create(state_root: &Path, id: &str, bundle: &Path, opts: CreateOptions) -
     // Success: keep everything.
     cleanup.pid = None;
     cleanup.cgroup = None;
-    cleanup.dir = None;
-    Ok(to_state(&dir, &rec))
+    cleanup.file = None;
+    Ok(to_state(&rec))
 }
 
 fn write_pid_file(path: &Path, pid: i32) -> Result<()> {
@@ -420,8 +492,8 @@ fn write_pid_file(path: &Path, pid: i32) -> Result<()> {
 
 /// Starts a created container: its init execs the workload.
 pub fn start(state_root: &Path, id: &str) -> Result<()> {
-    let (dir, rec) = load_record(state_root, id)?;
-    let status = status_of(&dir, &rec);
+    let (_, rec) = load_record(state_root, id)?;
+    let status = status_of(&rec);
     if status != Status::Created {
         return Err(Error::BadStatus {
             id: id.into(),
@@ -429,23 +501,41 @@ pub fn start(state_root: &Path, id: &str) -> Result<()> {
             op: "start",
         });
     }
-    let fifo_path = dir.join("exec.fifo");
-    // Non-blocking: the init holds the fifo open, so this only fails (with
-    // ENXIO) when the init is gone.
+    let pipe_path = rec.start_pipe.proc_path(rec.pid);
+    // Non-blocking: the init holds the pipe open for reading.
     let mut f = fs::OpenOptions::new()
         .write(true)
         .custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC)
-        .open(&fifo_path)
-        .map_err(|e| Error::io("open", &fifo_path, e))?;
+        .open(&pipe_path)
+        .map_err(|e| Error::io("open start pipe", &pipe_path, e))?;
+    // The status check and the open are not atomic: make sure the
+    // descriptor reached is still the init's start pipe.
+    let st = f.metadata().map_err(|e| Error::io("stat", &pipe_path, e))?;
+    if std::os::unix::fs::MetadataExt::ino(&st) != rec.start_pipe.inode {
+        return Err(Error::BadStatus {
+            id: id.into(),
+            status: Status::Running,
+            op: "start",
+        });
+    }
     f.write_all(b"0")
-        .map_err(|e| Error::io("write", &fifo_path, e))?;
-    fs::remove_file(&fifo_path).map_err(|e| Error::io("remove", &fifo_path, e))
+        .map_err(|e| Error::io("write", &pipe_path, e))?;
+    // Return once the init has taken the byte and closed its end (we are
+    // then the pipe's last holder, which poll reports as POLLERR), so that
+    // `state` says "running" as soon as `start` returns, as with runc. A
+    // stopped (SIGSTOP) init does not hold us up for long.
+    let mut pfd = [nix::poll::PollFd::new(
+        std::os::fd::AsFd::as_fd(&f),
+        nix::poll::PollFlags::empty(),
+    )];
+    let _ = nix::poll::poll(&mut pfd, nix::poll::PollTimeout::from(2000u16));
+    Ok(())
 }
 
 /// The container's OCI state.
 pub fn state(state_root: &Path, id: &str) -> Result<State> {
-    let (dir, rec) = load_record(state_root, id)?;
-    Ok(to_state(&dir, &rec))
+    let (_, rec) = load_record(state_root, id)?;
+    Ok(to_state(&rec))
 }
 
 /// Every container under `state_root`, sorted by id.
@@ -458,7 +548,10 @@ pub fn list(state_root: &Path) -> Result<Vec<State>> {
     };
     for e in entries.flatten() {
         let name = e.file_name().to_string_lossy().into_owned();
-        if let Ok(s) = state(state_root, &name) {
+        let Some(id) = name.strip_suffix(STATE_SUFFIX) else {
+            continue;
+        };
+        if let Ok(s) = state(state_root, id) {
             out.push(s);
         }
     }
@@ -482,8 +575,8 @@ pub fn parse_signal(s: &str) -> Result<Signal> {
 
 /// Sends `signal` to the container's init.
 pub fn kill(state_root: &Path, id: &str, signal: Signal) -> Result<()> {
-    let (dir, rec) = load_record(state_root, id)?;
-    let status = status_of(&dir, &rec);
+    let (_, rec) = load_record(state_root, id)?;
+    let status = status_of(&rec);
     if status == Status::Stopped {
         return Err(Error::BadStatus {
             id: id.into(),
@@ -497,8 +590,8 @@ pub fn kill(state_root: &Path, id: &str, signal: Signal) -> Result<()> {
 /// Deletes a container: its processes (a created one is killed; a running
 /// one only with `force`), its cgroup and its state.
 pub fn delete(state_root: &Path, id: &str, force: bool) -> Result<()> {
-    let (dir, rec) = load_record(state_root, id)?;
-    let status = status_of(&dir, &rec);
+    let (path, rec) = load_record(state_root, id)?;
+    let status = status_of(&rec);
     if status == Status::Running && !force {
         return Err(Error::BadStatus {
             id: id.into(),
@@ -513,14 +606,14 @@ pub fn delete(state_root: &Path, id: &str, force: bool) -> Result<()> {
             cg.kill_all()?;
         }
         let deadline = Instant::now() + Duration::from_secs(10);
-        while status_of(&dir, &rec) != Status::Stopped && Instant::now() < deadline {
+        while status_of(&rec) != Status::Stopped && Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(1));
         }
     }
     if let Some(cg) = &cg {
         cg.remove()?;
     }
-    fs::remove_dir_all(&dir).map_err(|e| Error::io("remove", &dir, e))
+    fs::remove_file(&path).map_err(|e| Error::io("remove", &path, e))
 }
 
 /// Waits for the container's init to exit and reports how. Only the
@@ -528,7 +621,7 @@ pub fn delete(state_root: &Path, id: &str, force: bool) -> Result<()> {
 /// others get code -1 once the process is gone.
 pub fn wait(state_root: &Path, id: &str) -> Result<ExitStatus> {
     use nix::sys::wait::{waitpid, WaitStatus};
-    let (dir, rec) = load_record(state_root, id)?;
+    let (_, rec) = load_record(state_root, id)?;
     let pid = Pid::from_raw(rec.pid);
     let mut out = ExitStatus {
         code: -1,
@@ -548,7 +641,7 @@ pub fn wait(state_root: &Path, id: &str) -> Result<ExitStatus> {
             }
             Ok(_) | Err(nix::Error::EINTR) => continue,
             Err(nix::Error::ECHILD) => {
-                while status_of(&dir, &rec) != Status::Stopped {
+                while status_of(&rec) != Status::Stopped {
                     std::thread::sleep(Duration::from_millis(5));
                 }
                 break;
@@ -576,8 +669,8 @@ pub fn exec(
     process: &oci_spec::runtime::Process,
     opts: ExecOptions,
 ) -> Result<Pid> {
-    let (dir, rec) = load_record(state_root, id)?;
-    let status = status_of(&dir, &rec);
+    let (_, rec) = load_record(state_root, id)?;
+    let status = status_of(&rec);
     if status != Status::Running {
         return Err(Error::BadStatus {
             id: id.into(),
