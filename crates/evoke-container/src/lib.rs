@@ -16,6 +16,7 @@
 pub mod cgroups;
 pub mod devices;
 mod error;
+pub mod execproc;
 mod init;
 mod plan;
 pub mod seccomp;
@@ -765,10 +766,39 @@ pub fn exec(
         }
     };
     let _ = nix::sys::wait::waitpid(child, None);
-    if let (Err(_), Some(p)) = (&outcome, pid) {
-        let _ = nix::sys::wait::waitpid(p, None);
+    if outcome.is_err() {
+        // The process can fail (a missing program, a bad cwd) and report it
+        // before the intermediate has reported its pid: "12" released both
+        // at once. It is our child all the same, now a zombie in the
+        // container's pid namespace, and the kernel's teardown of that
+        // namespace waits until it is reaped: the container's init would
+        // hang on SIGKILL. So read on to the end of the pipe (both writers
+        // are exiting) to learn the pid, and reap it.
+        if pid.is_none() {
+            while let Ok(Some(m)) = Msg::read(&mut st) {
+                if let Msg::Pid(p) = m {
+                    pid = Some(Pid::from_raw(p));
+                }
+            }
+        }
+        if let Some(p) = pid {
+            // Still ours (unreaped), so the pid cannot have been reused.
+            let _ = nix::sys::signal::kill(p, Signal::SIGKILL);
+            let _ = nix::sys::wait::waitpid(p, None);
+        }
     }
     outcome
+}
+
+/// [`exec`], with the process held by an [`execproc::ExecChild`], which
+/// reaps it on every path (see that module for why that matters).
+pub fn exec_child(
+    state_root: &Path,
+    id: &str,
+    process: &oci_spec::runtime::Process,
+    opts: ExecOptions,
+) -> Result<execproc::ExecChild> {
+    exec(state_root, id, process, opts).map(execproc::ExecChild::adopt)
 }
 
 /// Waits for a process started by [`exec`] (the caller is its parent).

@@ -676,7 +676,10 @@ impl ContainerTier {
             None => ([Some(stdin), Some(stdout), Some(stderr)], None),
         };
         let [i, o, e] = io;
-        let pid = crate::exec(
+        // Held from here on, so that every way out of this function (an
+        // error receiving the terminal, a timeout) kills and reaps the
+        // process: see `crate::execproc` for why none may stay a zombie.
+        let child = crate::exec_child(
             &self.engine_root,
             id,
             &process,
@@ -698,11 +701,41 @@ impl ContainerTier {
             }
             _ => None,
         };
-        let s = crate::wait_pid(pid).map_err(Self::err)?;
+        let code = finish_exec(child, spec, id)?;
         if let Some(p) = pump {
             let _ = p.join();
         }
-        Ok(s.code)
+        Ok(code)
+    }
+}
+
+/// Waits for an exec'd process, for at most `spec.timeout`, and returns its
+/// shell-style exit code. At the timeout the process is killed and reaped
+/// and the answer is an error of kind `TimedOut`.
+fn finish_exec(
+    child: crate::execproc::ExecChild,
+    spec: &ExecSpec,
+    id: &str,
+) -> Result<i32, RuntimeError> {
+    let what = || {
+        format!(
+            "exec {:?} in workload {id}",
+            spec.command.first().map(String::as_str).unwrap_or_default()
+        )
+    };
+    let err = |e: crate::Error| RuntimeError::io(what(), std::io::Error::other(e.to_string()));
+    match spec.timeout {
+        None => Ok(child.wait().map_err(err)?.code),
+        Some(t) => match child.wait_timeout(t).map_err(err)? {
+            Some(st) => Ok(st.code),
+            None => Err(RuntimeError::io(
+                what(),
+                std::io::Error::new(
+                    ErrorKind::TimedOut,
+                    format!("still running after {t:?}: killed"),
+                ),
+            )),
+        },
     }
 }
 
@@ -1203,13 +1236,12 @@ impl WorkloadRuntime for ProcessTier {
             Some(p) => spawn::open_procs(p)?,
             None => Vec::new(),
         };
-        let mut child = spawn::spawn_in_cgroup(&mut cmd, &procs)
+        let child = spawn::spawn_in_cgroup(&mut cmd, &procs)
             .map_err(|e| RuntimeError::io(format!("exec {prog}"), e))?;
-        let st = child
-            .wait()
-            .map_err(|e| RuntimeError::io(format!("wait for exec {prog}"), e))?;
-        use std::os::unix::process::ExitStatusExt;
-        Ok(st.code().unwrap_or_else(|| 128 + st.signal().unwrap_or(0)))
+        // std's Child neither waits nor kills on drop: the handle takes over.
+        let child =
+            crate::execproc::ExecChild::adopt(nix::unistd::Pid::from_raw(child.id() as i32));
+        finish_exec(child, spec, id)
     }
 
     fn remove(&self, id: &str, force: bool) -> Result<(), RuntimeError> {

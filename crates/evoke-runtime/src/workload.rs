@@ -222,6 +222,11 @@ pub struct ExecSpec {
     pub workdir: Option<String>,
     pub user: Option<User>,
     pub tty: bool,
+    /// Kill the process once it has run this long (an exec probe's
+    /// `timeoutSeconds`); `exec` then fails with an error of kind
+    /// `TimedOut`. `None` waits for as long as it runs.
+    #[serde(default)]
+    pub timeout: Option<Duration>,
 }
 
 /// A terminal's size in character cells.

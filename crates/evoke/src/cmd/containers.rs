@@ -229,6 +229,7 @@ pub fn exec(g: &Global, a: ExecArgs) -> anyhow::Result<u8> {
         workdir: a.workdir.clone(),
         user: None,
         tty: a.tty,
+        timeout: None,
     };
     let dup =
         |fd: std::os::fd::BorrowedFd<'_>| fd.try_clone_to_owned().context("dup a standard stream");
