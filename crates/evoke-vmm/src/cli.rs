@@ -134,6 +134,7 @@ pub fn parse(
         cgroup: None,
         console_cap: 16 << 20,
         forward_signals: false,
+        exec_socket: None,
     })))
 }
 

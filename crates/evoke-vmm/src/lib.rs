@@ -11,13 +11,15 @@
 //! console) until the guest resets or powers off, or the host stops it.
 //!
 //! Around it: [`seccomp`] confines every VMM thread, [`cgroup`] the VMM
-//! process; [`runner`] is the VMM process and [`cli`] its command line
+//! process; [`runner`] is the VMM process, [`agent_mux`] its end of the agent
+//! channel (the main workload, signals and exec sessions), and [`cli`] its command line
 //! (`evoke vmm`, or the small `evoke-vmm` binary in `src/bin`); [`tier`] is the `microvm`
 //! WorkloadRuntime on top; [`vmlinux`] extracts the uncompressed kernel for
 //! PVH; [`residency`] lets go of start-up pages once the VM is set up;
 //! [`kvm_check`] says early, in one line, why a host cannot run guests.
 
 pub mod acpi;
+pub mod agent_mux;
 pub mod arch;
 pub mod boot;
 pub mod cgroup;

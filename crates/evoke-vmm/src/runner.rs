@@ -10,23 +10,24 @@
 //! [`Frame::Signal`] between them for each signal caught. The VM ends when
 //! the workload does; SIGKILL still ends the VMM at once.
 //!
-//! The relay holds everything back until the guest has written to the agent
-//! channel (the agent's Ready frame). Until the agent has opened its end and
-//! made the tty raw, the guest kernel would treat input as a terminal's
-//! cooked input and echo it back into the host's frame stream.
+//! The relay is [`crate::agent_mux`], which also carries exec sessions from
+//! [`ProcessConfig::exec_socket`]. It holds everything back until the guest
+//! has written to the agent channel (the agent's Ready frame). Until the
+//! agent has opened its end and made the tty raw, the guest kernel would
+//! treat input as a terminal's cooked input and echo it back into the host's
+//! frame stream.
 
 use std::fs::File;
-use std::io::{Read, Write};
+use std::io::Write;
 use std::os::fd::AsFd;
-use std::path::Path;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
-use std::time::Duration;
 
-use evoke_guest::proto::{self, Frame};
-use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use nix::sys::signal::{SigSet, Signal};
 use nix::sys::signalfd::{SfdFlags, SignalFd};
+
+use crate::agent_mux::{self, GuestOutput, Mailbox, Mux};
 
 use crate::cgroup::{CgroupSpec, VmmCgroup};
 use crate::devices::sink::CappedWriter;
@@ -48,6 +49,10 @@ pub struct ProcessConfig {
     /// agent frames (stdin must then carry frames too).
     #[serde(default)]
     pub forward_signals: bool,
+    /// With `forward_signals`: take exec sessions on a Unix socket here
+    /// (see [`crate::agent_mux`]).
+    #[serde(default)]
+    pub exec_socket: Option<PathBuf>,
 }
 
 /// The signals the relay forwards; the rest keep their default action.
@@ -103,11 +108,27 @@ pub fn run_process(cfg: &ProcessConfig) -> Result<ExitReason, VmmError> {
     let stdout = dup(std::io::stdout(), "agent stdout")?;
     let (agent_in, agent_out, relay): (File, Box<dyn Write + Send>, _) = if cfg.forward_signals {
         let guest_spoke = Arc::new(AtomicBool::new(false));
-        let (rx, relay) = start_relay(stdin, cfg.vm.seccomp, guest_spoke.clone())?;
-        let out = NotesFirstWrite {
-            inner: stdout,
-            flag: guest_spoke,
+        let mailbox = Mailbox::new().map_err(|source| VmmError::Sys {
+            what: "agent mux eventfd",
+            source,
+        })?;
+        let listener = match &cfg.exec_socket {
+            Some(p) => Some(
+                agent_mux::bind_exec_socket(p).map_err(|source| VmmError::Sys {
+                    what: "exec socket",
+                    source,
+                })?,
+            ),
+            None => None,
         };
+        let (rx, relay) = start_relay(
+            stdin,
+            cfg.vm.seccomp,
+            guest_spoke.clone(),
+            mailbox.clone(),
+            listener,
+        )?;
+        let out = GuestOutput::new(stdout, mailbox, guest_spoke);
         (rx, Box::new(out), Some(relay))
     } else {
         (stdin, Box::new(stdout), None)
@@ -139,12 +160,14 @@ pub fn run_process(cfg: &ProcessConfig) -> Result<ExitReason, VmmError> {
 }
 
 /// Blocks [`FORWARDED`] in this thread (so in every thread started after
-/// it) and starts the relay from `stdin` and those signals to the returned
-/// pipe, which becomes the VM's agent input.
+/// it) and starts the relay from `stdin`, those signals and the exec
+/// sessions to the returned pipe, which becomes the VM's agent input.
 fn start_relay(
     stdin: File,
     seccomp: bool,
     guest_spoke: Arc<AtomicBool>,
+    mailbox: Arc<Mailbox>,
+    listener: Option<std::os::unix::net::UnixListener>,
 ) -> Result<(File, std::thread::JoinHandle<()>), VmmError> {
     let sys = |what| {
         move |e: nix::Error| VmmError::Sys {
@@ -175,7 +198,15 @@ fn start_relay(
                     return;
                 }
             }
-            relay(stdin, &sigfd, File::from(tx), &guest_spoke);
+            Mux {
+                input: stdin,
+                sigfd,
+                out: File::from(tx),
+                spoke: guest_spoke,
+                mailbox,
+                listener,
+            }
+            .run();
         })
         .map_err(|source| VmmError::Sys {
             what: "signal relay thread",
@@ -184,115 +215,8 @@ fn start_relay(
     Ok((File::from(rx), t))
 }
 
-/// How often the relay looks whether the guest has written yet.
-const GUEST_SPOKE_POLL: Duration = Duration::from_millis(10);
-
-/// The relay needs little stack: one small buffer and no recursion.
+/// The relay needs little stack: small buffers and no recursion.
 const RELAY_STACK: usize = 64 << 10;
-
-/// The agent output: notes that the guest has written (so its end of the
-/// channel is open and raw).
-struct NotesFirstWrite {
-    inner: File,
-    flag: Arc<AtomicBool>,
-}
-
-impl Write for NotesFirstWrite {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.flag.store(true, Ordering::Release);
-        self.inner.write(buf)
-    }
-
-    fn flush(&mut self) -> std::io::Result<()> {
-        self.inner.flush()
-    }
-}
-
-/// Copies whole frames from `input` to `out` and writes a [`Frame::Signal`]
-/// for each signal read from `sigfd`, never inside another frame; nothing
-/// before `guest_spoke` is set (signals wait, pending). Ends when `out`'s
-/// reader is gone (the VM ended).
-fn relay(mut input: File, sigfd: &SignalFd, mut out: File, guest_spoke: &AtomicBool) {
-    let mut pending: Vec<u8> = Vec::new();
-    let mut buf = vec![0u8; 16 << 10];
-    let mut input_open = true;
-    loop {
-        let open = guest_spoke.load(Ordering::Acquire);
-        let (input_ready, sig_ready, out_gone) = {
-            let wanted = if open {
-                PollFlags::POLLIN
-            } else {
-                PollFlags::empty()
-            };
-            let mut fds = vec![
-                PollFd::new(sigfd.as_fd(), wanted),
-                // No events asked: poll still reports POLLERR once the
-                // read end is closed.
-                PollFd::new(out.as_fd(), PollFlags::empty()),
-            ];
-            if input_open {
-                fds.push(PollFd::new(input.as_fd(), wanted));
-            }
-            // Until the guest speaks, wake now and then to look again.
-            let timeout = if open {
-                PollTimeout::NONE
-            } else {
-                PollTimeout::from(GUEST_SPOKE_POLL.as_millis() as u16)
-            };
-            match poll(&mut fds, timeout) {
-                Ok(_) | Err(nix::Error::EINTR) => {}
-                Err(e) => {
-                    tracing::error!(error = %e, "signal relay: poll");
-                    return;
-                }
-            }
-            let hit = |i: usize| {
-                fds.get(i)
-                    .and_then(|f| f.revents())
-                    .is_some_and(|r| !r.is_empty())
-            };
-            (hit(2), hit(0), hit(1))
-        };
-        if out_gone {
-            return;
-        }
-        if sig_ready {
-            while let Ok(Some(info)) = sigfd.read_signal() {
-                let sig = info.ssi_signo as i32;
-                tracing::debug!(signal = sig, "forwarding a signal to the workload");
-                if Frame::Signal(sig).write_to(&mut out).is_err() {
-                    return;
-                }
-            }
-        }
-        if input_ready {
-            match input.read(&mut buf) {
-                Ok(0) => input_open = false,
-                Ok(n) => pending.extend_from_slice(&buf[..n]),
-                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-                Err(_) => input_open = false,
-            }
-            loop {
-                match proto::whole_frame_len(&pending) {
-                    Ok(Some(len)) => {
-                        tracing::trace!(bytes = len, "relaying a frame to the guest");
-                        if out.write_all(&pending[..len]).is_err() {
-                            return;
-                        }
-                        pending.drain(..len);
-                    }
-                    Ok(None) => break,
-                    Err(e) => {
-                        tracing::error!(error = %e, "agent input is not frames; no more input for the guest");
-                        pending.clear();
-                        input_open = false;
-                        break;
-                    }
-                }
-            }
-        }
-    }
-}
 
 /// The process exit code for a VM exit: 0 for a guest-initiated reset or
 /// power-off, 1 for a crash or vCPU failure, 143 when stopped by the host.
@@ -301,81 +225,5 @@ pub fn exit_code(reason: &ExitReason) -> u8 {
         ExitReason::Reset | ExitReason::PowerOff => 0,
         ExitReason::Stopped => 143,
         ExitReason::Crash | ExitReason::VcpuError(_) => 1,
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use std::time::Duration;
-    use vmm_sys_util::signal::Killable;
-
-    fn pipe() -> (File, File) {
-        let (r, w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).unwrap();
-        (File::from(r), File::from(w))
-    }
-
-    #[test]
-    fn a_signal_becomes_a_frame_between_whole_input_frames_and_the_relay_ends_with_the_vm() {
-        let mut set = SigSet::empty();
-        set.add(Signal::SIGUSR1);
-        // Blocked here, so in the relay thread too; sent to that thread only.
-        set.thread_block().unwrap();
-        let sigfd = SignalFd::with_flags(&set, SfdFlags::SFD_NONBLOCK).unwrap();
-        let (in_r, mut in_w) = pipe();
-        let (mut out_r, out_w) = pipe();
-        let spoke = Arc::new(AtomicBool::new(false));
-        let flag = spoke.clone();
-        let relay_thread = std::thread::spawn(move || relay(in_r, &sigfd, out_w, &flag));
-
-        let mut stdin_frame = Vec::new();
-        Frame::Stdin(b"typed".to_vec())
-            .write_to(&mut stdin_frame)
-            .unwrap();
-        in_w.write_all(&stdin_frame[..3]).unwrap();
-        std::thread::sleep(Duration::from_millis(50));
-        relay_thread.kill(libc::SIGUSR1).unwrap();
-        std::thread::sleep(Duration::from_millis(50));
-        // Nothing reaches the guest before it has written to the channel.
-        let mut fds = [PollFd::new(out_r.as_fd(), PollFlags::POLLIN)];
-        assert_eq!(poll(&mut fds, PollTimeout::from(100u8)).unwrap(), 0);
-        spoke.store(true, Ordering::Release);
-        std::thread::sleep(Duration::from_millis(50));
-        in_w.write_all(&stdin_frame[3..]).unwrap();
-        drop(in_w);
-
-        let first = Frame::read_from(&mut out_r).unwrap();
-        let second = Frame::read_from(&mut out_r).unwrap();
-        assert_eq!(first, Some(Frame::Signal(libc::SIGUSR1)));
-        assert_eq!(second, Some(Frame::Stdin(b"typed".to_vec())));
-        // The VM side closing its end is what stops the relay.
-        drop(out_r);
-        for _ in 0..200 {
-            if relay_thread.is_finished() {
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        assert!(
-            relay_thread.is_finished(),
-            "relay still running after the VM ended"
-        );
-    }
-
-    #[test]
-    fn input_that_is_not_frames_is_cut_off_instead_of_passed_on_in_pieces() {
-        let sigfd = SignalFd::with_flags(&SigSet::empty(), SfdFlags::SFD_NONBLOCK).unwrap();
-        let (in_r, mut in_w) = pipe();
-        let (out_r, out_w) = pipe();
-        let t = std::thread::spawn(move || relay(in_r, &sigfd, out_w, &AtomicBool::new(true)));
-        // A header announcing 4 GiB: not a frame of this protocol.
-        in_w.write_all(&[2, 0xff, 0xff, 0xff, 0xff, b'x']).unwrap();
-        std::thread::sleep(Duration::from_millis(50));
-        drop(in_w);
-        let mut fds = [PollFd::new(out_r.as_fd(), PollFlags::POLLIN)];
-        let ready = poll(&mut fds, PollTimeout::from(100u8)).unwrap();
-        assert_eq!(ready, 0, "bytes that are not frames reached the guest");
-        drop(out_r);
-        t.join().unwrap();
     }
 }

@@ -47,6 +47,9 @@ const ALLOWED: &[libc::c_long] = &[
     libc::SYS_nanosleep,
     libc::SYS_exit,
     libc::SYS_exit_group,
+    // The agent mux takes exec connections on the VM's own Unix socket,
+    // bound before the filter; no socket can be made or bound after it.
+    libc::SYS_accept4,
 ];
 
 /// Builds the VMM thread filter.

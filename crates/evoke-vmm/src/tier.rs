@@ -20,6 +20,7 @@
 use std::collections::HashMap;
 use std::fs::{self, File};
 use std::io::{Read, Write};
+use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, Command, Stdio as ProcStdio};
 use std::sync::{Arc, Mutex};
@@ -28,20 +29,24 @@ use std::time::{Duration, SystemTime};
 use evoke_guest::initramfs::{find_agent, GuestBase, InitramfsBuilder, Part, DEFAULT_MODULES};
 use evoke_guest::net::NetConfig;
 use evoke_guest::proto::Frame;
-use evoke_guest::spec::{Channel, GuestSpec, Shutdown};
+use evoke_guest::spec::{Channel, ExecRequest, GuestSpec, Shutdown};
 use evoke_guest::Rootfs;
 use evoke_runtime::image::ImageStore;
 use evoke_runtime::workload::validate_id;
 use evoke_runtime::{
-    ExecSpec, ExitInfo, RuntimeError, Stdio, WorkloadRuntime, WorkloadSpec, WorkloadState,
+    ExecSpec, ExitInfo, RuntimeError, Stdio, TtySize, WorkloadRuntime, WorkloadSpec, WorkloadState,
     WorkloadStatus,
 };
 
+use crate::agent_mux;
 use crate::cgroup::{self, VmmCgroup};
 use crate::runner::ProcessConfig;
 use crate::vm::{AgentDevice, NetDeviceConfig, Payload, VmConfig};
 
 const TIER: &str = "microvm";
+/// The VMM's exec socket in the VM's state directory (see
+/// [`crate::agent_mux`]).
+pub const EXEC_SOCKET: &str = "exec.sock";
 /// Guest RAM when the workload sets no memory limit.
 pub const DEFAULT_MEM_MIB: u64 = 512;
 /// The smallest guest the stock kernel and an initramfs fit in.
@@ -378,6 +383,7 @@ impl WorkloadRuntime for MicroVmTier {
                 // `evoke stop`/`kill` from any process signal the VMM,
                 // which hands the signal to the workload in the guest.
                 forward_signals: true,
+                exec_socket: Some(dir.join(EXEC_SOCKET)),
             };
             let cfg_path = dir.join("vmm.json");
             let bytes = serde_json::to_vec_pretty(&cfg).map_err(tier_err)?;
@@ -524,11 +530,18 @@ impl WorkloadRuntime for MicroVmTier {
         Ok(())
     }
 
-    fn exec(&self, id: &str, _spec: &ExecSpec, _stdio: Stdio) -> Result<i32, RuntimeError> {
-        self.read_record(id)?;
-        Err(tier_err(
-            "exec into a running microVM is not supported yet (the agent channel carries one workload)",
-        ))
+    fn exec(&self, id: &str, spec: &ExecSpec, stdio: Stdio) -> Result<i32, RuntimeError> {
+        self.exec_in_vm(id, spec, stdio, None)
+    }
+
+    fn exec_with_resize(
+        &self,
+        id: &str,
+        spec: &ExecSpec,
+        stdio: Stdio,
+        sizes: std::sync::mpsc::Receiver<TtySize>,
+    ) -> Result<i32, RuntimeError> {
+        self.exec_in_vm(id, spec, stdio, Some(sizes))
     }
 
     fn remove(&self, id: &str, force: bool) -> Result<(), RuntimeError> {
@@ -555,6 +568,167 @@ impl WorkloadRuntime for MicroVmTier {
         }
         let dir = self.dir(id);
         fs::remove_dir_all(&dir).map_err(|e| RuntimeError::io(dir.display().to_string(), e))
+    }
+}
+
+impl MicroVmTier {
+    /// Runs `spec` in the running VM `id` as an exec session through its
+    /// VMM's exec socket: the caller's stdin goes in (when given), output
+    /// comes out on the caller's fds, terminal sizes follow `sizes`, and the
+    /// command's exit code is returned. A VM that ends first is an error.
+    fn exec_in_vm(
+        &self,
+        id: &str,
+        spec: &ExecSpec,
+        stdio: Stdio,
+        sizes: Option<std::sync::mpsc::Receiver<TtySize>>,
+    ) -> Result<i32, RuntimeError> {
+        let rec = self.read_record(id)?;
+        if !matches!(rec.status.state, WorkloadState::Running { .. }) {
+            return Err(RuntimeError::InvalidState {
+                id: id.into(),
+                state: rec.status.state.word(),
+                action: "exec in",
+            });
+        }
+        if spec.command.is_empty() {
+            return Err(RuntimeError::InvalidSpec(format!(
+                "exec in microvm {id} needs a command"
+            )));
+        }
+        let path = self.dir(id).join(EXEC_SOCKET);
+        let conn = agent_mux::connect_exec_socket(&path).map_err(|e| {
+            tier_err(format!(
+                "microvm {id} takes no exec sessions at {}: {e} (has its VM ended?)",
+                path.display()
+            ))
+        })?;
+        let first = sizes.as_ref().and_then(|s| s.try_recv().ok());
+        let request = ExecRequest {
+            argv: spec.command.clone(),
+            env: spec.env.iter().map(|(k, v)| format!("{k}={v}")).collect(),
+            workdir: spec.workdir.clone(),
+            user: spec.user.map(|u| (u.uid, u.gid)),
+            tty: spec.tty,
+            stdin: stdio.stdin.is_some(),
+            cols: first.map_or(0, |s| s.cols),
+            rows: first.map_or(0, |s| s.rows),
+        };
+        let sock_err =
+            |e: std::io::Error| RuntimeError::io(format!("exec socket {}", path.display()), e);
+        let writer = Arc::new(Mutex::new(conn.try_clone().map_err(sock_err)?));
+        send_exec_frame(
+            &writer,
+            &Frame::ExecStart {
+                session: 0,
+                request,
+            },
+        )
+        .map_err(|e| tier_err(format!("exec in microvm {id}: {e}")))?;
+        if let Some(fd) = stdio.stdin {
+            let w = writer.clone();
+            std::thread::Builder::new()
+                .name(format!("vm-exec-in-{}", short(id)))
+                .spawn(move || exec_stdin(File::from(fd), &w))
+                .map_err(|e| RuntimeError::io("starting the exec stdin thread", e))?;
+        }
+        if let Some(sizes) = sizes {
+            let w = writer.clone();
+            std::thread::Builder::new()
+                .name(format!("vm-exec-tty-{}", short(id)))
+                .spawn(move || {
+                    for s in sizes {
+                        let f = Frame::ExecResize {
+                            session: 0,
+                            cols: s.cols,
+                            rows: s.rows,
+                        };
+                        if send_exec_frame(&w, &f).is_err() {
+                            return;
+                        }
+                    }
+                })
+                .map_err(|e| RuntimeError::io("starting the exec resize thread", e))?;
+        }
+        let mut out: Option<File> = stdio.stdout.map(File::from);
+        let mut err: Option<File> = stdio.stderr.map(File::from);
+        let result = read_exec_frames(&conn, &mut out, &mut err);
+        // The stdin and resize threads see their next write fail.
+        let _ = conn.shutdown(std::net::Shutdown::Both);
+        match result {
+            Ok(code) => Ok(code),
+            Err(why) => Err(tier_err(format!("exec in microvm {id}: {why}"))),
+        }
+    }
+}
+
+fn short(id: &str) -> &str {
+    &id[..id.len().min(12)]
+}
+
+fn send_exec_frame(w: &Mutex<UnixStream>, f: &Frame) -> Result<(), evoke_guest::ProtoError> {
+    f.write_to(&mut *lock(w))
+}
+
+/// The caller's stdin as [`Frame::ExecStdin`] frames, an empty one at its
+/// end. The VMM reads the socket only while the session's window has room,
+/// so a command that does not read blocks this thread, not the VM.
+fn exec_stdin(mut input: File, w: &Mutex<UnixStream>) {
+    let mut buf = vec![0u8; 16 << 10];
+    loop {
+        let n = match input.read(&mut buf) {
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(_) => 0,
+        };
+        let f = Frame::ExecStdin {
+            session: 0,
+            data: buf[..n].to_vec(),
+        };
+        if send_exec_frame(w, &f).is_err() || n == 0 {
+            return;
+        }
+    }
+}
+
+/// Copies a session's output to the caller's fds until its exit frame;
+/// returns the exit code, or why there is none.
+fn read_exec_frames(
+    conn: &UnixStream,
+    out: &mut Option<File>,
+    err: &mut Option<File>,
+) -> Result<i32, String> {
+    let mut reader = std::io::BufReader::new(conn);
+    let mut error: Option<String> = None;
+    loop {
+        match Frame::read_from(&mut reader) {
+            Ok(Some(Frame::ExecStdout { data, .. })) => {
+                if let Some(o) = out.as_mut() {
+                    let _ = o.write_all(&data);
+                }
+            }
+            Ok(Some(Frame::ExecStderr { data, .. })) => {
+                // On a terminal stderr has no stream of its own.
+                if let Some(e) = err.as_mut().or(out.as_mut()) {
+                    let _ = e.write_all(&data);
+                }
+            }
+            Ok(Some(Frame::ExecError { message, .. })) => error = Some(message),
+            Ok(Some(Frame::ExecExit { status, .. })) => {
+                // A command that could not start: said on its stderr, as
+                // `docker exec` does, with its exit code (126/127).
+                if let (Some(m), Some(e)) = (&error, err.as_mut().or(out.as_mut())) {
+                    let _ = writeln!(e, "evoke: microvm: {m}");
+                }
+                return Ok(status.code);
+            }
+            Ok(Some(_)) => {}
+            Ok(None) => {
+                return Err(error
+                    .unwrap_or_else(|| "the VMM closed the session without an exit status".into()))
+            }
+            Err(e) => return Err(e.to_string()),
+        }
     }
 }
 
