@@ -248,7 +248,7 @@ fn sleeping_execs(tier: &ContainerTier, id: &str) -> usize {
         .flatten()
         .filter(|e| {
             let p = e.path();
-            std::fs::read(p.join("cmdline")).is_ok_and(|c| c == b"sleep\0300\0")
+            std::fs::read(p.join("cmdline")).is_ok_and(|c| c == b"sleep\x00300\x00")
                 && std::fs::read_link(p.join("ns/pid")).ok() == ns
         })
         .count()
