@@ -25,6 +25,7 @@ pub mod spec;
 mod sys;
 pub mod testutil;
 pub mod tier;
+pub mod userns;
 
 use std::collections::HashMap;
 use std::fs;

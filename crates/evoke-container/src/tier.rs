@@ -411,12 +411,27 @@ fn lost_exit() -> ExitInfo {
     }
 }
 
+/// Gives `path` to the container's root (as the host sees it).
+fn chown_to_root_of(path: &Path, map: &crate::userns::IdMap) -> Result<(), RuntimeError> {
+    nix::unistd::chown(
+        path,
+        Some(nix::unistd::Uid::from_raw(map.uid)),
+        Some(nix::unistd::Gid::from_raw(map.gid)),
+    )
+    .map_err(|e| io_err("chown", path, e.into()))
+}
+
+/// Where a container with a user namespace keeps its id map.
+const IDMAP_FILE: &str = "idmap.json";
+
 /// The container tier: OCI images in namespaces, over overlayfs.
 #[derive(Debug, Clone)]
 pub struct ContainerTier {
     dirs: Dirs,
     engine_root: PathBuf,
     images: ImageStore,
+    /// New containers get a user namespace (`evoke run --userns`).
+    userns: Option<crate::userns::UsernsMode>,
 }
 
 impl ContainerTier {
@@ -428,7 +443,67 @@ impl ContainerTier {
             dirs: Dirs::new(data_dir.join("containers")),
             engine_root: data_dir.join("engine"),
             images: ImageStore::open(data_dir)?,
+            userns: None,
         })
+    }
+
+    /// Containers this tier creates from now on run in a user namespace
+    /// mapped as `mode` says (see [`crate::userns`]). Other calls (exec,
+    /// stop, remove) need no such setting: they follow each container's
+    /// own bundle.
+    pub fn with_user_namespace(mut self, mode: crate::userns::UsernsMode) -> Self {
+        self.userns = Some(mode);
+        self
+    }
+
+    /// Picks and records the id map of the container in `dir` (its
+    /// `idmap.json`), under a lock so that concurrent creates in auto mode
+    /// never get the same block.
+    fn claim_ids(
+        &self,
+        mode: crate::userns::UsernsMode,
+        dir: &Path,
+    ) -> Result<crate::userns::IdMap, RuntimeError> {
+        let lock_path = self.dirs.containers.join(".userns.lock");
+        let lock = fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&lock_path)
+            .map_err(|e| io_err("open", &lock_path, e))?;
+        let _held = nix::fcntl::Flock::lock(lock, nix::fcntl::FlockArg::LockExclusive)
+            .map_err(|(_, e)| io_err("lock", &lock_path, e.into()))?;
+        let taken: Vec<crate::userns::IdMap> = self
+            .dirs
+            .ids()?
+            .iter()
+            .filter_map(|id| fs::read(self.dirs.containers.join(id).join(IDMAP_FILE)).ok())
+            .filter_map(|b| serde_json::from_slice(&b).ok())
+            .collect();
+        let map = crate::userns::choose(mode, &taken).map_err(|e| tier_err(Self::NAME, e))?;
+        write_json(&dir.join(IDMAP_FILE), &map)?;
+        Ok(map)
+    }
+
+    /// The lowerdirs for a container with a user namespace: each layer
+    /// through an idmapped mount under `dir/lower/N`, so the image's files,
+    /// owned by host root, belong to the container's root.
+    fn idmapped_layers(
+        &self,
+        dir: &Path,
+        layers: &[PathBuf],
+        map: &crate::userns::IdMap,
+    ) -> Result<Vec<PathBuf>, RuntimeError> {
+        let err = |e| tier_err(Self::NAME, e);
+        let ns = crate::userns::make_userns(map).map_err(err)?;
+        let mut out = Vec::new();
+        for (i, layer) in layers.iter().enumerate() {
+            let target = dir.join("lower").join(i.to_string());
+            fs::create_dir_all(&target).map_err(|e| io_err("create", &target, e))?;
+            crate::userns::idmapped_bind(layer, &target, &ns).map_err(err)?;
+            out.push(target);
+        }
+        Ok(out)
     }
 
     /// The image store this tier reads.
@@ -459,9 +534,22 @@ impl ContainerTier {
         for d in [&rootfs, &upper, &work] {
             fs::create_dir_all(d).map_err(|e| io_err("create", d, e))?;
         }
+        let idmap = match self.userns {
+            Some(mode) => Some(self.claim_ids(mode, dir)?),
+            None => None,
+        };
+        let layer_dirs = match &idmap {
+            Some(map) => {
+                crate::userns::check_reachable(&rootfs, map.uid, map.gid)
+                    .map_err(|e| tier_err(Self::NAME, e))?;
+                // The container's root owns its writable layer.
+                chown_to_root_of(&upper, map)?;
+                self.idmapped_layers(dir, &image.layer_dirs, map)?
+            }
+            None => image.layer_dirs.clone(),
+        };
         // overlayfs lists the top layer first.
-        let lower: Vec<String> = image
-            .layer_dirs
+        let lower: Vec<String> = layer_dirs
             .iter()
             .rev()
             .map(|p| p.display().to_string())
@@ -513,6 +601,9 @@ impl ContainerTier {
         let cwd_host = rootfs.join(cwd.trim_start_matches('/'));
         if !cwd_host.exists() {
             fs::create_dir_all(&cwd_host).map_err(|e| io_err("create workdir", &cwd_host, e))?;
+            if let Some(map) = &idmap {
+                chown_to_root_of(&cwd_host, map)?;
+            }
         }
         let user = match (&spec.user, cfg.user().as_deref()) {
             (Some(u), _) => *u,
@@ -565,6 +656,14 @@ impl ContainerTier {
         }
         linux["resources"] = res;
         linux["cgroupsPath"] = serde_json::json!(format!("evoke/{}", spec.id));
+        if let Some(map) = &idmap {
+            let ids = |host: u32| serde_json::json!([{"containerID": 0, "hostID": host, "size": map.count}]);
+            linux["uidMappings"] = ids(map.uid);
+            linux["gidMappings"] = ids(map.gid);
+            if let Some(ns) = linux["namespaces"].as_array_mut() {
+                ns.push(serde_json::json!({"type": "user"}));
+            }
+        }
         if let Some(ns) = linux["namespaces"].as_array_mut() {
             for n in ns.iter_mut() {
                 let path = match n["type"].as_str() {
@@ -587,10 +686,16 @@ impl ContainerTier {
     }
 
     fn unmount(&self, dir: &Path) {
-        let rootfs = dir.join("bundle/rootfs");
-        match nix::mount::umount2(&rootfs, nix::mount::MntFlags::MNT_DETACH) {
-            Ok(()) | Err(nix::Error::EINVAL) | Err(nix::Error::ENOENT) => {}
-            Err(e) => tracing::warn!(path = %rootfs.display(), error = %e, "unmounting rootfs"),
+        // The overlay first, then the idmapped layers under it (if any).
+        let mut mounts = vec![dir.join("bundle/rootfs")];
+        if let Ok(rd) = fs::read_dir(dir.join("lower")) {
+            mounts.extend(rd.flatten().map(|e| e.path()));
+        }
+        for m in mounts {
+            match nix::mount::umount2(&m, nix::mount::MntFlags::MNT_DETACH) {
+                Ok(()) | Err(nix::Error::EINVAL) | Err(nix::Error::ENOENT) => {}
+                Err(e) => tracing::warn!(path = %m.display(), error = %e, "unmounting"),
+            }
         }
     }
 

@@ -61,6 +61,12 @@ pub struct RunArgs {
     /// Maximum number of processes.
     #[arg(long)]
     pub pids_limit: Option<i64>,
+    /// Run in a new user namespace: `--userns` (or `=auto`) maps the
+    /// container's ids 0-65535 to a free block of the subordinate range
+    /// (user `evoke` in /etc/subuid and /etc/subgid), `--userns=HOSTID:COUNT`
+    /// to exactly those host ids. Its root is then unprivileged on the host.
+    #[arg(long, value_name = "auto|HOSTID:COUNT", num_args = 0..=1, require_equals = true, default_missing_value = "auto")]
+    pub userns: Option<String>,
     /// microvm tier only: give the guest an eth0 on an existing tap device,
     /// TAP,ADDRESS/PREFIX[,GATEWAY] (pods get theirs from the pod network).
     #[arg(long, value_name = "TAP,ADDR/PREFIX[,GW]")]
@@ -152,7 +158,17 @@ pub fn main(global: &Global, args: RunArgs) -> anyhow::Result<u8> {
     if args.guest_net.is_some() && args.tier != "microvm" {
         bail!("--guest-net is for --tier microvm; other tiers get their network from a namespace");
     }
-    let rt = tier(&global.data_dir, &args.tier)?;
+    let rt = match &args.userns {
+        None => tier(&global.data_dir, &args.tier)?,
+        Some(mode) if args.tier == "container" => {
+            let mode: evoke_container::userns::UsernsMode = mode.parse()?;
+            Arc::new(ContainerTier::new(&global.data_dir)?.with_user_namespace(mode))
+        }
+        Some(_) => bail!(
+            "--userns is for the container tier; --tier {} has no user namespace",
+            args.tier
+        ),
+    };
     rt.available()?;
     let id = new_id()?;
     let name = match &args.name {
