@@ -22,6 +22,7 @@ mod plan;
 pub mod seccomp;
 pub mod selfexe;
 pub mod spec;
+mod spawn;
 mod sys;
 pub mod testutil;
 pub mod tier;
@@ -425,9 +426,14 @@ pub fn create(state_root: &Path, id: &str, bundle: &Path, opts: CreateOptions) -
         join,
         placement: Some(cg.placement()?),
     };
-    let child = match sys::fork().map_err(|e| Error::sys("fork", e))? {
-        sys::Forked::Child => init::intermediate(&plan, fds),
-        sys::Forked::Parent(pid) => pid,
+    // A multi-threaded caller (the node agent) does not fork: see `spawn`.
+    let child = if spawn::use_helper() {
+        spawn::spawn_helper(id, bundle.clone(), &fds)?
+    } else {
+        match sys::fork().map_err(|e| Error::sys("fork", e))? {
+            sys::Forked::Child => init::intermediate(&plan, fds),
+            sys::Forked::Parent(pid) => pid,
+        }
     };
     drop(fds);
     let init_err = |msg: String| Error::Init {
