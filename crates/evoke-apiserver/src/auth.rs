@@ -1,38 +1,70 @@
-//! Authentication: a client certificate that our CA signed (rustls has
-//! verified it during the handshake), the admin bearer token, or the node
-//! token that joined agents hold. Nothing else gets in. Tokens are compared
-//! in constant time and never logged.
+//! Authentication and the node authorizer.
 //!
-//! Authorization is for nodes only (admins may do anything): a node reads
-//! what it likes, as a kubelet does, but writes only what a node agent
-//! writes (Nodes and their status, Leases, pod status, pod deletion after
-//! termination, Events, the kube-node-lease namespace), and it may not use
-//! the pod subresources that reach into workloads (exec, attach, logs,
-//! port-forward, proxy). So the join token in an agent's hands cannot
-//! create workloads, read logs or exec into pods.
+//! Who is calling ([`authenticate`]):
+//! - a client certificate our CA signed (rustls verified it, validity
+//!   included, during the handshake): O `system:masters` is an admin, CN
+//!   `system:node:NAME` with O `system:nodes` is node NAME;
+//! - the admin bearer token;
+//! - the join secret (the node token): a bootstrap credential that may
+//!   only ask for a node's certificates (`bootstrap.rs`), nothing else.
+//!
+//! Nothing else gets in. Tokens are compared in constant time and never
+//! logged.
+//!
+//! What a node may do ([`authorize`]; admins may do anything), as
+//! Kubernetes' node authorizer and NodeRestriction admission allow a
+//! kubelet: it reads what it likes, but writes only its own Node (and its
+//! status), its own Lease, the status of pods bound to it, the deletion of
+//! pods bound to it, Events, and the kube-node-lease namespace. It may not
+//! use the pod subresources that reach into workloads (exec, attach, logs,
+//! port-forward, proxy). So one node's credential cannot create workloads,
+//! touch another node or its pods, read logs or exec into pods.
 
-use http::HeaderMap;
+use evoke_types::registry;
+use http::{HeaderMap, Method};
+use serde_json::Value;
+
+use crate::tls::{Subject, MASTERS_GROUP, NODES_GROUP, NODE_CN_PREFIX};
+use crate::{object, State};
 
 /// Who made a request.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) enum Identity {
-    /// A client certificate signed by the cluster CA.
-    Certificate,
-    /// The admin bearer token.
-    Token,
-    /// The node token: a joined node agent.
-    Node,
+    /// The admin token, or a certificate in group system:masters.
+    Admin,
+    /// A node's certificate: `system:node:<name>` in group system:nodes.
+    Node(String),
+    /// The join secret: it may only ask for a node's certificates.
+    Bootstrap,
 }
 
-/// Decides who is calling, or None for 401.
+/// Where a joining agent trades the join secret (and its node password)
+/// for its certificates. Outside the resource tree, like k3s's
+/// `/v1-k3s/...` paths.
+pub(crate) const JOIN_PATH: &str = "/v1-evoke/node-credentials";
+
+/// The identity a verified client certificate carries, or None when its
+/// subject names no one we know (such a caller gets 401).
+pub(crate) fn certificate_identity(subject: &Subject) -> Option<Identity> {
+    if subject.orgs.iter().any(|o| o == MASTERS_GROUP) {
+        return Some(Identity::Admin);
+    }
+    let node = subject.cn.strip_prefix(NODE_CN_PREFIX)?;
+    (subject.orgs.iter().any(|o| o == NODES_GROUP) && !node.is_empty())
+        .then(|| Identity::Node(node.to_string()))
+}
+
+/// Decides who is calling, or None for 401. `cert` is what the verified
+/// client certificate says (None without one); a certificate wins over a
+/// bearer token.
 pub(crate) fn authenticate(
     headers: &HeaderMap,
-    verified_cert: bool,
+    cert: Option<Option<Identity>>,
     token: &str,
     node_token: &str,
 ) -> Option<Identity> {
-    if verified_cert {
-        return Some(Identity::Certificate);
+    if let Some(from_cert) = cert {
+        return from_cert;
     }
     let value = headers.get(http::header::AUTHORIZATION)?.to_str().ok()?;
     let (scheme, given) = value.split_once(' ')?;
@@ -44,8 +76,8 @@ pub(crate) fn authenticate(
     let admin = !token.is_empty() && constant_time_eq(given, token.as_bytes());
     let node = !node_token.is_empty() && constant_time_eq(given, node_token.as_bytes());
     match (admin, node) {
-        (true, _) => Some(Identity::Token),
-        (false, true) => Some(Identity::Node),
+        (true, _) => Some(Identity::Admin),
+        (false, true) => Some(Identity::Bootstrap),
         (false, false) => None,
     }
 }
@@ -55,7 +87,9 @@ pub(crate) fn authenticate(
 struct Target<'a> {
     /// "" for the core group.
     group: &'a str,
+    namespace: Option<&'a str>,
     resource: &'a str,
+    name: Option<&'a str>,
     subresource: Option<&'a str>,
 }
 
@@ -74,91 +108,174 @@ fn target(path: &str) -> Option<Target<'_>> {
     if rest.first() == Some(&"watch") {
         rest = &rest[1..];
     }
+    let mut namespace = None;
     if rest.len() >= 3
         && rest[0] == "namespaces"
         && !(rest.len() == 3 && matches!(rest[2], "status" | "finalize"))
     {
+        namespace = Some(rest[1]);
         rest = &rest[2..];
     }
+    let t = |resource, name, subresource| {
+        Some(Target {
+            group,
+            namespace,
+            resource,
+            name,
+            subresource,
+        })
+    };
     match rest {
         [] => None,
-        [resource] | [resource, _] => Some(Target {
-            group,
-            resource,
-            subresource: None,
-        }),
-        [resource, _, sub, ..] => Some(Target {
-            group,
-            resource,
-            subresource: Some(sub),
-        }),
+        [resource] => t(resource, None, None),
+        [resource, name] => t(resource, Some(*name), None),
+        [resource, name, sub, ..] => t(resource, Some(*name), Some(*sub)),
     }
 }
 
+/// `metadata.name` of a JSON (or YAML) request body.
+fn body_name(body: &[u8]) -> Option<String> {
+    let v: Value = serde_json::from_slice(body)
+        .ok()
+        .or_else(|| serde_yaml::from_slice(body).ok())?;
+    v["metadata"]["name"].as_str().map(String::from)
+}
+
+/// The node a stored pod is bound to ("" when unbound or missing).
+async fn pod_node(state: &State, namespace: &str, name: &str) -> Result<String, String> {
+    let pods = registry::by_plural("", "v1", "pods").ok_or("pods are not in the registry")?;
+    let kv = state
+        .store
+        .get(&object::key(pods, Some(namespace), name))
+        .await
+        .map_err(|e| format!("reading pod {namespace}/{name}: {e}"))?;
+    Ok(kv
+        .and_then(|kv| object::from_kv(&kv).ok())
+        .and_then(|p| p["spec"]["nodeName"].as_str().map(String::from))
+        .unwrap_or_default())
+}
+
 /// Whether `who` may make this request; Err is the reason for a 403.
-pub(crate) fn authorize(who: &Identity, method: &http::Method, path: &str) -> Result<(), String> {
-    if *who != Identity::Node {
-        return Ok(());
-    }
-    use http::Method;
+/// `body` is the request body (a created object's name is in it).
+pub(crate) async fn authorize(
+    state: &State,
+    who: &Identity,
+    method: &Method,
+    path: &str,
+    body: &[u8],
+) -> Result<(), String> {
+    let node = match who {
+        Identity::Admin => return Ok(()),
+        Identity::Bootstrap => {
+            return Err(format!(
+                "the join token only admits a node (POST {JOIN_PATH}); it may not {} {path}",
+                method.as_str().to_ascii_lowercase()
+            ))
+        }
+        Identity::Node(node) => node.as_str(),
+    };
+    let verb = method.as_str().to_ascii_lowercase();
     let read = matches!(*method, Method::GET | Method::HEAD | Method::OPTIONS);
     let Some(t) = target(path) else {
         // Discovery, /version, /openapi: all read-only.
         return if read {
             Ok(())
         } else {
-            Err(format!(
-                "a node may not {} {path}",
-                method.as_str().to_ascii_lowercase()
-            ))
+            Err(format!("node {node} may not {verb} {path}"))
         };
     };
-    let denied = || {
+    let denied = |why: &str| {
         let what = match t.subresource {
             Some(sub) => format!("{}/{sub}", t.resource),
             None => t.resource.to_string(),
         };
         format!(
-            "a node may not {} resource \"{what}\" in API group \"{}\"",
-            method.as_str().to_ascii_lowercase(),
+            "node {node} may not {verb} resource \"{what}\" in API group \"{}\"{why}",
             t.group
         )
     };
     // Subresources that reach into a workload are for users, not nodes.
-    if t.resource == "pods"
+    if matches!(t.resource, "pods" | "nodes")
         && matches!(
             t.subresource,
             Some("exec" | "attach" | "log" | "portforward" | "proxy")
         )
     {
-        return Err(denied());
+        return Err(denied(""));
     }
     if read {
         return Ok(());
     }
-    let write = matches!(
-        *method,
-        Method::POST | Method::PUT | Method::PATCH | Method::DELETE
-    );
-    let allowed = write
-        && match (t.group, t.resource, t.subresource) {
-            // Its Node object and status (registration, heartbeats).
-            ("", "nodes", None | Some("status")) => *method != Method::DELETE,
-            // Its Lease, in kube-node-lease.
-            ("coordination.k8s.io", "leases", None) => true,
-            // Pod status, and the final delete once a pod has stopped.
-            ("", "pods", Some("status")) => *method != Method::DELETE,
-            ("", "pods", None) => *method == Method::DELETE,
-            // Events about what it did.
-            ("", "events", None) | ("events.k8s.io", "events", None) => true,
-            // The kube-node-lease namespace, if it is missing.
-            ("", "namespaces", None) => *method == Method::POST,
-            _ => false,
-        };
-    if allowed {
+    // The name a write is about: in the path, or in a created object.
+    let named = || -> Option<String> {
+        match (method, t.name) {
+            (&Method::POST, None) => body_name(body),
+            (_, Some(n)) => Some(n.to_string()),
+            _ => None,
+        }
+    };
+    let own = || named().as_deref() == Some(node);
+    let is = |m: &[Method]| m.contains(method);
+    use Method as M;
+    match (t.group, t.resource, t.subresource) {
+        // Its own Node object and status (registration, heartbeats).
+        ("", "nodes", None | Some("status")) if is(&[M::POST, M::PUT, M::PATCH]) => {
+            if own() {
+                Ok(())
+            } else {
+                Err(denied(": a node may write only its own Node"))
+            }
+        }
+        // Its own Lease, in kube-node-lease.
+        ("coordination.k8s.io", "leases", None) if is(&[M::POST, M::PUT, M::PATCH]) => {
+            if t.namespace == Some(crate::bootstrap::NODE_LEASE_NAMESPACE) && own() {
+                Ok(())
+            } else {
+                Err(denied(
+                    ": a node may write only its own Lease in kube-node-lease",
+                ))
+            }
+        }
+        // The status of its pods, and their final deletion.
+        ("", "pods", Some("status")) if is(&[M::PUT, M::PATCH]) => {
+            own_pod(state, node, &t, &denied).await
+        }
+        ("", "pods", None) if *method == M::DELETE && t.name.is_some() => {
+            own_pod(state, node, &t, &denied).await
+        }
+        // Events about what it did.
+        ("", "events", None) | ("events.k8s.io", "events", None)
+            if is(&[M::POST, M::PUT, M::PATCH]) =>
+        {
+            Ok(())
+        }
+        // The kube-node-lease namespace, if it is missing.
+        ("", "namespaces", None)
+            if *method == M::POST
+                && named().as_deref() == Some(crate::bootstrap::NODE_LEASE_NAMESPACE) =>
+        {
+            Ok(())
+        }
+        _ => Err(denied("")),
+    }
+}
+
+/// Ok when the pod `t` names is bound to `node`.
+async fn own_pod(
+    state: &State,
+    node: &str,
+    t: &Target<'_>,
+    denied: &(dyn Fn(&str) -> String + Sync),
+) -> Result<(), String> {
+    let (Some(ns), Some(name)) = (t.namespace, t.name) else {
+        return Err(denied(""));
+    };
+    if pod_node(state, ns, name).await? == node {
         Ok(())
     } else {
-        Err(denied())
+        Err(denied(&format!(
+            ": pod {ns}/{name} is not bound to node {node}"
+        )))
     }
 }
 
@@ -180,123 +297,270 @@ mod tests {
     }
 
     #[test]
-    fn right_token_or_verified_certificate_authenticates() {
+    fn the_admin_token_and_the_join_secret_authenticate_differently() {
         assert_eq!(
-            authenticate(&bearer("Bearer abc"), false, "abc", "nod"),
-            Some(Identity::Token)
+            authenticate(&bearer("Bearer abc"), None, "abc", "nod"),
+            Some(Identity::Admin)
         );
         assert_eq!(
-            authenticate(&bearer("Bearer nod"), false, "abc", "nod"),
-            Some(Identity::Node)
+            authenticate(&bearer("Bearer nod"), None, "abc", "nod"),
+            Some(Identity::Bootstrap)
+        );
+    }
+
+    #[test]
+    fn a_certificate_is_an_admin_a_node_or_nobody_by_its_subject() {
+        let subject = |cn: &str, orgs: &[&str]| Subject {
+            cn: cn.into(),
+            orgs: orgs.iter().map(|o| o.to_string()).collect(),
+        };
+        assert_eq!(
+            certificate_identity(&subject("admin", &["system:masters"])),
+            Some(Identity::Admin)
         );
         assert_eq!(
-            authenticate(&HeaderMap::new(), true, "abc", "nod"),
-            Some(Identity::Certificate)
+            certificate_identity(&subject("system:node:n2", &["system:nodes"])),
+            Some(Identity::Node("n2".into()))
+        );
+        // A node name without the group, or the group without a name.
+        assert_eq!(certificate_identity(&subject("system:node:n2", &[])), None);
+        assert_eq!(
+            certificate_identity(&subject("system:node:", &["system:nodes"])),
+            None
+        );
+        assert_eq!(certificate_identity(&subject("someone", &["x"])), None);
+        // A certificate decides, whatever token comes with it.
+        assert_eq!(
+            authenticate(&bearer("Bearer abc"), Some(None), "abc", "nod"),
+            None
+        );
+        assert_eq!(
+            authenticate(
+                &bearer("Bearer abc"),
+                Some(Some(Identity::Node("n".into()))),
+                "abc",
+                "nod"
+            ),
+            Some(Identity::Node("n".into()))
         );
     }
 
     #[test]
     fn wrong_missing_or_non_bearer_credentials_are_refused() {
         assert_eq!(
-            authenticate(&bearer("Bearer abd"), false, "abc", "nod"),
+            authenticate(&bearer("Bearer abd"), None, "abc", "nod"),
             None
         );
-        assert_eq!(
-            authenticate(&bearer("Basic abc"), false, "abc", "nod"),
-            None
-        );
-        assert_eq!(authenticate(&HeaderMap::new(), false, "abc", "nod"), None);
-        assert_eq!(authenticate(&bearer("Bearer "), false, "", ""), None);
+        assert_eq!(authenticate(&bearer("Basic abc"), None, "abc", "nod"), None);
+        assert_eq!(authenticate(&HeaderMap::new(), None, "abc", "nod"), None);
+        assert_eq!(authenticate(&bearer("Bearer "), None, "", ""), None);
     }
 
     #[test]
-    fn paths_name_their_group_resource_and_subresource() {
-        let t = |group, resource, subresource| {
+    fn paths_name_their_group_namespace_resource_name_and_subresource() {
+        let t = |group, namespace, resource, name, subresource| {
             Some(Target {
                 group,
+                namespace,
                 resource,
+                name,
                 subresource,
             })
         };
-        assert_eq!(target("/api/v1/nodes"), t("", "nodes", None));
+        assert_eq!(target("/api/v1/nodes"), t("", None, "nodes", None, None));
         assert_eq!(
             target("/api/v1/nodes/n2/status"),
-            t("", "nodes", Some("status"))
+            t("", None, "nodes", Some("n2"), Some("status"))
         );
         assert_eq!(
             target("/api/v1/namespaces/default/pods/p/exec"),
-            t("", "pods", Some("exec"))
+            t("", Some("default"), "pods", Some("p"), Some("exec"))
         );
         assert_eq!(
             target("/api/v1/namespaces/default"),
-            t("", "namespaces", None)
+            t("", None, "namespaces", Some("default"), None)
         );
         assert_eq!(
             target("/api/v1/namespaces/x/finalize"),
-            t("", "namespaces", Some("finalize"))
+            t("", None, "namespaces", Some("x"), Some("finalize"))
         );
         assert_eq!(
             target("/apis/coordination.k8s.io/v1/namespaces/kube-node-lease/leases/n2"),
-            t("coordination.k8s.io", "leases", None)
+            t(
+                "coordination.k8s.io",
+                Some("kube-node-lease"),
+                "leases",
+                Some("n2"),
+                None
+            )
         );
         // Spellings the router accepts name the same target.
         assert_eq!(
             target("//api//v1/namespaces//default/pods/"),
-            t("", "pods", None)
+            t("", Some("default"), "pods", None, None)
         );
         assert_eq!(
             target("/api/v1/watch/namespaces/default/pods"),
-            t("", "pods", None)
+            t("", Some("default"), "pods", None, None)
         );
         assert_eq!(target("/apis/apps/v1"), None);
         assert_eq!(target("/version"), None);
     }
 
-    #[test]
-    fn a_node_reads_anything_but_writes_only_what_a_node_agent_writes() {
-        use http::Method;
-        let node = Identity::Node;
-        let ok = |m: Method, p: &str| authorize(&node, &m, p).is_ok();
+    async fn state_with_pods(pods: &[(&str, &str)]) -> State {
+        let store: std::sync::Arc<dyn evoke_store::Backend> =
+            std::sync::Arc::new(evoke_store::memory::MemoryBackend::new());
+        let res = registry::by_plural("", "v1", "pods").expect("pods");
+        for (name, node) in pods {
+            let pod = serde_json::json!({"apiVersion": "v1", "kind": "Pod",
+                "metadata": {"name": name, "namespace": "ns"}, "spec": {"nodeName": node}});
+            store
+                .create(&object::key(res, Some("ns"), name), object::to_bytes(&pod))
+                .await
+                .expect("pod stored");
+        }
+        State::for_tests(store)
+    }
+
+    #[tokio::test]
+    async fn a_node_reads_anything_but_writes_only_its_own_node_lease_and_pods() {
+        let state = state_with_pods(&[("mine", "n2"), ("theirs", "n3")]).await;
+        let node = Identity::Node("n2".into());
+        let named = |n: &str| format!(r#"{{"metadata": {{"name": "{n}"}}}}"#);
+        let try_ = |m: Method, p: &'static str, body: String| {
+            let (state, node) = (&state, &node);
+            async move { authorize(state, node, &m, p, body.as_bytes()).await }
+        };
+        let ok = |m: Method, p: &'static str| try_(m, p, String::new());
         // What the agent does.
-        assert!(ok(Method::GET, "/api/v1/pods"));
-        assert!(ok(Method::GET, "/api/v1/namespaces/ns/secrets/s"));
-        assert!(ok(Method::POST, "/api/v1/nodes"));
-        assert!(ok(Method::PATCH, "/api/v1/nodes/n2/status"));
+        assert!(ok(Method::GET, "/api/v1/pods").await.is_ok());
+        assert!(ok(Method::GET, "/api/v1/namespaces/ns/secrets/s")
+            .await
+            .is_ok());
+        assert!(try_(Method::POST, "/api/v1/nodes", named("n2"))
+            .await
+            .is_ok());
+        assert!(ok(Method::PATCH, "/api/v1/nodes/n2/status").await.is_ok());
+        assert!(ok(Method::PATCH, "/api/v1/nodes/n2").await.is_ok());
         assert!(ok(
             Method::PUT,
             "/apis/coordination.k8s.io/v1/namespaces/kube-node-lease/leases/n2"
-        ));
-        assert!(ok(Method::PATCH, "/api/v1/namespaces/ns/pods/p/status"));
-        assert!(ok(Method::DELETE, "/api/v1/namespaces/ns/pods/p"));
-        assert!(ok(Method::POST, "/api/v1/namespaces/ns/events"));
-        assert!(ok(Method::POST, "/api/v1/namespaces"));
-        assert!(ok(Method::GET, "/version"));
-        // What it may not.
-        assert!(!ok(Method::POST, "/api/v1/namespaces/ns/pods"));
-        assert!(!ok(Method::POST, "/api//v1/namespaces/ns//pods"));
-        assert!(!ok(Method::POST, "/api/v1/watch/namespaces/ns/pods"));
-        assert!(!ok(Method::POST, "/apis/apps/v1"));
-        assert!(!ok(Method::PATCH, "/api/v1/namespaces/ns/pods/p"));
-        assert!(!ok(Method::POST, "/apis/apps/v1/namespaces/ns/deployments"));
-        assert!(!ok(Method::PUT, "/api/v1/namespaces/ns/secrets/s"));
-        assert!(!ok(Method::DELETE, "/api/v1/nodes/other"));
-        assert!(!ok(Method::DELETE, "/api/v1/namespaces/ns"));
-        assert!(!ok(Method::GET, "/api/v1/namespaces/ns/pods/p/exec"));
-        assert!(!ok(Method::GET, "/api/v1/namespaces/ns/pods/p/log"));
-        let e = authorize(&node, &Method::POST, "/api/v1/namespaces/ns/pods").unwrap_err();
-        assert_eq!(e, "a node may not post resource \"pods\" in API group \"\"");
-        // Admins may do anything.
-        assert!(authorize(
-            &Identity::Token,
-            &Method::POST,
-            "/api/v1/namespaces/ns/pods"
         )
+        .await
         .is_ok());
-        assert!(authorize(
-            &Identity::Certificate,
-            &Method::GET,
-            "/api/v1/namespaces/ns/pods/p/exec"
+        assert!(try_(
+            Method::POST,
+            "/apis/coordination.k8s.io/v1/namespaces/kube-node-lease/leases",
+            named("n2")
         )
+        .await
         .is_ok());
+        assert!(ok(Method::PATCH, "/api/v1/namespaces/ns/pods/mine/status")
+            .await
+            .is_ok());
+        assert!(ok(Method::DELETE, "/api/v1/namespaces/ns/pods/mine")
+            .await
+            .is_ok());
+        assert!(ok(Method::POST, "/api/v1/namespaces/ns/events")
+            .await
+            .is_ok());
+        assert!(
+            try_(Method::POST, "/api/v1/namespaces", named("kube-node-lease"))
+                .await
+                .is_ok()
+        );
+        assert!(ok(Method::GET, "/version").await.is_ok());
+        // Another node, its Lease and its pods are not its business.
+        for (m, p, body) in [
+            (Method::POST, "/api/v1/nodes", named("n3")),
+            (Method::POST, "/api/v1/nodes", "not json: [".to_string()),
+            (Method::PATCH, "/api/v1/nodes/n3/status", String::new()),
+            (Method::PUT, "/api/v1/nodes/n3", String::new()),
+            (
+                Method::PUT,
+                "/apis/coordination.k8s.io/v1/namespaces/kube-node-lease/leases/n3",
+                String::new(),
+            ),
+            (
+                Method::PUT,
+                "/apis/coordination.k8s.io/v1/namespaces/default/leases/n2",
+                String::new(),
+            ),
+            (
+                Method::PATCH,
+                "/api/v1/namespaces/ns/pods/theirs/status",
+                String::new(),
+            ),
+            (
+                Method::DELETE,
+                "/api/v1/namespaces/ns/pods/theirs",
+                String::new(),
+            ),
+            (
+                Method::DELETE,
+                "/api/v1/namespaces/ns/pods/gone",
+                String::new(),
+            ),
+            (Method::POST, "/api/v1/namespaces", named("default")),
+        ] {
+            let e = try_(m.clone(), p, body).await;
+            assert!(e.is_err(), "{m} {p} was allowed");
+        }
+        let e = ok(Method::PATCH, "/api/v1/namespaces/ns/pods/theirs/status")
+            .await
+            .unwrap_err();
+        assert!(e.contains("pod ns/theirs is not bound to node n2"), "{e}");
+        // What no node may do.
+        assert!(ok(Method::POST, "/api/v1/namespaces/ns/pods")
+            .await
+            .is_err());
+        assert!(ok(Method::POST, "/api//v1/namespaces/ns//pods")
+            .await
+            .is_err());
+        assert!(ok(Method::POST, "/api/v1/watch/namespaces/ns/pods")
+            .await
+            .is_err());
+        assert!(ok(Method::POST, "/apis/apps/v1").await.is_err());
+        assert!(ok(Method::PATCH, "/api/v1/namespaces/ns/pods/mine")
+            .await
+            .is_err());
+        assert!(ok(Method::POST, "/apis/apps/v1/namespaces/ns/deployments")
+            .await
+            .is_err());
+        assert!(ok(Method::PUT, "/api/v1/namespaces/ns/secrets/s")
+            .await
+            .is_err());
+        assert!(ok(Method::DELETE, "/api/v1/nodes/n2").await.is_err());
+        assert!(ok(Method::DELETE, "/api/v1/namespaces/ns").await.is_err());
+        assert!(ok(Method::GET, "/api/v1/namespaces/ns/pods/mine/exec")
+            .await
+            .is_err());
+        assert!(ok(Method::GET, "/api/v1/namespaces/ns/pods/mine/log")
+            .await
+            .is_err());
+        assert!(ok(Method::GET, "/api/v1/nodes/n2/proxy/logs")
+            .await
+            .is_err());
+        let e = ok(Method::POST, "/api/v1/namespaces/ns/pods")
+            .await
+            .unwrap_err();
+        assert_eq!(
+            e,
+            "node n2 may not post resource \"pods\" in API group \"\""
+        );
+        // Admins may do anything; the join secret nothing but joining.
+        for (who, allowed) in [(Identity::Admin, true), (Identity::Bootstrap, false)] {
+            for (m, p) in [
+                (Method::POST, "/api/v1/namespaces/ns/pods"),
+                (Method::GET, "/api/v1/namespaces/ns/pods/p/exec"),
+                (Method::GET, "/api/v1/nodes"),
+            ] {
+                assert_eq!(
+                    authorize(&state, &who, &m, p, b"").await.is_ok(),
+                    allowed,
+                    "{who:?} {m} {p}"
+                );
+            }
+        }
     }
 }

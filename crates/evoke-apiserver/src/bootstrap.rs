@@ -1,13 +1,186 @@
-//! Objects every cluster has from its first start: the namespaces
+//! Objects every cluster has from its first start (the namespaces
 //! default, kube-system, kube-public and kube-node-lease, and the
-//! `kubernetes` Service in default.
+//! `kubernetes` Service in default), and the join of a node ([`join`]):
+//! the join secret plus a node password buy a node its certificates.
 
 use evoke_store::{Backend, StoreError};
 use evoke_types::registry;
-use serde_json::json;
+use evoke_types::status::ApiError;
+use serde_json::{json, Value};
+use sha2::{Digest, Sha256};
 
 use crate::error::StartError;
-use crate::object;
+use crate::respond::{self, Reply};
+use crate::{object, tls, State};
+
+/// Where node Leases live.
+pub(crate) const NODE_LEASE_NAMESPACE: &str = "kube-node-lease";
+/// A node password's hash is kept in kube-system as the Secret
+/// `<node>` + this suffix (k3s keeps `<node>.node-password.k3s`). Deleting
+/// it lets another machine take the name.
+const PASSWORD_SECRET_SUFFIX: &str = ".node-password.evoke";
+/// A join names at most this many addresses for the serving certificate.
+const MAX_ADDRESSES: usize = 16;
+
+/// What a joining agent sends to [`crate::auth::JOIN_PATH`] (JSON):
+/// `nodeName`, `nodePassword` (its identity: the first join of a name
+/// records it, and later joins of that name must present it), `addresses`
+/// (IPs for its serving certificate), and two PEM certificate requests,
+/// `clientCsr` and `servingCsr`. The answer holds `clientCertificate`,
+/// `servingCertificate` and `caCertificate`.
+struct JoinRequest {
+    node: String,
+    password: String,
+    addresses: Vec<String>,
+    client_csr: String,
+    serving_csr: String,
+}
+
+impl JoinRequest {
+    fn parse(body: &[u8]) -> Result<JoinRequest, ApiError> {
+        let v: Value = serde_json::from_slice(body)
+            .map_err(|e| ApiError::bad_request(format!("join request: {e}")))?;
+        let field = |name: &str| -> Result<String, ApiError> {
+            v[name]
+                .as_str()
+                .filter(|s| !s.is_empty())
+                .map(String::from)
+                .ok_or_else(|| ApiError::bad_request(format!("join request: {name} is required")))
+        };
+        let node = field("nodeName")?;
+        if let Some(why) = evoke_types::validate::dns_subdomain(&node) {
+            return Err(ApiError::bad_request(format!(
+                "join request: node name {node:?}: {why}"
+            )));
+        }
+        let password = field("nodePassword")?;
+        if password.len() > 1024 {
+            return Err(ApiError::bad_request(
+                "join request: nodePassword is longer than 1024 bytes",
+            ));
+        }
+        let mut addresses = Vec::new();
+        for a in v["addresses"].as_array().into_iter().flatten() {
+            let ip: std::net::IpAddr =
+                a.as_str().and_then(|s| s.parse().ok()).ok_or_else(|| {
+                    ApiError::bad_request(format!("join request: address {a} is not an IP address"))
+                })?;
+            addresses.push(ip.to_string());
+        }
+        if addresses.len() > MAX_ADDRESSES {
+            return Err(ApiError::bad_request(format!(
+                "join request: more than {MAX_ADDRESSES} addresses"
+            )));
+        }
+        Ok(JoinRequest {
+            node,
+            password,
+            addresses,
+            client_csr: field("clientCsr")?,
+            serving_csr: field("servingCsr")?,
+        })
+    }
+}
+
+fn password_hash(password: &str) -> String {
+    Sha256::digest(password.as_bytes())
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+/// Checks `password` against the one recorded for `node`, recording it
+/// when the name is new. Err(403) when the name is held by another
+/// password: a second machine claiming a node's name is refused.
+async fn check_node_password(
+    store: &dyn Backend,
+    node: &str,
+    password: &str,
+) -> Result<(), ApiError> {
+    use base64::Engine;
+    let secrets = registry::by_plural("", "v1", "secrets")
+        .ok_or_else(|| ApiError::new(500, "InternalError", "secrets are not in the registry"))?;
+    let name = format!("{node}{PASSWORD_SECRET_SUFFIX}");
+    let key = object::key(secrets, Some("kube-system"), &name);
+    let hash = password_hash(password);
+    let store_err = |e| crate::error::store_to_api(e, "secrets", &name);
+    // Two tries: a first join of a name may race another one.
+    for _ in 0..2 {
+        if let Some(kv) = store.get(&key).await.map_err(store_err)? {
+            let stored = object::from_kv(&kv)?;
+            let recorded = stored["data"]["hash"]
+                .as_str()
+                .and_then(|b| base64::engine::general_purpose::STANDARD.decode(b).ok())
+                .unwrap_or_default();
+            return if constant_time_eq(&recorded, hash.as_bytes()) {
+                Ok(())
+            } else {
+                Err(ApiError::new(
+                    403,
+                    "Forbidden",
+                    format!(
+                        "node {node} is already registered with a different node password; \
+                         delete secret kube-system/{name} to let another machine take this name"
+                    ),
+                ))
+            };
+        }
+        let secret = json!({
+            "apiVersion": "v1", "kind": "Secret",
+            "metadata": {"name": name, "namespace": "kube-system",
+                "uid": uuid::Uuid::new_v4().to_string(), "creationTimestamp": object::now(),
+                "labels": {"evoke.io/node-password": "true"}},
+            "type": "evoke.io/node-password",
+            "immutable": true,
+            "data": {"hash": base64::engine::general_purpose::STANDARD.encode(&hash)},
+        });
+        match store.create(&key, object::to_bytes(&secret)).await {
+            Ok(_) => {
+                tracing::info!(%node, "recorded the password of a new node");
+                return Ok(());
+            }
+            Err(StoreError::AlreadyExists(_)) => continue,
+            Err(e) => return Err(store_err(e)),
+        }
+    }
+    Err(ApiError::conflict("secrets", &name))
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// `POST /v1-evoke/node-credentials`, with the join secret as bearer:
+/// checks the node password and signs the node's client and serving
+/// certificates (see [`JoinRequest`]).
+pub(crate) async fn join(state: &State, body: &[u8]) -> Reply {
+    let result = async {
+        let req = JoinRequest::parse(body)?;
+        check_node_password(state.store.as_ref(), &req.node, &req.password).await?;
+        let certs = tls::sign_node_certificates(
+            &state.credentials,
+            &req.node,
+            &req.addresses,
+            &req.client_csr,
+            &req.serving_csr,
+        )
+        .map_err(|e| ApiError::bad_request(format!("join request: {e}")))?;
+        tracing::info!(node = %req.node, addresses = ?req.addresses, "issued node certificates");
+        Ok::<_, ApiError>(json!({
+            "clientCertificate": certs.client_cert_pem,
+            "servingCertificate": certs.serving_cert_pem,
+            "caCertificate": state.credentials.ca_cert_pem,
+        }))
+    }
+    .await;
+    match result {
+        Ok(v) => respond::json(200, &v),
+        Err(e) => {
+            tracing::info!(error = %e.message, "join refused");
+            respond::error(&e)
+        }
+    }
+}
 
 async fn create_if_missing(
     store: &dyn Backend,
@@ -116,7 +289,12 @@ pub(crate) async fn ensure_defaults(
     ) else {
         return Ok(());
     };
-    for name in ["default", "kube-system", "kube-public", "kube-node-lease"] {
+    for name in [
+        "default",
+        "kube-system",
+        "kube-public",
+        NODE_LEASE_NAMESPACE,
+    ] {
         let obj = json!({
             "apiVersion": "v1", "kind": "Namespace",
             "metadata": {"name": name, "uid": uuid::Uuid::new_v4().to_string(), "creationTimestamp": now,
@@ -149,4 +327,102 @@ pub(crate) async fn ensure_defaults(
         kubernetes,
     )
     .await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http_body_util::BodyExt;
+
+    async fn join_as(state: &State, node: &str, password: &str) -> (u16, Value) {
+        let (_, client_csr) = tls::key_and_request().expect("csr");
+        let (_, serving_csr) = tls::key_and_request().expect("csr");
+        let body = json!({"nodeName": node, "nodePassword": password,
+            "addresses": ["10.0.0.7"], "clientCsr": client_csr, "servingCsr": serving_csr});
+        let reply = join(state, body.to_string().as_bytes()).await;
+        let code = reply.status().as_u16();
+        let bytes = reply.into_body().collect().await.expect("body").to_bytes();
+        (code, serde_json::from_slice(&bytes).expect("json"))
+    }
+
+    fn der(pem: &str) -> Vec<u8> {
+        rustls_pemfile::certs(&mut pem.as_bytes())
+            .next()
+            .expect("a certificate")
+            .expect("pem")
+            .to_vec()
+    }
+
+    #[tokio::test]
+    async fn a_join_issues_the_node_its_identity_and_an_endpoint_certificate_for_its_addresses() {
+        let state = State::for_tests(std::sync::Arc::new(
+            evoke_store::memory::MemoryBackend::new(),
+        ));
+        let (code, answer) = join_as(&state, "n2", "pw-1").await;
+        assert_eq!(code, 200, "{answer}");
+        let client = tls::subject(&der(answer["clientCertificate"].as_str().expect("client")))
+            .expect("subject");
+        assert_eq!(
+            crate::auth::certificate_identity(&client),
+            Some(crate::auth::Identity::Node("n2".into()))
+        );
+        let serving = der(answer["servingCertificate"].as_str().expect("serving"));
+        let (_, cert) = x509_parser::parse_x509_certificate(&serving).expect("x509");
+        let sans = format!("{:?}", cert.subject_alternative_name().expect("san"));
+        assert!(
+            sans.contains(r#"DNSName("n2")"#) && sans.contains("IPAddress([10, 0, 0, 7])"),
+            "{sans}"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_second_machine_claiming_a_joined_name_with_another_password_is_refused() {
+        let state = State::for_tests(std::sync::Arc::new(
+            evoke_store::memory::MemoryBackend::new(),
+        ));
+        assert_eq!(join_as(&state, "n2", "pw-1").await.0, 200);
+        // The same machine again (a restart) is welcome.
+        assert_eq!(join_as(&state, "n2", "pw-1").await.0, 200);
+        let (code, status) = join_as(&state, "n2", "pw-2").await;
+        assert_eq!(code, 403);
+        let msg = status["message"].as_str().unwrap_or_default();
+        assert!(
+            msg.contains("node n2 is already registered with a different node password"),
+            "{msg}"
+        );
+        // Another name is another node.
+        assert_eq!(join_as(&state, "n3", "pw-2").await.0, 200);
+    }
+
+    #[tokio::test]
+    async fn malformed_join_requests_are_refused_with_a_reason() {
+        let state = State::for_tests(std::sync::Arc::new(
+            evoke_store::memory::MemoryBackend::new(),
+        ));
+        for (body, needle) in [
+            ("not json", "join request"),
+            (
+                r#"{"nodeName": "Bad_Name", "nodePassword": "p", "clientCsr": "x", "servingCsr": "y"}"#,
+                "node name",
+            ),
+            (
+                r#"{"nodeName": "n", "clientCsr": "x", "servingCsr": "y"}"#,
+                "nodePassword is required",
+            ),
+            (
+                r#"{"nodeName": "n", "nodePassword": "p", "addresses": ["nope"], "clientCsr": "x", "servingCsr": "y"}"#,
+                "not an IP address",
+            ),
+            (
+                r#"{"nodeName": "n", "nodePassword": "p", "clientCsr": "x", "servingCsr": "y"}"#,
+                "certificate request",
+            ),
+        ] {
+            let reply = join(&state, body.as_bytes()).await;
+            assert_eq!(reply.status().as_u16(), 400, "{body}");
+            let bytes = reply.into_body().collect().await.expect("body").to_bytes();
+            let msg = String::from_utf8_lossy(&bytes);
+            assert!(msg.contains(needle), "{body}: {msg}");
+        }
+    }
 }

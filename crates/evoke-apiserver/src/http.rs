@@ -59,14 +59,19 @@ pub(crate) async fn serve(
                 }
                 Err(_) => return,
             };
-            let verified_cert = tls
+            // Who a verified client certificate names (see auth.rs).
+            let cert = tls
                 .get_ref()
                 .1
                 .peer_certificates()
-                .is_some_and(|c| !c.is_empty());
+                .and_then(|c| c.first())
+                .map(|c| {
+                    crate::tls::subject(c.as_ref()).and_then(|s| auth::certificate_identity(&s))
+                });
             let svc = hyper::service::service_fn(move |req| {
                 let state = state.clone();
-                async move { Ok::<_, std::convert::Infallible>(handle(state, verified_cert, req).await) }
+                let cert = cert.clone();
+                async move { Ok::<_, std::convert::Infallible>(handle(state, cert, req).await) }
             });
             let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
             if let Err(e) = builder
@@ -79,17 +84,16 @@ pub(crate) async fn serve(
     }
 }
 
-async fn handle(state: Arc<State>, verified_cert: bool, req: Request<Incoming>) -> Reply {
+async fn handle(
+    state: Arc<State>,
+    cert: Option<Option<auth::Identity>>,
+    req: Request<Incoming>,
+) -> Reply {
     let method = req.method().clone();
     let uri = req.uri().clone();
     let started = std::time::Instant::now();
     let public_ca = uri.path() == "/cacerts" && method == http::Method::GET;
-    let who = auth::authenticate(
-        req.headers(),
-        verified_cert,
-        &state.token,
-        &state.node_token,
-    );
+    let who = auth::authenticate(req.headers(), cert, &state.token, &state.node_token);
     let reply = match who {
         None if public_ca => respond::full(200, "text/plain; charset=utf-8", state.ca_pem.clone()),
         None => {
@@ -97,10 +101,6 @@ async fn handle(state: Arc<State>, verified_cert: bool, req: Request<Incoming>) 
             respond::error(&ApiError::unauthorized())
         }
         Some(who) => {
-            if let Err(why) = auth::authorize(&who, &method, uri.path()) {
-                tracing::info!(%method, path = uri.path(), "node request forbidden");
-                return respond::error(&ApiError::new(403, "Forbidden", why));
-            }
             let (parts, body) = req.into_parts();
             match Limited::new(body, MAX_BODY).collect().await {
                 Err(e) => {
@@ -119,7 +119,18 @@ async fn handle(state: Arc<State>, verified_cert: bool, req: Request<Incoming>) 
                     }
                 }
                 Ok(collected) => {
-                    let req = Request::from_parts(parts, collected.to_bytes());
+                    let body = collected.to_bytes();
+                    let joining = uri.path() == auth::JOIN_PATH && method == http::Method::POST;
+                    if joining && who == auth::Identity::Bootstrap {
+                        return crate::bootstrap::join(&state, &body).await;
+                    }
+                    if let Err(why) =
+                        auth::authorize(&state, &who, &method, uri.path(), &body).await
+                    {
+                        tracing::info!(%method, path = uri.path(), "request forbidden");
+                        return respond::error(&ApiError::new(403, "Forbidden", why));
+                    }
+                    let req = Request::from_parts(parts, body);
                     dispatch_guarded(state, req).await
                 }
             }

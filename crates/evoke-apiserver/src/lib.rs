@@ -145,9 +145,13 @@ impl Config {
 pub(crate) struct State {
     pub store: Arc<dyn Backend>,
     pub token: String,
-    /// What joined nodes authenticate with, and what the API server
-    /// presents to the nodes' endpoints (logs, exec).
+    /// The join secret: it only buys a node its certificates.
     pub node_token: String,
+    /// The CA (to sign joining nodes' certificates) and the rest.
+    pub credentials: Credentials,
+    /// How the API server dials node endpoints (logs, exec): TLS verified
+    /// against the cluster CA, with its kubelet-client certificate.
+    pub kubelet_tls: Arc<rustls::ClientConfig>,
     /// The cluster CA, served without authentication at `/cacerts` (as
     /// k3s does) so agents can pin it against their join token's hash.
     pub ca_pem: String,
@@ -158,6 +162,28 @@ pub(crate) struct State {
     pub service_lock: tokio::sync::Mutex<()>,
     /// Where ClusterIPs come from.
     pub service_cidr: ServiceCidr,
+}
+
+#[cfg(test)]
+impl State {
+    /// A state over `store` with fresh credentials, for unit tests.
+    pub(crate) fn for_tests(store: Arc<dyn Backend>) -> State {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let creds = tls::load_or_create(dir.path(), &["127.0.0.1".into()], None, None)
+            .expect("credentials");
+        State {
+            store,
+            token: creds.token.clone(),
+            node_token: creds.node_token.clone(),
+            kubelet_tls: Arc::new(tls::kubelet_client_config(&creds).expect("kubelet tls")),
+            ca_pem: creds.ca_cert_pem.clone(),
+            credentials: creds,
+            server_address: "127.0.0.1:6443".into(),
+            bookmark_interval: watch::BOOKMARK_EVERY,
+            service_lock: tokio::sync::Mutex::new(()),
+            service_cidr: ServiceCidr::default(),
+        }
+    }
 }
 
 /// Entry point: see [`Server::start`].
@@ -231,6 +257,7 @@ impl Server {
             config.node_token.as_deref(),
         )?;
         let tls_config = tls::server_config(&creds)?;
+        let kubelet_tls = Arc::new(tls::kubelet_client_config(&creds)?);
 
         // Clients on this machine reach a wildcard bind through loopback.
         let host = if addr.ip().is_unspecified() {
@@ -252,6 +279,8 @@ impl Server {
             store,
             token: creds.token.clone(),
             node_token: creds.node_token.clone(),
+            credentials: creds.clone(),
+            kubelet_tls,
             ca_pem: creds.ca_cert_pem.clone(),
             server_address: format!("{host}:{}", addr.port()),
             service_lock: tokio::sync::Mutex::new(()),

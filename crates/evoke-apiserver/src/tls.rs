@@ -1,9 +1,19 @@
 //! Certificates, k3s style: a CA made on first start and kept in
 //! `<data-dir>/server/tls`, a serving certificate signed by it, an admin
-//! client certificate (CN admin, O system:masters), an admin bearer token
-//! and the node token (the secret of the join token, which authenticates
-//! nodes with a node's rights only; see `auth.rs`).
-//! A restart reuses the CA, the client certificate and the tokens, so old
+//! client certificate (CN admin, O system:masters), the API server's client
+//! certificate for node endpoints (CN [`KUBELET_CLIENT_CN`], as
+//! kube-apiserver's `--kubelet-client-certificate`), an admin bearer token
+//! and the node token (the join secret: it only admits a node, see
+//! `bootstrap.rs`).
+//!
+//! A joining node gets two certificates signed by the CA
+//! ([`sign_node_certificates`]): a client certificate (CN
+//! `system:node:NAME`, O `system:nodes`) that is its identity towards the
+//! API, and a serving certificate for its endpoint (SANs: its name and
+//! addresses), which the API server verifies when it connects for logs and
+//! exec.
+//!
+//! A restart reuses the CA, the client certificates and the tokens, so old
 //! kubeconfigs keep working; the serving certificate is re-issued every start
 //! because the bind address or hostname may have changed.
 
@@ -30,13 +40,33 @@ pub struct Credentials {
     pub serving_key_pem: String,
     pub client_cert_pem: String,
     pub client_key_pem: String,
+    /// The CA's private key: it signs the certificates of joining nodes.
+    pub ca_key_pem: String,
+    /// What the API server presents to node endpoints (CN
+    /// [`KUBELET_CLIENT_CN`]).
+    pub kubelet_client_cert_pem: String,
+    pub kubelet_client_key_pem: String,
     /// The admin bearer token clients may use instead of a certificate.
     pub token: String,
-    /// The node token: joined agents authenticate with it (it is the
-    /// secret of the join token), and the API server presents it to the
-    /// nodes' endpoints. It grants a node's rights, not an admin's.
+    /// The node token, the secret of the join token: a bootstrap secret
+    /// that only gets a node its certificates (see `bootstrap.rs`).
     pub node_token: String,
 }
+
+/// The common name of the API server's client certificate for node
+/// endpoints. evoke-node's `server.rs` admits only this name (the two
+/// constants must agree): a node's own certificate, signed by the same CA,
+/// does not open another node's endpoint.
+pub const KUBELET_CLIENT_CN: &str = "evoke-apiserver-kubelet-client";
+/// A node's client certificate is `system:node:<name>`...
+pub const NODE_CN_PREFIX: &str = "system:node:";
+/// ...in this group, as the kubelet's is.
+pub const NODES_GROUP: &str = "system:nodes";
+/// Admins' group.
+pub const MASTERS_GROUP: &str = "system:masters";
+/// How long a node's certificates are valid; an agent gets fresh ones
+/// each time it starts.
+const NODE_CERT_DAYS: i64 = 365;
 
 impl std::fmt::Debug for Credentials {
     // Keys and the token are secrets: never print them.
@@ -92,6 +122,8 @@ struct Files {
     ca_key: PathBuf,
     client_cert: PathBuf,
     client_key: PathBuf,
+    kubelet_cert: PathBuf,
+    kubelet_key: PathBuf,
     token: PathBuf,
     node_token: PathBuf,
 }
@@ -103,6 +135,8 @@ impl Files {
             ca_key: dir.join("server-ca.key"),
             client_cert: dir.join("client-admin.crt"),
             client_key: dir.join("client-admin.key"),
+            kubelet_cert: dir.join("client-kubelet.crt"),
+            kubelet_key: dir.join("client-kubelet.key"),
             token: dir.join("token"),
             node_token: dir.join("node-token"),
         }
@@ -151,27 +185,18 @@ pub fn load_or_create(
     let issuer =
         Issuer::from_ca_cert_pem(&ca_cert_pem, &ca_key).map_err(cert_err("stored ca cert"))?;
 
-    let (client_cert_pem, client_key_pem) =
-        match (read_opt(&files.client_cert)?, read_opt(&files.client_key)?) {
-            (Some(c), Some(k)) => (c, k),
-            _ => {
-                let key = KeyPair::generate().map_err(cert_err("client key"))?;
-                let mut params =
-                    CertificateParams::new(Vec::<String>::new()).map_err(cert_err("client"))?;
-                params.distinguished_name.push(DnType::CommonName, "admin");
-                params
-                    .distinguished_name
-                    .push(DnType::OrganizationName, "system:masters");
-                params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
-                params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-                let cert = params
-                    .signed_by(&key, &issuer)
-                    .map_err(cert_err("client"))?;
-                write_private(&files.client_key, key.serialize_pem().as_bytes(), 0o600)?;
-                write_private(&files.client_cert, cert.pem().as_bytes(), 0o644)?;
-                (cert.pem(), key.serialize_pem())
-            }
-        };
+    let (client_cert_pem, client_key_pem) = client_cert(
+        &issuer,
+        (&files.client_cert, &files.client_key),
+        "admin",
+        MASTERS_GROUP,
+    )?;
+    let (kubelet_client_cert_pem, kubelet_client_key_pem) = client_cert(
+        &issuer,
+        (&files.kubelet_cert, &files.kubelet_key),
+        KUBELET_CLIENT_CN,
+        MASTERS_GROUP,
+    )?;
 
     let token = secret(&files.token, token)?;
     let node_token = secret(&files.node_token, node_token)?;
@@ -203,9 +228,194 @@ pub fn load_or_create(
         serving_key_pem: serving_key.serialize_pem(),
         client_cert_pem,
         client_key_pem,
+        ca_key_pem: ca_key.serialize_pem(),
+        kubelet_client_cert_pem,
+        kubelet_client_key_pem,
         token,
         node_token,
     })
+}
+
+/// The client certificate stored at `files` (cert, key), or a new one for
+/// `cn` in group `org`, signed by `issuer` and stored.
+fn client_cert(
+    issuer: &Issuer<'_, &KeyPair>,
+    files: (&Path, &Path),
+    cn: &str,
+    org: &str,
+) -> Result<(String, String), StartError> {
+    if let (Some(c), Some(k)) = (read_opt(files.0)?, read_opt(files.1)?) {
+        return Ok((c, k));
+    }
+    let key = KeyPair::generate().map_err(cert_err("client key"))?;
+    let mut params = CertificateParams::new(Vec::<String>::new()).map_err(cert_err("client"))?;
+    params.distinguished_name.push(DnType::CommonName, cn);
+    params
+        .distinguished_name
+        .push(DnType::OrganizationName, org);
+    params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+    params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+    let cert = params.signed_by(&key, issuer).map_err(cert_err("client"))?;
+    write_private(files.1, key.serialize_pem().as_bytes(), 0o600)?;
+    write_private(files.0, cert.pem().as_bytes(), 0o644)?;
+    Ok((cert.pem(), key.serialize_pem()))
+}
+
+/// The two certificates a joining node gets, as PEM.
+#[derive(Debug, Clone)]
+pub struct NodeCertificates {
+    /// CN `system:node:<name>`, O `system:nodes`: its API identity.
+    pub client_cert_pem: String,
+    /// For its endpoint: SANs are its name and addresses.
+    pub serving_cert_pem: String,
+}
+
+/// Valid from yesterday (clocks differ a little) for `days` days.
+fn valid_for(params: &mut CertificateParams, days: i64) {
+    use chrono::Datelike;
+    let day = |d: chrono::DateTime<chrono::Utc>| {
+        rcgen::date_time_ymd(d.year(), d.month() as u8, d.day() as u8)
+    };
+    let now = chrono::Utc::now();
+    params.not_before = day(now - chrono::Duration::days(1));
+    params.not_after = day(now + chrono::Duration::days(days));
+}
+
+/// Signs a joining node's two certificate requests. Only the requests'
+/// public keys (and their proof of possession) are used: the names come
+/// from `node` and `addresses`, which the caller has checked, never from
+/// the requests.
+pub fn sign_node_certificates(
+    creds: &Credentials,
+    node: &str,
+    addresses: &[String],
+    client_csr_pem: &str,
+    serving_csr_pem: &str,
+) -> Result<NodeCertificates, StartError> {
+    let ca_key = KeyPair::from_pem(&creds.ca_key_pem).map_err(cert_err("stored ca key"))?;
+    let issuer =
+        Issuer::from_ca_cert_pem(&creds.ca_cert_pem, ca_key).map_err(cert_err("stored ca cert"))?;
+    let csr = |pem: &str, what: &'static str| {
+        rcgen::CertificateSigningRequestParams::from_pem(pem).map_err(cert_err(what))
+    };
+    let client_req = csr(client_csr_pem, "client certificate request")?;
+    let serving_req = csr(serving_csr_pem, "serving certificate request")?;
+
+    let mut client = CertificateParams::new(Vec::<String>::new()).map_err(cert_err("client"))?;
+    client
+        .distinguished_name
+        .push(DnType::CommonName, format!("{NODE_CN_PREFIX}{node}"));
+    client
+        .distinguished_name
+        .push(DnType::OrganizationName, NODES_GROUP);
+    client.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+    client.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+    valid_for(&mut client, NODE_CERT_DAYS);
+    let client = client
+        .signed_by(&client_req.public_key, &issuer)
+        .map_err(cert_err("node client"))?;
+
+    let mut sans = vec![node.to_string()];
+    sans.extend(addresses.iter().filter(|a| *a != node).cloned());
+    let mut serving = CertificateParams::new(sans).map_err(cert_err("node serving"))?;
+    serving.distinguished_name.push(DnType::CommonName, node);
+    serving.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+    serving.key_usages = vec![
+        KeyUsagePurpose::DigitalSignature,
+        KeyUsagePurpose::KeyEncipherment,
+    ];
+    valid_for(&mut serving, NODE_CERT_DAYS);
+    let serving = serving
+        .signed_by(&serving_req.public_key, &issuer)
+        .map_err(cert_err("node serving"))?;
+    Ok(NodeCertificates {
+        client_cert_pem: client.pem(),
+        serving_cert_pem: serving.pem(),
+    })
+}
+
+/// A key pair and a certificate request for it, as PEM (the request's
+/// subject is left empty: the signer names the certificate).
+pub fn key_and_request() -> Result<(String, String), StartError> {
+    let key = KeyPair::generate().map_err(cert_err("node key"))?;
+    let req = CertificateParams::new(Vec::<String>::new())
+        .and_then(|p| p.serialize_request(&key))
+        .map_err(cert_err("certificate request"))?;
+    let pem = req.pem().map_err(cert_err("certificate request"))?;
+    Ok((key.serialize_pem(), pem))
+}
+
+/// A node's full credentials made here, keys included: for tests and
+/// tools that stand in for a joining agent. Returns the certificates and
+/// the client and serving keys.
+pub fn issue_node_credentials(
+    creds: &Credentials,
+    node: &str,
+    addresses: &[String],
+) -> Result<(NodeCertificates, String, String), StartError> {
+    let (client_key, client_req) = key_and_request()?;
+    let (serving_key, serving_req) = key_and_request()?;
+    let certs = sign_node_certificates(creds, node, addresses, &client_req, &serving_req)?;
+    Ok((certs, client_key, serving_key))
+}
+
+/// The subject of a certificate: its common name and organizations.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Subject {
+    pub cn: String,
+    pub orgs: Vec<String>,
+}
+
+/// The subject of a DER certificate (rustls has verified it already).
+pub(crate) fn subject(der: &[u8]) -> Option<Subject> {
+    let (_, cert) = x509_parser::parse_x509_certificate(der).ok()?;
+    let name = cert.subject();
+    let cn = name
+        .iter_common_name()
+        .next()
+        .and_then(|a| a.as_str().ok())?
+        .to_string();
+    let orgs = name
+        .iter_organization()
+        .filter_map(|a| a.as_str().ok().map(String::from))
+        .collect();
+    Some(Subject { cn, orgs })
+}
+
+/// The TLS client the API server dials node endpoints with: it trusts
+/// only the cluster CA (a node's serving certificate is verified against
+/// the address it is dialled at) and presents the kubelet-client
+/// certificate.
+pub fn kubelet_client_config(creds: &Credentials) -> Result<rustls::ClientConfig, StartError> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let tls_err = |what: &'static str| {
+        move |e: rustls::Error| StartError::Certificate {
+            what,
+            reason: e.to_string(),
+        }
+    };
+    let mut roots = rustls::RootCertStore::empty();
+    for c in parse_certs(&creds.ca_cert_pem, "ca")? {
+        roots.add(c).map_err(tls_err("ca"))?;
+    }
+    let chain = parse_certs(&creds.kubelet_client_cert_pem, "kubelet client")?;
+    let key = private_key(&creds.kubelet_client_key_pem, "kubelet client key")?;
+    rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(tls_err("protocol versions"))?
+        .with_root_certificates(roots)
+        .with_client_auth_cert(chain, key)
+        .map_err(tls_err("kubelet client"))
+}
+
+fn private_key(pem: &str, what: &'static str) -> Result<PrivateKeyDer<'static>, StartError> {
+    rustls_pemfile::private_key(&mut pem.as_bytes())
+        .ok()
+        .flatten()
+        .ok_or(StartError::Certificate {
+            what,
+            reason: "no private key in pem".into(),
+        })
 }
 
 /// The secret stored at `path`: `given` replaces it; else the stored one;
@@ -275,14 +485,7 @@ pub fn server_config(creds: &Credentials) -> Result<rustls::ServerConfig, StartE
     // against the hash in its token before it sends any secret.
     let mut chain = parse_certs(&creds.serving_cert_pem, "serving")?;
     chain.extend(parse_certs(&creds.ca_cert_pem, "ca")?);
-    let key = rustls_pemfile::private_key(&mut creds.serving_key_pem.as_bytes())
-        .ok()
-        .flatten()
-        .ok_or(StartError::Certificate {
-            what: "serving key",
-            reason: "no private key in pem".into(),
-        })?;
-    let key: PrivateKeyDer<'static> = key;
+    let key = private_key(&creds.serving_key_pem, "serving key")?;
     let mut cfg = rustls::ServerConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
         .map_err(tls_err("protocol versions"))?

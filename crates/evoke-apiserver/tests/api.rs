@@ -850,33 +850,62 @@ async fn eviction_deletes_the_pod_with_its_options() {
 }
 
 #[tokio::test]
-async fn pod_logs_are_proxied_from_the_node_endpoint_with_the_cluster_token() {
+async fn pod_logs_are_proxied_over_tls_from_the_node_endpoint_with_the_kubelet_client_certificate()
+{
+    use std::sync::Arc;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let h = start().await;
-    let token = h
-        .server
-        .as_ref()
-        .expect("server")
-        .credentials
-        .node_token
-        .clone();
-    // A stand-in node endpoint: answers one request, checking the token.
+    let creds = h.server.as_ref().expect("server").credentials.clone();
+    // A stand-in node endpoint with the serving certificate a join issues
+    // for 127.0.0.1: it requires a client certificate from the cluster CA
+    // and answers one request with the client's common name.
+    let (certs, _, serving_key) =
+        evoke_apiserver::tls::issue_node_credentials(&creds, "n1", &["127.0.0.1".to_string()])
+            .expect("node certificates");
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut roots = rustls::RootCertStore::empty();
+    for c in rustls_pemfile::certs(&mut creds.ca_cert_pem.as_bytes()) {
+        roots.add(c.expect("ca")).expect("root");
+    }
+    let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+        Arc::new(roots),
+        provider.clone(),
+    )
+    .build()
+    .expect("verifier");
+    let cfg = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .expect("versions")
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(
+            rustls_pemfile::certs(&mut certs.serving_cert_pem.as_bytes())
+                .collect::<Result<Vec<_>, _>>()
+                .expect("cert"),
+            rustls_pemfile::private_key(&mut serving_key.as_bytes())
+                .expect("key")
+                .expect("a key"),
+        )
+        .expect("server config");
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(cfg));
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
         .expect("bind");
     let port = listener.local_addr().expect("addr").port();
     let node = tokio::spawn(async move {
-        let (mut s, _) = listener.accept().await.expect("accept");
+        let (tcp, _) = listener.accept().await.expect("accept");
+        let mut s = acceptor
+            .accept(tcp)
+            .await
+            .expect("tls with a client certificate");
+        let client = s.get_ref().1.peer_certificates().map(|c| c.len());
         let mut buf = vec![0u8; 4096];
         let n = s.read(&mut buf).await.expect("read");
         let req = String::from_utf8_lossy(&buf[..n]).to_string();
-        let body = if req.contains(&format!("Bearer {token}")) {
-            "hello from c\n"
-        } else {
-            "no token\n"
-        };
+        let body = "hello from c\n";
         let resp = format!("HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}", body.len());
         s.write_all(resp.as_bytes()).await.expect("write");
+        let _ = s.shutdown().await;
+        assert_eq!(client, Some(1), "the api server presented its certificate");
         req.lines().next().unwrap_or_default().to_string()
     });
     let n1 = json!({"apiVersion": "v1", "kind": "Node", "metadata": {"name": "n1"},

@@ -61,10 +61,22 @@ async fn cluster() -> Cluster {
         "container".to_string(),
         tier.clone() as Arc<dyn WorkloadRuntime>,
     )]);
+    // The node's serving certificate, as a join would issue it.
+    let (certs, _, serving_key) = evoke_apiserver::tls::issue_node_credentials(
+        &server.credentials,
+        "n1",
+        &["127.0.0.1".to_string()],
+    )
+    .expect("node certificates");
+    let endpoint_tls = evoke_node::server::EndpointTls {
+        ca_pem: server.credentials.ca_cert_pem.clone(),
+        cert_pem: certs.serving_cert_pem,
+        key_pem: serving_key,
+    };
     let port = evoke_node::server::serve(
         "127.0.0.1:0",
         dir.path().join("node"),
-        Some(TOKEN.into()),
+        &endpoint_tls,
         pods,
         tiers,
     )

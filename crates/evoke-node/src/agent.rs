@@ -44,8 +44,9 @@ pub struct AgentConfig {
     /// Where the node endpoint (logs) listens, e.g. `0.0.0.0:10250`; port
     /// 0 picks a free one. The bound port is reported in the Node.
     pub listen: String,
-    /// The bearer token the node endpoint requires (the cluster token).
-    pub token: Option<String>,
+    /// The node endpoint's serving certificate (issued at join) and the
+    /// CA its callers' certificates must come from.
+    pub endpoint_tls: crate::server::EndpointTls,
 }
 
 /// State shared by the agent and its workers.
@@ -133,7 +134,7 @@ pub struct Agent {
     ctx: Arc<Ctx>,
     labels: BTreeMap<String, String>,
     listen: String,
-    token: Option<String>,
+    endpoint_tls: crate::server::EndpointTls,
     port: u16,
 }
 
@@ -175,79 +176,25 @@ impl Agent {
             }),
             labels: cfg.labels,
             listen: cfg.listen,
-            token: cfg.token,
+            endpoint_tls: cfg.endpoint_tls,
             port: 0,
         }
     }
 
-    fn available_tiers(&self) -> Vec<String> {
-        let mut v: Vec<String> = self
-            .ctx
-            .tiers
-            .iter()
-            .filter(|(_, t)| t.available().is_ok())
-            .map(|(n, _)| n.clone())
-            .collect();
-        v.sort();
-        v
-    }
-
     /// Creates or refreshes the Node object; returns its uid.
     pub async fn register(&self) -> Result<Option<String>, NodeError> {
-        let api: Api<Node> = Api::all(self.ctx.client.clone());
-        let machine = Machine::detect();
-        let now = Time(k8s_openapi::jiff::Timestamp::now());
-        let hostname = std::fs::read_to_string("/proc/sys/kernel/hostname")
-            .map(|s| s.trim().to_string())
-            .unwrap_or_default();
-        let status = node::status(
-            &machine,
-            &self.ctx.host_ip,
-            &hostname,
-            &self.available_tiers(),
-            self.port,
-            &now,
-        );
-        let obj = node::node_object(&self.ctx.node_name, &self.labels, status.clone());
-        let name = &self.ctx.node_name;
-        let created = match api.create(&PostParams::default(), &obj).await {
-            Ok(n) => n,
-            Err(kube::Error::Api(e)) if e.code == 409 => {
-                let labels = obj.metadata.labels.clone();
-                api.patch(
-                    name,
-                    &PatchParams::default(),
-                    &Patch::Merge(&serde_json::json!({"metadata": {"labels": labels}})),
-                )
-                .await
-                .map_err(|e| NodeError::Api {
-                    what: format!("updating node {name}"),
-                    source: e,
-                })?
-            }
-            Err(e) => {
-                return Err(NodeError::Api {
-                    what: format!("registering node {name}"),
-                    source: e,
-                })
-            }
-        };
-        // Status is a subresource: write it separately so it lands either way.
-        api.patch_status(
-            name,
-            &PatchParams::default(),
-            &Patch::Merge(&serde_json::json!({ "status": status })),
-        )
-        .await
-        .map_err(|e| NodeError::Api {
-            what: format!("writing status of node {name}"),
-            source: e,
-        })?;
-        tracing::info!(node = %name, cpus = machine.cpus, memory = machine.memory_bytes, "node registered");
-        Ok(created.uid())
+        register_node(&self.ctx, &self.labels, self.port).await
     }
 
-    async fn heartbeat(ctx: Arc<Ctx>, node_uid: Option<String>) {
+    /// Renews the Lease every 10 s and the Ready heartbeat every 40 s; a
+    /// Node object deleted meanwhile is registered again (`labels`, `port`),
+    /// as the kubelet does.
+    async fn heartbeat(
+        ctx: Arc<Ctx>,
+        mut node_uid: Option<String>,
+        labels: BTreeMap<String, String>,
+        port: u16,
+    ) {
         let leases: Api<Lease> = Api::namespaced(ctx.client.clone(), LEASE_NAMESPACE);
         let nodes: Api<Node> = Api::all(ctx.client.clone());
         let name = ctx.node_name.clone();
@@ -262,10 +209,21 @@ impl Agent {
         let _ = ns_api.create(&PostParams::default(), &ns).await;
         let mut tick = 0u64;
         loop {
+            if let Ok(None) = nodes.get_opt(&name).await {
+                tracing::warn!(node = %name, "the node object was deleted; registering it again");
+                match register_node(&ctx, &labels, port).await {
+                    Ok(uid) => node_uid = uid,
+                    Err(e) => {
+                        tracing::warn!(node = %name, error = %e, "node re-registration failed")
+                    }
+                }
+            }
             let lease = node::lease(&name, node_uid.as_deref());
             let res = match leases.get_opt(&name).await {
                 Ok(Some(mut cur)) => {
                     cur.spec = lease.spec.clone();
+                    // A re-registered Node has a new uid.
+                    cur.metadata.owner_references = lease.metadata.owner_references.clone();
                     leases
                         .replace(&name, &PostParams::default(), &cur)
                         .await
@@ -334,7 +292,7 @@ impl Agent {
         self.port = crate::server::serve(
             &self.listen,
             self.ctx.data_dir.clone(),
-            self.token.clone(),
+            &self.endpoint_tls,
             self.ctx.pods.clone(),
             self.ctx.tiers.clone(),
         )
@@ -349,7 +307,12 @@ impl Agent {
                 }
             }
         };
-        tokio::spawn(Self::heartbeat(self.ctx.clone(), node_uid));
+        tokio::spawn(Self::heartbeat(
+            self.ctx.clone(),
+            node_uid,
+            self.labels.clone(),
+            self.port,
+        ));
         let mut leftovers = self.existing_workloads().await;
         tracing::info!(node = %self.ctx.node_name, pods_with_workloads = leftovers.len(), "agent watching pods");
 
@@ -446,4 +409,75 @@ impl Agent {
             }
         }
     }
+}
+
+fn available_tiers(ctx: &Ctx) -> Vec<String> {
+    let mut v: Vec<String> = ctx
+        .tiers
+        .iter()
+        .filter(|(_, t)| t.available().is_ok())
+        .map(|(n, _)| n.clone())
+        .collect();
+    v.sort();
+    v
+}
+
+/// Creates or refreshes the Node object (labels, status with the endpoint
+/// `port`); returns its uid.
+async fn register_node(
+    ctx: &Ctx,
+    labels: &BTreeMap<String, String>,
+    port: u16,
+) -> Result<Option<String>, NodeError> {
+    let api: Api<Node> = Api::all(ctx.client.clone());
+    let machine = Machine::detect();
+    let now = Time(k8s_openapi::jiff::Timestamp::now());
+    let hostname = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|s| s.trim().to_string())
+        .unwrap_or_default();
+    let status = node::status(
+        &machine,
+        &ctx.host_ip,
+        &hostname,
+        &available_tiers(ctx),
+        port,
+        &now,
+    );
+    let obj = node::node_object(&ctx.node_name, labels, status.clone());
+    let name = &ctx.node_name;
+    let created = match api.create(&PostParams::default(), &obj).await {
+        Ok(n) => n,
+        Err(kube::Error::Api(e)) if e.code == 409 => {
+            let labels = obj.metadata.labels.clone();
+            api.patch(
+                name,
+                &PatchParams::default(),
+                &Patch::Merge(&serde_json::json!({"metadata": {"labels": labels}})),
+            )
+            .await
+            .map_err(|e| NodeError::Api {
+                what: format!("updating node {name}"),
+                source: e,
+            })?
+        }
+        Err(e) => {
+            return Err(NodeError::Api {
+                what: format!("registering node {name}"),
+                source: e,
+            })
+        }
+    };
+    // Status is a subresource: write it separately so it lands either way.
+    api.patch_status(
+        name,
+        &PatchParams::default(),
+        &Patch::Merge(&serde_json::json!({ "status": status })),
+    )
+    .await
+    .map_err(|e| NodeError::Api {
+        what: format!("writing status of node {name}"),
+        source: e,
+    })?;
+    tracing::info!(node = %name, cpus = machine.cpus, memory = machine.memory_bytes, "node registered");
+    Ok(created.uid())
 }

@@ -55,4 +55,8 @@ pub enum NodeError {
     WatchEnded,
     #[error("join token: {0}")]
     Token(String),
+    #[error("tls: {0}")]
+    Tls(String),
+    #[error("joining {server}: {reason}")]
+    Join { server: String, reason: String },
 }

@@ -1,4 +1,4 @@
-//! The node's HTTP endpoint, the kubelet's API for the API server:
+//! The node's HTTPS endpoint, the kubelet's API for the API server:
 //! - `GET /containerLogs/{namespace}/{pod}/{container}` with the query
 //!   parameters kubectl's `logs` passes through (`follow`, `previous`,
 //!   `tailLines`);
@@ -10,8 +10,13 @@
 //!   WebSocket to the pod's loopback ([`crate::portforward`]).
 //!
 //! The API server proxies `pods/log` and `pods/exec` here, at the node's
-//! InternalIP and `status.daemonEndpoints.kubeletEndpoint.port`, with its
-//! bearer token (the cluster token); nothing else is accepted.
+//! InternalIP and `status.daemonEndpoints.kubeletEndpoint.port`. TLS only
+//! ([`EndpointTls`]): the node presents the serving certificate the cluster
+//! CA issued it at join, and the caller must present a client certificate
+//! from the same CA whose common name is [`APISERVER_CLIENT_CN`], which
+//! only the API server holds. Other nodes' certificates (same CA) are
+//! answered 403; certificates from elsewhere, expired ones or none at all
+//! do not get through the handshake.
 //!
 //! Logs live at `<data_dir>/pods/<uid>/logs/<container>/<attempt>.log`;
 //! the current attempt is the highest number, `previous` the one before.
@@ -26,7 +31,7 @@ use axum::body::Body;
 use axum::extract::ws::rejection::WebSocketUpgradeRejection;
 use axum::extract::ws::WebSocketUpgrade;
 use axum::extract::{Path as UrlPath, Query, RawQuery, State};
-use axum::http::{HeaderMap, StatusCode};
+use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::Router;
@@ -45,9 +50,75 @@ pub type Tiers = HashMap<String, Arc<dyn WorkloadRuntime>>;
 #[derive(Clone)]
 struct App {
     data_dir: PathBuf,
-    token: Option<String>,
     pods: PodIndex,
     tiers: Arc<Tiers>,
+}
+
+/// The common name of the API server's client certificate for node
+/// endpoints (evoke-apiserver's `tls::KUBELET_CLIENT_CN`; the two must
+/// agree).
+pub const APISERVER_CLIENT_CN: &str = "evoke-apiserver-kubelet-client";
+
+/// The endpoint's TLS material, as PEM: the serving certificate and key
+/// the cluster CA issued this node at join, and that CA, which callers'
+/// client certificates must chain to.
+#[derive(Clone)]
+pub struct EndpointTls {
+    pub ca_pem: String,
+    pub cert_pem: String,
+    pub key_pem: String,
+}
+
+impl std::fmt::Debug for EndpointTls {
+    // The key is a secret.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EndpointTls").finish_non_exhaustive()
+    }
+}
+
+impl EndpointTls {
+    /// The rustls configuration: our certificate, and a client certificate
+    /// from the CA required.
+    fn server_config(&self) -> Result<rustls::ServerConfig, crate::NodeError> {
+        let bad = |what: &str, e: &dyn std::fmt::Display| {
+            crate::NodeError::Tls(format!("node endpoint {what}: {e}"))
+        };
+        let certs = |pem: &str, what: &str| {
+            rustls_pemfile::certs(&mut pem.as_bytes())
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|e| bad(what, &e))
+        };
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let mut roots = rustls::RootCertStore::empty();
+        for c in certs(&self.ca_pem, "ca")? {
+            roots.add(c).map_err(|e| bad("ca", &e))?;
+        }
+        let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+            Arc::new(roots),
+            provider.clone(),
+        )
+        .build()
+        .map_err(|e| bad("client verifier", &e))?;
+        let key = rustls_pemfile::private_key(&mut self.key_pem.as_bytes())
+            .ok()
+            .flatten()
+            .ok_or_else(|| bad("key", &"no private key in the pem text"))?;
+        let mut cfg = rustls::ServerConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .map_err(|e| bad("protocols", &e))?
+            .with_client_cert_verifier(verifier)
+            .with_single_cert(certs(&self.cert_pem, "certificate")?, key)
+            .map_err(|e| bad("certificate", &e))?;
+        cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
+        Ok(cfg)
+    }
+}
+
+/// The common name of a DER certificate.
+fn common_name(der: &[u8]) -> Option<String> {
+    let (_, cert) = x509_parser::parse_x509_certificate(der).ok()?;
+    let cn = cert.subject().iter_common_name().next()?;
+    cn.as_str().ok().map(String::from)
 }
 
 #[derive(Debug, Default, serde::Deserialize)]
@@ -102,36 +173,6 @@ fn error(code: StatusCode, msg: String) -> Response {
 }
 
 impl App {
-    /// Only the API server (holding the cluster token) may use the
-    /// endpoint: exec is a shell on the node.
-    fn authorize(&self, headers: &HeaderMap) -> Result<(), Box<Response>> {
-        if let Some(t) = self.token.as_deref() {
-            let given = headers
-                .get("authorization")
-                .and_then(|v| v.to_str().ok())
-                .unwrap_or("");
-            if given.strip_prefix("Bearer ") != Some(t) {
-                return Err(Box::new(error(
-                    StatusCode::UNAUTHORIZED,
-                    "unauthorized\n".into(),
-                )));
-            }
-        }
-        Ok(())
-    }
-
-    /// exec, attach and port-forward reach into pods: without a token
-    /// configured they are off, whoever asks.
-    fn authorize_stream(&self, headers: &HeaderMap) -> Result<(), Box<Response>> {
-        if self.token.is_none() {
-            return Err(Box::new(error(
-                StatusCode::FORBIDDEN,
-                "streaming is disabled: this node endpoint has no token\n".into(),
-            )));
-        }
-        self.authorize(headers)
-    }
-
     fn pod_uid(&self, ns: &str, pod: &str) -> Result<String, Box<Response>> {
         self.pods
             .read()
@@ -211,12 +252,8 @@ async fn exec(
     State(app): State<App>,
     UrlPath((ns, pod, container)): UrlPath<(String, String, String)>,
     RawQuery(query): RawQuery,
-    headers: HeaderMap,
     ws: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
 ) -> Response {
-    if let Err(r) = app.authorize_stream(&headers) {
-        return *r;
-    }
     let req = match ExecRequest::parse(query.as_deref().unwrap_or_default()) {
         Ok(r) => r,
         Err(e) => return error(StatusCode::BAD_REQUEST, format!("{e}\n")),
@@ -277,12 +314,8 @@ async fn port_forward(
     State(app): State<App>,
     UrlPath((ns, pod)): UrlPath<(String, String)>,
     RawQuery(query): RawQuery,
-    headers: HeaderMap,
     ws: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
 ) -> Response {
-    if let Err(r) = app.authorize_stream(&headers) {
-        return *r;
-    }
     let mut ports = Vec::new();
     for (k, v) in form_urlencoded::parse(query.unwrap_or_default().as_bytes()) {
         if k == "ports" || k == "port" {
@@ -356,12 +389,8 @@ async fn attach(
     State(app): State<App>,
     UrlPath((ns, pod, container)): UrlPath<(String, String, String)>,
     RawQuery(query): RawQuery,
-    headers: HeaderMap,
     ws: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
 ) -> Response {
-    if let Err(r) = app.authorize_stream(&headers) {
-        return *r;
-    }
     let wants_stdin = form_urlencoded::parse(query.unwrap_or_default().as_bytes())
         .any(|(k, v)| k == "stdin" && matches!(v.as_ref(), "1" | "true" | "True" | "TRUE"));
     if wants_stdin {
@@ -400,11 +429,7 @@ async fn logs(
     State(app): State<App>,
     UrlPath((ns, pod, container)): UrlPath<(String, String, String)>,
     Query(q): Query<LogQuery>,
-    headers: HeaderMap,
 ) -> Response {
-    if let Err(r) = app.authorize(&headers) {
-        return *r;
-    }
     let uid = match app.pod_uid(&ns, &pod) {
         Ok(uid) => uid,
         Err(r) => return *r,
@@ -516,18 +541,18 @@ async fn healthz() -> &'static str {
     "ok"
 }
 
-/// Binds `addr` (port 0 picks one) and serves in the background; returns
-/// the bound port.
+/// Binds `addr` (port 0 picks one) and serves HTTPS with `tls` in the
+/// background; returns the bound port.
 pub async fn serve(
     addr: &str,
     data_dir: PathBuf,
-    token: Option<String>,
+    tls: &EndpointTls,
     pods: PodIndex,
     tiers: Tiers,
 ) -> Result<u16, crate::NodeError> {
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(tls.server_config()?));
     let app = App {
         data_dir,
-        token,
         pods,
         tiers: Arc::new(tiers),
     };
@@ -551,9 +576,63 @@ pub async fn serve(
             source,
         })?
         .port();
+    // Callers with a valid certificate that is not the API server's (another
+    // node's) get this instead of the endpoint.
+    let forbidden = Router::new().fallback(|| async {
+        error(
+            StatusCode::FORBIDDEN,
+            format!(
+                "forbidden: only the API server ({APISERVER_CLIENT_CN}) may use this endpoint\n"
+            ),
+        )
+    });
     tokio::spawn(async move {
-        if let Err(e) = axum::serve(listener, router).await {
-            tracing::error!(error = %e, "node endpoint stopped");
+        loop {
+            let (tcp, peer) = match listener.accept().await {
+                Ok(x) => x,
+                Err(e) => {
+                    tracing::warn!(error = %e, "node endpoint accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            };
+            let _ = tcp.set_nodelay(true);
+            let (acceptor, router, forbidden) =
+                (acceptor.clone(), router.clone(), forbidden.clone());
+            tokio::spawn(async move {
+                let tls = match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp))
+                    .await
+                {
+                    Ok(Ok(s)) => s,
+                    Ok(Err(e)) => {
+                        tracing::info!(%peer, error = %e, "node endpoint: tls handshake refused");
+                        return;
+                    }
+                    Err(_) => return,
+                };
+                let cn = tls
+                    .get_ref()
+                    .1
+                    .peer_certificates()
+                    .and_then(|c| c.first())
+                    .and_then(|c| common_name(c.as_ref()));
+                let service = if cn.as_deref() == Some(APISERVER_CLIENT_CN) {
+                    router
+                } else {
+                    tracing::info!(%peer, client = ?cn, "node endpoint: caller is not the api server");
+                    forbidden
+                };
+                let service = hyper_util::service::TowerToHyperService::new(service);
+                let builder = hyper_util::server::conn::auto::Builder::new(
+                    hyper_util::rt::TokioExecutor::new(),
+                );
+                if let Err(e) = builder
+                    .serve_connection_with_upgrades(hyper_util::rt::TokioIo::new(tls), service)
+                    .await
+                {
+                    tracing::debug!(%peer, error = %e, "node endpoint connection ended with an error");
+                }
+            });
         }
     });
     Ok(port)
@@ -572,19 +651,135 @@ mod tests {
         assert_eq!(tail(b"a\n", 0), b"");
     }
 
-    async fn get(port: u16, path: &str, token: &str) -> String {
-        let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port))
+    /// A test cluster CA, the endpoint's certificate for 127.0.0.1, and
+    /// client certificates on demand.
+    struct Pki {
+        ca: rcgen::CertificateParams,
+        ca_key: rcgen::KeyPair,
+        ca_pem: String,
+    }
+
+    /// A client's TLS identity: its certificate and key as PEM.
+    struct Caller {
+        cert_pem: String,
+        key_pem: String,
+    }
+
+    impl Pki {
+        fn new() -> Pki {
+            let ca_key = rcgen::KeyPair::generate().unwrap();
+            let mut ca = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+            ca.distinguished_name
+                .push(rcgen::DnType::CommonName, "test-ca");
+            ca.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+            ca.key_usages = vec![
+                rcgen::KeyUsagePurpose::KeyCertSign,
+                rcgen::KeyUsagePurpose::DigitalSignature,
+            ];
+            let ca_pem = ca.self_signed(&ca_key).unwrap().pem();
+            Pki { ca, ca_key, ca_pem }
+        }
+
+        fn sign(&self, mut params: rcgen::CertificateParams, cn: &str) -> Caller {
+            let key = rcgen::KeyPair::generate().unwrap();
+            params
+                .distinguished_name
+                .push(rcgen::DnType::CommonName, cn);
+            let issuer = rcgen::Issuer::from_params(&self.ca, &self.ca_key);
+            Caller {
+                cert_pem: params.signed_by(&key, &issuer).unwrap().pem(),
+                key_pem: key.serialize_pem(),
+            }
+        }
+
+        /// The endpoint's own TLS material.
+        fn endpoint(&self) -> EndpointTls {
+            let mut p = rcgen::CertificateParams::new(vec!["127.0.0.1".to_string()]).unwrap();
+            p.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ServerAuth];
+            let c = self.sign(p, "n1");
+            EndpointTls {
+                ca_pem: self.ca_pem.clone(),
+                cert_pem: c.cert_pem,
+                key_pem: c.key_pem,
+            }
+        }
+
+        /// A client certificate named `cn`; `expired` ended in 2020.
+        fn client(&self, cn: &str, expired: bool) -> Caller {
+            let mut p = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+            p.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ClientAuth];
+            if expired {
+                p.not_before = rcgen::date_time_ymd(2019, 1, 1);
+                p.not_after = rcgen::date_time_ymd(2020, 1, 1);
+            }
+            self.sign(p, cn)
+        }
+
+        fn apiserver(&self) -> Caller {
+            self.client(APISERVER_CLIENT_CN, false)
+        }
+    }
+
+    /// A TLS connection to the endpoint on `port` as `who` (no client
+    /// certificate when None), trusting `ca_pem`.
+    async fn connect(
+        port: u16,
+        ca_pem: &str,
+        who: Option<&Caller>,
+    ) -> std::io::Result<tokio_rustls::client::TlsStream<tokio::net::TcpStream>> {
+        let mut roots = rustls::RootCertStore::empty();
+        for c in rustls_pemfile::certs(&mut ca_pem.as_bytes()) {
+            roots.add(c.unwrap()).unwrap();
+        }
+        let builder = rustls::ClientConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots);
+        let cfg = match who {
+            Some(c) => builder
+                .with_client_auth_cert(
+                    rustls_pemfile::certs(&mut c.cert_pem.as_bytes())
+                        .collect::<Result<Vec<_>, _>>()
+                        .unwrap(),
+                    rustls_pemfile::private_key(&mut c.key_pem.as_bytes())
+                        .unwrap()
+                        .unwrap(),
+                )
+                .unwrap(),
+            None => builder.with_no_client_auth(),
+        };
+        let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port)).await?;
+        tokio_rustls::TlsConnector::from(Arc::new(cfg))
+            .connect(
+                rustls::pki_types::ServerName::try_from("127.0.0.1").unwrap(),
+                tcp,
+            )
             .await
-            .unwrap();
-        let req = format!("GET {path} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\nConnection: close\r\n\r\n");
-        s.write_all(req.as_bytes()).await.unwrap();
-        let mut out = String::new();
-        s.read_to_string(&mut out).await.unwrap();
-        out
+    }
+
+    /// A GET over TLS as `who`: the raw response, or "ERROR ..." when the
+    /// TLS handshake or the connection fails.
+    async fn get_as(port: u16, ca_pem: &str, who: Option<&Caller>, path: &str) -> String {
+        let mut s = match connect(port, ca_pem, who).await {
+            Ok(s) => s,
+            Err(e) => return format!("ERROR {e}"),
+        };
+        let req = format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+        if let Err(e) = s.write_all(req.as_bytes()).await {
+            return format!("ERROR {e}");
+        }
+        let mut out = Vec::new();
+        match s.read_to_end(&mut out).await {
+            Ok(_) if !out.is_empty() => String::from_utf8_lossy(&out).into_owned(),
+            Ok(_) => "ERROR no answer".into(),
+            Err(e) => format!("ERROR {e}"),
+        }
     }
 
     #[tokio::test]
-    async fn logs_current_previous_and_tail_with_a_token() {
+    async fn logs_current_previous_and_tail_for_the_api_server() {
         let tmp = tempfile::tempdir().unwrap();
         let dir = tmp.path().join("pods/u1/logs/c");
         std::fs::create_dir_all(&dir).unwrap();
@@ -594,33 +789,89 @@ mod tests {
             "ns/p".to_string(),
             "u1".to_string(),
         )])));
+        let pki = Pki::new();
         let port = serve(
             "127.0.0.1:0",
             tmp.path().to_path_buf(),
-            Some("tok".into()),
+            &pki.endpoint(),
             pods,
             Tiers::new(),
         )
         .await
         .unwrap();
-        assert!(get(port, "/containerLogs/ns/p/c", "tok")
+        let api = pki.apiserver();
+        let get = |path: &'static str| get_as(port, &pki.ca_pem, Some(&api), path);
+        assert!(get("/containerLogs/ns/p/c")
             .await
             .ends_with("one\ntwo\nthree\n"));
-        assert!(get(port, "/containerLogs/ns/p/c?previous=true", "tok")
+        assert!(get("/containerLogs/ns/p/c?previous=true")
             .await
             .ends_with("first run\n"));
-        assert!(get(port, "/containerLogs/ns/p/c?tailLines=1", "tok")
+        assert!(get("/containerLogs/ns/p/c?tailLines=1")
             .await
             .ends_with("\r\n\r\nthree\n"));
-        assert!(get(port, "/containerLogs/ns/p/c?limitBytes=5", "tok")
+        assert!(get("/containerLogs/ns/p/c?limitBytes=5")
             .await
             .ends_with("\r\n\r\none\nt"));
-        assert!(get(port, "/containerLogs/ns/p/c", "wrong")
-            .await
-            .starts_with("HTTP/1.1 401"));
-        assert!(get(port, "/containerLogs/ns/other/c", "tok")
+        assert!(get("/containerLogs/ns/other/c")
             .await
             .starts_with("HTTP/1.1 404"));
+    }
+
+    #[tokio::test]
+    async fn only_the_api_servers_valid_certificate_from_the_cluster_ca_opens_the_endpoint() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("pods/u1/logs/c");
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("0.log"), "secret output\n").unwrap();
+        let pods: PodIndex = Arc::new(RwLock::new(HashMap::from([(
+            "ns/p".to_string(),
+            "u1".to_string(),
+        )])));
+        let pki = Pki::new();
+        let port = serve(
+            "127.0.0.1:0",
+            tmp.path().to_path_buf(),
+            &pki.endpoint(),
+            pods,
+            Tiers::new(),
+        )
+        .await
+        .unwrap();
+        let path = "/containerLogs/ns/p/c";
+        let as_ = |who: Option<Caller>| {
+            let ca = pki.ca_pem.clone();
+            async move { get_as(port, &ca, who.as_ref(), path).await }
+        };
+        assert!(as_(Some(pki.apiserver()))
+            .await
+            .ends_with("secret output\n"));
+        // Plain HTTP gets nothing.
+        let mut plain = tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .unwrap();
+        plain
+            .write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes())
+            .await
+            .unwrap();
+        let mut out = Vec::new();
+        let _ = tokio::time::timeout(Duration::from_secs(10), plain.read_to_end(&mut out)).await;
+        assert!(!String::from_utf8_lossy(&out).contains("secret output"));
+        // No certificate, an expired one, or one from another CA: the
+        // handshake fails.
+        let other = Pki::new();
+        for (what, who) in [
+            ("no certificate", None),
+            ("expired", Some(pki.client(APISERVER_CLIENT_CN, true))),
+            ("another ca", Some(other.apiserver())),
+        ] {
+            let out = as_(who).await;
+            assert!(out.starts_with("ERROR"), "{what}: {out}");
+        }
+        // Another node's valid certificate from the same CA: 403.
+        let out = as_(Some(pki.client("system:node:n2", false))).await;
+        assert!(out.starts_with("HTTP/1.1 403"), "{out}");
+        assert!(!out.contains("secret output"));
     }
 
     /// A tier double whose one workload is the host: exec runs the command
@@ -698,12 +949,10 @@ mod tests {
         }
     }
 
-    async fn exec_endpoint() -> (tempfile::TempDir, u16) {
-        exec_endpoint_with(Some("tok".into())).await
-    }
-
-    async fn exec_endpoint_with(token: Option<String>) -> (tempfile::TempDir, u16) {
+    /// An endpoint with pod ns/p (container c) on the host tier; its PKI.
+    async fn exec_endpoint() -> (tempfile::TempDir, u16, Pki) {
         let tmp = tempfile::tempdir().unwrap();
+        let pki = Pki::new();
         let pods: PodIndex = Arc::new(RwLock::new(HashMap::from([(
             "ns/p".to_string(),
             "u1".to_string(),
@@ -712,23 +961,47 @@ mod tests {
             "host".to_string(),
             Arc::new(HostTier) as Arc<dyn WorkloadRuntime>,
         )]);
-        let port = serve("127.0.0.1:0", tmp.path().to_path_buf(), token, pods, tiers)
+        let port = serve(
+            "127.0.0.1:0",
+            tmp.path().to_path_buf(),
+            &pki.endpoint(),
+            pods,
+            tiers,
+        )
+        .await
+        .unwrap();
+        (tmp, port, pki)
+    }
+
+    /// A WebSocket session at `path` as the API server.
+    async fn ws_connect(
+        port: u16,
+        pki: &Pki,
+        path: &str,
+    ) -> Result<
+        (
+            tokio_tungstenite::WebSocketStream<
+                tokio_rustls::client::TlsStream<tokio::net::TcpStream>,
+            >,
+            tokio_tungstenite::tungstenite::handshake::client::Response,
+        ),
+        tokio_tungstenite::tungstenite::Error,
+    > {
+        let tls = connect(port, &pki.ca_pem, Some(&pki.apiserver()))
             .await
             .unwrap();
-        (tmp, port)
+        tokio_tungstenite::client_async(ws_request(port, path), tls).await
     }
 
     fn ws_request(
         port: u16,
         path: &str,
-        token: &str,
     ) -> tokio_tungstenite::tungstenite::handshake::client::Request {
         use tokio_tungstenite::tungstenite::client::IntoClientRequest;
-        let mut req = format!("ws://127.0.0.1:{port}{path}")
+        let mut req = format!("wss://127.0.0.1:{port}{path}")
             .into_client_request()
             .unwrap();
         let h = req.headers_mut();
-        h.insert("authorization", format!("Bearer {token}").parse().unwrap());
         h.insert(
             "sec-websocket-protocol",
             "v5.channel.k8s.io, v4.channel.k8s.io".parse().unwrap(),
@@ -740,11 +1013,9 @@ mod tests {
     async fn exec_streams_stdin_stdout_and_stderr_and_ends_with_the_exit_status() {
         use futures::{SinkExt, StreamExt};
         use tokio_tungstenite::tungstenite::Message;
-        let (_tmp, port) = exec_endpoint().await;
+        let (_tmp, port, pki) = exec_endpoint().await;
         let path = "/exec/ns/p/c?command=sh&command=-c&command=cat%3B+echo+oops+%3E%262%3B+exit+3&stdin=true&stdout=true&stderr=true";
-        let (mut ws, resp) = tokio_tungstenite::connect_async(ws_request(port, path, "tok"))
-            .await
-            .unwrap();
+        let (mut ws, resp) = ws_connect(port, &pki, path).await.unwrap();
         assert_eq!(
             resp.headers()["sec-websocket-protocol"],
             "v5.channel.k8s.io"
@@ -787,10 +1058,11 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn exec_needs_the_token_a_known_pod_and_a_running_container() {
-        let (_tmp, port) = exec_endpoint().await;
-        let refused = |path: &'static str, token: &'static str| async move {
-            match tokio_tungstenite::connect_async(ws_request(port, path, token)).await {
+    async fn exec_needs_a_known_pod_a_running_container_and_a_command() {
+        let (_tmp, port, pki) = exec_endpoint().await;
+        let pki = &pki;
+        let refused = |path: &'static str| async move {
+            match ws_connect(port, pki, path).await {
                 Err(tokio_tungstenite::tungstenite::Error::Http(r)) => (
                     r.status().as_u16(),
                     String::from_utf8_lossy(r.body().as_deref().unwrap_or_default()).into_owned(),
@@ -798,29 +1070,33 @@ mod tests {
                 other => panic!("{path} was not refused: {:?}", other.map(|(_, r)| r)),
             }
         };
-        assert_eq!(refused("/exec/ns/p/c?command=true", "wrong").await.0, 401);
-        let (code, msg) = refused("/exec/ns/other/c?command=true", "tok").await;
+        let (code, msg) = refused("/exec/ns/other/c?command=true").await;
         assert_eq!(
             (code, msg.trim()),
             (404, "pod ns/other is not on this node")
         );
-        let (code, msg) = refused("/exec/ns/p/nosuch?command=true", "tok").await;
+        let (code, msg) = refused("/exec/ns/p/nosuch?command=true").await;
         assert_eq!(
             (code, msg.trim()),
             (400, "container nosuch in pod p is not running")
         );
-        let (code, msg) = refused("/exec/ns/p/c?stdout=true", "tok").await;
+        let (code, msg) = refused("/exec/ns/p/c?stdout=true").await;
         assert_eq!(code, 400);
         assert!(msg.contains("at least one command"), "{msg}");
-        // Without a configured token, nobody may exec.
-        let (_tmp2, open) = exec_endpoint_with(None).await;
-        assert!(get(open, "/exec/ns/p/c?command=true", "")
-            .await
-            .starts_with("HTTP/1.1 403"));
+        // Another node may not exec here.
+        let node = pki.client("system:node:n2", false);
+        assert!(
+            get_as(port, &pki.ca_pem, Some(&node), "/exec/ns/p/c?command=true")
+                .await
+                .starts_with("HTTP/1.1 403")
+        );
         // Checks pass but no upgrade: the API server's probe before it
         // refuses SPDY.
-        assert!(get(port, "/exec/ns/p/c?command=true", "tok")
-            .await
-            .starts_with("HTTP/1.1 426"));
+        let api = pki.apiserver();
+        assert!(
+            get_as(port, &pki.ca_pem, Some(&api), "/exec/ns/p/c?command=true")
+                .await
+                .starts_with("HTTP/1.1 426")
+        );
     }
 }

@@ -4,8 +4,14 @@
 //! certificate over an unverified TLS connection (from the handshake's
 //! certificate chain, else from `GET /cacerts`), hashes it and compares it
 //! with the hash in the token. Only a server holding that exact CA passes;
-//! the agent then trusts only that CA and sends the secret as its bearer
-//! token.
+//! the agent then trusts only that CA.
+//!
+//! The secret is a bootstrap credential only ([`join`]): with it, and with
+//! its node password (its identity, kept in `<data-dir>/agent`), the agent
+//! asks for two certificates on fresh keys: a client certificate that is
+//! its identity towards the API (`system:node:NAME`), and a serving
+//! certificate for its endpoint. A name already joined with another
+//! password is refused.
 
 use std::sync::{Arc, Mutex};
 
@@ -239,20 +245,20 @@ pub async fn fetch_verified_ca(server: &str, token: &JoinToken) -> Result<Vec<u8
     )))
 }
 
-/// A kube client for `server` that trusts only the verified CA and
-/// authenticates with the token's secret.
-pub async fn client(server: &str, token: &JoinToken) -> Result<kube::Client, NodeError> {
+/// A kube client for `server` that trusts only `ca_pem` and authenticates
+/// as `user` (a kubeconfig `user` entry: a token, or client certificate
+/// data).
+async fn client_as(
+    server: &str,
+    ca_pem: &str,
+    user: serde_json::Value,
+) -> Result<kube::Client, NodeError> {
     use base64::Engine;
-    let ca = fetch_verified_ca(server, token).await?;
-    let pem = format!(
-        "-----BEGIN CERTIFICATE-----\n{}\n-----END CERTIFICATE-----\n",
-        base64::engine::general_purpose::STANDARD.encode(&ca)
-    );
     let kubeconfig = serde_json::json!({
         "apiVersion": "v1", "kind": "Config", "current-context": "evoke",
         "clusters": [{"name": "evoke", "cluster": {"server": server,
-            "certificate-authority-data": base64::engine::general_purpose::STANDARD.encode(pem)}}],
-        "users": [{"name": "agent", "user": {"token": token.secret}}],
+            "certificate-authority-data": base64::engine::general_purpose::STANDARD.encode(ca_pem)}}],
+        "users": [{"name": "agent", "user": user}],
         "contexts": [{"name": "evoke", "context": {"cluster": "evoke", "user": "agent"}}],
     });
     let kc = kube::config::Kubeconfig::from_yaml(&kubeconfig.to_string())
@@ -266,6 +272,21 @@ pub async fn client(server: &str, token: &JoinToken) -> Result<kube::Client, Nod
     })
 }
 
+/// A bootstrap client for `server`: it trusts only the CA the token pins
+/// (fetched and checked first) and authenticates with the token's secret,
+/// which the server accepts for [`join`] only. Returns it and the CA as
+/// PEM.
+pub async fn client(server: &str, token: &JoinToken) -> Result<(kube::Client, String), NodeError> {
+    use base64::Engine;
+    let ca = fetch_verified_ca(server, token).await?;
+    let pem = format!(
+        "-----BEGIN CERTIFICATE-----\n{}\n-----END CERTIFICATE-----\n",
+        base64::engine::general_purpose::STANDARD.encode(&ca)
+    );
+    let client = client_as(server, &pem, serde_json::json!({"token": token.secret})).await?;
+    Ok((client, pem))
+}
+
 /// [`client`], waiting up to `within` for a server that is not up yet (an
 /// agent may start before its server): a refused or dropped connection is
 /// retried every second; a CA that does not match, or any other error,
@@ -274,7 +295,7 @@ pub async fn client_when_up(
     server: &str,
     token: &JoinToken,
     within: std::time::Duration,
-) -> Result<kube::Client, NodeError> {
+) -> Result<(kube::Client, String), NodeError> {
     let deadline = tokio::time::Instant::now() + within;
     let mut logged = false;
     loop {
@@ -302,35 +323,142 @@ pub async fn client_when_up(
     }
 }
 
-/// Proves the token's secret before the agent starts: one authenticated
-/// request (a list of at most one Node). The CA was verified already, so
-/// the secret only ever reaches the pinned server. A refusal becomes a
-/// one-line error; a server that does not answer within `timeout` too.
-pub async fn check_secret(
-    client: &kube::Client,
-    server: &str,
-    timeout: std::time::Duration,
-) -> Result<(), NodeError> {
-    use k8s_openapi::api::core::v1::Node;
-    let nodes: kube::Api<Node> = kube::Api::all(client.clone());
-    let lp = kube::api::ListParams::default().limit(1);
-    match tokio::time::timeout(timeout, nodes.list(&lp)).await {
-        Ok(Ok(_)) => Ok(()),
-        Ok(Err(kube::Error::Api(e))) if e.code == 401 || e.code == 403 => {
-            Err(NodeError::Token(format!(
-                "server {server} refused the token's secret ({} {}); check --token",
-                e.code, e.reason
-            )))
-        }
-        Ok(Err(e)) => Err(NodeError::Api {
-            what: format!("checking the token with {server}"),
-            source: e,
-        }),
-        Err(_) => Err(NodeError::Token(format!(
-            "server {server} did not answer within {}s",
-            timeout.as_secs()
-        ))),
+/// Where the server trades the join secret for a node's certificates
+/// (evoke-apiserver's `auth::JOIN_PATH`).
+pub const JOIN_PATH: &str = "/v1-evoke/node-credentials";
+
+/// What joining gives a node: a client that authenticates as the node
+/// (CN `system:node:NAME`), and its endpoint's serving certificate.
+pub struct NodeCredentials {
+    pub client: kube::Client,
+    pub endpoint: crate::server::EndpointTls,
+}
+
+/// This node's password, its identity when it joins: read from
+/// `<data_dir>/agent/node-password`, made (random, mode 0600) on first
+/// use. Another machine joining with this node's name but not this
+/// password is refused.
+pub fn node_password(data_dir: &std::path::Path) -> Result<String, NodeError> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let dir = data_dir.join("agent");
+    let path = dir.join("node-password");
+    let io = |path: &std::path::Path| {
+        let path = path.to_path_buf();
+        move |source| NodeError::Io { path, source }
+    };
+    match std::fs::read_to_string(&path) {
+        Ok(p) if !p.trim().is_empty() => return Ok(p.trim().to_string()),
+        Ok(_) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(io(&path)(e)),
     }
+    std::fs::create_dir_all(&dir).map_err(io(&dir))?;
+    let password = hex::encode(rand::random::<[u8; 32]>());
+    let tmp = dir.join("node-password.tmp");
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&tmp)
+        .map_err(io(&tmp))?;
+    std::io::Write::write_all(&mut f, password.as_bytes()).map_err(io(&tmp))?;
+    f.sync_all().map_err(io(&tmp))?;
+    std::fs::rename(&tmp, &path).map_err(io(&path))?;
+    Ok(password)
+}
+
+/// A fresh key and a certificate request for it, as PEM.
+fn key_and_request() -> Result<(String, String), NodeError> {
+    let bad = |e: rcgen::Error| NodeError::Tls(format!("certificate request: {e}"));
+    let key = rcgen::KeyPair::generate().map_err(bad)?;
+    let req = rcgen::CertificateParams::new(Vec::<String>::new())
+        .and_then(|p| p.serialize_request(&key))
+        .map_err(bad)?;
+    Ok((key.serialize_pem(), req.pem().map_err(bad)?))
+}
+
+/// Joins as `node`: sends the node password, the `addresses` the serving
+/// certificate must cover and two certificate requests on fresh keys, with
+/// the bootstrap client (the join secret), and returns the node's own
+/// client and endpoint certificate. A refused secret or password, or a
+/// server that does not answer within `timeout`, is a one-line error.
+pub async fn join(
+    bootstrap: &kube::Client,
+    server: &str,
+    ca_pem: &str,
+    node: &str,
+    addresses: &[std::net::IpAddr],
+    password: &str,
+    timeout: std::time::Duration,
+) -> Result<NodeCredentials, NodeError> {
+    use base64::Engine;
+    let fail = |reason: String| NodeError::Join {
+        server: server.to_string(),
+        reason,
+    };
+    let (client_key, client_req) = key_and_request()?;
+    let (serving_key, serving_req) = key_and_request()?;
+    let body = serde_json::json!({
+        "nodeName": node,
+        "nodePassword": password,
+        "addresses": addresses.iter().map(ToString::to_string).collect::<Vec<_>>(),
+        "clientCsr": client_req,
+        "servingCsr": serving_req,
+    });
+    let req = http::Request::post(JOIN_PATH)
+        .header(http::header::CONTENT_TYPE, "application/json")
+        .body(body.to_string().into_bytes())
+        .map_err(|e| fail(format!("join request: {e}")))?;
+    let answer: serde_json::Value =
+        match tokio::time::timeout(timeout, bootstrap.request(req)).await {
+            Ok(Ok(v)) => v,
+            Ok(Err(kube::Error::Api(e))) if e.code == 401 => {
+                return Err(fail(format!(
+                    "the server refused the token's secret ({} {}); check --token",
+                    e.code, e.reason
+                )))
+            }
+            Ok(Err(kube::Error::Api(e))) => {
+                return Err(fail(format!(
+                    "the server refused node {node}: {}",
+                    e.message
+                )))
+            }
+            Ok(Err(e)) => return Err(fail(e.to_string())),
+            Err(_) => {
+                return Err(fail(format!(
+                    "the server did not answer within {}s",
+                    timeout.as_secs()
+                )))
+            }
+        };
+    let pem = |field: &str| {
+        answer[field]
+            .as_str()
+            .map(String::from)
+            .ok_or_else(|| fail(format!("the answer has no {field}")))
+    };
+    let (client_cert, serving_cert) = (pem("clientCertificate")?, pem("servingCertificate")?);
+    let b64 = |s: &str| base64::engine::general_purpose::STANDARD.encode(s);
+    let client = client_as(
+        server,
+        ca_pem,
+        serde_json::json!({
+            "client-certificate-data": b64(&client_cert),
+            "client-key-data": b64(&client_key),
+        }),
+    )
+    .await?;
+    tracing::info!(%server, %node, "joined with a node certificate");
+    Ok(NodeCredentials {
+        client,
+        endpoint: crate::server::EndpointTls {
+            ca_pem: ca_pem.to_string(),
+            cert_pem: serving_cert,
+            key_pem: serving_key,
+        },
+    })
 }
 
 /// The local address this machine uses to reach `server`: the address a

@@ -2,9 +2,13 @@
 //! binary and the real kubectl: the node registers with this machine's
 //! capacity, heartbeats its Lease and turns Ready; a pod pinned to it runs
 //! there and `kubectl logs` and `exec` reach it through the API server; the
-//! join secret grants a node's rights, not an admin's; a killed agent's
-//! node turns NotReady; a wrong token stops the agent with one line, and a
-//! server with the wrong CA never sees the secret.
+//! join secret only admits a node; a node's certificate (CN
+//! system:node:NAME) writes only its own Node, Lease and pods' status, and
+//! an expired or foreign one gets nowhere; node endpoints are TLS and admit
+//! only the API server; a second machine claiming a joined name is refused;
+//! a deleted Node is registered again; a killed agent's node turns
+//! NotReady; a wrong token stops the agent with one line, and a server with
+//! the wrong CA never sees the secret.
 //!
 //! Needs root, kubectl and busybox-static; under CI=true a missing one is
 //! a failure, elsewhere the test prints why it skips.
@@ -179,17 +183,147 @@ spec:
     let out = server.ok(&["exec", "pinned", "--", "cat", "/www/index.html"]);
     assert_eq!(out, "n2\n");
 
-    // The join token's secret is a node's credential, not an admin's: it
-    // reads, but it cannot create workloads or reach into pods.
-    let as_node = a.path().join("node.kubeconfig");
+    // The join secret is a bootstrap credential only: it reads nothing.
     let secret = server
         .token()
         .rsplit(':')
         .next()
         .expect("secret")
         .to_string();
+    let with_secret = kubeconfig(a.path(), &server, "secret", &format!("token: '{secret}'"));
+    let out = kubectl_as(&with_secret, a.path(), &["get", "pods", "-o", "name"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("Forbidden"),
+        "the join secret read pods: {err}"
+    );
+
+    // A node's certificate (CN system:node:n2, as a join issues it) reads,
+    // writes its own pods' status, but cannot create workloads, reach into
+    // pods, or touch another node or that node's pods.
+    let ca = Ca::of(&server);
+    let as_n2 = ca.kubeconfig(a.path(), &server, "system:node:n2", Validity::Now);
+    let as_n3 = ca.kubeconfig(a.path(), &server, "system:node:n3", Validity::Now);
+    let out = kubectl_as(&as_n2, a.path(), &["get", "pods", "-o", "name"]);
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("pod/pinned"),
+        "a node reads pods: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let status_patch = [
+        "patch",
+        "pod",
+        "pinned",
+        "--subresource=status",
+        "--type=merge",
+        "-p",
+        r#"{"status":{"message":"from n2"}}"#,
+    ];
+    let out = kubectl_as(&as_n2, a.path(), &status_patch);
+    assert!(
+        out.status.success(),
+        "n2 writes its own pod's status: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let server_node = names()
+        .into_iter()
+        .find(|n| n != "n2")
+        .expect("the server's node");
+    for (who, args) in [
+        (&as_n2, vec!["run", "intruder", "--image", "busybox:1"]),
+        (&as_n2, vec!["logs", "pinned"]),
+        (&as_n2, vec!["exec", "pinned", "--", "true"]),
+        (&as_n2, vec!["delete", "node", "n2"]),
+        (&as_n2, vec!["label", "node", server_node.as_str(), "x=y"]),
+        (&as_n3, status_patch.to_vec()),
+        (&as_n3, vec!["delete", "pod", "pinned", "--wait=false"]),
+    ] {
+        let out = kubectl_as(who, a.path(), &args);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !out.status.success() && err.contains("Forbidden"),
+            "kubectl {args:?} as {}: {err}",
+            who.display()
+        );
+    }
+    // An expired node certificate, or one from another CA, gets nowhere.
+    for (what, kc) in [
+        (
+            "expired",
+            ca.kubeconfig(a.path(), &server, "system:node:n2", Validity::Expired),
+        ),
+        (
+            "another ca",
+            Ca::stranger().kubeconfig(a.path(), &server, "system:node:n2", Validity::Now),
+        ),
+    ] {
+        let out = kubectl_as(&kc, a.path(), &["get", "pods", "-o", "name"]);
+        assert!(
+            !out.status.success() && out.stdout.is_empty(),
+            "{what}: {}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+    }
+
+    // Node endpoints speak TLS only and admit only the API server: n2's
+    // certificate does not open the server node's endpoint.
+    let node_status = server.json(&["get", "node", &server_node])["status"].clone();
+    let port = node_status["daemonEndpoints"]["kubeletEndpoint"]["Port"]
+        .as_u64()
+        .expect("the server node's endpoint port") as u16;
+    let ip: std::net::IpAddr = node_status["addresses"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|a| a["type"] == "InternalIP")
+        .and_then(|a| a["address"].as_str()?.parse().ok())
+        .expect("the server node's address");
+    let endpoint = std::net::SocketAddr::from((ip, port));
+    let n2_cert = ca.issue("system:node:n2", "system:nodes", Validity::Now);
+    let answer = endpoint_get(endpoint, &ca, Some(&n2_cert), "/containerLogs/default/x/c");
+    assert!(answer.starts_with("HTTP/1.1 403"), "{answer}");
+    let answer = endpoint_get(endpoint, &ca, None, "/containerLogs/default/x/c");
+    assert!(
+        answer.starts_with("ERROR"),
+        "without a certificate: {answer}"
+    );
+    let mut plain = std::net::TcpStream::connect(endpoint).expect("connect");
+    plain
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    let _ = plain.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n");
+    let mut buf = Vec::new();
+    let _ = plain.read_to_end(&mut buf);
+    assert!(
+        !String::from_utf8_lossy(&buf).contains("200 OK"),
+        "plain HTTP was answered"
+    );
+
+    // Another machine claiming the name n2 (its own node password) is
+    // refused with one line.
+    let c = tempfile::tempdir().expect("tempdir");
+    let (out, took) = agent_output_named(&server.url, &server.token(), c.path(), "n2");
+    assert_one_line_failure(
+        &out,
+        took,
+        "already registered with a different node password",
+    );
+
+    // A deleted Node comes back: its agent registers it again.
+    server.ok(&["delete", "node", "n2", "--wait=false"]);
+    wait_for(
+        "node n2 registered again",
+        40,
+        || server.node_condition("n2", "Ready").as_deref() == Some("True"),
+        diag,
+    );
+}
+
+/// A kubeconfig for `server` in `dir` whose user entry is `user` (YAML).
+fn kubeconfig(dir: &Path, server: &Server, name: &str, user: &str) -> std::path::PathBuf {
+    let path = dir.join(format!("{name}.kubeconfig"));
     std::fs::write(
-        &as_node,
+        &path,
         format!(
             "apiVersion: v1
 kind: Config
@@ -197,43 +331,182 @@ clusters:
 - name: c
   cluster: {{server: '{}', certificate-authority: '{}'}}
 users:
-- name: node
-  user: {{token: '{secret}'}}
+- name: u
+  user: {{{user}}}
 contexts:
 - name: c
-  context: {{cluster: c, user: node}}
+  context: {{cluster: c, user: u}}
 current-context: c
 ",
             server.url,
-            a.path().join("server/tls/server-ca.crt").display()
+            server.data_dir.join("server/tls/server-ca.crt").display()
         ),
     )
-    .expect("node kubeconfig");
-    let node_kubectl = |args: &[&str]| {
-        Command::new(join_support::KUBECTL)
-            .env("KUBECONFIG", &as_node)
-            .env("HOME", a.path())
-            .args(args)
-            .output()
-            .expect("kubectl")
-    };
-    let out = node_kubectl(&["get", "pods", "-o", "name"]);
-    assert!(
-        String::from_utf8_lossy(&out.stdout).contains("pod/pinned"),
-        "a node reads pods: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    for args in [
-        &["run", "intruder", "--image", "busybox:1"][..],
-        &["logs", "pinned"][..],
-        &["delete", "node", "n2"][..],
-    ] {
-        let out = node_kubectl(args);
-        let err = String::from_utf8_lossy(&out.stderr);
-        assert!(
-            !out.status.success() && err.contains("Forbidden"),
-            "kubectl {args:?} with the join secret: {err}"
+    .expect("kubeconfig");
+    path
+}
+
+fn kubectl_as(kubeconfig: &Path, home: &Path, args: &[&str]) -> Output {
+    Command::new(join_support::KUBECTL)
+        .env("KUBECONFIG", kubeconfig)
+        .env("HOME", home)
+        .args(["--request-timeout", "20s"])
+        .args(args)
+        .output()
+        .expect("kubectl")
+}
+
+#[derive(Clone, Copy)]
+enum Validity {
+    Now,
+    Expired,
+}
+
+/// A CA that signs client certificates: the server's own (its key from the
+/// data dir) or a stranger's.
+struct Ca {
+    cert_pem: String,
+    key: rcgen::KeyPair,
+    params: Option<rcgen::CertificateParams>,
+}
+
+/// A client certificate and key, as PEM.
+struct ClientCert {
+    cert_pem: String,
+    key_pem: String,
+}
+
+impl Ca {
+    fn of(server: &Server) -> Ca {
+        let dir = server.data_dir.join("server/tls");
+        let cert_pem = std::fs::read_to_string(dir.join("server-ca.crt")).expect("ca cert");
+        let key_pem = std::fs::read_to_string(dir.join("server-ca.key")).expect("ca key");
+        Ca {
+            cert_pem,
+            key: rcgen::KeyPair::from_pem(&key_pem).expect("ca key pem"),
+            params: None,
+        }
+    }
+
+    fn stranger() -> Ca {
+        let key = rcgen::KeyPair::generate().expect("key");
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).expect("params");
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, "stranger-ca");
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        let cert_pem = params.self_signed(&key).expect("ca").pem();
+        Ca {
+            cert_pem,
+            key,
+            params: Some(params),
+        }
+    }
+
+    fn issue(&self, cn: &str, org: &str, validity: Validity) -> ClientCert {
+        let key = rcgen::KeyPair::generate().expect("key");
+        let mut p = rcgen::CertificateParams::new(Vec::<String>::new()).expect("params");
+        p.distinguished_name.push(rcgen::DnType::CommonName, cn);
+        p.distinguished_name
+            .push(rcgen::DnType::OrganizationName, org);
+        p.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ClientAuth];
+        if let Validity::Expired = validity {
+            p.not_before = rcgen::date_time_ymd(2019, 1, 1);
+            p.not_after = rcgen::date_time_ymd(2020, 1, 1);
+        }
+        let cert = match &self.params {
+            Some(params) => p.signed_by(&key, &rcgen::Issuer::from_params(params, &self.key)),
+            None => p.signed_by(
+                &key,
+                &rcgen::Issuer::from_ca_cert_pem(&self.cert_pem, &self.key).expect("issuer"),
+            ),
+        }
+        .expect("signed");
+        ClientCert {
+            cert_pem: cert.pem(),
+            key_pem: key.serialize_pem(),
+        }
+    }
+
+    /// A kubeconfig authenticating with a certificate for `cn` in
+    /// system:nodes.
+    fn kubeconfig(
+        &self,
+        dir: &Path,
+        server: &Server,
+        cn: &str,
+        validity: Validity,
+    ) -> std::path::PathBuf {
+        let c = self.issue(cn, "system:nodes", validity);
+        let stem = format!(
+            "{}-{}-{}",
+            cn.replace(':', "-"),
+            matches!(validity, Validity::Expired),
+            self.params.is_some()
         );
+        let (cert, key) = (
+            dir.join(format!("{stem}.crt")),
+            dir.join(format!("{stem}.key")),
+        );
+        std::fs::write(&cert, &c.cert_pem).expect("cert");
+        std::fs::write(&key, &c.key_pem).expect("key");
+        kubeconfig(
+            dir,
+            server,
+            &stem,
+            &format!(
+                "client-certificate: '{}', client-key: '{}'",
+                cert.display(),
+                key.display()
+            ),
+        )
+    }
+}
+
+/// A GET over TLS straight to the node endpoint at `addr`, trusting `ca`,
+/// as `who`: the raw answer, or "ERROR ..." when TLS fails.
+fn endpoint_get(
+    addr: std::net::SocketAddr,
+    ca: &Ca,
+    who: Option<&ClientCert>,
+    path: &str,
+) -> String {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+    let mut roots = rustls::RootCertStore::empty();
+    roots
+        .add(CertificateDer::from_pem_slice(ca.cert_pem.as_bytes()).expect("ca der"))
+        .expect("root");
+    let builder = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .expect("versions")
+    .with_root_certificates(roots);
+    let cfg = match who {
+        Some(c) => builder
+            .with_client_auth_cert(
+                vec![CertificateDer::from_pem_slice(c.cert_pem.as_bytes()).expect("cert der")],
+                PrivateKeyDer::from_pem_slice(c.key_pem.as_bytes()).expect("key der"),
+            )
+            .expect("client auth"),
+        None => builder.with_no_client_auth(),
+    };
+    let conn = rustls::ClientConnection::new(Arc::new(cfg), ServerName::from(addr.ip()))
+        .expect("connection");
+    let tcp = std::net::TcpStream::connect(addr).expect("connect");
+    tcp.set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    let mut tls = rustls::StreamOwned::new(conn, tcp);
+    let req = format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+    if let Err(e) = tls.write_all(req.as_bytes()) {
+        return format!("ERROR {e}");
+    }
+    let mut out = Vec::new();
+    match tls.read_to_end(&mut out) {
+        Ok(_) if !out.is_empty() => String::from_utf8_lossy(&out).into_owned(),
+        Ok(_) => "ERROR no answer".into(),
+        Err(e) => format!("ERROR {e}"),
     }
 }
 
@@ -381,9 +654,18 @@ fn recording_tls_server() -> (u16, Arc<Mutex<Vec<u8>>>) {
 }
 
 fn agent_output(server_url: &str, token: &str, data_dir: &Path) -> (Output, Duration) {
+    agent_output_named(server_url, token, data_dir, "intruder")
+}
+
+fn agent_output_named(
+    server_url: &str,
+    token: &str,
+    data_dir: &Path,
+    name: &str,
+) -> (Output, Duration) {
     let mut cmd = join_support::evoke(None, data_dir);
     cmd.args(["agent", "--server", server_url, "--token", token])
-        .args(["--node-name", "intruder"])
+        .args(["--node-name", name])
         .env("EVOKE_LOG", "warn")
         .envs(NO_POD_NETWORK.iter().copied());
     output_within(cmd, 40)

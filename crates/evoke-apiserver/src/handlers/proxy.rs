@@ -1,8 +1,10 @@
 //! `pods/<name>/log`: proxied to the node that runs the pod, as
-//! kube-apiserver proxies to the kubelet. The node endpoint is plain HTTP
-//! at the Node's InternalIP and `status.daemonEndpoints.kubeletEndpoint`
-//! port (see evoke-node's `server.rs`); the API server authenticates with
-//! the node token (the join secret). The body streams through, so `logs -f` follows.
+//! kube-apiserver proxies to the kubelet. The node endpoint is HTTPS at the
+//! Node's InternalIP and `status.daemonEndpoints.kubeletEndpoint` port (see
+//! evoke-node's `server.rs`): the API server verifies the node's serving
+//! certificate against the cluster CA, for that address, and presents its
+//! kubelet-client certificate. The body streams through, so `logs -f`
+//! follows.
 
 use evoke_types::registry;
 use evoke_types::status::ApiError;
@@ -85,22 +87,49 @@ fn unavailable(what: String) -> ApiError {
     ApiError::new(503, "ServiceUnavailable", what)
 }
 
-/// A GET on the node endpoint with the node token; the response body
-/// streams.
+/// A TLS connection to the node endpoint at `endpoint` (`host:port`):
+/// the node must prove the certificate our CA issued it for that address;
+/// we present the kubelet-client certificate.
+pub(super) async fn connect_node(
+    ctx: &Ctx,
+    node: &str,
+    endpoint: &str,
+) -> Result<tokio_rustls::client::TlsStream<tokio::net::TcpStream>, ApiError> {
+    let host = endpoint
+        .rsplit_once(':')
+        .map_or(endpoint, |(h, _)| h)
+        .trim_start_matches('[')
+        .trim_end_matches(']');
+    let name = rustls::pki_types::ServerName::try_from(host.to_string())
+        .map_err(|e| unavailable(format!("node {node} address {host:?}: {e}")))?;
+    let connect = async {
+        let tcp = tokio::net::TcpStream::connect(endpoint)
+            .await
+            .map_err(|e| unavailable(format!("connecting to node {node} at {endpoint}: {e}")))?;
+        let _ = tcp.set_nodelay(true);
+        tokio_rustls::TlsConnector::from(ctx.state.kubelet_tls.clone())
+            .connect(name, tcp)
+            .await
+            .map_err(|e| {
+                unavailable(format!(
+                    "tls with node {node} at {endpoint} (its certificate must be issued by this cluster's ca for that address): {e}"
+                ))
+            })
+    };
+    tokio::time::timeout(std::time::Duration::from_secs(5), connect)
+        .await
+        .map_err(|_| unavailable(format!("node {node} at {endpoint} did not answer")))?
+}
+
+/// A GET on the node endpoint over TLS; the response body streams.
 pub(super) async fn node_get(
     ctx: &Ctx,
     node: &str,
     endpoint: &str,
     uri: &str,
 ) -> Result<http::Response<hyper::body::Incoming>, ApiError> {
-    let tcp = tokio::time::timeout(
-        std::time::Duration::from_secs(5),
-        tokio::net::TcpStream::connect(endpoint),
-    )
-    .await
-    .map_err(|_| unavailable(format!("node {node} at {endpoint} did not answer")))?
-    .map_err(|e| unavailable(format!("connecting to node {node} at {endpoint}: {e}")))?;
-    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
+    let tls = connect_node(ctx, node, endpoint).await?;
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
         .await
         .map_err(|e| unavailable(format!("node {node}: {e}")))?;
     tokio::spawn(async move {
@@ -108,10 +137,6 @@ pub(super) async fn node_get(
     });
     let req = http::Request::get(uri)
         .header(http::header::HOST, endpoint)
-        .header(
-            http::header::AUTHORIZATION,
-            format!("Bearer {}", ctx.state.node_token),
-        )
         .body(http_body_util::Empty::<bytes::Bytes>::new())
         .map_err(|e| ApiError::bad_request(format!("request to node {node}: {e}")))?;
     sender

@@ -4,8 +4,9 @@
 //! kubectl 1.30+ opens it as a WebSocket (`GET` with `Upgrade: websocket`
 //! and the subprotocol `v5.channel.k8s.io`) and falls back to SPDY (`POST`)
 //! only when that upgrade fails. The API server checks the pod and the
-//! container, opens a WebSocket to the node's `/exec` endpoint with the
-//! cluster token (see evoke-node's `stream.rs`, which speaks the protocol),
+//! container, opens a WebSocket over TLS to the node's `/exec` endpoint with
+//! its kubelet-client certificate (see `proxy.rs`; evoke-node's `stream.rs`
+//! speaks the protocol),
 //! and only then answers kubectl's upgrade with the subprotocol the node
 //! chose. From there it relays whole messages both ways; it never looks
 //! inside the channel framing.
@@ -64,6 +65,9 @@ fn unavailable(what: String) -> ApiError {
     ApiError::new(503, "ServiceUnavailable", what)
 }
 
+/// The node endpoint's TLS stream.
+type NodeStream = tokio_rustls::client::TlsStream<tokio::net::TcpStream>;
+
 /// The WebSocket to the node's exec endpoint, and the subprotocol it chose.
 async fn dial_node(
     ctx: &Ctx,
@@ -71,33 +75,15 @@ async fn dial_node(
     endpoint: &str,
     path: &str,
     protocols: Option<&http::HeaderValue>,
-) -> Result<
-    (
-        WebSocketStream<tokio::net::TcpStream>,
-        Option<http::HeaderValue>,
-    ),
-    ApiError,
-> {
-    let mut req = format!("ws://{endpoint}{path}")
+) -> Result<(WebSocketStream<NodeStream>, Option<http::HeaderValue>), ApiError> {
+    let mut req = format!("wss://{endpoint}{path}")
         .into_client_request()
         .map_err(|e| ApiError::bad_request(format!("exec request for node {node}: {e}")))?;
-    let bearer = format!("Bearer {}", ctx.state.node_token)
-        .parse()
-        .map_err(|_| ApiError::new(500, "InternalError", "the cluster token is not a header"))?;
-    req.headers_mut()
-        .insert(http::header::AUTHORIZATION, bearer);
     if let Some(p) = protocols {
         req.headers_mut()
             .insert(http::header::SEC_WEBSOCKET_PROTOCOL, p.clone());
     }
-    let tcp = tokio::time::timeout(
-        Duration::from_secs(5),
-        tokio::net::TcpStream::connect(endpoint),
-    )
-    .await
-    .map_err(|_| unavailable(format!("node {node} at {endpoint} did not answer")))?
-    .map_err(|e| unavailable(format!("connecting to node {node} at {endpoint}: {e}")))?;
-    let _ = tcp.set_nodelay(true);
+    let tcp = super::proxy::connect_node(ctx, node, endpoint).await?;
     match tokio::time::timeout(
         Duration::from_secs(20),
         tokio_tungstenite::client_async(req, tcp),

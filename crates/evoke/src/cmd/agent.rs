@@ -102,7 +102,7 @@ fn agent_config(
     node_name: String,
     host_ip: String,
     labels: BTreeMap<String, String>,
-    token: &str,
+    endpoint_tls: evoke_node::server::EndpointTls,
     network: Arc<dyn PodNetwork>,
 ) -> evoke_node::AgentConfig {
     evoke_node::AgentConfig {
@@ -115,7 +115,7 @@ fn agent_config(
         labels,
         // Port 0: several agents (tests, a server plus agents) share a host.
         listen: "0.0.0.0:0".into(),
-        token: Some(token.to_string()),
+        endpoint_tls,
     }
 }
 
@@ -125,10 +125,12 @@ const JOIN_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(20);
 const JOIN_WAIT: std::time::Duration = std::time::Duration::from_secs(60);
 
 /// Joins `--server` as a node (waiting up to a minute for a server that is
-/// not up yet): parse the token, pin the server's CA to the
-/// token's hash (no secret is sent before that), prove the secret with one
-/// request, then run the node agent with the secret as its credential.
-/// Nothing is written to the agent's disk: the secret stays in memory.
+/// not up yet): parse the token, pin the server's CA to the token's hash
+/// (no secret is sent before that), trade the secret and this node's
+/// password for the node's certificates (see [`evoke_node::token::join`]),
+/// then run the node agent as that node. Only the node password is kept
+/// on disk (`<data-dir>/agent/node-password`); the secret and the keys
+/// stay in memory.
 pub fn main(global: &Global, args: AgentArgs) -> anyhow::Result<u8> {
     args.net.validate()?;
     let token = match (&args.token, &args.token_file) {
@@ -151,14 +153,24 @@ pub fn main(global: &Global, args: AgentArgs) -> anyhow::Result<u8> {
         .enable_all()
         .build()
         .context("starting the async runtime")?;
+    let password = evoke_node::token::node_password(&global.data_dir)?;
     runtime.block_on(async {
         let joining = || format!("joining {}", args.server);
-        let client = evoke_node::token::client_when_up(&args.server, &token, JOIN_WAIT)
-            .await
-            .with_context(joining)?;
-        evoke_node::token::check_secret(&client, &args.server, JOIN_TIMEOUT)
-            .await
-            .with_context(joining)?;
+        let (bootstrap, ca_pem) =
+            evoke_node::token::client_when_up(&args.server, &token, JOIN_WAIT)
+                .await
+                .with_context(joining)?;
+        let creds = evoke_node::token::join(
+            &bootstrap,
+            &args.server,
+            &ca_pem,
+            &name,
+            &[host_ip],
+            &password,
+            JOIN_TIMEOUT,
+        )
+        .await?;
+        let client = creds.client;
         // Tests and scripts read this line.
         println!(
             "evoke agent joined {} as node {name} at {host_ip}",
@@ -172,7 +184,7 @@ pub fn main(global: &Global, args: AgentArgs) -> anyhow::Result<u8> {
                 name,
                 host_ip.to_string(),
                 labels,
-                &token.secret,
+                creds.endpoint,
                 network,
             ),
         );
@@ -191,8 +203,9 @@ pub struct LocalNode {
 /// Starts the scheduler, the controllers and (given `local_node`) the
 /// in-process node agent against the server whose admin kubeconfig is at
 /// `kubeconfig`; writes the join token (the CA's hash and the node token) for
-/// other nodes next to it. The in-process agent's endpoint, like a joined
-/// one's, accepts the node token the API server presents.
+/// other nodes next to it. The in-process agent joins its own server as
+/// any agent does (join token, node password, certificates), so it acts
+/// with a node's rights and its endpoint is TLS like any other.
 pub async fn start_orchestration(
     global: &Global,
     kubeconfig: &Path,
@@ -246,18 +259,45 @@ pub async fn start_orchestration(
             ),
         ]);
         let network = net::pod_network(net_args, &global.data_dir, &node_name, client.clone());
-        let agent = evoke_node::Agent::new(
-            client,
-            agent_config(
-                &global.data_dir,
-                node_name,
-                node_ip,
-                labels,
-                node_token,
-                network,
-            ),
-        );
+        let server_url = server_url(kubeconfig)?;
+        let password = evoke_node::token::node_password(&global.data_dir)?;
+        let data_dir = global.data_dir.clone();
         tokio::spawn(async move {
+            let joined = async {
+                let (bootstrap, ca_pem) =
+                    evoke_node::token::client_when_up(&server_url, &token, JOIN_WAIT).await?;
+                let ip: std::net::IpAddr = node_ip.parse().map_err(|e| {
+                    evoke_node::NodeError::Token(format!("node address {node_ip:?}: {e}"))
+                })?;
+                evoke_node::token::join(
+                    &bootstrap,
+                    &server_url,
+                    &ca_pem,
+                    &node_name,
+                    &[ip],
+                    &password,
+                    JOIN_TIMEOUT,
+                )
+                .await
+            };
+            let creds = match joined.await {
+                Ok(c) => c,
+                Err(e) => {
+                    tracing::error!(error = %e, "the in-process node agent could not join");
+                    return;
+                }
+            };
+            let agent = evoke_node::Agent::new(
+                creds.client,
+                agent_config(
+                    &data_dir,
+                    node_name,
+                    node_ip,
+                    labels,
+                    creds.endpoint,
+                    network,
+                ),
+            );
             if let Err(e) = agent.run().await {
                 tracing::error!(error = %e, "node agent stopped");
             }
@@ -265,6 +305,16 @@ pub async fn start_orchestration(
     }
     tracing::info!(disable_agent, "orchestration started");
     Ok(())
+}
+
+/// The server URL in a kubeconfig (the admin one the server wrote).
+fn server_url(kubeconfig: &Path) -> anyhow::Result<String> {
+    let kc = kube::config::Kubeconfig::read_from(kubeconfig)
+        .with_context(|| format!("reading {}", kubeconfig.display()))?;
+    kc.clusters
+        .iter()
+        .find_map(|c| c.cluster.as_ref()?.server.clone())
+        .with_context(|| format!("{} names no server", kubeconfig.display()))
 }
 
 fn write_private(path: &Path, text: &str) -> std::io::Result<()> {
