@@ -1178,6 +1178,10 @@ async fn run_check(
         let Some(tier) = tier else { return false };
         let spec = ExecSpec {
             command: exec.command.clone().unwrap_or_default(),
+            // The tier kills the command at the probe's timeout (as the
+            // kubelet's runtime does) instead of leaving it running, and
+            // a blocking thread waiting for it, after the probe gave up.
+            timeout: Some(timeout),
             ..Default::default()
         };
         let id = id.to_string();
