@@ -90,10 +90,16 @@ spec:
     assert!(left.is_empty(), "exec'd processes left unreaped: {left:?}");
     // Timed-out probe commands are killed, not left running: at most the
     // one of the current period is alive.
+    // (Exec'd processes are the server's children; other tests may run
+    // `sleep 30` too.)
+    let server = format!(") S {} ", c.pid());
     let sleeping = std::fs::read_dir("/proc")
         .unwrap()
         .flatten()
-        .filter(|e| std::fs::read(e.path().join("cmdline")).is_ok_and(|c| c == b"sleep\x0030\x00"))
+        .filter(|e| {
+            std::fs::read(e.path().join("cmdline")).is_ok_and(|c| c == b"sleep\x0030\x00")
+                && std::fs::read_to_string(e.path().join("stat")).is_ok_and(|s| s.contains(&server))
+        })
         .count();
     assert!(
         sleeping <= 2,
