@@ -153,6 +153,7 @@ pub fn load(mem: &GuestMemoryMmap, spec: &BootSpec<'_>) -> Result<BootEntry, Vmm
         (r, entry)
     };
 
+    tracing::debug!(kernel = %spec.kernel.display(), elf, "kernel loaded");
     let cmdline = spec.cmdline.as_bytes();
     if cmdline.len() + 1 > CMDLINE_MAX {
         return Err(VmmError::Config(format!(

@@ -34,6 +34,7 @@ use crate::error::VmmError;
 use crate::kvm_check;
 use crate::layout::*;
 use crate::seccomp;
+use crate::sys::GuestRam;
 
 /// What to boot.
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
@@ -262,9 +263,21 @@ pub struct Vm {
     agent_in: Option<File>,
     seccomp: bool,
     mem: GuestMemoryMmap,
+    /// The mappings under `mem` and under the devices' copies of it: last,
+    /// so it drops after everything that refers to it.
+    _ram: GuestRam,
 }
 
 const MAX_VCPUS: u8 = 64;
+
+/// A debug event per set-up phase, with the time since `Vm::new` began.
+fn phase(started: Instant, name: &'static str) {
+    tracing::debug!(
+        phase = name,
+        elapsed_us = started.elapsed().as_micros() as u64,
+        "vm setup"
+    );
+}
 
 impl Vm {
     /// Creates the VM and loads the payload; no guest code runs yet.
@@ -286,16 +299,11 @@ impl Vm {
         let kvm = kvm_check::open_kvm()?;
         let kerr = |op| move |source| VmmError::Kvm { op, source };
         let vm = kvm.create_vm().map_err(kerr("KVM_CREATE_VM"))?;
-        let ranges: Vec<(GuestAddress, usize)> = ram_regions(mem_size)
-            .into_iter()
-            .map(|(s, l)| (GuestAddress(s), l as usize))
-            .collect();
-        let mem = GuestMemoryMmap::<()>::from_ranges(&ranges).map_err(|e| VmmError::Memory {
-            size: mem_size,
-            reason: e.to_string(),
-        })?;
+        let ram = GuestRam::new(&ram_regions(mem_size))?;
+        let mem = ram.memory().clone();
         crate::sys::advise_huge_pages(&mem);
         crate::sys::register_guest_memory(&vm, &mem)?;
+        phase(started, "guest memory");
         vm.set_tss_address(KVM_TSS_ADDR as usize)
             .map_err(kerr("KVM_SET_TSS_ADDR"))?;
         vm.set_identity_map_address(KVM_IDENTITY_MAP_ADDR)
@@ -400,7 +408,9 @@ impl Vm {
                     mem_size,
                     rsdp,
                 };
+                phase(started, "devices and acpi");
                 let e = boot::load(&mem, &spec)?;
+                phase(started, "kernel and initramfs loaded");
                 (e.entry, e.mode)
             }
             Payload::Raw { code, addr, mode } => {
@@ -445,6 +455,7 @@ impl Vm {
             agent_in: io.agent_in,
             seccomp: config.seccomp,
             mem,
+            _ram: ram,
         })
     }
 
