@@ -627,6 +627,11 @@ impl ContainerTier {
         // /etc/hostname, /etc/hosts and /etc/resolv.conf as Docker gives
         // them; the spec's own mounts come later and win.
         for (name, source) in etc_files(dir, &rootfs, &hostname)? {
+            if let Some(map) = &idmap {
+                // The container's root may edit them, as it could without
+                // a user namespace.
+                chown_to_root_of(&source, map)?;
+            }
             mounts.push(serde_json::json!({
                 "destination": format!("/etc/{name}"), "type": "bind",
                 "source": source, "options": ["rbind", "rprivate"],

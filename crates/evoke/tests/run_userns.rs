@@ -45,7 +45,8 @@ fn root_in_a_userns_container_is_an_unprivileged_host_uid_and_can_use_the_image(
     let env = open_env();
     let script = "cat /proc/self/uid_map; echo uid=$(id -u); \
                   ls -ln /bin/busybox; touch /newfile && echo wrote-root; \
-                  echo hi > /etc/motd && echo wrote-etc";
+                  echo hi > /etc/motd && echo wrote-etc; \
+                  echo 10.0.0.1 db >> /etc/hosts && echo wrote-hosts";
     let out = env.ok(&[
         "run",
         "--rm",
@@ -61,10 +62,9 @@ fn root_in_a_userns_container_is_an_unprivileged_host_uid_and_can_use_the_image(
     let busybox_line = out.lines().find(|l| l.contains("/bin/busybox")).unwrap();
     let owner: Vec<&str> = busybox_line.split_whitespace().skip(2).take(2).collect();
     assert_eq!(owner, ["0", "0"], "{out}");
-    assert!(
-        out.contains("wrote-root") && out.contains("wrote-etc"),
-        "{out}"
-    );
+    for wrote in ["wrote-root", "wrote-etc", "wrote-hosts"] {
+        assert!(out.contains(wrote), "{wrote}: {out}");
+    }
 
     // Seen from the host, the running container's root is uid 300000.
     let id = env
