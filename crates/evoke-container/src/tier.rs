@@ -473,11 +473,12 @@ impl ContainerTier {
             .map_err(|e| io_err("open", &lock_path, e))?;
         let _held = nix::fcntl::Flock::lock(lock, nix::fcntl::FlockArg::LockExclusive)
             .map_err(|(_, e)| io_err("lock", &lock_path, e.into()))?;
-        let taken: Vec<crate::userns::IdMap> = self
-            .dirs
-            .ids()?
-            .iter()
-            .filter_map(|id| fs::read(self.dirs.containers.join(id).join(IDMAP_FILE)).ok())
+        // Every directory counts, also those of containers still being
+        // created (their workload.json is written after this).
+        let taken: Vec<crate::userns::IdMap> = fs::read_dir(&self.dirs.containers)
+            .map_err(|e| io_err("read", &self.dirs.containers, e))?
+            .flatten()
+            .filter_map(|e| fs::read(e.path().join(IDMAP_FILE)).ok())
             .filter_map(|b| serde_json::from_slice(&b).ok())
             .collect();
         let map = crate::userns::choose(mode, &taken).map_err(|e| tier_err(Self::NAME, e))?;

@@ -191,3 +191,42 @@ fn a_data_dir_the_containers_root_cannot_reach_is_a_clear_error_and_leaves_nothi
         "{mounts}"
     );
 }
+
+#[test]
+fn containers_started_at_once_in_auto_mode_get_disjoint_id_blocks() {
+    if !can_run_containers() {
+        return;
+    }
+    let env = open_env();
+    let runs: Vec<_> = (0..4)
+        .map(|_| {
+            env.cmd(&["run", "-d", "--userns", "busybox", "sleep", "60"])
+                .stdout(std::process::Stdio::piped())
+                .stderr(std::process::Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    let ids: Vec<String> = runs
+        .into_iter()
+        .map(|c| {
+            let out = c.wait_with_output().unwrap();
+            assert!(out.status.success(), "{}", text(&out.stderr));
+            text(&out.stdout).trim().to_string()
+        })
+        .collect();
+    let mut roots: Vec<u64> = ids
+        .iter()
+        .map(|id| {
+            let map = std::fs::read_to_string(format!("/proc/{}/uid_map", init_pid(&env, id)));
+            map_lines(&map.unwrap())[0][1].parse().unwrap()
+        })
+        .collect();
+    roots.sort_unstable();
+    for w in roots.windows(2) {
+        assert!(w[1] >= w[0] + 65536, "overlapping blocks: {roots:?}");
+    }
+    let mut rm = vec!["rm", "-f"];
+    rm.extend(ids.iter().map(String::as_str));
+    env.ok(&rm);
+}
