@@ -12,6 +12,7 @@
 pub mod agent;
 pub mod backoff;
 pub mod ipc;
+pub mod logtimes;
 pub mod network;
 pub mod node;
 pub mod portforward;

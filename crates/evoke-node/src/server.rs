@@ -1,7 +1,8 @@
 //! The node's HTTPS endpoint, the kubelet's API for the API server:
 //! - `GET /containerLogs/{namespace}/{pod}/{container}` with the query
 //!   parameters kubectl's `logs` passes through (`follow`, `previous`,
-//!   `tailLines`);
+//!   `tailLines`, `limitBytes`, `timestamps`, `sinceSeconds`, `sinceTime`;
+//!   when lines were written comes from [`crate::logtimes`]);
 //! - `GET /exec/{namespace}/{pod}/{container}?command=...`, a WebSocket
 //!   remote-command session ([`crate::stream`]);
 //! - `GET /attach/{namespace}/{pod}/{container}`, the main process's
@@ -131,6 +132,47 @@ pub struct LogQuery {
     pub tail_lines: Option<usize>,
     /// Stop after this many bytes (`kubectl logs --limit-bytes`).
     pub limit_bytes: Option<u64>,
+    /// Each line prefixed with when it was written (`--timestamps`).
+    #[serde(default)]
+    pub timestamps: bool,
+    /// Only lines written in the last this many seconds (`--since`).
+    pub since_seconds: Option<u64>,
+    /// Only lines written at or after this RFC 3339 time (`--since-time`).
+    pub since_time: Option<String>,
+}
+
+impl LogQuery {
+    /// The earliest time a line may have, from `sinceTime` or
+    /// `sinceSeconds`; Err is the message of a 400.
+    fn since(&self) -> Result<Option<std::time::SystemTime>, String> {
+        if let Some(t) = &self.since_time {
+            let ts: k8s_openapi::jiff::Timestamp = t
+                .parse()
+                .map_err(|e| format!("sinceTime {t:?} is not an RFC 3339 time: {e}"))?;
+            return Ok(Some(ts.into()));
+        }
+        Ok(self.since_seconds.map(|s| {
+            std::time::SystemTime::now()
+                .checked_sub(Duration::from_secs(s))
+                .unwrap_or(std::time::UNIX_EPOCH)
+        }))
+    }
+}
+
+/// `text` (the log's bytes from offset `base`) with each line prefixed by
+/// its time. `mid_line`: `text` continues a line already sent.
+fn with_timestamps(log: &Path, text: &[u8], base: u64, mid_line: bool) -> Vec<u8> {
+    let mut out = Vec::with_capacity(text.len() + text.len() / 8);
+    for (i, (start, end, t)) in crate::logtimes::lines(log, text, base)
+        .into_iter()
+        .enumerate()
+    {
+        if !(i == 0 && mid_line) {
+            out.extend_from_slice(crate::logtimes::prefix(t).as_bytes());
+        }
+        out.extend_from_slice(&text[start..end]);
+    }
+    out
 }
 
 /// The attempts with a log file, ascending.
@@ -457,13 +499,29 @@ async fn logs(
             format!("{what} \"{container}\" in pod \"{pod}\" not found\n"),
         );
     };
+    let since = match q.since() {
+        Ok(s) => s,
+        Err(e) => return error(StatusCode::BAD_REQUEST, format!("{e}\n")),
+    };
     let path = dir.join(format!("{attempt}.log"));
     let text = std::fs::read(&path).unwrap_or_default();
-    let start = match q.tail_lines {
-        Some(n) => text.len() - tail(&text, n).len(),
+    // --since drops the lines written before it, then --tail counts.
+    let from = match since {
+        Some(cutoff) => crate::logtimes::lines(&path, &text, 0)
+            .into_iter()
+            .find(|(_, _, t)| *t >= cutoff)
+            .map_or(text.len(), |(start, _, _)| start),
         None => 0,
     };
-    let mut first = text[start..].to_vec();
+    let start = match q.tail_lines {
+        Some(n) => text.len() - tail(&text[from..], n).len(),
+        None => from,
+    };
+    let mut first = if q.timestamps {
+        with_timestamps(&path, &text[start..], start as u64, false)
+    } else {
+        text[start..].to_vec()
+    };
     if let Some(limit) = q.limit_bytes {
         first.truncate(usize::try_from(limit).unwrap_or(usize::MAX));
     }
@@ -473,6 +531,7 @@ async fn logs(
     // Follow: send what exists, then what is appended, until a newer
     // attempt starts or the pod leaves this node.
     let offset = text.len() as u64;
+    let mid_line = !text.is_empty() && !text.ends_with(b"\n");
     let state = (
         Some(first),
         path,
@@ -480,7 +539,7 @@ async fn logs(
         dir,
         attempt,
         app.pods.clone(),
-        format!("{ns}/{pod}"),
+        (format!("{ns}/{pod}"), q.timestamps, mid_line),
     );
     let stream = futures::stream::unfold(
         state,
@@ -491,6 +550,7 @@ async fn logs(
                     (None, path, offset, dir, attempt, pods, key),
                 ));
             }
+            let (name, timestamps, mid_line) = key;
             loop {
                 let mut buf = Vec::new();
                 if let Ok(mut f) = std::fs::File::open(&path) {
@@ -500,12 +560,19 @@ async fn logs(
                 }
                 if !buf.is_empty() {
                     let next = offset + buf.len() as u64;
-                    return Some((Ok(buf), (None, path, next, dir, attempt, pods, key)));
+                    let ends_mid_line = !buf.ends_with(b"\n");
+                    let out = if timestamps {
+                        with_timestamps(&path, &buf, offset, mid_line)
+                    } else {
+                        buf
+                    };
+                    let key = (name, timestamps, ends_mid_line);
+                    return Some((Ok(out), (None, path, next, dir, attempt, pods, key)));
                 }
                 let gone = !pods
                     .read()
                     .unwrap_or_else(|e| e.into_inner())
-                    .contains_key(&key);
+                    .contains_key(&name);
                 if gone || attempts(&dir).last().is_some_and(|a| *a > attempt) {
                     return None;
                 }
@@ -551,6 +618,7 @@ pub async fn serve(
     tiers: Tiers,
 ) -> Result<u16, crate::NodeError> {
     let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(tls.server_config()?));
+    crate::logtimes::Stamper::new(data_dir.clone(), pods.clone()).spawn();
     let app = App {
         data_dir,
         pods,
@@ -816,6 +884,67 @@ mod tests {
         assert!(get("/containerLogs/ns/other/c")
             .await
             .starts_with("HTTP/1.1 404"));
+    }
+
+    #[tokio::test]
+    async fn logs_carry_timestamps_and_since_drops_older_lines() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("pods/u1/logs/c");
+        std::fs::create_dir_all(&dir).unwrap();
+        let log = dir.join("0.log");
+        std::fs::write(&log, "old\nnew\n").unwrap();
+        // "old" was written in 2020, "new" at 2030-01-01.
+        let t2020 = 1_577_836_800_000_000_000u128;
+        let t2030 = 1_893_456_000_000_000_000u128;
+        std::fs::write(
+            crate::logtimes::times_path(&log),
+            format!("4 {t2020}\n8 {t2030}\n"),
+        )
+        .unwrap();
+        let pods: PodIndex = Arc::new(RwLock::new(HashMap::from([(
+            "ns/p".to_string(),
+            "u1".to_string(),
+        )])));
+        let pki = Pki::new();
+        let port = serve(
+            "127.0.0.1:0",
+            tmp.path().to_path_buf(),
+            &pki.endpoint(),
+            pods,
+            Tiers::new(),
+        )
+        .await
+        .unwrap();
+        let api = pki.apiserver();
+        let get = |path: &'static str| get_as(port, &pki.ca_pem, Some(&api), path);
+        let body = |r: String| {
+            r.split_once("\r\n\r\n")
+                .map(|(_, b)| b.to_string())
+                .unwrap()
+        };
+        assert_eq!(
+            body(get("/containerLogs/ns/p/c?timestamps=true").await),
+            "2020-01-01T00:00:00.000000000Z old\n2030-01-01T00:00:00.000000000Z new\n"
+        );
+        assert_eq!(
+            body(get("/containerLogs/ns/p/c?sinceTime=2025-01-01T00:00:00Z").await),
+            "new\n"
+        );
+        assert_eq!(
+            body(
+                get("/containerLogs/ns/p/c?sinceTime=2025-01-01T01:00:00%2B01:00&timestamps=true")
+                    .await
+            ),
+            "2030-01-01T00:00:00.000000000Z new\n"
+        );
+        // A day ago is after 2020 and before 2030.
+        assert_eq!(
+            body(get("/containerLogs/ns/p/c?sinceSeconds=86400").await),
+            "new\n"
+        );
+        assert!(get("/containerLogs/ns/p/c?sinceTime=yesterday")
+            .await
+            .starts_with("HTTP/1.1 400"));
     }
 
     #[tokio::test]

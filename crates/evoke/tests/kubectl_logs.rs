@@ -1,7 +1,8 @@
 //! `kubectl logs` end to end: the real kubectl through `evoke server`'s
 //! API server, which proxies `pods/log` to the node agent's endpoint.
-//! Plain, `-c`, `--tail`, `-f` (new lines arrive while it runs) and
-//! `--previous` after a restart. Needs root, busybox and kubectl (a
+//! Plain, `-c`, `--tail`, `-f` (new lines arrive while it runs),
+//! `--previous` after a restart, and `--timestamps`, `--since` and
+//! `--since-time`. Needs root, busybox and kubectl (a
 //! failure under CI=true when missing).
 
 mod common;
@@ -162,4 +163,100 @@ spec:
     if first_run {
         assert_eq!(previous, first);
     }
+}
+
+/// Seconds since the epoch of a UTC RFC 3339 time with nanoseconds, as
+/// the kubelet prints it (`2026-01-02T03:04:05.123456789Z`); None for any
+/// other shape.
+fn rfc3339_secs(ts: &str) -> Option<f64> {
+    let b = ts.as_bytes();
+    if b.len() != 30 || b[4] != b'-' || b[10] != b'T' || b[19] != b'.' || b[29] != b'Z' {
+        return None;
+    }
+    let n = |r: std::ops::Range<usize>| ts.get(r)?.parse::<i64>().ok();
+    let (y, m, d) = (n(0..4)?, n(5..7)?, n(8..10)?);
+    // Days from civil (proleptic Gregorian), Howard Hinnant's method.
+    let y = if m <= 2 { y - 1 } else { y };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let doy = (153 * ((m + 9) % 12) + 2) / 5 + d - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    let days = era * 146_097 + doe - 719_468;
+    let secs = days * 86_400 + n(11..13)? * 3600 + n(14..16)? * 60 + n(17..19)?;
+    Some(secs as f64 + n(20..29)? as f64 / 1e9)
+}
+
+/// The time in front of a `--timestamps` line (seconds since the epoch),
+/// and the rest.
+fn stamped(line: &str) -> (f64, &str) {
+    let (ts, rest) = line.split_once(' ').expect("a timestamp and a line");
+    let t = rfc3339_secs(ts).unwrap_or_else(|| panic!("{ts:?} is not RFC 3339 with nanoseconds"));
+    (t, rest)
+}
+
+#[test]
+fn logs_timestamps_and_since_select_lines_by_when_they_were_written() {
+    if !common::require_pods() {
+        return;
+    }
+    let c = common::start_cluster();
+    c.run_pod(
+        "stamps",
+        "apiVersion: v1
+kind: Pod
+metadata: {name: stamps}
+spec:
+  terminationGracePeriodSeconds: 1
+  containers:
+  - name: c
+    image: busybox:1
+    command: [/bin/sh, -c, 'echo early; sleep 3; echo late; exec sleep 3600']
+",
+    );
+    c.wait_for("both lines", 30, || {
+        c.kubectl(&["logs", "stamps"]).stdout == b"early\nlate\n"
+    });
+    // --timestamps: each line carries when it was written, RFC 3339 with
+    // nanoseconds, as the kubelet prints it.
+    let out = c.ok(&["logs", "stamps", "--timestamps"]);
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(lines.len(), 2, "{out}");
+    let (early, text) = stamped(lines[0]);
+    assert_eq!(text, "early");
+    let (late, text) = stamped(lines[1]);
+    assert_eq!(text, "late");
+    let gap = late - early;
+    assert!(
+        gap > 2.0 && gap < 6.0,
+        "the lines were written 3 s apart, stamped {gap} s apart: {out}"
+    );
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_secs_f64();
+    assert!((now - late).abs() < 60.0, "stamped {late}, now {now}");
+    // --since-time at the late line keeps it and drops the early one.
+    let since = lines[1].split(' ').next().expect("stamp").to_string();
+    assert_eq!(c.ok(&["logs", "stamps", "--since-time", &since]), "late\n");
+    // --since: an hour covers both; with --tail the newest only.
+    assert_eq!(c.ok(&["logs", "stamps", "--since", "1h"]), "early\nlate\n");
+    assert_eq!(
+        c.ok(&["logs", "stamps", "--since", "1h", "--tail", "1"]),
+        "late\n"
+    );
+    // -f --timestamps stamps the lines it follows too (the limit is the
+    // one stamped line's length, which ends the stream).
+    let want = format!("{}\n", lines[1]);
+    let limit = want.len().to_string();
+    let out = c.ok(&[
+        "logs",
+        "stamps",
+        "-f",
+        "--timestamps",
+        "--since-time",
+        &since,
+        "--limit-bytes",
+        &limit,
+    ]);
+    assert_eq!(out, want);
 }

@@ -190,6 +190,19 @@ pub(crate) async fn logs(ctx: &Ctx) -> Result<Reply, ApiError> {
             query.push(format!("{num}={v}"));
         }
     }
+    if let Some(t) = ctx.params.get("sinceTime").filter(|t| !t.is_empty()) {
+        // Percent-encoded: an RFC 3339 offset holds '+' and ':'.
+        let t: String = t
+            .bytes()
+            .map(|b| match b {
+                b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' => {
+                    char::from(b).to_string()
+                }
+                _ => format!("%{b:02X}"),
+            })
+            .collect();
+        query.push(format!("sinceTime={t}"));
+    }
     let uri = format!("/containerLogs/{ns}/{name}/{container}?{}", query.join("&"));
     let resp = node_get(ctx, &node, &endpoint, &uri).await?;
     if !resp.status().is_success() {
