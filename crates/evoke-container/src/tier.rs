@@ -212,7 +212,7 @@ fn merge_env(image: &[String], extra: &[(String, String)]) -> Vec<String> {
 
 /// Resolve an image's `User` (`name`, `uid`, `name:group`, `uid:gid`)
 /// against the rootfs's /etc/passwd and /etc/group.
-fn resolve_user(rootfs: &Path, user: &str) -> Result<User, RuntimeError> {
+pub fn resolve_user(rootfs: &Path, user: &str) -> Result<User, RuntimeError> {
     let (u, g) = match user.split_once(':') {
         Some((u, g)) => (u, Some(g)),
         None => (user, None),

@@ -7,6 +7,7 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use anyhow::{bail, Context};
+use evoke_container::tier::ContainerTier;
 use evoke_runtime::image::human_duration;
 use evoke_runtime::{ExecSpec, Stdio, WorkloadRuntime, WorkloadState, WorkloadStatus};
 
@@ -41,6 +42,9 @@ pub struct ExecArgs {
     pub env: Vec<String>,
     #[arg(short = 'w', long)]
     pub workdir: Option<String>,
+    /// UID[:GID] to run as (default: the container's user).
+    #[arg(short = 'u', long)]
+    pub user: Option<String>,
     pub container: String,
     #[arg(trailing_var_arg = true, allow_hyphen_values = true, required = true)]
     pub command: Vec<String>,
@@ -227,7 +231,20 @@ pub fn exec(g: &Global, a: ExecArgs) -> anyhow::Result<u8> {
         command: a.command.clone(),
         env,
         workdir: a.workdir.clone(),
-        user: None,
+        user: match a.user.as_deref() {
+            None => None,
+            // Names (and uid:group) are looked up in the container's own
+            // /etc/passwd and /etc/group, as `docker exec -u` does.
+            Some(u) if rt.name() == ContainerTier::NAME => {
+                let rootfs = g
+                    .data_dir
+                    .join("containers")
+                    .join(&s.id)
+                    .join("bundle/rootfs");
+                Some(evoke_container::tier::resolve_user(&rootfs, u)?)
+            }
+            Some(u) => Some(u.parse()?),
+        },
         tty: a.tty,
         timeout: None,
     };
