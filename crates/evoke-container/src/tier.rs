@@ -421,6 +421,27 @@ fn chown_to_root_of(path: &Path, map: &crate::userns::IdMap) -> Result<(), Runti
     .map_err(|e| io_err("chown", path, e.into()))
 }
 
+/// The fifo behind a kept-open stdin (`WorkloadSpec::stdin` with no stdin
+/// of the caller's), in the workload's directory.
+const STDIN_FIFO: &str = "stdin";
+
+/// Makes the workload's stdin fifo and opens it for the process. Opened
+/// read-write, so the process never reads end-of-file when a writer
+/// ([`WorkloadRuntime::open_stdin`]) goes away: the next one may attach.
+fn stdin_fifo(dir: &Path) -> Result<OwnedFd, RuntimeError> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let path = dir.join(STDIN_FIFO);
+    nix::unistd::mkfifo(&path, nix::sys::stat::Mode::from_bits_truncate(0o600))
+        .map_err(|e| io_err("mkfifo", &path, e.into()))?;
+    let f = fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .custom_flags(libc::O_CLOEXEC)
+        .open(&path)
+        .map_err(|e| io_err("open", &path, e))?;
+    Ok(OwnedFd::from(f))
+}
+
 /// Where a container with a user namespace keeps its id map.
 const IDMAP_FILE: &str = "idmap.json";
 
@@ -893,6 +914,10 @@ impl WorkloadRuntime for ContainerTier {
                 cgroup: None,
             };
             self.dirs.save(&dir, &rec)?;
+            let mut stdio = stdio;
+            if spec.stdin && stdio.stdin.is_none() {
+                stdio.stdin = Some(stdin_fifo(&dir)?);
+            }
             let [stdin, stdout, stderr] = complete_stdio(stdio, &log_path)?;
             let console = match spec.tty {
                 true => Some(console::ConsoleSocket::bind(&spec.id)?),
@@ -1028,6 +1053,31 @@ impl WorkloadRuntime for ContainerTier {
         sizes: std::sync::mpsc::Receiver<TtySize>,
     ) -> Result<i32, RuntimeError> {
         self.exec_sized(id, spec, stdio, Some(sizes))
+    }
+
+    fn open_stdin(&self, id: &str) -> Result<OwnedFd, RuntimeError> {
+        use std::os::unix::fs::OpenOptionsExt;
+        let (dir, _) = self.dirs.load(id)?;
+        let path = dir.join(STDIN_FIFO);
+        if !path.exists() {
+            return Err(RuntimeError::InvalidSpec(format!(
+                "workload {id} was not created with its stdin kept open"
+            )));
+        }
+        // Non-blocking, so that a fifo nobody reads any more (the process
+        // is gone) is an error (ENXIO) rather than a hang.
+        let f = fs::OpenOptions::new()
+            .write(true)
+            .custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC)
+            .open(&path)
+            .map_err(|e| io_err("open stdin of workload", &path, e))?;
+        let fd = OwnedFd::from(f);
+        let flags = nix::fcntl::fcntl(&fd, nix::fcntl::FcntlArg::F_GETFL)
+            .map_err(|e| io_err("fcntl", &path, e.into()))?;
+        let blocking = nix::fcntl::OFlag::from_bits_truncate(flags) - nix::fcntl::OFlag::O_NONBLOCK;
+        nix::fcntl::fcntl(&fd, nix::fcntl::FcntlArg::F_SETFL(blocking))
+            .map_err(|e| io_err("fcntl", &path, e.into()))?;
+        Ok(fd)
     }
 
     fn remove(&self, id: &str, force: bool) -> Result<(), RuntimeError> {

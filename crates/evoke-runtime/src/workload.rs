@@ -454,6 +454,18 @@ pub trait WorkloadRuntime: Send + Sync {
         self.exec(id, spec, stdio)
     }
 
+    /// A new writer to the main process's stdin, for a workload created
+    /// with [`WorkloadSpec::stdin`] and no stdin of the caller's (what
+    /// `kubectl attach -i` writes to). Closing it does not close the
+    /// process's stdin: another writer may come later. Tiers that keep no
+    /// stdin open refuse.
+    fn open_stdin(&self, id: &str) -> Result<OwnedFd, RuntimeError> {
+        Err(RuntimeError::InvalidSpec(format!(
+            "the {} tier keeps no stdin open for workload {id}",
+            self.name()
+        )))
+    }
+
     /// Delete the workload and everything the tier made for it. Without
     /// `force`, a Running workload is an error; with it, it is killed first.
     fn remove(&self, id: &str, force: bool) -> Result<(), RuntimeError>;
