@@ -11,7 +11,9 @@
 //! Modules: [`spec`] (Docker's defaults as an OCI spec), [`cgroups`] (the
 //! [`cgroups::CgroupManager`] trait with v1 and v2), [`devices`] (device
 //! rules as a BPF program for v2), `seccomp` (OCI
-//! profile → BPF), `init` (the child side), `sys` (the raw syscalls).
+//! profile → BPF), `init` (the child side), `sys` (the raw syscalls),
+//! [`execproc`] (who reaps an exec'd process, and why it must be reaped),
+//! [`userns`] (id maps and idmapped image layers for `--userns`).
 
 pub mod cgroups;
 pub mod devices;
