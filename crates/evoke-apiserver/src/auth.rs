@@ -13,7 +13,8 @@
 //!
 //! What a node may do ([`authorize`]; admins may do anything), as
 //! Kubernetes' node authorizer and NodeRestriction admission allow a
-//! kubelet: it reads what it likes, but writes only its own Node (and its
+//! kubelet: it reads what it likes except Secrets, of which it reads only
+//! those its own pods use, one by one; it writes only its own Node (and its
 //! status), its own Lease, the status of pods bound to it, the deletion of
 //! pods bound to it, Events, and the kube-node-lease namespace. It may not
 //! use the pod subresources that reach into workloads (exec, attach, logs,
@@ -204,6 +205,9 @@ pub(crate) async fn authorize(
         return Err(denied(""));
     }
     if read {
+        if (t.group, t.resource) == ("", "secrets") {
+            return own_secret(state, node, &t, &denied).await;
+        }
         return Ok(());
     }
     // The name a write is about: in the path, or in a created object.
@@ -257,6 +261,71 @@ pub(crate) async fn authorize(
             Ok(())
         }
         _ => Err(denied("")),
+    }
+}
+
+/// Whether pod `p` uses secret `name`: env, envFrom, volumes (also
+/// projected) or imagePullSecrets.
+fn uses_secret(p: &Value, name: &str) -> bool {
+    let spec = &p["spec"];
+    let is = |v: &Value| v.as_str() == Some(name);
+    let containers = ["initContainers", "containers", "ephemeralContainers"]
+        .iter()
+        .flat_map(|f| spec[*f].as_array().into_iter().flatten());
+    for c in containers {
+        let env = c["env"].as_array().into_iter().flatten();
+        if env.map(|e| &e["valueFrom"]["secretKeyRef"]["name"]).any(is) {
+            return true;
+        }
+        let env_from = c["envFrom"].as_array().into_iter().flatten();
+        if env_from.map(|e| &e["secretRef"]["name"]).any(is) {
+            return true;
+        }
+    }
+    for v in spec["volumes"].as_array().into_iter().flatten() {
+        if is(&v["secret"]["secretName"]) {
+            return true;
+        }
+        let sources = v["projected"]["sources"].as_array().into_iter().flatten();
+        if sources.map(|s| &s["secret"]["name"]).any(is) {
+            return true;
+        }
+    }
+    spec["imagePullSecrets"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .any(|r| is(&r["name"]))
+}
+
+/// Ok when secret `t` names is used by a pod bound to `node` (a list or
+/// watch of secrets is never a node's).
+async fn own_secret(
+    state: &State,
+    node: &str,
+    t: &Target<'_>,
+    denied: &(dyn Fn(&str) -> String + Sync),
+) -> Result<(), String> {
+    let (Some(ns), Some(name)) = (t.namespace, t.name) else {
+        return Err(denied(
+            ": a node reads only the secrets its pods use, by name",
+        ));
+    };
+    let pods = registry::by_plural("", "v1", "pods").ok_or("pods are not in the registry")?;
+    let listed = state
+        .store
+        .list(&object::prefix(pods, Some(ns)), Default::default())
+        .await
+        .map_err(|e| format!("listing pods in {ns}: {e}"))?;
+    let used = listed.items.iter().any(|kv| {
+        object::from_kv(kv).is_ok_and(|p| p["spec"]["nodeName"] == node && uses_secret(&p, name))
+    });
+    if used {
+        Ok(())
+    } else {
+        Err(denied(&format!(
+            ": no pod on node {node} uses secret {ns}/{name}"
+        )))
     }
 }
 
@@ -413,7 +482,10 @@ mod tests {
         let res = registry::by_plural("", "v1", "pods").expect("pods");
         for (name, node) in pods {
             let pod = serde_json::json!({"apiVersion": "v1", "kind": "Pod",
-                "metadata": {"name": name, "namespace": "ns"}, "spec": {"nodeName": node}});
+                "metadata": {"name": name, "namespace": "ns"}, "spec": {"nodeName": node,
+                    "containers": [{"name": "c", "env": [{"name": "E",
+                        "valueFrom": {"secretKeyRef": {"name": format!("{name}-env"), "key": "k"}}}]}],
+                    "volumes": [{"name": "v", "secret": {"secretName": format!("{name}-vol")}}]}});
             store
                 .create(&object::key(res, Some("ns"), name), object::to_bytes(&pod))
                 .await
@@ -423,7 +495,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_node_reads_anything_but_writes_only_its_own_node_lease_and_pods() {
+    async fn a_node_reads_only_its_pods_secrets_and_writes_only_its_own_node_lease_and_pods() {
         let state = state_with_pods(&[("mine", "n2"), ("theirs", "n3")]).await;
         let node = Identity::Node("n2".into());
         let named = |n: &str| format!(r#"{{"metadata": {{"name": "{n}"}}}}"#);
@@ -434,7 +506,10 @@ mod tests {
         let ok = |m: Method, p: &'static str| try_(m, p, String::new());
         // What the agent does.
         assert!(ok(Method::GET, "/api/v1/pods").await.is_ok());
-        assert!(ok(Method::GET, "/api/v1/namespaces/ns/secrets/s")
+        assert!(ok(Method::GET, "/api/v1/namespaces/ns/secrets/mine-env")
+            .await
+            .is_ok());
+        assert!(ok(Method::GET, "/api/v1/namespaces/ns/secrets/mine-vol")
             .await
             .is_ok());
         assert!(try_(Method::POST, "/api/v1/nodes", named("n2"))
@@ -470,8 +545,22 @@ mod tests {
                 .is_ok()
         );
         assert!(ok(Method::GET, "/version").await.is_ok());
-        // Another node, its Lease and its pods are not its business.
+        // Another node, its Lease, its pods and its secrets are not its
+        // business; nor is any list of secrets.
         for (m, p, body) in [
+            (
+                Method::GET,
+                "/api/v1/namespaces/ns/secrets/theirs-env",
+                String::new(),
+            ),
+            (
+                Method::GET,
+                "/api/v1/namespaces/ns/secrets/unused",
+                String::new(),
+            ),
+            (Method::GET, "/api/v1/namespaces/ns/secrets", String::new()),
+            (Method::GET, "/api/v1/secrets", String::new()),
+            (Method::GET, "/api/v1/watch/secrets", String::new()),
             (Method::POST, "/api/v1/nodes", named("n3")),
             (Method::POST, "/api/v1/nodes", "not json: [".to_string()),
             (Method::PATCH, "/api/v1/nodes/n3/status", String::new()),

@@ -200,7 +200,7 @@ spec:
 
     // A node's certificate (CN system:node:n2, as a join issues it) reads,
     // writes its own pods' status, but cannot create workloads, reach into
-    // pods, or touch another node or that node's pods.
+    // pods, list secrets, or touch another node or that node's pods.
     let ca = Ca::of(&server);
     let as_n2 = ca.kubeconfig(a.path(), &server, "system:node:n2", Validity::Now);
     let as_n3 = ca.kubeconfig(a.path(), &server, "system:node:n3", Validity::Now);
@@ -234,6 +234,7 @@ spec:
         (&as_n2, vec!["logs", "pinned"]),
         (&as_n2, vec!["exec", "pinned", "--", "true"]),
         (&as_n2, vec!["delete", "node", "n2"]),
+        (&as_n2, vec!["get", "secrets", "-A"]),
         (&as_n2, vec!["label", "node", server_node.as_str(), "x=y"]),
         (&as_n3, status_patch.to_vec()),
         (&as_n3, vec!["delete", "pod", "pinned", "--wait=false"]),
