@@ -263,7 +263,7 @@ pub async fn start_orchestration(
         let password = evoke_node::token::node_password(&global.data_dir)?;
         let data_dir = global.data_dir.clone();
         tokio::spawn(async move {
-            let joined = async {
+            let join = || async {
                 let (bootstrap, ca_pem) =
                     evoke_node::token::client_when_up(&server_url, &token, JOIN_WAIT).await?;
                 let ip: std::net::IpAddr = node_ip.parse().map_err(|e| {
@@ -280,11 +280,15 @@ pub async fn start_orchestration(
                 )
                 .await
             };
-            let creds = match joined.await {
-                Ok(c) => c,
-                Err(e) => {
-                    tracing::error!(error = %e, "the in-process node agent could not join");
-                    return;
+            // The API is up already; a refusal (the name taken by another
+            // machine) or a busy store is retried, and said, every 30 s.
+            let creds = loop {
+                match join().await {
+                    Ok(c) => break c,
+                    Err(e) => {
+                        tracing::error!(error = %e, "the in-process node agent could not join; retrying in 30 s");
+                        tokio::time::sleep(std::time::Duration::from_secs(30)).await;
+                    }
                 }
             };
             let agent = evoke_node::Agent::new(
