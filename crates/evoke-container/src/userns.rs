@@ -76,6 +76,8 @@ pub enum UsernsError {
         path: String,
         error: std::io::Error,
     },
+    #[error("cannot make an idmapped mount of {path} ({error}): user namespaces need a kernel (5.12+) and a filesystem for the image store that support idmapped mounts (ext4, xfs, btrfs, tmpfs)")]
+    NoIdmap { path: String, error: std::io::Error },
     #[error("the container's root (host uid {uid}) cannot reach {path}: make it searchable by others (chmod o+x), or use a data dir whose parents are")]
     Unreachable { uid: u32, path: String },
 }
@@ -354,11 +356,14 @@ pub fn idmapped_bind(source: &Path, target: &Path, userns: &OwnedFd) -> Result<(
         )
     };
     if rc < 0 {
-        return Err(io(
-            "idmap (mount_setattr)",
-            source,
-            std::io::Error::last_os_error(),
-        ));
+        let e = std::io::Error::last_os_error();
+        return Err(match e.raw_os_error() {
+            Some(libc::EINVAL) | Some(libc::ENOSYS) | Some(libc::EPERM) => UsernsError::NoIdmap {
+                path: source.display().to_string(),
+                error: e,
+            },
+            _ => io("idmap (mount_setattr)", source, e),
+        });
     }
     // SAFETY: both paths are NUL-terminated and outlive the call; `tree`
     // is the detached mount to attach.
