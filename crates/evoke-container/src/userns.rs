@@ -120,13 +120,12 @@ impl std::str::FromStr for UsernsMode {
 }
 
 impl IdMap {
-    /// The host uid of container uid 0.
-    pub fn root_uid(&self) -> u32 {
-        self.uid
-    }
-
     fn overlaps(&self, other: &IdMap) -> bool {
-        let meet = |a: u32, b: u32| a < b + other.count && b < a + self.count;
+        // In u64: a range may end at the top of the id space.
+        let meet = |a: u32, b: u32| {
+            u64::from(a) < u64::from(b) + u64::from(other.count)
+                && u64::from(b) < u64::from(a) + u64::from(self.count)
+        };
         meet(self.uid, other.uid) || meet(self.gid, other.gid)
     }
 }
@@ -171,11 +170,17 @@ pub fn choose(mode: UsernsMode, taken: &[IdMap]) -> Result<IdMap, UsernsError> {
         UsernsMode::Auto => {
             let (u, g, source_name) = subordinate_ranges();
             let blocks = (u.1 / BLOCK).min(g.1 / BLOCK);
+            // Blocks that would pass the largest id are not offered.
             (0..blocks)
-                .map(|k| IdMap {
-                    uid: u.0 + k * BLOCK,
-                    gid: g.0 + k * BLOCK,
-                    count: BLOCK,
+                .map_while(|k| {
+                    let uid = u.0.checked_add(k * BLOCK)?;
+                    let gid = g.0.checked_add(k * BLOCK)?;
+                    (uid.checked_add(BLOCK)? < u32::MAX && gid.checked_add(BLOCK)? < u32::MAX)
+                        .then_some(IdMap {
+                            uid,
+                            gid,
+                            count: BLOCK,
+                        })
                 })
                 .find(|m| !taken.iter().any(|t| t.overlaps(m)))
                 .ok_or(UsernsError::Exhausted {
@@ -185,21 +190,6 @@ pub fn choose(mode: UsernsMode, taken: &[IdMap]) -> Result<IdMap, UsernsError> {
                 })
         }
     }
-}
-
-/// The id map of an OCI bundle's config.json, if it has a user namespace.
-pub fn bundle_map(config: &Path) -> Option<IdMap> {
-    let spec = oci_spec::runtime::Spec::load(config).ok()?;
-    let linux = spec.linux().as_ref()?;
-    let first = |m: &Option<Vec<oci_spec::runtime::LinuxIdMapping>>| {
-        m.as_ref()?
-            .iter()
-            .find(|m| m.container_id() == 0)
-            .map(|m| (m.host_id(), m.size()))
-    };
-    let (uid, count) = first(linux.uid_mappings())?;
-    let (gid, _) = first(linux.gid_mappings())?;
-    Some(IdMap { uid, gid, count })
 }
 
 /// Checks that host uid `uid` (without privileges) may search every
@@ -430,5 +420,21 @@ mod tests {
             count: 5,
         };
         assert_eq!(choose(UsernsMode::Auto, &[odd]).unwrap(), second);
+    }
+
+    #[test]
+    fn ranges_at_the_top_of_the_id_space_compare_without_overflow() {
+        let top = IdMap {
+            uid: u32::MAX - 10,
+            gid: u32::MAX - 10,
+            count: 9,
+        };
+        let low = IdMap {
+            uid: 1,
+            gid: 1,
+            count: 5,
+        };
+        assert!(top.overlaps(&top));
+        assert!(!top.overlaps(&low) && !low.overlaps(&top));
     }
 }
