@@ -1148,4 +1148,144 @@ mod tests {
         assert_eq!(info.code, 127);
         assert!(String::from_utf8_lossy(&err).contains("no such file: /bin/x"));
     }
+
+    /// A tier with one workload record in `state`, in a temp dir.
+    fn tier_with(state: WorkloadState) -> (tempfile::TempDir, MicroVmTier, PathBuf) {
+        let dir = tempfile::tempdir().unwrap();
+        let tier = MicroVmTier::new(dir.path(), PathBuf::from("/bin/false"));
+        let vm_dir = tier.dir("vmx");
+        fs::create_dir_all(&vm_dir).unwrap();
+        let rec = Record {
+            spec: WorkloadSpec {
+                id: "vmx".into(),
+                ..Default::default()
+            },
+            status: WorkloadStatus {
+                id: "vmx".into(),
+                image: None,
+                state,
+                created_at: SystemTime::now(),
+                started_at: None,
+                labels: Default::default(),
+                log_path: None,
+            },
+        };
+        write_record_at(&vm_dir, &rec).unwrap();
+        (dir, tier, vm_dir)
+    }
+
+    fn exec_of(argv: &[&str]) -> ExecSpec {
+        ExecSpec {
+            command: argv.iter().map(|s| s.to_string()).collect(),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn exec_into_a_microvm_that_is_not_running_is_refused_with_its_state() {
+        let (_d, tier, _) = tier_with(WorkloadState::Exited(ExitInfo::exited(0)));
+        let err = tier
+            .exec("vmx", &exec_of(&["true"]), Stdio::default())
+            .unwrap_err();
+        assert!(matches!(err, RuntimeError::InvalidState { .. }), "{err}");
+    }
+
+    #[test]
+    fn exec_into_a_running_record_whose_vmm_is_gone_names_the_socket() {
+        let (_d, tier, _) = tier_with(WorkloadState::Running { pid: 1 });
+        let err = tier
+            .exec("vmx", &exec_of(&["true"]), Stdio::default())
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains(EXEC_SOCKET), "{err}");
+        assert!(err.contains("has its VM ended"), "{err}");
+    }
+
+    #[test]
+    fn exec_runs_through_the_vmms_exec_socket_with_stdin_output_and_the_exit_code() {
+        use crate::agent_mux::{bind_exec_socket, GuestOutput, Mailbox, Mux};
+        use std::sync::atomic::AtomicBool;
+        let (_d, tier, vm_dir) = tier_with(WorkloadState::Running { pid: 1 });
+        let pipe = || {
+            let (r, w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).unwrap();
+            (File::from(r), File::from(w))
+        };
+        let (_host_w, host_r) = {
+            let (r, w) = pipe();
+            (w, r)
+        };
+        let (mut guest_in, to_guest) = pipe();
+        let (_main_r, main_w) = pipe();
+        let spoke = Arc::new(AtomicBool::new(true));
+        let mailbox = Mailbox::new().unwrap();
+        let sigfd = nix::sys::signalfd::SignalFd::with_flags(
+            &nix::sys::signal::SigSet::empty(),
+            nix::sys::signalfd::SfdFlags::SFD_NONBLOCK,
+        )
+        .unwrap();
+        let mux = Mux {
+            input: host_r,
+            sigfd,
+            out: to_guest,
+            spoke: spoke.clone(),
+            mailbox: mailbox.clone(),
+            listener: Some(bind_exec_socket(&vm_dir.join(EXEC_SOCKET)).unwrap()),
+        };
+        let mux_thread = std::thread::spawn(move || mux.run());
+        // The guest: echoes the command line, then its stdin on stderr,
+        // and exits 5 at the end of stdin; then the VM ends.
+        let mut guest_out = GuestOutput::new(main_w, mailbox, spoke);
+        let guest = std::thread::spawn(move || loop {
+            let reply = match Frame::read_from(&mut guest_in).unwrap() {
+                Some(Frame::ExecStart { session, request }) => vec![Frame::ExecStdout {
+                    session,
+                    data: format!("ran {}\n", request.argv.join(" ")).into_bytes(),
+                }],
+                Some(Frame::ExecStdin { session, data }) if data.is_empty() => {
+                    vec![Frame::ExecExit {
+                        session,
+                        status: evoke_guest::proto::ExitStatus {
+                            code: 5,
+                            signal: 0,
+                            oom_killed: false,
+                        },
+                    }]
+                }
+                Some(Frame::ExecStdin { session, data }) => vec![
+                    Frame::StdinAck {
+                        session,
+                        bytes: data.len() as u32,
+                    },
+                    Frame::ExecStderr { session, data },
+                ],
+                Some(_) => vec![],
+                None => panic!("the mux closed the guest's input"),
+            };
+            let done = matches!(reply.last(), Some(Frame::ExecExit { .. }));
+            for f in reply {
+                f.write_to(&mut guest_out).unwrap();
+            }
+            if done {
+                return guest_in;
+            }
+        });
+        let files = tempfile::tempdir().unwrap();
+        let input = files.path().join("in");
+        fs::write(&input, b"typed").unwrap();
+        let (out_path, err_path) = (files.path().join("out"), files.path().join("err"));
+        let stdio = Stdio {
+            stdin: Some(File::open(&input).unwrap().into()),
+            stdout: Some(File::create(&out_path).unwrap().into()),
+            stderr: Some(File::create(&err_path).unwrap().into()),
+        };
+        let code = tier
+            .exec("vmx", &exec_of(&["sh", "-c", "x"]), stdio)
+            .unwrap();
+        assert_eq!(code, 5);
+        assert_eq!(fs::read(&out_path).unwrap(), b"ran sh -c x\n");
+        assert_eq!(fs::read(&err_path).unwrap(), b"typed");
+        // The VM ends (its input closes): the mux stops.
+        drop(guest.join().unwrap_or_else(|_| panic!("fake guest failed")));
+        mux_thread.join().unwrap();
+    }
 }
