@@ -2,7 +2,8 @@
 //! nested KVM): `evoke server` with its node agent and the bridge pod
 //! network, the real kubectl, a Deployment with `runtimeClassName: microvm`
 //! whose pods are busybox httpd VMs on taps, reached by pod IP and through
-//! a ClusterIP Service (nftables), then deleted with nothing left behind.
+//! a ClusterIP Service (nftables), entered with `kubectl exec`, then deleted
+//! with nothing left behind.
 
 #[allow(dead_code)] // this test runs the test host with extra files itself
 mod vmhost;
@@ -162,6 +163,15 @@ echo "ClusterIP $cip reached: $(sort -u /tmp/names | tr '\n' ' ')"
 # The guests got the cluster DNS resolv.conf.
 pod=$(kubectl get pods -l app=vmweb -o jsonpath='{.items[0].metadata.name}')
 kubectl logs "$pod" | grep -q "nameserver 10.43.0.10" || fail "resolv.conf in the guest: $(kubectl logs $pod)"
+
+# kubectl exec runs next to the workload in the VM: output, exit code, stdin.
+kubectl exec "$pod" -- sh -c 'echo "exec in $(hostname)"; cat /www/name; exit 3' >/tmp/kx.out 2>/tmp/kx.err
+rc=$?
+cat /tmp/kx.out /tmp/kx.err
+[ "$rc" = 3 ] || fail "kubectl exec into a microvm pod: exit code $rc, want 3"
+grep -q "^exec in " /tmp/kx.out || fail "kubectl exec into a microvm pod: no output"
+echo piped-in | kubectl exec -i "$pod" -- cat >/tmp/kx2.out 2>&1 || fail "kubectl exec -i: $(cat /tmp/kx2.out)"
+grep -qx piped-in /tmp/kx2.out || fail "kubectl exec -i: stdin did not come back: $(cat /tmp/kx2.out)"
 
 # Deleting the Deployment ends the VMs and releases their taps.
 kubectl delete deployment vmweb --wait=false || fail "kubectl delete"
