@@ -6,7 +6,10 @@
 //! * [`net`]: the guest's network (lo, and eth0 on a virtio-net when the
 //!   spec has a [`net::NetConfig`]).
 //! * [`proto`]: the framed protocol on the agent channel (guest → host: ready,
-//!   stdout, stderr, exit, error; host → guest: signal).
+//!   stdout, stderr, exit, error; host → guest: signal, stdin), with exec
+//!   sessions multiplexed on it (start, stdin, resize, signal, output, exit)
+//!   under a flow-control window per session. The guest side of exec is
+//!   `src/exec.rs`, the host side `evoke_vmm::agent_mux`.
 //! * [`initramfs`]: builds the guest's initramfs (a newc cpio, see [`cpio`])
 //!   from the agent binary, the guest kernel's modules, an image rootfs and a
 //!   spec; the agent+modules part is cached by content.

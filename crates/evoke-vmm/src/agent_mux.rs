@@ -841,7 +841,7 @@ mod tests {
     }
 
     #[test]
-    fn an_exec_client_gets_a_session_its_output_and_exit_while_the_guest_gets_acks() {
+    fn an_exec_client_gets_a_session_its_stdin_resizes_output_and_exit_while_the_guest_gets_acks() {
         let mut r = rig(no_signals(), true);
         let mut c = client(&r, &["cat"]);
         let Frame::ExecStart { session, request } = r.guest_reads() else {
@@ -860,6 +860,21 @@ mod tests {
             Frame::ExecStdin {
                 session,
                 data: b"in".to_vec()
+            }
+        );
+        Frame::ExecResize {
+            session: 0,
+            cols: 120,
+            rows: 40,
+        }
+        .write_to(&mut c)
+        .unwrap();
+        assert_eq!(
+            r.guest_reads(),
+            Frame::ExecResize {
+                session,
+                cols: 120,
+                rows: 40
             }
         );
         r.guest_writes(Frame::ExecStdout {
