@@ -577,6 +577,21 @@ fn owned(fd: std::os::fd::RawFd) -> OwnedFd {
     unsafe { OwnedFd::from_raw_fd(fd) }
 }
 
+/// The size (columns, rows) of the terminal `fd` is on, if it is one.
+#[allow(unsafe_code)]
+pub fn terminal_size(fd: std::os::fd::BorrowedFd<'_>) -> Option<(u16, u16)> {
+    let mut ws = libc::winsize {
+        ws_row: 0,
+        ws_col: 0,
+        ws_xpixel: 0,
+        ws_ypixel: 0,
+    };
+    // SAFETY: TIOCGWINSZ writes one winsize into the valid, writable
+    // pointer; the fd is borrowed, so open for the call.
+    let rc = unsafe { libc::ioctl(fd.as_raw_fd(), libc::TIOCGWINSZ, &mut ws) };
+    (rc == 0 && ws.ws_col > 0 && ws.ws_row > 0).then_some((ws.ws_col, ws.ws_row))
+}
+
 fn read_client(id: u32, c: &mut Client, buf: &mut [u8]) {
     match c.conn.read(buf) {
         Ok(0) => c.hung_up = true,
@@ -807,6 +822,23 @@ mod tests {
             "bytes that are not frames reached the guest"
         );
         r.end_vm();
+    }
+
+    #[test]
+    fn a_terminals_size_is_read_and_a_pipe_has_none() {
+        let pty = nix::pty::openpty(
+            Some(&nix::pty::Winsize {
+                ws_row: 33,
+                ws_col: 99,
+                ws_xpixel: 0,
+                ws_ypixel: 0,
+            }),
+            None,
+        )
+        .unwrap();
+        assert_eq!(terminal_size(pty.slave.as_fd()), Some((99, 33)));
+        let (r, _w) = pipe();
+        assert_eq!(terminal_size(r.as_fd()), None);
     }
 
     #[test]

@@ -20,6 +20,7 @@
 use std::collections::HashMap;
 use std::fs::{self, File};
 use std::io::{Read, Write};
+use std::os::fd::AsFd;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, Command, Stdio as ProcStdio};
@@ -603,7 +604,12 @@ impl MicroVmTier {
                 path.display()
             ))
         })?;
-        let first = sizes.as_ref().and_then(|s| s.try_recv().ok());
+        // The first size: what the caller sent already, or, for `evoke exec
+        // -t` (no size messages), the size of the terminal it writes to.
+        let first = sizes.as_ref().and_then(|s| s.try_recv().ok()).or_else(|| {
+            let out = stdio.stdout.as_ref().filter(|_| spec.tty)?;
+            agent_mux::terminal_size(out.as_fd()).map(|(cols, rows)| TtySize { cols, rows })
+        });
         let request = ExecRequest {
             argv: spec.command.clone(),
             env: spec.env.iter().map(|(k, v)| format!("{k}={v}")).collect(),
