@@ -459,7 +459,8 @@ impl Sessions {
     pub fn next_deadline(&self) -> Option<Duration> {
         self.open
             .values()
-            .filter(|s| s.status.is_some())
+            // One waiting for acknowledgements is woken by them instead.
+            .filter(|s| s.status.is_some() && s.room() > 0)
             .map(|s| QUIET_AFTER_EXIT.saturating_sub(s.quiet_since.elapsed()))
             .min()
     }
