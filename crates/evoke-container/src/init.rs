@@ -203,6 +203,34 @@ fn intermediate_inner(plan: &Plan, mut fds: ChildFds, status: &OwnedFd) -> R<()>
     }
 }
 
+/// The container's init when a single-threaded caller clones it itself,
+/// with no intermediate process (see `spawn::Way::Direct`): it does the
+/// intermediate's part first (not dumpable, into the cgroup, into the
+/// namespaces to join, which exclude pid and user there) and goes on as the
+/// init. The caller cloned it without CLONE_NEWCGROUP: the namespace is
+/// made once the process is in its cgroup, so that it is rooted there.
+pub(crate) fn direct_init(plan: &Plan, mut fds: ChildFds, unshare_cgroupns: bool) -> ! {
+    let status = fds.status.take_status();
+    let r = (|| -> R<std::convert::Infallible> {
+        ctx(nix::sys::prctl::set_dumpable(false), || {
+            "prctl(PR_SET_DUMPABLE)".into()
+        })?;
+        enter_cgroup(fds.placement.as_ref())?;
+        drop(fds.placement.take());
+        for (fd, flag) in &fds.join {
+            ctx(nix::sched::setns(fd, *flag), || format!("setns {flag:?}"))?;
+        }
+        drop(std::mem::take(&mut fds.join));
+        container_init(plan, fds, &status, unshare_cgroupns)
+    })();
+    let e = match r {
+        Err(e) => e,
+        Ok(never) => match never {},
+    };
+    send(&status, &Msg::Error(e));
+    sys::exit_now(1)
+}
+
 /// The container's pid 1 until it execs the workload.
 fn container_init(
     plan: &Plan,

@@ -23,7 +23,7 @@ mod init;
 mod plan;
 pub mod seccomp;
 pub mod selfexe;
-mod spawn;
+pub mod spawn;
 pub mod spec;
 mod sys;
 pub mod testutil;
@@ -428,34 +428,61 @@ pub fn create(state_root: &Path, id: &str, bundle: &Path, opts: CreateOptions) -
         join,
         placement: Some(cg.placement()?),
     };
-    // A multi-threaded caller (the node agent) does not fork: see `spawn`.
-    let child = if spawn::use_helper() {
-        spawn::spawn_helper(id, bundle.clone(), &fds)?
-    } else {
-        match sys::fork().map_err(|e| Error::sys("fork", e))? {
-            sys::Forked::Child => init::intermediate(&plan, fds),
-            sys::Forked::Parent(pid) => pid,
-        }
-    };
-    drop(fds);
     let init_err = |msg: String| Error::Init {
         id: id.to_string(),
         msg,
     };
-    let mut go = fs::File::from(go_w);
-    let mut status = fs::File::from(st_r);
-    // The intermediate child enters the cgroup itself before it clones the
-    // init, so the init starts inside it and its cgroup namespace is rooted
-    // there (see `cgroups::Placement` for why the child does it).
-    let _ = go.write_all(b"1");
-    let first = Msg::read(&mut status).map_err(|e| init_err(format!("read status: {e}")));
-    let _ = nix::sys::wait::waitpid(child, None);
-    let init_pid = match first? {
-        Some(Msg::Pid(p)) => Pid::from_raw(p),
-        Some(Msg::Error(e)) => return Err(init_err(e)),
-        _ => return Err(init_err("intermediate process died".into())),
+    // How the init comes to be: see `spawn` (a multi-threaded caller such
+    // as the node agent does not fork).
+    let way = spawn::choose(&plan);
+    let (init_pid, mut go, mut status) = if way == spawn::Way::Direct {
+        use nix::sched::CloneFlags;
+        let cgroupns = plan.new_ns.contains(CloneFlags::CLONE_NEWCGROUP);
+        let flags = (plan.new_ns - CloneFlags::CLONE_NEWCGROUP).bits();
+        let forked = match fds
+            .placement
+            .as_ref()
+            .and_then(cgroups::Placement::clone_into)
+        {
+            Some(dir) => sys::clone_child_into(flags, std::os::fd::AsFd::as_fd(dir)),
+            None => sys::clone_child(flags),
+        }
+        .map_err(|e| Error::sys("clone the container init", e))?;
+        let pid = match forked {
+            sys::Forked::Child => init::direct_init(&plan, fds, cgroupns),
+            sys::Forked::Parent(pid) => {
+                drop(fds);
+                pid
+            }
+        };
+        cleanup.pid = Some(pid);
+        (pid, fs::File::from(go_w), fs::File::from(st_r))
+    } else {
+        let child = if way == spawn::Way::Helper {
+            spawn::spawn_helper(id, bundle.clone(), &fds)?
+        } else {
+            match sys::fork().map_err(|e| Error::sys("fork", e))? {
+                sys::Forked::Child => init::intermediate(&plan, fds),
+                sys::Forked::Parent(pid) => pid,
+            }
+        };
+        drop(fds);
+        let mut go = fs::File::from(go_w);
+        let mut status = fs::File::from(st_r);
+        // The intermediate child enters the cgroup itself before it clones
+        // the init, so the init starts inside it and its cgroup namespace is
+        // rooted there (see `cgroups::Placement` for why the child does it).
+        let _ = go.write_all(b"1");
+        let first = Msg::read(&mut status).map_err(|e| init_err(format!("read status: {e}")));
+        let _ = nix::sys::wait::waitpid(child, None);
+        let init_pid = match first? {
+            Some(Msg::Pid(p)) => Pid::from_raw(p),
+            Some(Msg::Error(e)) => return Err(init_err(e)),
+            _ => return Err(init_err("intermediate process died".into())),
+        };
+        cleanup.pid = Some(init_pid);
+        (init_pid, go, status)
     };
-    cleanup.pid = Some(init_pid);
     if plan.new_ns.contains(nix::sched::CloneFlags::CLONE_NEWUSER) {
         fs::write(format!("/proc/{init_pid}/setgroups"), "allow").ok();
         write_id_map(init_pid, "uid_map", &plan.uid_mappings)?;

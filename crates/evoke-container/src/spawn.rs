@@ -16,8 +16,10 @@
 //! reading what it needs from a bootstrap pipe. Its clone, the container's
 //! init, is then a copy of a small process.
 //!
-//! Single-threaded callers (`evoke oci create`, a few MB) keep `fork`: it is
-//! cheaper than another exec of the binary there.
+//! Single-threaded callers (`evoke oci create`, a few MB) need none of
+//! this: they clone the init themselves ([`Way::Direct`], no intermediate
+//! process at all), or fork the intermediate when a user namespace is
+//! involved ([`Way::Fork`]).
 //!
 //! Why the child is safe: between `clone` and `execve` it shares all memory
 //! with the caller, so it may only make async-signal-safe calls and touch
@@ -48,16 +50,41 @@ use crate::{Error, Result};
 /// of the helper exec.
 pub const HELPER_ENV: &str = "_EVOKE_CONTAINER_INIT";
 
-/// `fork` or `exec`: overrides the choice by thread count (for benchmarks
-/// and tests that compare the two ways).
+/// `direct`, `fork` or `exec`: overrides the choice of [`Way`] (for
+/// benchmarks and tests that compare them).
 pub const SPAWN_ENV: &str = "EVOKE_CONTAINER_SPAWN";
 
-/// Which way [`crate::create`] starts the intermediate process.
-pub(crate) fn use_helper() -> bool {
+/// How [`crate::create`] starts the container's init.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Way {
+    /// A single-threaded caller clones the init itself: no intermediate
+    /// process. Not when a user namespace is made or a pid or user
+    /// namespace joined: those must be entered before the init is cloned.
+    Direct,
+    /// `fork` an intermediate process, which joins namespaces, enters the
+    /// cgroup and clones the init as our child.
+    Fork,
+    /// A fresh exec of this binary as the intermediate (see the module doc):
+    /// the default for multi-threaded callers.
+    Helper,
+}
+
+/// Picks the [`Way`] for `plan`; [`SPAWN_ENV`] (`direct`, `fork`, `exec`)
+/// overrides the choice by thread count where the way is safe.
+pub(crate) fn choose(plan: &crate::plan::Plan) -> Way {
+    let single = threads() == 1;
+    let direct_ok = single
+        && !plan.new_ns.contains(CloneFlags::CLONE_NEWUSER)
+        && plan
+            .join_ns
+            .iter()
+            .all(|(_, f)| !f.intersects(CloneFlags::CLONE_NEWUSER | CloneFlags::CLONE_NEWPID));
     match std::env::var(SPAWN_ENV).as_deref() {
-        Ok("fork") => false,
-        Ok("exec") => true,
-        _ => threads() != 1,
+        Ok("fork") => Way::Fork,
+        Ok("exec") => Way::Helper,
+        _ if direct_ok => Way::Direct,
+        _ if single => Way::Fork,
+        _ => Way::Helper,
     }
 }
 

@@ -26,7 +26,17 @@ pub(crate) fn fork() -> nix::Result<Forked> {
 /// new process is a sibling of the caller: a child of the caller's parent.
 /// `flags` adds namespace flags. Only call from a single-threaded process.
 pub(crate) fn clone_sibling(flags: libc::c_int) -> nix::Result<Forked> {
-    let all = (flags | libc::CLONE_PARENT | libc::SIGCHLD) as libc::c_ulong;
+    clone_forklike(flags | libc::CLONE_PARENT)
+}
+
+/// Like [`clone_sibling`], but the new process is the caller's own child.
+/// Only call from a single-threaded process.
+pub(crate) fn clone_child(flags: libc::c_int) -> nix::Result<Forked> {
+    clone_forklike(flags)
+}
+
+fn clone_forklike(flags: libc::c_int) -> nix::Result<Forked> {
+    let all = (flags | libc::SIGCHLD) as libc::c_ulong;
     // SAFETY: a NULL stack makes clone behave like fork: the child runs on a
     // copy-on-write copy of this stack. The caller is single-threaded (the
     // intermediate child of `fork`), so no lock can be held by another thread.
@@ -74,12 +84,29 @@ pub(crate) fn clone_sibling_into(
     flags: libc::c_int,
     cgroup: std::os::fd::BorrowedFd<'_>,
 ) -> nix::Result<Forked> {
+    // clone3 refuses an exit signal with CLONE_PARENT: the child takes the
+    // caller's own (SIGCHLD, from its fork).
+    clone3_into(flags | libc::CLONE_PARENT, 0, cgroup)
+}
+
+/// Like [`clone_sibling_into`], but the new process is the caller's own
+/// child. Single-threaded callers only.
+pub(crate) fn clone_child_into(
+    flags: libc::c_int,
+    cgroup: std::os::fd::BorrowedFd<'_>,
+) -> nix::Result<Forked> {
+    clone3_into(flags, libc::SIGCHLD as u64, cgroup)
+}
+
+fn clone3_into(
+    flags: libc::c_int,
+    exit_signal: u64,
+    cgroup: std::os::fd::BorrowedFd<'_>,
+) -> nix::Result<Forked> {
     use std::os::fd::AsRawFd;
     let args = CloneArgs {
-        flags: (flags | libc::CLONE_PARENT) as u64 | CLONE_INTO_CGROUP,
-        // clone3 refuses an exit signal with CLONE_PARENT: the child takes
-        // the caller's own (SIGCHLD, from its fork).
-        exit_signal: 0,
+        flags: flags as u64 | CLONE_INTO_CGROUP,
+        exit_signal,
         cgroup: cgroup.as_raw_fd() as u64,
         ..Default::default()
     };
