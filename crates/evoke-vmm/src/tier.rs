@@ -11,7 +11,10 @@
 //! exit status. The caller's stdin (`-i`) goes in as Stdin frames; signals
 //! reach the workload as Signal frames, from this process or, for a signal
 //! sent to the VMM by another (`evoke stop`), through the VMM's relay. State lives in `DATA_DIR/microvm/<id>/state.json`, so other
-//! processes see it.
+//! processes see it. `exec` (from any process: `evoke exec`, the node
+//! agent for `kubectl exec`) connects to the VMM's `exec.sock` there and
+//! runs the command inside the guest as an exec session on the agent
+//! channel ([`crate::agent_mux`]).
 //!
 //! Lifecycle: Created (initramfs and config written) → Running (VMM process
 //! up; `pid` is the VMM's) → Exited (exit frame, or the VMM ended without
