@@ -17,12 +17,13 @@ use linux_loader::loader::elf::start_info::{
     hvm_memmap_table_entry, hvm_modlist_entry, hvm_start_info,
 };
 use linux_loader::loader::elf::{Elf, PvhBootCapability};
-use linux_loader::loader::KernelLoader;
+use linux_loader::loader::{KernelLoader, KernelLoaderResult};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 use crate::arch::EntryMode;
 use crate::error::VmmError;
 use crate::layout::*;
+use crate::vmlinux;
 
 /// How to enter the kernel.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -138,11 +139,28 @@ pub fn load(mem: &GuestMemoryMmap, spec: &BootSpec<'_>) -> Result<BootEntry, Vmm
             },
         };
         (r, entry)
+    } else if let Some(p) = unpack_bzimage(mem, spec)? {
+        let entry = match p.pvh_entry {
+            Some(e) => BootEntry {
+                entry: e,
+                mode: EntryMode::Protected32,
+            },
+            None => BootEntry {
+                entry: p.entry,
+                mode: EntryMode::Long64,
+            },
+        };
+        let r = KernelLoaderResult {
+            kernel_load: GuestAddress(p.entry),
+            kernel_end: p.kernel_end,
+            ..Default::default()
+        };
+        (r, entry)
     } else {
         if spec.protocol == BootProtocol::Pvh {
             return Err(VmmError::KernelLoad {
                 path: spec.kernel.to_path_buf(),
-                reason: "pvh needs an uncompressed elf vmlinux, not a bzimage".into(),
+                reason: "pvh needs an elf vmlinux with a pvh note, or a bzimage whose lz4 payload is one".into(),
             });
         }
         let r = BzImage::load(mem, None, &mut kf, Some(start)).map_err(kernel_err)?;
@@ -188,6 +206,37 @@ pub fn load(mem: &GuestMemoryMmap, spec: &BootSpec<'_>) -> Result<BootEntry, Vmm
         write_zero_page(mem, spec, hdr, cmdline.len(), initrd)?;
     }
     Ok(entry)
+}
+
+/// A bzImage under [`BootProtocol::Auto`] or [`BootProtocol::Pvh`]: its
+/// ELF payload unpacked by the VMM into guest memory (see
+/// [`vmlinux::load_payload`]), entered through PVH when it has the note.
+/// The guest then skips its self-decompression, which under nested paging
+/// costs it far more than the host's LZ4 pass. `None` when the payload's
+/// compression is not one the loader reads, or for [`BootProtocol::Linux64`]
+/// with a bzImage, which keeps the classic path (the guest decompresses).
+fn unpack_bzimage(
+    mem: &GuestMemoryMmap,
+    spec: &BootSpec<'_>,
+) -> Result<Option<vmlinux::PayloadLoad>, VmmError> {
+    if spec.protocol == BootProtocol::Linux64 {
+        return Ok(None);
+    }
+    let loaded = vmlinux::load_payload(mem, spec.kernel)?;
+    if let Some(p) = &loaded {
+        if spec.protocol == BootProtocol::Pvh && p.pvh_entry.is_none() {
+            return Err(VmmError::KernelLoad {
+                path: spec.kernel.to_path_buf(),
+                reason: "pvh requested but the kernel has no pvh entry note".into(),
+            });
+        }
+        tracing::debug!(
+            kernel = %spec.kernel.display(),
+            pvh = p.pvh_entry.is_some(),
+            "bzimage payload unpacked into guest memory"
+        );
+    }
+    Ok(loaded)
 }
 
 /// Places the initramfs parts at the top of low memory, page aligned, below
@@ -369,7 +418,7 @@ mod tests {
     }
 
     #[test]
-    fn debian_bzimage_loads_with_zero_page_cmdline_initrd_and_e820() {
+    fn debian_bzimage_under_linux64_loads_with_zero_page_cmdline_initrd_and_e820() {
         let kernel = match default_kernel() {
             Ok(k) => k,
             Err(e) if std::env::var_os("CI").is_some() => panic!("CI runs scripts/setup: {e}"),
@@ -390,7 +439,7 @@ mod tests {
             kernel: &kernel,
             initrd: &parts,
             cmdline: "console=ttyS0 quiet",
-            protocol: BootProtocol::Auto,
+            protocol: BootProtocol::Linux64,
             mem_size,
             rsdp: ACPI_RSDP_ADDR,
         };
@@ -421,7 +470,56 @@ mod tests {
     }
 
     #[test]
-    fn pvh_needs_an_elf_kernel() {
+    fn debian_bzimage_by_default_is_unpacked_by_the_vmm_exactly_as_its_vmlinux_loads() {
+        let kernel = match default_kernel() {
+            Ok(k) => k,
+            Err(e) if std::env::var_os("CI").is_some() => panic!("CI runs scripts/setup: {e}"),
+            Err(e) => {
+                eprintln!("skipping: {e}");
+                return;
+            }
+        };
+        let mem_size = 128u64 << 20;
+        let new_mem =
+            || GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), mem_size as usize)]).unwrap();
+        let spec = |k| BootSpec {
+            kernel: k,
+            initrd: &[],
+            cmdline: "console=ttyS0",
+            protocol: BootProtocol::Auto,
+            mem_size,
+            rsdp: ACPI_RSDP_ADDR,
+        };
+        // The bzImage, unpacked by the VMM.
+        let unpacked = new_mem();
+        let entry = load(&unpacked, &spec(&kernel)).unwrap();
+        assert_eq!(entry.mode, EntryMode::Protected32, "entered through pvh");
+        // The same kernel's vmlinux, extracted to a file and loaded as an ELF.
+        let dir = tempfile::tempdir().unwrap();
+        let vmlinux = vmlinux::cached(&kernel, dir.path()).unwrap();
+        let elf = new_mem();
+        let elf_entry = load(&elf, &spec(&vmlinux)).unwrap();
+        assert_eq!((entry.entry, entry.mode), (elf_entry.entry, elf_entry.mode));
+        // Guest memory holds the same bytes, boot data and kernel alike.
+        let (mut a, mut b) = (vec![0u8; 1 << 20], vec![0u8; 1 << 20]);
+        let mut at = 0u64;
+        while at < mem_size {
+            unpacked.read_slice(&mut a, GuestAddress(at)).unwrap();
+            elf.read_slice(&mut b, GuestAddress(at)).unwrap();
+            assert!(a == b, "guest memory differs in the MiB at {at:#x}");
+            at += 1 << 20;
+        }
+        // The classic path stays available, and pvh still refuses what it
+        // cannot enter.
+        let linux64 = BootSpec {
+            protocol: BootProtocol::Linux64,
+            ..spec(&kernel)
+        };
+        assert_eq!(load(&new_mem(), &linux64).unwrap().mode, EntryMode::Long64);
+    }
+
+    #[test]
+    fn pvh_needs_an_elf_kernel_or_a_bzimage() {
         let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 4 << 20)]).unwrap();
         let dir = tempfile::tempdir().unwrap();
         let k = dir.path().join("vmlinuz-fake");
@@ -435,6 +533,6 @@ mod tests {
             rsdp: 0,
         };
         let err = load(&mem, &spec).unwrap_err().to_string();
-        assert!(err.contains("pvh needs an uncompressed elf"), "{err}");
+        assert!(err.contains("not a bzimage"), "{err}");
     }
 }
