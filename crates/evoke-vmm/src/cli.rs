@@ -23,8 +23,7 @@ use crate::runner::{self, ProcessConfig};
 use crate::vm::{AgentDevice, Payload, VmConfig};
 
 /// The kernel command line when none is given.
-pub const DEFAULT_CMDLINE: &str =
-    "console=ttyS0 reboot=k panic=-1 pci=off i8042.noaux i8042.nomux i8042.nopnp i8042.dumbkbd";
+pub const DEFAULT_CMDLINE: &str = "console=ttyS0 reboot=k panic=-1 pci=off i8042.noaux i8042.nomux i8042.nopnp i8042.dumbkbd cryptomgr.notests";
 
 /// How the command line asks to run the VMM.
 #[derive(Debug)]
