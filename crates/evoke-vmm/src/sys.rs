@@ -61,11 +61,11 @@ impl GuestRam {
                 size: len,
                 reason: "larger than the address space".into(),
             })?;
-            let addr = map_aligned(size).map_err(|e| VmmError::Memory {
+            let (mapping, mapped, addr) = map_aligned(size).map_err(|e| VmmError::Memory {
                 size: len,
                 reason: e.to_string(),
             })?;
-            ram.maps.push((addr, size));
+            ram.maps.push((mapping, mapped));
             // SAFETY: `addr..addr+size` is a live private anonymous mapping
             // with exactly these protections and flags, owned by `ram`, which
             // unmaps it only when dropped (see the type's contract).
@@ -109,13 +109,26 @@ impl Drop for GuestRam {
     }
 }
 
+/// An inaccessible gap kept mapped just below each region of guest RAM.
+///
+/// New mappings are placed right below existing ones. Right below the
+/// aligned RAM, a thread's 2 MiB stack would itself be 2 MiB aligned, and a
+/// host with transparent huge pages set to `always` backs such a range with
+/// one huge page at its first touch: 2 MiB of VMM overhead per thread. The
+/// gap puts whatever comes next off that alignment.
+const GUARD: usize = 64 << 10;
+
 /// An anonymous read-write mapping of `size` bytes at a
-/// [`GUEST_RAM_ALIGN`]-aligned address: map `size` plus the alignment, then
-/// unmap the unaligned head and the tail beyond `size`.
-fn map_aligned(size: usize) -> std::io::Result<NonNull<libc::c_void>> {
+/// [`GUEST_RAM_ALIGN`]-aligned address, with [`GUARD`] inaccessible bytes
+/// below it: map more than needed, then unmap the unaligned head and the
+/// tail. Returns (the mapping with its guard, its length, the RAM).
+fn map_aligned(
+    size: usize,
+) -> std::io::Result<(NonNull<libc::c_void>, usize, NonNull<libc::c_void>)> {
+    let enomem = || std::io::Error::from_raw_os_error(libc::ENOMEM);
     let total = size
-        .checked_add(GUEST_RAM_ALIGN)
-        .ok_or_else(|| std::io::Error::from_raw_os_error(libc::ENOMEM))?;
+        .checked_add(GUEST_RAM_ALIGN + GUARD)
+        .ok_or_else(enomem)?;
     // SAFETY: a fresh anonymous mapping at an address the kernel picks; it
     // touches no existing memory.
     let raw = unsafe { libc::mmap(std::ptr::null_mut(), total, RAM_PROT, RAM_FLAGS, -1, 0) };
@@ -123,11 +136,12 @@ fn map_aligned(size: usize) -> std::io::Result<NonNull<libc::c_void>> {
         return Err(std::io::Error::last_os_error());
     }
     let base = raw as usize;
-    let aligned = base.next_multiple_of(GUEST_RAM_ALIGN);
-    let head = aligned - base;
-    let tail = total - head - size;
-    // SAFETY: both ranges lie inside the mapping made above and outside
-    // `aligned..aligned+size`, which is what stays mapped.
+    let aligned = (base + GUARD).next_multiple_of(GUEST_RAM_ALIGN);
+    let keep = aligned - GUARD;
+    let head = keep - base;
+    let tail = total - head - GUARD - size;
+    // SAFETY: every range lies inside the mapping made above; what stays
+    // mapped is `keep..aligned+size`, the guard and the RAM.
     unsafe {
         if head > 0 {
             libc::munmap(raw, head);
@@ -135,9 +149,14 @@ fn map_aligned(size: usize) -> std::io::Result<NonNull<libc::c_void>> {
         if tail > 0 {
             libc::munmap((aligned + size) as *mut libc::c_void, tail);
         }
+        if libc::mprotect(keep as *mut libc::c_void, GUARD, libc::PROT_NONE) != 0 {
+            let e = std::io::Error::last_os_error();
+            libc::munmap(keep as *mut libc::c_void, GUARD + size);
+            return Err(e);
+        }
     }
-    NonNull::new(aligned as *mut libc::c_void)
-        .ok_or_else(|| std::io::Error::from_raw_os_error(libc::ENOMEM))
+    let ptr = |a: usize| NonNull::new(a as *mut libc::c_void).ok_or_else(enomem);
+    Ok((ptr(keep)?, GUARD + size, ptr(aligned)?))
 }
 
 /// Registers every region of `mem` as a KVM memory slot.
@@ -209,9 +228,25 @@ mod tests {
         let ram = GuestRam::new(&[(0, 6 << 20), (64 << 20, 2 << 20)]).unwrap();
         let mem = ram.memory();
         assert_eq!(mem.num_regions(), 2);
+        let maps = std::fs::read_to_string("/proc/self/maps").unwrap();
         for region in mem.iter() {
-            let host = region.get_host_address(MemoryRegionAddress(0)).unwrap();
-            assert_eq!(host as usize % GUEST_RAM_ALIGN, 0, "{host:p}");
+            let host = region.get_host_address(MemoryRegionAddress(0)).unwrap() as usize;
+            assert_eq!(host % GUEST_RAM_ALIGN, 0, "{host:#x}");
+            // Below it, the inaccessible guard (possibly merged with a
+            // neighbouring inaccessible mapping).
+            let guarded = maps.lines().any(|l| {
+                let mut w = l.split_whitespace();
+                let (range, perms) = (w.next().unwrap_or(""), w.next().unwrap_or(""));
+                let Some((a, b)) = range.split_once('-') else {
+                    return false;
+                };
+                let (a, b) = (
+                    usize::from_str_radix(a, 16).unwrap_or(usize::MAX),
+                    usize::from_str_radix(b, 16).unwrap_or(0),
+                );
+                perms == "---p" && a <= host - GUARD && b >= host
+            });
+            assert!(guarded, "no guard below {host:#x} in\n{maps}");
         }
         mem.write_obj(0x1234_5678u32, GuestAddress((6 << 20) - 4))
             .unwrap();
