@@ -1,8 +1,9 @@
 //! The HTTPS front: accept TCP, finish the TLS handshake (which verifies a
 //! client certificate if one is sent), then serve HTTP/1.1 or HTTP/2 on the
-//! connection. Each request is authenticated, its body read with a 3 MiB
-//! cap, and handed to the router; a panic in a handler becomes a 500, not
-//! a dead server.
+//! connection. Each request is authenticated (`auth.rs`), its body read with
+//! a 3 MiB cap, authorized (after the body: an object a node creates names
+//! itself there), and handed to the router, or to the join (`bootstrap.rs`);
+//! a panic in a handler becomes a 500, not a dead server.
 
 use std::sync::Arc;
 

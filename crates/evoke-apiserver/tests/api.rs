@@ -849,6 +849,72 @@ async fn eviction_deletes_the_pod_with_its_options() {
     assert_eq!(h.get(&format!("{pods}/ev")).await.0, 404);
 }
 
+/// Node `name` with its endpoint at 127.0.0.1:`port`, status written
+/// through /status as the node agent does.
+async fn node_endpoint_at(h: &Harness, name: &str, port: u16) {
+    let status = json!({"addresses": [{"type": "InternalIP", "address": "127.0.0.1"}],
+        "daemonEndpoints": {"kubeletEndpoint": {"Port": port}}});
+    let node = json!({"apiVersion": "v1", "kind": "Node", "metadata": {"name": name}});
+    let (c, mut s) = h.json("POST", "/api/v1/nodes", node).await;
+    assert_eq!(c, 201, "{s}");
+    s["status"] = status;
+    let (c, s) = h
+        .json("PUT", &format!("/api/v1/nodes/{name}/status"), s)
+        .await;
+    assert_eq!(c, 200, "{s}");
+}
+
+#[tokio::test]
+async fn a_node_endpoint_whose_certificate_the_cluster_ca_did_not_issue_is_not_trusted() {
+    use std::sync::Arc;
+    let h = start().await;
+    // An impostor at the node's address with a self-signed certificate: the
+    // API server gives up in the handshake, so no request reaches it.
+    let key = rcgen::KeyPair::generate().expect("key");
+    let cert = rcgen::CertificateParams::new(vec!["127.0.0.1".to_string()])
+        .expect("params")
+        .self_signed(&key)
+        .expect("cert");
+    let cfg = rustls::ServerConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .expect("versions")
+    .with_no_client_auth()
+    .with_single_cert(
+        vec![cert.der().clone()],
+        rustls::pki_types::PrivateKeyDer::try_from(key.serialize_der()).expect("key der"),
+    )
+    .expect("server config");
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(cfg));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let port = listener.local_addr().expect("addr").port();
+    // It counts the handshakes that succeed (the client may retry a 503).
+    let trusted = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let count = trusted.clone();
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            if acceptor.accept(tcp).await.is_ok() {
+                count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            }
+        }
+    });
+    node_endpoint_at(&h, "n1", port).await;
+    h.json(
+        "POST",
+        "/api/v1/namespaces/default/pods",
+        pod("p", Some("n1")),
+    )
+    .await;
+    let (code, status) = h.get("/api/v1/namespaces/default/pods/p/log").await;
+    assert_eq!(code, 500, "{status}");
+    let msg = status["message"].as_str().unwrap_or_default();
+    assert!(msg.contains("tls with node n1"), "{msg}");
+    assert_eq!(trusted.load(std::sync::atomic::Ordering::SeqCst), 0);
+}
+
 #[tokio::test]
 async fn pod_logs_are_proxied_over_tls_from_the_node_endpoint_with_the_kubelet_client_certificate()
 {
@@ -908,21 +974,7 @@ async fn pod_logs_are_proxied_over_tls_from_the_node_endpoint_with_the_kubelet_c
         assert_eq!(client, Some(1), "the api server presented its certificate");
         req.lines().next().unwrap_or_default().to_string()
     });
-    let n1 = json!({"apiVersion": "v1", "kind": "Node", "metadata": {"name": "n1"},
-        "status": {"addresses": [{"type": "InternalIP", "address": "127.0.0.1"}],
-            "daemonEndpoints": {"kubeletEndpoint": {"Port": port}}}});
-    let (c, s) = h.json("POST", "/api/v1/nodes", n1).await;
-    assert_eq!(c, 201, "{s}");
-    // Status is only written through /status, as the node agent does.
-    let mut with_status = s.clone();
-    with_status["status"] = json!({"addresses": [{"type": "InternalIP", "address": "127.0.0.1"}],
-        "daemonEndpoints": {"kubeletEndpoint": {"Port": port}}});
-    assert_eq!(
-        h.json("PUT", "/api/v1/nodes/n1/status", with_status)
-            .await
-            .0,
-        200
-    );
+    node_endpoint_at(&h, "n1", port).await;
     h.json(
         "POST",
         "/api/v1/namespaces/default/pods",

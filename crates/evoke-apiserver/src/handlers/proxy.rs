@@ -110,10 +110,16 @@ pub(super) async fn connect_node(
         tokio_rustls::TlsConnector::from(ctx.state.kubelet_tls.clone())
             .connect(name, tcp)
             .await
+            // Not a passing outage (503 makes clients retry): the node is
+            // not who it should be, as kube-apiserver's x509 errors are 500s.
             .map_err(|e| {
-                unavailable(format!(
-                    "tls with node {node} at {endpoint} (its certificate must be issued by this cluster's ca for that address): {e}"
-                ))
+                ApiError::new(
+                    500,
+                    "InternalError",
+                    format!(
+                        "tls with node {node} at {endpoint} (its certificate must be issued by this cluster's ca for that address): {e}"
+                    ),
+                )
             })
     };
     tokio::time::timeout(std::time::Duration::from_secs(5), connect)
