@@ -16,7 +16,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use kvm_bindings::{kvm_pit_config, KVM_PIT_SPEAKER_DUMMY};
-use kvm_ioctls::{VcpuExit, VcpuFd, VmFd};
+use kvm_ioctls::{IoEventAddress, VcpuExit, VcpuFd, VmFd};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
@@ -363,10 +363,16 @@ impl Vm {
                 Box::new(tap),
             )
             .map_err(sys("virtio-net device"))?;
-            net.push((
-                VIRTIO_MMIO_BASE + slot * VIRTIO_MMIO_SIZE,
-                Arc::new(Mutex::new(dev)),
-            ));
+            let base = VIRTIO_MMIO_BASE + slot * VIRTIO_MMIO_SIZE;
+            // A queue notify then only signals the device's thread, with no
+            // exit to this process; without it the notify still works.
+            for (offset, queue, fd) in dev.ioeventfds() {
+                let addr = IoEventAddress::Mmio(base + offset);
+                if let Err(e) = vm.register_ioevent(fd, &addr, queue) {
+                    tracing::warn!(error = %e, queue, "virtio-net notify without an ioeventfd");
+                }
+            }
+            net.push((base, Arc::new(Mutex::new(dev))));
         }
         let devices = Arc::new(Devices {
             com1: Mutex::new(com1),

@@ -6,6 +6,7 @@
 pub mod i8042;
 mod mmio;
 pub mod net;
+mod notify;
 pub mod serial;
 pub mod sink;
 pub mod tap;

@@ -1,16 +1,29 @@
 //! virtio-net on virtio-mmio (version 2): one receive and one transmit
 //! queue, a fixed MAC (`VIRTIO_NET_F_MAC`), checksum and TSO offloads both
-//! ways, no control queue and no mergeable receive buffers (with TSO the
-//! Linux driver then posts 64 KiB receive chains). The host end is a
-//! [`NetBackend`], a tap in production.
+//! ways, `VIRTIO_RING_F_EVENT_IDX`, no control queue and no mergeable
+//! receive buffers (with TSO the Linux driver then posts 64 KiB receive
+//! chains). The host end is a [`NetBackend`], a tap in production.
 //!
-//! Transmit runs on the vCPU that notified: every chain the guest queued is
-//! gathered (header and frame) and written to the backend as one frame.
-//! Receive runs on the VMM's net thread ([`run_rx_loop`]): it polls the
-//! backend and an eventfd the device signals when the guest posts receive
-//! buffers, and copies each frame into the next buffer. When the guest has
-//! no buffers left the frame waits, and the loop stops polling the backend
+//! Both queues are served by the device's own thread ([`run_rx_loop`]). It
+//! polls the backend and one [`NotifyFd`] per queue. The VMM registers
+//! those as KVM ioeventfds on the QueueNotify register (datamatch: the
+//! queue index, see [`NetDevice::ioeventfds`]), so a guest's notify only
+//! signals the fd inside the kernel and costs no exit to the VMM's user
+//! space, the dearest event under nested virtualisation. A notify that
+//! does reach [`NetDevice::write`] (no ioeventfd) is served the same way.
+//!
+//! Transmit: every chain the guest queued is gathered (header and frame)
+//! and written to the backend as one frame. Receive: each frame from the
+//! backend is copied into the next posted buffer. When the guest has no
+//! buffers left the frame waits, and the loop stops polling the backend
 //! until the guest posts more, so a busy host cannot spin the thread.
+//!
+//! Notifications are kept to what is needed, both ways. The device asks
+//! for receive notifies only when it ran out of buffers, and turns transmit
+//! notifies off while it drains the queue. It interrupts the guest only
+//! when the driver asked: past `used_event` with EVENT_IDX, otherwise
+//! unless `VRING_AVAIL_F_NO_INTERRUPT` is set. Each interrupt costs the
+//! guest two register accesses that exit to the VMM (status and ack).
 //!
 //! Frames carry a 12-byte `virtio_net_hdr` both ways, the layout of virtio
 //! 1.0 and of the tap (see [`super::tap`]), so checksum and segmentation
@@ -19,15 +32,16 @@
 //! driver has accepted them.
 
 use std::io;
-use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::os::fd::{AsFd, OwnedFd};
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 
-use nix::sys::eventfd::{EfdFlags, EventFd};
 use virtio_queue::QueueT;
-use vm_memory::{Bytes, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vmm_sys_util::eventfd::EventFd;
 
-use super::mmio::{Event, Transport, VIRTIO_F_VERSION_1};
+use super::mmio::{reg, Event, Transport, VIRTIO_F_VERSION_1};
+use super::notify::NotifyFd;
 use super::tap::{NetBackend, VNET_HDR_LEN};
 use super::EventFdTrigger;
 
@@ -39,9 +53,14 @@ const VIRTIO_NET_F_GUEST_TSO4: u64 = 1 << 7;
 const VIRTIO_NET_F_GUEST_TSO6: u64 = 1 << 8;
 const VIRTIO_NET_F_HOST_TSO4: u64 = 1 << 11;
 const VIRTIO_NET_F_HOST_TSO6: u64 = 1 << 12;
+const VIRTIO_RING_F_EVENT_IDX: u64 = 1 << 29;
+/// `virtq_avail.flags`: the driver does not want interrupts (without
+/// EVENT_IDX).
+const VRING_AVAIL_F_NO_INTERRUPT: u16 = 1;
 /// Checksum and TSO offloads both ways: the header carries them between
 /// the guest and the tap unchanged, so the device does no work for them,
-/// and TCP moves in 64 KiB segments instead of 1500-byte frames.
+/// and TCP moves in 64 KiB segments instead of 1500-byte frames. EVENT_IDX
+/// lets both sides say precisely when they want the next notification.
 const DEVICE_FEATURES: u64 = VIRTIO_F_VERSION_1
     | VIRTIO_NET_F_MAC
     | VIRTIO_NET_F_CSUM
@@ -49,7 +68,8 @@ const DEVICE_FEATURES: u64 = VIRTIO_F_VERSION_1
     | VIRTIO_NET_F_HOST_TSO6
     | VIRTIO_NET_F_GUEST_CSUM
     | VIRTIO_NET_F_GUEST_TSO4
-    | VIRTIO_NET_F_GUEST_TSO6;
+    | VIRTIO_NET_F_GUEST_TSO6
+    | VIRTIO_RING_F_EVENT_IDX;
 /// The tap's TUNSETOFFLOAD flags.
 const TUN_F_CSUM: u32 = 0x01;
 const TUN_F_TSO4: u32 = 0x02;
@@ -74,6 +94,10 @@ pub struct NetStats {
     pub rx_dropped: u64,
     /// Frames from the guest dropped: the backend was full or failed.
     pub tx_dropped: u64,
+    /// Interrupts sent to the guest, and those the driver's suppression
+    /// saved.
+    pub irqs: u64,
+    pub irqs_suppressed: u64,
 }
 
 /// What the receive path needs next.
@@ -93,9 +117,11 @@ pub struct NetDevice {
     t: Transport,
     mac: [u8; 6],
     backend: Box<dyn NetBackend>,
-    /// Signalled when the guest posts receive buffers or the driver comes
-    /// up; the net thread polls it.
-    rx_kick: Arc<EventFd>,
+    /// Signalled when the guest posts receive buffers (its queue notify,
+    /// through KVM or [`NetDevice::write`]) or the driver comes up.
+    rx_kick: Arc<NotifyFd>,
+    /// Signalled when the guest queues frames to send.
+    tx_kick: Arc<NotifyFd>,
     /// The frame read from the backend that no guest buffer has taken yet,
     /// and its length in `rx_buf`.
     rx_pending: Option<usize>,
@@ -117,9 +143,8 @@ impl NetDevice {
             t,
             mac,
             backend,
-            rx_kick: Arc::new(EventFd::from_flags(
-                EfdFlags::EFD_NONBLOCK | EfdFlags::EFD_CLOEXEC,
-            )?),
+            rx_kick: Arc::new(NotifyFd::new()?),
+            tx_kick: Arc::new(NotifyFd::new()?),
             rx_pending: None,
             rx_buf: vec![0; MAX_FRAME],
             tx_buf: Vec::with_capacity(2048),
@@ -129,6 +154,16 @@ impl NetDevice {
 
     pub fn mac(&self) -> [u8; 6] {
         self.mac
+    }
+
+    /// The queue notifies the VMM should turn into KVM ioeventfds: the
+    /// offset of the QueueNotify register in the window, the value written
+    /// (the queue index, a 4-byte datamatch) and the fd to signal.
+    pub fn ioeventfds(&self) -> [(u64, u32, &EventFd); 2] {
+        [
+            (reg::QUEUE_NOTIFY, RX as u32, self.rx_kick.eventfd()),
+            (reg::QUEUE_NOTIFY, TX as u32, self.tx_kick.eventfd()),
+        ]
     }
 
     /// What the backend may send the guest: the receive offloads the
@@ -155,11 +190,6 @@ impl NetDevice {
         }
     }
 
-    fn kick_rx(&self) {
-        // Failing means the counter is saturated: the thread wakes anyway.
-        let _ = self.rx_kick.write(1);
-    }
-
     /// A guest read of `data.len()` bytes at `offset` in the window.
     pub fn read(&mut self, offset: u64, data: &mut [u8]) {
         // Config space: the MAC, read a byte at a time by Linux.
@@ -175,12 +205,18 @@ impl NetDevice {
     /// (VIRTIO_NET_F_CTRL_MAC_ADDR is not offered).
     pub fn write(&mut self, offset: u64, data: &[u8]) {
         match self.t.write(offset, data) {
-            Some(Event::Notify(q)) if q as usize == TX => self.process_tx(),
-            Some(Event::Notify(q)) if q as usize == RX => self.kick_rx(),
+            // The same fds KVM signals when the ioeventfds are registered:
+            // the device's thread serves both queues.
+            Some(Event::Notify(q)) if q as usize == TX => self.tx_kick.signal(),
+            Some(Event::Notify(q)) if q as usize == RX => self.rx_kick.signal(),
             Some(Event::DriverOk) => {
+                let event_idx = self.t.driver_features() & VIRTIO_RING_F_EVENT_IDX != 0;
+                for q in &mut self.t.queues {
+                    q.set_event_idx(event_idx);
+                }
                 let flags = self.tun_offload();
                 self.apply_offload(flags);
-                self.kick_rx();
+                self.rx_kick.signal();
             }
             Some(Event::Reset { was_ok }) => {
                 if was_ok {
@@ -193,6 +229,28 @@ impl NetDevice {
         }
     }
 
+    /// Interrupts the guest for new used buffers on queue `q`, unless the
+    /// driver said it does not want one now.
+    fn signal_used(&mut self, q: usize) {
+        let mem = &self.t.mem;
+        let queue = &mut self.t.queues[q];
+        let wanted = if queue.event_idx_enabled() {
+            queue.needs_notification(mem).unwrap_or(true)
+        } else {
+            // The used index must be visible before the flag is read, or
+            // an interrupt the driver re-enabled meanwhile could be lost.
+            std::sync::atomic::fence(Ordering::SeqCst);
+            mem.read_obj::<u16>(GuestAddress(queue.avail_ring()))
+                .map_or(true, |f| u16::from_le(f) & VRING_AVAIL_F_NO_INTERRUPT == 0)
+        };
+        if wanted {
+            self.stats.irqs += 1;
+            self.t.signal_used();
+        } else {
+            self.stats.irqs_suppressed += 1;
+        }
+    }
+
     /// Sends every frame the guest has queued to the backend.
     pub fn process_tx(&mut self) {
         if !self.t.queue_usable(TX) {
@@ -200,46 +258,55 @@ impl NetDevice {
         }
         let mem = self.t.mem.clone();
         let mut used = false;
-        while let Some(chain) = self.t.queues[TX].pop_descriptor_chain(&mem) {
-            let head = chain.head_index();
-            self.tx_buf.clear();
-            let mut ok = true;
-            for desc in chain.readable() {
-                let start = self.tx_buf.len();
-                let len = desc.len() as usize;
-                if start + len > MAX_FRAME {
-                    ok = false;
-                    break;
-                }
-                self.tx_buf.resize(start + len, 0);
-                if mem
-                    .read_slice(&mut self.tx_buf[start..], desc.addr())
-                    .is_err()
-                {
-                    ok = false;
-                    break;
-                }
-            }
-            if ok && self.tx_buf.len() > VNET_HDR_LEN {
-                match self.backend.send(&self.tx_buf) {
-                    Ok(()) => self.stats.tx_frames += 1,
-                    Err(e) => {
-                        self.stats.tx_dropped += 1;
-                        if e.kind() != io::ErrorKind::WouldBlock {
-                            tracing::debug!(error = %e, "virtio-net: backend refused a frame");
-                        }
+        loop {
+            // No notifies while the queue is drained; asked for again
+            // below, with a last look for frames queued in between.
+            let _ = self.t.queues[TX].disable_notification(&mem);
+            while let Some(chain) = self.t.queues[TX].pop_descriptor_chain(&mem) {
+                let head = chain.head_index();
+                self.tx_buf.clear();
+                let mut ok = true;
+                for desc in chain.readable() {
+                    let start = self.tx_buf.len();
+                    let len = desc.len() as usize;
+                    if start + len > MAX_FRAME {
+                        ok = false;
+                        break;
+                    }
+                    self.tx_buf.resize(start + len, 0);
+                    if mem
+                        .read_slice(&mut self.tx_buf[start..], desc.addr())
+                        .is_err()
+                    {
+                        ok = false;
+                        break;
                     }
                 }
-            } else {
-                self.stats.tx_dropped += 1;
+                if ok && self.tx_buf.len() > VNET_HDR_LEN {
+                    match self.backend.send(&self.tx_buf) {
+                        Ok(()) => self.stats.tx_frames += 1,
+                        Err(e) => {
+                            self.stats.tx_dropped += 1;
+                            if e.kind() != io::ErrorKind::WouldBlock {
+                                tracing::debug!(error = %e, "virtio-net: backend refused a frame");
+                            }
+                        }
+                    }
+                } else {
+                    self.stats.tx_dropped += 1;
+                }
+                if self.t.queues[TX].add_used(&mem, head, 0).is_err() {
+                    tracing::warn!("virtio-net cannot return a tx buffer");
+                }
+                used = true;
             }
-            if self.t.queues[TX].add_used(&mem, head, 0).is_err() {
-                tracing::warn!("virtio-net cannot return a tx buffer");
+            match self.t.queues[TX].enable_notification(&mem) {
+                Ok(true) => continue,
+                _ => break,
             }
-            used = true;
         }
         if used {
-            self.t.signal_used();
+            self.signal_used(TX);
         }
     }
 
@@ -248,6 +315,10 @@ impl NetDevice {
     pub fn process_rx(&mut self) -> RxState {
         let mem = self.t.mem.clone();
         let mut used = false;
+        if self.t.queue_usable(RX) {
+            // While buffers last the guest need not say it posted more.
+            let _ = self.t.queues[RX].disable_notification(&mem);
+        }
         let state = loop {
             let len = match self.rx_pending.take() {
                 Some(n) => n,
@@ -271,7 +342,12 @@ impl NetDevice {
             }
             let Some(chain) = self.t.queues[RX].pop_descriptor_chain(&mem) else {
                 self.rx_pending = Some(len);
-                break RxState::NeedBuffers;
+                // Out of buffers: ask for a notify when the guest posts
+                // more, unless it already has.
+                match self.t.queues[RX].enable_notification(&mem) {
+                    Ok(true) => continue,
+                    _ => break RxState::NeedBuffers,
+                }
             };
             let head = chain.head_index();
             // num_buffers: one buffer per frame (no mergeable buffers).
@@ -307,47 +383,50 @@ impl NetDevice {
             used = true;
         };
         if used {
-            std::sync::atomic::fence(Ordering::Release);
-            self.t.signal_used();
+            self.signal_used(RX);
         }
         state
     }
 }
 
-/// The receive loop of one device, for the VMM's net thread: runs until
-/// `stop` says so (asked at least every 50 ms). `kick` and `backend_fd` come
-/// from [`NetDevice::rx_wakers`], taken before the thread is confined (a
-/// confined thread may not duplicate fds).
-pub fn run_rx_loop(
-    dev: &Mutex<NetDevice>,
-    kick: &EventFd,
-    backend_fd: BorrowedFd<'_>,
-    stop: &dyn Fn() -> bool,
-) {
+/// The loop of one device, for the VMM's net thread: serves both queues
+/// and the backend until `stop` says so (asked at least every 50 ms). The
+/// fds come from [`NetDevice::wakers`], taken before the thread is
+/// confined (a confined thread may not duplicate fds).
+pub fn run_rx_loop(dev: &Mutex<NetDevice>, wakers: &Wakers, stop: &dyn Fn() -> bool) {
     use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
     let mut want_backend = true;
     while !stop() {
-        let mut fds = vec![PollFd::new(kick.as_fd(), PollFlags::POLLIN)];
+        let mut fds = vec![
+            PollFd::new(wakers.rx.as_fd(), PollFlags::POLLIN),
+            PollFd::new(wakers.tx.as_fd(), PollFlags::POLLIN),
+        ];
         if want_backend {
-            fds.push(PollFd::new(backend_fd, PollFlags::POLLIN));
+            fds.push(PollFd::new(wakers.backend.as_fd(), PollFlags::POLLIN));
         }
         match poll(&mut fds, PollTimeout::from(50u8)) {
             Ok(0) => continue,
             Ok(_) => {}
             Err(nix::errno::Errno::EINTR) => continue,
             Err(e) => {
-                tracing::error!(error = %e, "virtio-net: poll failed; stopping rx");
+                tracing::error!(error = %e, "virtio-net: poll failed; stopping the device thread");
                 return;
             }
         }
-        // Clear the kick before looking at the queue, so a notify that
+        // Take the kicks before looking at the queues, so a notify that
         // lands during processing wakes the next poll.
-        let _ = kick.read();
-        match lock(dev).process_rx() {
+        let tx = wakers.tx.take();
+        let _ = wakers.rx.take();
+        let mut d = lock(dev);
+        if tx {
+            d.process_tx();
+        }
+        match d.process_rx() {
             RxState::Idle => want_backend = true,
             RxState::NeedBuffers => want_backend = false,
             RxState::Failed => {
                 want_backend = true;
+                drop(d);
                 std::thread::sleep(FAILED_BACKOFF);
             }
         }
@@ -361,18 +440,27 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     }
 }
 
+/// What the device thread polls.
+pub struct Wakers {
+    rx: Arc<NotifyFd>,
+    tx: Arc<NotifyFd>,
+    /// A duplicate of the backend's fd.
+    backend: OwnedFd,
+}
+
 impl NetDevice {
-    /// What the receive loop polls: the kick eventfd and a duplicate of the
-    /// backend's fd.
-    pub fn rx_wakers(&self) -> io::Result<(Arc<EventFd>, OwnedFd)> {
-        Ok((
-            self.rx_kick.clone(),
-            self.backend.fd().try_clone_to_owned()?,
-        ))
+    /// What the device thread polls: both queues' notify fds and a
+    /// duplicate of the backend's fd.
+    pub fn wakers(&self) -> io::Result<Wakers> {
+        Ok(Wakers {
+            rx: self.rx_kick.clone(),
+            tx: self.tx_kick.clone(),
+            backend: self.backend.fd().try_clone_to_owned()?,
+        })
     }
 }
 
-/// The receive thread's stack: it polls and copies, nothing deep (the
+/// The device thread's stack: it polls and copies, nothing deep (the
 /// default 2 MiB would only count against the VMM's overhead).
 const RX_THREAD_STACK: usize = 128 << 10;
 
@@ -383,15 +471,15 @@ pub fn spawn_rx_thread(
     stop: impl Fn() -> bool + Send + 'static,
     filter: Option<Arc<seccompiler::BpfProgram>>,
 ) -> io::Result<std::thread::JoinHandle<()>> {
-    let (kick, backend_fd) = lock(&dev).rx_wakers()?;
+    let wakers = lock(&dev).wakers()?;
     let body = move || {
         if let Some(f) = filter {
             if let Err(e) = crate::seccomp::apply(&f) {
-                tracing::error!(error = %e, "virtio-net rx thread not confined; not starting it");
+                tracing::error!(error = %e, "virtio-net thread not confined; not starting it");
                 return;
             }
         }
-        run_rx_loop(&dev, &kick, backend_fd.as_fd(), &stop);
+        run_rx_loop(&dev, &wakers, &stop);
     };
     std::thread::Builder::new()
         .name(name)
@@ -404,6 +492,7 @@ mod tests {
     use super::*;
     use crate::devices::mmio::testing::{post, probe, r32, w32, window, USED};
     use crate::devices::mmio::{reg, INT_USED_RING, MMIO_MAGIC};
+    use std::os::fd::BorrowedFd;
     use std::os::unix::net::UnixDatagram;
     use std::sync::atomic::AtomicBool;
     use std::time::Duration;
@@ -485,6 +574,11 @@ mod tests {
             false,
         );
         w32(&mut d, reg::QUEUE_NOTIFY, TX as u32);
+        assert!(
+            d.tx_kick.take(),
+            "a transmit notify kicks the device thread"
+        );
+        d.process_tx();
         let mut got = [0u8; 2048];
         let n = host.recv(&mut got).unwrap();
         assert_eq!(&got[..n], &f[..]);
@@ -517,17 +611,13 @@ mod tests {
         let (mem, mut d, host, _irq) = setup();
         driver_setup(&mut d);
         let kick = d.rx_kick.clone();
-        let _ = kick.read();
+        let _ = kick.take();
         host.send(&frame(b"early")).unwrap();
         assert_eq!(d.process_rx(), RxState::NeedBuffers);
         assert_eq!(used_idx(&mem, RX as u64), 0);
         post(&mem, RX as u64, 0, &[(DATA, 2048)], true);
         w32(&mut d, reg::QUEUE_NOTIFY, RX as u32);
-        assert_eq!(
-            kick.read().unwrap(),
-            1,
-            "a receive notify kicks the net thread"
-        );
+        assert!(kick.take(), "a receive notify kicks the device thread");
         assert_eq!(d.process_rx(), RxState::Idle);
         assert_eq!(used_idx(&mem, RX as u64), 1);
         assert_eq!(d.stats.rx_frames, 1);
@@ -660,8 +750,151 @@ mod tests {
         mem.write_slice(&f, GuestAddress(DATA)).unwrap();
         post(&mem, TX as u64, 0, &[(DATA, f.len() as u32)], false);
         w32(&mut d, reg::QUEUE_NOTIFY, TX as u32);
+        d.process_tx();
         assert_eq!(d.stats.tx_dropped, 1);
         assert_eq!(used_idx(&mem, TX as u64), 1, "the buffer still goes back");
+    }
+
+    /// Ring fields past the 16 entries [`probe`] sets up on queue `q`.
+    fn used_event_addr(q: usize) -> GuestAddress {
+        GuestAddress(crate::devices::mmio::testing::AVAIL + q as u64 * 0x10000 + 4 + 2 * 16)
+    }
+    fn avail_event_addr(q: usize) -> GuestAddress {
+        GuestAddress(USED + q as u64 * 0x10000 + 4 + 8 * 16)
+    }
+    fn used_flags(mem: &GuestMemoryMmap, q: usize) -> u16 {
+        mem.read_obj(GuestAddress(USED + q as u64 * 0x10000))
+            .unwrap()
+    }
+
+    fn send_from_guest(mem: &GuestMemoryMmap, d: &mut NetDevice, slot: u16) {
+        let f = frame(b"ack");
+        let at = DATA + u64::from(slot) * 0x1000;
+        mem.write_slice(&f, GuestAddress(at)).unwrap();
+        post(mem, TX as u64, slot, &[(at, f.len() as u32)], false);
+        d.process_tx();
+    }
+
+    #[test]
+    fn with_event_idx_the_guest_is_interrupted_only_once_used_event_is_passed() {
+        let (mem, mut d, host, irq) = setup();
+        w32(&mut d, reg::DEVICE_FEATURES_SEL, 0);
+        assert_ne!(
+            r32(&mut d, reg::DEVICE_FEATURES) & (1 << 29),
+            0,
+            "EVENT_IDX offered"
+        );
+        probe(
+            &mut d,
+            VIRTIO_F_VERSION_1 | VIRTIO_NET_F_MAC | VIRTIO_RING_F_EVENT_IDX,
+        );
+        // The driver wants an interrupt once used entry 1 is written.
+        mem.write_obj(1u16, used_event_addr(TX)).unwrap();
+        send_from_guest(&mem, &mut d, 0);
+        assert_eq!(used_idx(&mem, TX as u64), 1);
+        assert!(irq.0.read().is_err(), "no interrupt before used_event");
+        send_from_guest(&mem, &mut d, 1);
+        assert_eq!(
+            irq.0.read().unwrap(),
+            1,
+            "interrupt once used_event is passed"
+        );
+        assert_eq!((d.stats.irqs, d.stats.irqs_suppressed), (1, 1));
+        let mut got = [0u8; 256];
+        assert!(host.recv(&mut got).is_ok() && host.recv(&mut got).is_ok());
+        // Transmit notifies are asked for from the next frame on.
+        let avail_event: u16 = mem.read_obj(avail_event_addr(TX)).unwrap();
+        assert_eq!(avail_event, 2);
+    }
+
+    #[test]
+    fn without_event_idx_the_no_interrupt_flag_holds_interrupts_back() {
+        let (mem, mut d, host, irq) = setup();
+        driver_setup(&mut d);
+        let avail_flags = GuestAddress(crate::devices::mmio::testing::AVAIL);
+        mem.write_obj(VRING_AVAIL_F_NO_INTERRUPT, avail_flags)
+            .unwrap();
+        post(&mem, RX as u64, 0, &[(DATA, 2048)], true);
+        host.send(&frame(b"quiet")).unwrap();
+        assert_eq!(d.process_rx(), RxState::Idle);
+        assert_eq!(d.stats.rx_frames, 1);
+        assert!(irq.0.read().is_err(), "the driver said no interrupts");
+        mem.write_obj(0u16, avail_flags).unwrap();
+        post(&mem, RX as u64, 1, &[(DATA + 0x1000, 2048)], true);
+        host.send(&frame(b"loud")).unwrap();
+        assert_eq!(d.process_rx(), RxState::Idle);
+        assert_eq!(irq.0.read().unwrap(), 1);
+        assert_eq!((d.stats.irqs, d.stats.irqs_suppressed), (1, 1));
+    }
+
+    #[test]
+    fn receive_notifies_are_asked_for_only_once_the_buffers_run_out() {
+        // Without EVENT_IDX: the used ring's NO_NOTIFY flag.
+        let (mem, mut d, host, _irq) = setup();
+        driver_setup(&mut d);
+        post(&mem, RX as u64, 0, &[(DATA, 2048)], true);
+        assert_eq!(d.process_rx(), RxState::Idle);
+        assert_eq!(used_flags(&mem, RX), 1, "buffers left: no notifies");
+        host.send(&frame(b"one")).unwrap();
+        host.send(&frame(b"two")).unwrap();
+        assert_eq!(d.process_rx(), RxState::NeedBuffers);
+        assert_eq!(used_flags(&mem, RX), 0, "out of buffers: notifies on");
+        // With EVENT_IDX: avail_event names the next buffer.
+        let (mem, mut d, host, _irq) = setup();
+        probe(
+            &mut d,
+            VIRTIO_F_VERSION_1 | VIRTIO_NET_F_MAC | VIRTIO_RING_F_EVENT_IDX,
+        );
+        post(&mem, RX as u64, 0, &[(DATA, 2048)], true);
+        host.send(&frame(b"one")).unwrap();
+        host.send(&frame(b"two")).unwrap();
+        assert_eq!(d.process_rx(), RxState::NeedBuffers);
+        let avail_event: u16 = mem.read_obj(avail_event_addr(RX)).unwrap();
+        assert_eq!(avail_event, 1);
+        // Buffers posted before the device looked again are found at once.
+        post(&mem, RX as u64, 1, &[(DATA + 0x1000, 2048)], true);
+        assert_eq!(d.process_rx(), RxState::Idle);
+        assert_eq!(d.stats.rx_frames, 2);
+    }
+
+    #[test]
+    fn queue_notifies_signalled_on_the_ioeventfds_are_served_by_the_device_thread() {
+        let (mem, mut d, host, irq) = setup();
+        driver_setup(&mut d);
+        let [(rx_at, rx_q, _), (tx_at, tx_q, _)] = d.ioeventfds();
+        assert_eq!((rx_at, tx_at), (reg::QUEUE_NOTIFY, reg::QUEUE_NOTIFY));
+        assert_eq!((rx_q, tx_q), (RX as u32, TX as u32));
+        let f = frame(b"via the ioeventfd");
+        mem.write_slice(&f, GuestAddress(DATA)).unwrap();
+        post(&mem, TX as u64, 0, &[(DATA, f.len() as u32)], false);
+        let tx_fd = d.ioeventfds()[1].2.try_clone().unwrap();
+        let dev = Arc::new(Mutex::new(d));
+        let stop = Arc::new(AtomicBool::new(false));
+        let s2 = stop.clone();
+        let t = spawn_rx_thread(
+            "net-test-tx".into(),
+            dev.clone(),
+            move || s2.load(Ordering::SeqCst),
+            None,
+        )
+        .unwrap();
+        // What KVM does when the guest writes 1 to QueueNotify.
+        tx_fd.write(1).unwrap();
+        host.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        host.set_nonblocking(false).unwrap();
+        let mut got = [0u8; 256];
+        let n = host
+            .recv(&mut got)
+            .expect("frame sent by the device thread");
+        assert_eq!(&got[..n], &f[..]);
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while irq.0.read().is_err() {
+            assert!(std::time::Instant::now() < deadline, "no tx interrupt");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        stop.store(true, Ordering::SeqCst);
+        t.join().unwrap();
+        assert_eq!(used_idx(&mem, TX as u64), 1);
     }
 
     #[test]
