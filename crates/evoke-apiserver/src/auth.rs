@@ -13,8 +13,8 @@
 //!
 //! What a node may do ([`authorize`]; admins may do anything), as
 //! Kubernetes' node authorizer and NodeRestriction admission allow a
-//! kubelet: it reads what it likes except Secrets, of which it reads only
-//! those its own pods use, one by one; it writes only its own Node (and its
+//! kubelet: it reads what it likes except Secrets and ConfigMaps, of which
+//! it reads only those its own pods use, one by one; it writes only its own Node (and its
 //! status), its own Lease, the status of pods bound to it, the deletion of
 //! pods bound to it, Events, and the kube-node-lease namespace. It may not
 //! use the pod subresources that reach into workloads (exec, attach, logs,
@@ -205,8 +205,8 @@ pub(crate) async fn authorize(
         return Err(denied(""));
     }
     if read {
-        if (t.group, t.resource) == ("", "secrets") {
-            return own_secret(state, node, &t, &denied).await;
+        if let Some(kind) = Referenced::of(t.resource).filter(|_| t.group.is_empty()) {
+            return own_reference(state, node, kind, &t, &denied).await;
         }
         return Ok(());
     }
@@ -264,9 +264,50 @@ pub(crate) async fn authorize(
     }
 }
 
-/// Whether pod `p` uses secret `name`: env, envFrom, volumes (also
-/// projected) or imagePullSecrets.
-fn uses_secret(p: &Value, name: &str) -> bool {
+/// What a pod may reference by name that a node may then read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Referenced {
+    Secret,
+    ConfigMap,
+}
+
+impl Referenced {
+    /// The kind a read of core `resource` is about, if it is one.
+    fn of(resource: &str) -> Option<Referenced> {
+        match resource {
+            "secrets" => Some(Referenced::Secret),
+            "configmaps" => Some(Referenced::ConfigMap),
+            _ => None,
+        }
+    }
+
+    fn plural(self) -> &'static str {
+        match self {
+            Referenced::Secret => "secrets",
+            Referenced::ConfigMap => "configmaps",
+        }
+    }
+}
+
+/// Whether pod `p` uses the `kind` named `name`: env, envFrom, volumes
+/// (also projected) or, for a secret, imagePullSecrets.
+fn uses(p: &Value, kind: Referenced, name: &str) -> bool {
+    let (key_ref, from_ref, volume, volume_name, projected) = match kind {
+        Referenced::Secret => (
+            "secretKeyRef",
+            "secretRef",
+            "secret",
+            "secretName",
+            "secret",
+        ),
+        Referenced::ConfigMap => (
+            "configMapKeyRef",
+            "configMapRef",
+            "configMap",
+            "name",
+            "configMap",
+        ),
+    };
     let spec = &p["spec"];
     let is = |v: &Value| v.as_str() == Some(name);
     let containers = ["initContainers", "containers", "ephemeralContainers"]
@@ -274,42 +315,46 @@ fn uses_secret(p: &Value, name: &str) -> bool {
         .flat_map(|f| spec[*f].as_array().into_iter().flatten());
     for c in containers {
         let env = c["env"].as_array().into_iter().flatten();
-        if env.map(|e| &e["valueFrom"]["secretKeyRef"]["name"]).any(is) {
+        if env.map(|e| &e["valueFrom"][key_ref]["name"]).any(is) {
             return true;
         }
         let env_from = c["envFrom"].as_array().into_iter().flatten();
-        if env_from.map(|e| &e["secretRef"]["name"]).any(is) {
+        if env_from.map(|e| &e[from_ref]["name"]).any(is) {
             return true;
         }
     }
     for v in spec["volumes"].as_array().into_iter().flatten() {
-        if is(&v["secret"]["secretName"]) {
+        if is(&v[volume][volume_name]) {
             return true;
         }
         let sources = v["projected"]["sources"].as_array().into_iter().flatten();
-        if sources.map(|s| &s["secret"]["name"]).any(is) {
+        if sources.map(|s| &s[projected]["name"]).any(is) {
             return true;
         }
     }
-    spec["imagePullSecrets"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .any(|r| is(&r["name"]))
+    kind == Referenced::Secret
+        && spec["imagePullSecrets"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .any(|r| is(&r["name"]))
 }
 
-/// Ok when secret `t` names is used by a pod bound to `node` (a list or
-/// watch of secrets is never a node's).
-async fn own_secret(
+/// Ok when the secret or config map `t` names is used by a pod bound to
+/// `node` (a list or watch of them is never a node's), as Kubernetes' node
+/// authorizer allows.
+async fn own_reference(
     state: &State,
     node: &str,
+    kind: Referenced,
     t: &Target<'_>,
     denied: &(dyn Fn(&str) -> String + Sync),
 ) -> Result<(), String> {
+    let what = kind.plural();
     let (Some(ns), Some(name)) = (t.namespace, t.name) else {
-        return Err(denied(
-            ": a node reads only the secrets its pods use, by name",
-        ));
+        return Err(denied(&format!(
+            ": a node reads only the {what} its pods use, by name"
+        )));
     };
     let pods = registry::by_plural("", "v1", "pods").ok_or("pods are not in the registry")?;
     let listed = state
@@ -318,13 +363,13 @@ async fn own_secret(
         .await
         .map_err(|e| format!("listing pods in {ns}: {e}"))?;
     let used = listed.items.iter().any(|kv| {
-        object::from_kv(kv).is_ok_and(|p| p["spec"]["nodeName"] == node && uses_secret(&p, name))
+        object::from_kv(kv).is_ok_and(|p| p["spec"]["nodeName"] == node && uses(&p, kind, name))
     });
     if used {
         Ok(())
     } else {
         Err(denied(&format!(
-            ": no pod on node {node} uses secret {ns}/{name}"
+            ": no pod on node {node} uses {what} {ns}/{name}"
         )))
     }
 }
@@ -484,7 +529,8 @@ mod tests {
             let pod = serde_json::json!({"apiVersion": "v1", "kind": "Pod",
                 "metadata": {"name": name, "namespace": "ns"}, "spec": {"nodeName": node,
                     "containers": [{"name": "c", "env": [{"name": "E",
-                        "valueFrom": {"secretKeyRef": {"name": format!("{name}-env"), "key": "k"}}}]}],
+                        "valueFrom": {"secretKeyRef": {"name": format!("{name}-env"), "key": "k"}}}],
+                        "envFrom": [{"configMapRef": {"name": format!("{name}-cm")}}]}],
                     "volumes": [{"name": "v", "secret": {"secretName": format!("{name}-vol")}}]}});
             store
                 .create(&object::key(res, Some("ns"), name), object::to_bytes(&pod))
@@ -495,7 +541,8 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_node_reads_only_its_pods_secrets_and_writes_only_its_own_node_lease_and_pods() {
+    async fn a_node_reads_only_its_pods_secrets_and_config_maps_and_writes_only_its_own_node_lease_and_pods(
+    ) {
         let state = state_with_pods(&[("mine", "n2"), ("theirs", "n3")]).await;
         let node = Identity::Node("n2".into());
         let named = |n: &str| format!(r#"{{"metadata": {{"name": "{n}"}}}}"#);
@@ -510,6 +557,9 @@ mod tests {
             .await
             .is_ok());
         assert!(ok(Method::GET, "/api/v1/namespaces/ns/secrets/mine-vol")
+            .await
+            .is_ok());
+        assert!(ok(Method::GET, "/api/v1/namespaces/ns/configmaps/mine-cm")
             .await
             .is_ok());
         assert!(try_(Method::POST, "/api/v1/nodes", named("n2"))
@@ -561,6 +611,12 @@ mod tests {
             (Method::GET, "/api/v1/namespaces/ns/secrets", String::new()),
             (Method::GET, "/api/v1/secrets", String::new()),
             (Method::GET, "/api/v1/watch/secrets", String::new()),
+            (
+                Method::GET,
+                "/api/v1/namespaces/ns/configmaps/theirs-cm",
+                String::new(),
+            ),
+            (Method::GET, "/api/v1/configmaps", String::new()),
             (Method::POST, "/api/v1/nodes", named("n3")),
             (Method::POST, "/api/v1/nodes", "not json: [".to_string()),
             (Method::PATCH, "/api/v1/nodes/n3/status", String::new()),
