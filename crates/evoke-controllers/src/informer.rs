@@ -38,8 +38,13 @@ where
         let (ready_tx, ready_rx) = watch::channel(false);
         let kind = K::kind(&Default::default()).into_owned();
         tokio::spawn(async move {
-            let mut stream =
-                reflector::reflector(writer, watcher(api, config).default_backoff()).boxed();
+            // managedFields are for apply conflicts, which no controller
+            // looks at; parsed, they are a large share of each cached pod.
+            // (An update without them keeps the stored ones.)
+            let events = watcher(api, config)
+                .default_backoff()
+                .modify(|o: &mut K| o.meta_mut().managed_fields = None);
+            let mut stream = reflector::reflector(writer, events).boxed();
             let mut n = 0u64;
             while let Some(ev) = stream.next().await {
                 match ev {

@@ -31,6 +31,28 @@ const MAX_BATCH: usize = 512;
 /// Read connections kept open for reuse.
 const MAX_IDLE_READERS: usize = 8;
 
+/// WAL frames after which the writer checkpoints by itself. SQLite's own
+/// default (1000) runs the checkpoint inside the commit that crosses it, so
+/// that commit's callers and watchers wait for a copy of the WAL into the
+/// database and its fsync; the [`Checkpointer`] thread normally does that
+/// work beside the writer. Under a steady stream of commits the WAL can only
+/// start over once a checkpoint has caught up with no commit in between,
+/// which the writer's own pass guarantees: it bounds the WAL at 16 MiB, and
+/// is short because the thread has already copied most frames.
+const WRITER_AUTOCHECKPOINT: i64 = 4_000;
+
+/// Least time between two checkpoints of the [`Checkpointer`] thread, so a
+/// stream of commits does not turn into a checkpoint (two fsyncs) each.
+const CHECKPOINT_SPACING: std::time::Duration = std::time::Duration::from_millis(200);
+
+/// Page cache of the writer connection, as SQLite's `cache_size` (negative:
+/// KiB).
+const WRITER_CACHE_KIB: i64 = -1024;
+
+/// Page cache of each read connection: reads are short transactions over a
+/// few pages, and every pooled connection keeps its cache while idle.
+const READER_CACHE_KIB: i64 = -512;
+
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS log (
     revision        INTEGER PRIMARY KEY,
@@ -116,6 +138,7 @@ pub struct SqliteBackend {
     _lock: nix::fcntl::Flock<std::fs::File>,
     writer: Mutex<Option<mpsc::Sender<Request>>>,
     thread: Mutex<Option<std::thread::JoinHandle<()>>>,
+    checkpointer: Arc<Checkpointer>,
     readers: Arc<ReadPool>,
     counters: Arc<Counters>,
     tx: broadcast::Sender<Arc<Event>>,
@@ -135,7 +158,84 @@ fn configure(conn: &Connection) -> rusqlite::Result<()> {
     // cheaper than growing the file (about 2 ms instead of 6 ms here). It is
     // cut back to this size if a long reader made it grow.
     conn.pragma_update(None, "journal_size_limit", 16 * 1024 * 1024)?;
+    // The writer mostly appends log rows it never reads again; a cache of
+    // hot index pages is all it needs (SQLite's default is 2 MiB per
+    // connection). The OS page cache holds the rest of the file.
+    conn.pragma_update(None, "cache_size", WRITER_CACHE_KIB)?;
+    conn.pragma_update(None, "wal_autocheckpoint", WRITER_AUTOCHECKPOINT)?;
     Ok(())
+}
+
+/// Folds the WAL back into the database file on a thread of its own, after
+/// commits, with a PASSIVE checkpoint: it takes no lock the writer or the
+/// readers wait for, so commits (and the watch events behind them) never
+/// queue behind a checkpoint's copying and fsync.
+struct Checkpointer {
+    /// One message per commit; closing it stops the thread.
+    kick: Mutex<Option<mpsc::Sender<()>>>,
+    thread: Mutex<Option<std::thread::JoinHandle<()>>>,
+}
+
+impl Checkpointer {
+    fn start(path: &Path) -> Result<Checkpointer, StoreError> {
+        let conn = Connection::open(path).map_err(|e| sql_err(path, e))?;
+        conn.busy_timeout(std::time::Duration::from_secs(10))
+            .map_err(|e| sql_err(path, e))?;
+        let (tx, rx) = mpsc::channel::<()>();
+        let path = path.to_path_buf();
+        let thread = std::thread::Builder::new()
+            .name("evoke-store-checkpoint".into())
+            .spawn(move || {
+                let mut pending = false;
+                loop {
+                    if !pending && rx.recv().is_err() {
+                        return;
+                    }
+                    let started = Instant::now();
+                    let res = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |r| {
+                        Ok((r.get::<_, i64>(1)?, r.get::<_, i64>(2)?))
+                    });
+                    match res {
+                        Ok((frames, done)) => tracing::trace!(
+                            frames, done, took = ?started.elapsed(), "sqlite checkpoint"
+                        ),
+                        Err(e) => {
+                            tracing::debug!(path = %path.display(), error = %e, "sqlite checkpoint")
+                        }
+                    }
+                    // Commits until the next pass may start are folded into it.
+                    pending = false;
+                    let next = started + CHECKPOINT_SPACING;
+                    loop {
+                        match rx.recv_timeout(next.saturating_duration_since(Instant::now())) {
+                            Ok(()) => pending = true,
+                            Err(RecvTimeoutError::Timeout) => break,
+                            Err(RecvTimeoutError::Disconnected) => return,
+                        }
+                    }
+                }
+            })
+            .map_err(|e| StoreError::Backend(format!("spawn sqlite checkpoint thread: {e}")))?;
+        Ok(Checkpointer {
+            kick: Mutex::new(Some(tx)),
+            thread: Mutex::new(Some(thread)),
+        })
+    }
+
+    /// Asks for a checkpoint soon.
+    fn kick(&self) {
+        if let Some(tx) = self.kick.lock().unwrap_or_else(|p| p.into_inner()).as_ref() {
+            let _ = tx.send(());
+        }
+    }
+
+    /// Stops the thread and closes its connection.
+    fn stop(&self) {
+        self.kick.lock().unwrap_or_else(|p| p.into_inner()).take();
+        if let Some(t) = self.thread.lock().unwrap_or_else(|p| p.into_inner()).take() {
+            let _ = t.join();
+        }
+    }
 }
 
 impl SqliteBackend {
@@ -175,6 +275,7 @@ impl SqliteBackend {
         });
         let (tx, _) = broadcast::channel(watch::LIVE_BUFFER);
         let (req_tx, req_rx) = mpsc::channel();
+        let checkpointer = Arc::new(Checkpointer::start(&path)?);
         let mut writer = Writer {
             path: path.clone(),
             conn,
@@ -182,6 +283,7 @@ impl SqliteBackend {
             counters: counters.clone(),
             tx: tx.clone(),
             compactor: compaction.map(Compactor::new),
+            checkpointer: checkpointer.clone(),
         };
         let thread = std::thread::Builder::new()
             .name("evoke-store-writer".into())
@@ -196,6 +298,7 @@ impl SqliteBackend {
             _lock: lock,
             writer: Mutex::new(Some(req_tx)),
             thread: Mutex::new(Some(thread)),
+            checkpointer,
             counters,
             tx,
         })
@@ -280,6 +383,7 @@ impl Drop for SqliteBackend {
         if let Some(t) = self.thread.lock().unwrap_or_else(|p| p.into_inner()).take() {
             let _ = t.join();
         }
+        self.checkpointer.stop();
     }
 }
 
@@ -335,6 +439,8 @@ impl ReadPool {
                 None => {
                     let c = Connection::open(&pool.path).map_err(|e| sql_err(&pool.path, e))?;
                     c.busy_timeout(std::time::Duration::from_secs(10))
+                        .map_err(|e| sql_err(&pool.path, e))?;
+                    c.pragma_update(None, "cache_size", READER_CACHE_KIB)
                         .map_err(|e| sql_err(&pool.path, e))?;
                     c
                 }
@@ -636,6 +742,7 @@ struct Writer {
     tx: broadcast::Sender<Arc<Event>>,
     /// Background compaction, run between batches on its timer.
     compactor: Option<Compactor>,
+    checkpointer: Arc<Checkpointer>,
 }
 
 type Reply = oneshot::Sender<Result<Event, StoreError>>;
@@ -726,6 +833,7 @@ impl Writer {
             }
             txn.commit().map_err(|e| sql_err(&self.path, e))?;
             self.revision = rev;
+            self.checkpointer.kick();
             Ok(())
         })();
         match outcome {

@@ -4,6 +4,7 @@
 //! after the subcommand.
 
 mod cmd;
+mod memory;
 
 use std::path::PathBuf;
 use std::process::ExitCode;

@@ -58,6 +58,8 @@ pub fn main(global: &Global, args: ServerArgs) -> anyhow::Result<u8> {
         true => None,
         false => Some(crate::cmd::agent::node_name(args.node_name.as_deref())?),
     };
+    // Before the runtime's threads exist, so they share the capped arenas.
+    crate::memory::tune_allocator();
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -141,6 +143,7 @@ async fn run(
     )
     .await
     .context("starting orchestration")?;
+    tokio::spawn(crate::memory::scavenge());
 
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .context("installing the SIGTERM handler")?;
