@@ -6,7 +6,8 @@
 //! - `GET /exec/{namespace}/{pod}/{container}?command=...`, a WebSocket
 //!   remote-command session ([`crate::stream`]);
 //! - `GET /attach/{namespace}/{pod}/{container}`, the main process's
-//!   output from now on, in the same protocol;
+//!   output from now on, in the same protocol (and, with `stdin=true`, its
+//!   kept-open stdin);
 //! - `GET /portForward/{namespace}/{pod}?ports=...`, SPDY tunnelled in a
 //!   WebSocket to the pod's loopback ([`crate::portforward`]).
 //!
@@ -425,22 +426,20 @@ fn connect_in_netns_of(pid: u32, port: u16) -> std::io::Result<std::net::TcpStre
 }
 
 /// `GET /attach/{ns}/{pod}/{container}`: the main process's output from
-/// now on, as a WebSocket remote-command session. The container's stdin
-/// is not kept open, so attaching to it is refused.
+/// now on, as a WebSocket remote-command session. With `stdin=true`
+/// (`kubectl attach -i`, `kubectl run -i`), the client's stdin goes to the
+/// container's, which must have been created with `stdin: true`; it stays
+/// open between attachments. `stdinOnce` is not supported: closing the
+/// client's stdin never closes the container's.
 async fn attach(
     State(app): State<App>,
     UrlPath((ns, pod, container)): UrlPath<(String, String, String)>,
     RawQuery(query): RawQuery,
     ws: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
 ) -> Response {
-    let wants_stdin = form_urlencoded::parse(query.unwrap_or_default().as_bytes())
-        .any(|(k, v)| k == "stdin" && matches!(v.as_ref(), "1" | "true" | "True" | "TRUE"));
-    if wants_stdin {
-        return error(
-            StatusCode::BAD_REQUEST,
-            format!("attaching to the stdin of container {container} is not supported: evoke does not keep a container's stdin open\n"),
-        );
-    }
+    let wants_stdin = form_urlencoded::parse(query.unwrap_or_default().as_bytes()).any(|(k, v)| {
+        k == "stdin" && matches!(v.as_ref(), "1" | "t" | "T" | "true" | "True" | "TRUE")
+    });
     let uid = match app.pod_uid(&ns, &pod) {
         Ok(uid) => uid,
         Err(r) => return *r,
@@ -460,11 +459,33 @@ async fn attach(
             format!("container {container} in pod {pod} keeps no output to attach to\n"),
         );
     };
+    // Opened before the upgrade, so that a container without a kept-open
+    // stdin is a clear error for kubectl rather than a silent session.
+    let stdin = if wants_stdin {
+        let (t, w) = (tier.clone(), id.clone());
+        match tokio::task::spawn_blocking(move || t.open_stdin(&w)).await {
+            Ok(Ok(fd)) => Some(fd),
+            Ok(Err(e)) => {
+                return error(
+                    StatusCode::BAD_REQUEST,
+                    format!("cannot attach to the stdin of container {container} in pod {pod} (it needs stdin: true in the pod spec): {e}\n"),
+                );
+            }
+            Err(e) => {
+                return error(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    format!("opening the stdin of container {container} in pod {pod}: {e}\n"),
+                );
+            }
+        }
+    } else {
+        None
+    };
     let ws = match accept_upgrade(ws, &stream::PROTOCOLS, "attach") {
         Ok((ws, _)) => ws,
         Err(r) => return *r,
     };
-    ws.on_upgrade(move |socket| stream::attach_session(socket, tier, id, log))
+    ws.on_upgrade(move |socket| stream::attach_session(socket, tier, id, log, stdin))
 }
 
 async fn logs(

@@ -300,16 +300,22 @@ pub async fn session(
     let _ = writer.await;
 }
 
-/// `kubectl attach` without stdin: the main process's output from now on
-/// (stdout and stderr share the container's log, so both arrive on
-/// channel 1), until the process ends or the client leaves.
+/// `kubectl attach`: the main process's output from now on (stdout and
+/// stderr share the container's log, so both arrive on channel 1), until
+/// the process ends or the client leaves. With `stdin` (`attach -i`, a
+/// writer from [`WorkloadRuntime::open_stdin`]), channel 0 goes to the
+/// process's stdin until the client closes it.
 pub async fn attach_session(
     socket: WebSocket,
     tier: Arc<dyn WorkloadRuntime>,
     id: String,
     log: std::path::PathBuf,
+    stdin: Option<OwnedFd>,
 ) {
     let (mut sink, mut incoming) = socket.split();
+    // A writer of the process's kept-open stdin; dropping it (the client
+    // closed its stdin or left) is no EOF for the process.
+    let mut stdin = stdin.and_then(|w| tokio::net::unix::pipe::Sender::from_owned_fd(w).ok());
     let mut offset = std::fs::metadata(&log).map(|m| m.len()).unwrap_or(0);
     tracing::info!(workload = %id, "attach started");
     let mut tick = tokio::time::interval(Duration::from_millis(200));
@@ -344,10 +350,22 @@ pub async fn attach_session(
                     tracing::info!(workload = %id, "attach client went away");
                     return;
                 }
+                Some(Ok(Message::Binary(b))) => match b.first() {
+                    Some(&STDIN) => {
+                        if let Some(w) = stdin.as_mut() {
+                            if w.write_all(&b[1..]).await.is_err() {
+                                stdin = None;
+                            }
+                        }
+                    }
+                    Some(&CLOSE) if b.get(1) == Some(&STDIN) => stdin = None,
+                    _ => {}
+                },
                 Some(Ok(_)) => {}
             },
         }
     }
+    drop(stdin);
     tracing::info!(workload = %id, "attach ended: the process exited");
     let status = status_for(&Ok(0)).to_string();
     let _ = sink.send(frame(ERROR, status.as_bytes())).await;

@@ -311,13 +311,103 @@ spec:
     assert!(out.status.success(), "{stderr}");
     // (`early` is usually out before kubectl attaches.)
     assert!(stdout == "late\n" || stdout == "early\nlate\n", "{stdout}");
-    // The container's stdin is not kept open: -i is refused, clearly.
+    // A container without `stdin: true` keeps no stdin: -i is refused, clearly.
     c.run_pod("two", TWO_CONTAINERS);
     let err = c.fails(&["attach", "-i", "two", "-c", "first"], None);
     assert!(
-        err.contains("stdin of container first is not supported"),
+        err.contains("cannot attach to the stdin of container first in pod two"),
         "{err}"
     );
+}
+
+/// `kubectl attach -i pod` fed `line`: waits until the attached output
+/// shows `want`, then ends kubectl (the pod's `cat` never exits).
+fn attach_and_type(c: &common::Server, pod: &str, line: &str, want: &str) {
+    let mut kc = Command::new(common::KUBECTL)
+        .env("KUBECONFIG", &c.kubeconfig)
+        .env("HOME", &c.data_dir)
+        .args(["attach", "-i", pod])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn kubectl attach -i");
+    let out = collect(kc.stdout.take().expect("stdout"));
+    let err = collect(kc.stderr.take().expect("stderr"));
+    let mut stdin = kc.stdin.take().expect("stdin");
+    stdin.write_all(line.as_bytes()).expect("type into kubectl");
+    // kubectl's stdin ends here; the container's stays open.
+    drop(stdin);
+    let mut seen = String::new();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !seen.contains(want) {
+        match out.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
+            Ok(b) => seen.push_str(&String::from_utf8_lossy(&b)),
+            Err(_) => {
+                let _ = kc.kill();
+                let _ = kc.wait();
+                let e: Vec<u8> = err.try_iter().flatten().collect();
+                panic!(
+                    "no {want:?} from kubectl attach -i {pod}: {seen:?}\n{}\n{}",
+                    String::from_utf8_lossy(&e),
+                    c.log_tail()
+                );
+            }
+        }
+    }
+    let _ = kc.kill();
+    let _ = kc.wait();
+}
+
+#[test]
+fn attach_i_and_run_i_write_to_the_containers_kept_open_stdin() {
+    if !common::require_pods() {
+        return;
+    }
+    let c = common::start_cluster();
+    c.run_pod(
+        "reader",
+        "apiVersion: v1
+kind: Pod
+metadata: {name: reader}
+spec:
+  terminationGracePeriodSeconds: 1
+  containers:
+  - name: cat
+    image: busybox:1
+    command: [/bin/cat]
+    stdin: true
+",
+    );
+    // One attachment after another: the first client's end of input is
+    // no end of input for `cat`, which echoes what each one typed.
+    attach_and_type(&c, "reader", "one\n", "one\n");
+    attach_and_type(&c, "reader", "two\n", "two\n");
+    c.wait_for("both lines in the logs of reader", 20, || {
+        c.kubectl(&["logs", "reader"]).stdout == b"one\ntwo\n"
+    });
+    assert_eq!(c.pod("reader")["status"]["phase"], "Running");
+
+    // `kubectl run -i`: the pod is made with stdin open, kubectl attaches,
+    // and the command's answer comes back before it exits.
+    let out = c.kubectl_with(
+        &[
+            "run",
+            "asker",
+            "-i",
+            "--restart=Never",
+            "--image=busybox:1",
+            "--",
+            "sh",
+            "-c",
+            "read l; echo got:$l",
+        ],
+        Some("hello\n"),
+        &[],
+    );
+    let (stdout, stderr) = text(&out);
+    assert!(out.status.success(), "{stderr}\n{}", c.log_tail());
+    assert!(stdout.contains("got:hello"), "{stdout}\n{stderr}");
 }
 
 /// One HTTP GET over a fresh connection to 127.0.0.1:`port`.
