@@ -319,7 +319,12 @@ impl Agent {
         let pods: Api<Pod> = Api::all(self.ctx.client.clone());
         let cfg =
             watcher::Config::default().fields(&format!("spec.nodeName={}", self.ctx.node_name));
-        let mut events = watcher(pods, cfg).default_backoff().boxed();
+        // Each worker keeps its pod for the pod's life: without managedFields
+        // (no one here reads them; parsed, they are about a third of a pod).
+        let mut events = watcher(pods, cfg)
+            .default_backoff()
+            .modify(|p: &mut Pod| p.metadata.managed_fields = None)
+            .boxed();
         let mut workers: HashMap<String, watch::Sender<Option<Arc<Pod>>>> = HashMap::new();
         let mut relist: Option<HashSet<String>> = None;
         let mut first_list_done = false;

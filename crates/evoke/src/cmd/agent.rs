@@ -149,6 +149,9 @@ pub fn main(global: &Global, args: AgentArgs) -> anyhow::Result<u8> {
     };
     let name = node_name(args.node_name.as_deref())?;
     let labels: BTreeMap<String, String> = args.node_labels.iter().cloned().collect();
+    // A long-running daemon, like the server (see crate::memory); before
+    // the runtime's threads exist.
+    crate::memory::tune_allocator();
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -176,6 +179,7 @@ pub fn main(global: &Global, args: AgentArgs) -> anyhow::Result<u8> {
             "evoke agent joined {} as node {name} at {host_ip}",
             args.server
         );
+        tokio::spawn(crate::memory::scavenge());
         let network = net::pod_network(&args.net, &global.data_dir, &name, client.clone());
         let agent = evoke_node::Agent::new(
             client,
