@@ -110,8 +110,8 @@ async fn main() {
     cfg.netns_dir = dir.path().join("netns");
     cfg.node_netns = Some(node.clone());
     cfg.service_cidr = Some("10.43.0.0/16".parse().expect("cidr"));
-    let net = PodNetwork::new(cfg).await.expect("pod network");
-    let pod = net.setup("bench-pod").await.expect("pod");
+    let net = PodNetwork::new(cfg).expect("pod network");
+    let pod = net.setup("bench-pod").expect("pod");
     let www = dir.path().join("www");
     std::fs::create_dir_all(&www).expect("www");
     std::fs::write(www.join("index.html"), "hello from the pod\n").expect("index");
@@ -175,7 +175,7 @@ async fn main() {
     evoke_net::nft::run_nft(Some(&node), &floor).expect("floor table");
     // A second pod as the client: pod to pod is bridged, pod to ClusterIP
     // is routed through the node (the prerouting hook).
-    let client = net.setup("bench-client").await.expect("client pod");
+    let client = net.setup("bench-client").expect("client pod");
 
     for (who, from) in [("node", node.clone()), ("pod", client.netns.clone())] {
         for (what, direct_url, via_url, floor_url) in [
@@ -263,7 +263,7 @@ async fn main() {
         let _ = h.kill();
         let _ = h.wait();
     }
-    net.teardown("bench-pod").await.expect("teardown");
-    net.teardown("bench-client").await.expect("teardown");
+    net.teardown("bench-pod").expect("teardown");
+    net.teardown("bench-client").expect("teardown");
     let _ = netns::remove(&node);
 }

@@ -244,13 +244,16 @@ impl PodIpam {
 }
 
 /// Writes `bytes` to `path` through a temporary file and a rename, so a
-/// crash leaves either the old or the new content.
+/// crash of the agent leaves either the old or the new content.
+///
+/// No fsync: the allocations describe pod namespaces, which live in /run
+/// and do not outlive the machine, so the file only has to survive the
+/// process, and the page cache does that. An fsync per pod start was a
+/// journal commit per pod under the allocator's lock, which a burst of pods
+/// queued behind (each one waits for every disk write on the machine).
 pub(crate) fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), NetError> {
-    use std::io::Write;
     let tmp = path.with_extension("tmp");
-    let mut f = std::fs::File::create(&tmp).map_err(|e| NetError::io(&tmp, e))?;
-    f.write_all(bytes).map_err(|e| NetError::io(&tmp, e))?;
-    f.sync_all().map_err(|e| NetError::io(&tmp, e))?;
+    std::fs::write(&tmp, bytes).map_err(|e| NetError::io(&tmp, e))?;
     std::fs::rename(&tmp, path).map_err(|e| NetError::io(path, e))
 }
 

@@ -2,7 +2,8 @@
 //! nftables, cluster DNS.
 //!
 //! Start reading at [`ipam`] (node subnets, pod IPs, ClusterIPs), then
-//! [`podnet::PodNetwork`] (namespaces, bridge, veth, routes over rtnetlink),
+//! [`podnet::PodNetwork`] (namespaces, bridge, veth, routes over [`rtnl`], a
+//! blocking route-netlink client that sends requests in batches),
 //! [`nft`] (the ServiceProxy's rules), [`dns`] (cluster DNS answers) and
 //! [`node::BridgeNetwork`] (the node agent's network seam); [`proxy::ServiceProxy`]
 //! watches Services and EndpointSlices and drives both. [`cluster`] is how
@@ -17,6 +18,7 @@ pub mod nft;
 pub mod node;
 pub mod podnet;
 pub mod proxy;
+pub mod rtnl;
 mod tap;
 
 use std::path::{Path, PathBuf};

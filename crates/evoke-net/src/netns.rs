@@ -27,13 +27,31 @@ pub fn create(path: &Path) -> Result<(), NetError> {
     if is_netns(path) {
         return Ok(());
     }
+    create_then(path, || ())
+}
+
+/// Creates a new network namespace pinned at `path` and runs `inside` in it,
+/// on the very thread that made it (so a netlink socket for the new
+/// namespace costs no second thread and no `setns`). Fails if `path` is
+/// a namespace already.
+pub fn create_then<R: Send>(path: &Path, inside: impl FnOnce() -> R + Send) -> Result<R, NetError> {
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir).map_err(|e| NetError::io(dir, e))?;
     }
-    std::fs::File::create(path).map_err(|e| NetError::io(path, e))?;
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(path)
+        .or_else(|e| match e.kind() {
+            // A placeholder left by a failed attempt is reused; a mounted
+            // namespace is not.
+            std::io::ErrorKind::AlreadyExists if !is_netns(path) => Ok(std::fs::File::open(path)?),
+            _ => Err(e),
+        })
+        .map_err(|e| NetError::io(path, e))?;
     let target = path.to_path_buf();
     let result = std::thread::scope(|s| {
-        s.spawn(|| -> Result<(), NetError> {
+        s.spawn(|| -> Result<R, NetError> {
             nix::sched::unshare(CloneFlags::CLONE_NEWNET).map_err(ns_err(&target, "unshare"))?;
             nix::mount::mount(
                 Some("/proc/thread-self/ns/net"),
@@ -42,13 +60,14 @@ pub fn create(path: &Path) -> Result<(), NetError> {
                 MsFlags::MS_BIND,
                 None::<&str>,
             )
-            .map_err(ns_err(&target, "bind mount"))
+            .map_err(ns_err(&target, "bind mount"))?;
+            Ok(inside())
         })
         .join()
         .unwrap_or_else(|_| Err(NetError::BadInput("namespace thread panicked".into())))
     });
     if result.is_err() {
-        let _ = std::fs::remove_file(path);
+        let _ = remove(path);
     }
     result
 }

@@ -1,5 +1,5 @@
 //! Container-tier pod attachment: a bridge on the node, and per pod a network
-//! namespace joined to it by a veth pair, all through rtnetlink.
+//! namespace joined to it by a veth pair, all through route netlink.
 //!
 //! Layout per pod: `<netns_dir>/evoke-<uid>` holds the namespace; inside it
 //! `lo` is up and `eth0` has the pod IP/24 with a default route via the
@@ -7,18 +7,33 @@
 //! the bridge. Teardown deletes the host end (which destroys its peer),
 //! unpins the namespace and releases the address; each step tolerates the
 //! thing already being gone, so teardown is idempotent.
+//!
+//! Attaching a pod is two `sendmsg` calls ([`crate::rtnl`]): one on the
+//! node's side creates the veth pair with its host end already on the
+//! bridge and up and its peer already named `eth0` inside the pod's
+//! namespace (IFLA_NET_NS_FD), sets hairpin and reads the peer's index; one
+//! on the pod's side sets `lo` and `eth0` up, adds the address and the
+//! default route. Everything is blocking and runs on the caller's thread:
+//! pods attach in parallel, each with its own sockets, and only the
+//! kernel's RTNL lock orders them.
 
-use std::net::{IpAddr, Ipv4Addr};
+use std::net::Ipv4Addr;
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
+use std::sync::Mutex;
 
-use futures::TryStreamExt;
-use rtnetlink::packet_route::link::LinkMessage;
+use rtnetlink::packet_route::address::AddressMessage;
+use rtnetlink::packet_route::link::{InfoData, InfoPortKind, InfoVeth, LinkAttribute, LinkMessage};
 use rtnetlink::packet_route::route::RouteScope;
-use rtnetlink::{Handle, LinkBridge, LinkBridgePort, LinkUnspec, LinkVeth, RouteMessageBuilder};
+use rtnetlink::packet_route::RouteNetlinkMessage as Msg;
+use rtnetlink::{
+    AddressMessageBuilder, LinkBridge, LinkBridgePort, LinkMessageBuilder, LinkUnspec, LinkVeth,
+    RouteMessageBuilder,
+};
 use tracing::{debug, info};
 
 use crate::ipam::{Ipv4Net, PodIpam};
+use crate::rtnl::{self, Rtnl, CHANGE, CREATE, REPLACE};
 use crate::{netns, NetError};
 
 /// Where and how pods are attached.
@@ -67,87 +82,107 @@ pub struct PodAttachment {
     pub gateway: Ipv4Addr,
 }
 
+/// How many idle node-side sockets are kept for reuse.
+const IDLE_SOCKETS: usize = 8;
+
 /// The pod network of one node.
 pub struct PodNetwork {
     cfg: PodNetConfig,
     ipam: PodIpam,
-    node: Handle,
     bridge_index: u32,
+    /// Idle sockets in the node's namespace: each attach takes one (or
+    /// opens one), so concurrent attaches never wait for each other here.
+    idle: Mutex<Vec<Rtnl>>,
 }
 
-/// Opens a route-netlink connection whose socket lives in the namespace at
-/// `ns` (the socket stays bound to the namespace it was created in).
-async fn connect(ns: Option<&Path>) -> Result<Handle, NetError> {
-    let rt = tokio::runtime::Handle::current();
-    let (conn, handle, _) = netns::run_in(ns, move || {
-        let _guard = rt.enter();
-        rtnetlink::new_connection()
-    })?
-    .map_err(|e| {
-        NetError::netlink(
-            "connect",
-            ns.map(|p| p.display().to_string()).unwrap_or_default(),
-            e,
-        )
-    })?;
-    // The connection task ends once every handle is dropped.
-    tokio::spawn(conn);
-    Ok(handle)
+/// A node-side socket lent out by [`PodNetwork::node`]; it goes back to
+/// the pool when dropped.
+struct Lent<'a> {
+    pool: &'a Mutex<Vec<Rtnl>>,
+    sock: Option<Rtnl>,
 }
 
-fn is_errno(e: &rtnetlink::Error, errno: i32) -> bool {
-    matches!(e, rtnetlink::Error::NetlinkError(m) if m.raw_code() == -errno)
-}
-
-async fn link_by_name(h: &Handle, name: &str) -> Result<Option<LinkMessage>, NetError> {
-    match h
-        .link()
-        .get()
-        .match_name(name.to_string())
-        .execute()
-        .try_next()
-        .await
-    {
-        Ok(link) => Ok(link),
-        Err(e) if is_errno(&e, nix::libc::ENODEV) => Ok(None),
-        Err(e) => Err(NetError::netlink("get link", name, e)),
+impl std::ops::Deref for Lent<'_> {
+    type Target = Rtnl;
+    fn deref(&self) -> &Rtnl {
+        self.sock.as_ref().expect("present until dropped")
     }
 }
 
-async fn add_addr(
-    h: &Handle,
-    index: u32,
-    ip: Ipv4Addr,
-    prefix: u8,
-    what: &str,
-) -> Result<(), NetError> {
-    match h
-        .address()
-        .add(index, IpAddr::V4(ip), prefix)
-        .execute()
-        .await
-    {
-        Ok(()) => Ok(()),
-        Err(e) if is_errno(&e, nix::libc::EEXIST) => Ok(()),
-        Err(e) => Err(NetError::netlink(
-            "add address",
-            format!("{ip}/{prefix} on {what}"),
-            e,
-        )),
+impl std::ops::DerefMut for Lent<'_> {
+    fn deref_mut(&mut self) -> &mut Rtnl {
+        self.sock.as_mut().expect("present until dropped")
     }
+}
+
+impl Drop for Lent<'_> {
+    fn drop(&mut self) {
+        let mut idle = self.pool.lock().unwrap_or_else(|p| p.into_inner());
+        if idle.len() < IDLE_SOCKETS {
+            idle.extend(self.sock.take());
+        }
+    }
+}
+
+/// A route-netlink socket in the namespace at `ns` (`None`: the caller's).
+fn open(ns: Option<&Path>) -> Result<Rtnl, NetError> {
+    let what = || ns.map(|p| p.display().to_string()).unwrap_or_default();
+    match ns {
+        None => Rtnl::open(),
+        Some(p) => netns::run_in(Some(p), Rtnl::open)?,
+    }
+    .map_err(|e| NetError::netlink("connect", what(), e))
+}
+
+/// The answer to one request, or the error naming `op` and `target`;
+/// errors listed in `ok` count as success (the thing exists, or is gone).
+fn answer(
+    a: rtnl::Answer,
+    op: &'static str,
+    target: impl Into<String>,
+    ok: &[i32],
+) -> Result<Option<Msg>, NetError> {
+    match a {
+        Ok(m) => Ok(m),
+        Err(e) if ok.contains(&e) => Ok(None),
+        Err(e) => Err(NetError::netlink(op, target, rtnl::describe(e))),
+    }
+}
+
+fn io_err<'a>(op: &'static str, target: &'a str) -> impl FnOnce(std::io::Error) -> NetError + 'a {
+    move |e| NetError::netlink(op, target, e)
+}
+
+fn link_by_name(sock: &mut Rtnl, name: &str) -> Result<Option<LinkMessage>, NetError> {
+    sock.link(name)
+        .map_err(io_err("get link", name))?
+        .map_err(|e| NetError::netlink("get link", name, rtnl::describe(e)))
+}
+
+fn addr_msg(index: u32, ip: Ipv4Addr, prefix: u8) -> Msg {
+    let m: AddressMessage = AddressMessageBuilder::<Ipv4Addr>::new()
+        .index(index)
+        .address(ip, prefix)
+        .build();
+    Msg::NewAddress(m)
+}
+
+fn up(index: u32) -> Msg {
+    Msg::SetLink(LinkUnspec::new_with_index(index).up().build())
 }
 
 /// Sets `lo` up in the namespace at `ns` (a namespace starts with it down).
-pub async fn loopback_up(ns: &Path) -> Result<(), NetError> {
-    let h = connect(Some(ns)).await?;
-    let lo = link_by_name(&h, "lo")
-        .await?
-        .ok_or_else(|| NetError::netlink("get link", "lo", "missing in the namespace"))?;
-    h.link()
-        .set(LinkUnspec::new_with_index(lo.header.index).up().build())
-        .execute()
-        .await
-        .map_err(|e| NetError::netlink("set up", format!("lo in {}", ns.display()), e))
+pub fn loopback_up(ns: &Path) -> Result<(), NetError> {
+    let mut sock = open(Some(ns))?;
+    lo_up(&mut sock, ns)
+}
+
+/// `lo` is interface 1 in every namespace (LOOPBACK_IFINDEX).
+pub(crate) fn lo_up(sock: &mut Rtnl, ns: &Path) -> Result<(), NetError> {
+    let a = sock
+        .request(up(1), CHANGE)
+        .map_err(io_err("set up", "lo"))?;
+    answer(a, "set up", format!("lo in {}", ns.display()), &[]).map(|_| ())
 }
 
 /// A stable interface name for pod `uid` (IFNAMSIZ allows 15 characters).
@@ -161,27 +196,28 @@ pub fn veth_name(prefix: &str, uid: &str) -> String {
     format!("{prefix}{:012x}", h & 0xffff_ffff_ffff)
 }
 
+fn check_uid(uid: &str) -> Result<(), NetError> {
+    if uid.is_empty() || uid.contains('/') {
+        return Err(NetError::BadInput(format!("pod uid {uid:?}")));
+    }
+    Ok(())
+}
+
 impl PodNetwork {
     /// Opens IPAM and makes sure the bridge exists, is up and holds the
     /// subnet's gateway address.
-    pub async fn new(cfg: PodNetConfig) -> Result<Self, NetError> {
+    pub fn new(cfg: PodNetConfig) -> Result<Self, NetError> {
         let ipam = PodIpam::open(&cfg.data_dir, cfg.subnet)?;
-        let node = connect(cfg.node_netns.as_deref()).await?;
-        let bridge_index = match link_by_name(&node, &cfg.bridge).await? {
+        let mut node = open(cfg.node_netns.as_deref())?;
+        let bridge_index = match link_by_name(&mut node, &cfg.bridge)? {
             Some(l) => l.header.index,
             None => {
-                match node
-                    .link()
-                    .add(LinkBridge::new(&cfg.bridge).build())
-                    .execute()
-                    .await
-                {
-                    Ok(()) => {}
-                    Err(e) if is_errno(&e, nix::libc::EEXIST) => {}
-                    Err(e) => return Err(NetError::netlink("add bridge", &cfg.bridge, e)),
-                }
-                link_by_name(&node, &cfg.bridge)
-                    .await?
+                let add = LinkBridge::new(&cfg.bridge).build();
+                let a = node
+                    .request(Msg::NewLink(add), CREATE)
+                    .map_err(io_err("add bridge", &cfg.bridge))?;
+                answer(a, "add bridge", &cfg.bridge, &[libc::EEXIST])?;
+                link_by_name(&mut node, &cfg.bridge)?
                     .ok_or_else(|| {
                         NetError::netlink("add bridge", &cfg.bridge, "gone after creation")
                     })?
@@ -189,30 +225,36 @@ impl PodNetwork {
                     .index
             }
         };
-        add_addr(
-            &node,
-            bridge_index,
-            cfg.subnet.gateway(),
-            cfg.subnet.prefix(),
-            &cfg.bridge,
-        )
-        .await?;
-        node.link()
-            .set(LinkUnspec::new_with_index(bridge_index).up().build())
-            .execute()
-            .await
-            .map_err(|e| NetError::netlink("set up", &cfg.bridge, e))?;
+        let gw = cfg.subnet.gateway();
+        let mut reqs = vec![
+            (addr_msg(bridge_index, gw, cfg.subnet.prefix()), CREATE),
+            (up(bridge_index), CHANGE),
+        ];
         if let Some(svc) = cfg.service_cidr {
             let route = RouteMessageBuilder::<Ipv4Addr>::new()
                 .destination_prefix(svc.network(), svc.prefix())
                 .output_interface(bridge_index)
                 .scope(RouteScope::Link)
                 .build();
-            match node.route().add(route).execute().await {
-                Ok(()) => {}
-                Err(e) if is_errno(&e, nix::libc::EEXIST) => {}
-                Err(e) => return Err(NetError::netlink("add service route", svc.to_string(), e)),
-            }
+            reqs.push((Msg::NewRoute(route), CREATE));
+        }
+        let answers = node.batch(reqs).map_err(io_err("set up", &cfg.bridge))?;
+        let mut answers = answers.into_iter();
+        let mut next = || answers.next().unwrap_or(Err(libc::EIO));
+        answer(
+            next(),
+            "add address",
+            format!("{gw}/{} on {}", cfg.subnet.prefix(), cfg.bridge),
+            &[libc::EEXIST],
+        )?;
+        answer(next(), "set up", &cfg.bridge, &[])?;
+        if let Some(svc) = cfg.service_cidr {
+            answer(
+                next(),
+                "add service route",
+                svc.to_string(),
+                &[libc::EEXIST],
+            )?;
         }
         // Pods on other nodes and NodePort clients are routed through here.
         netns::run_in(cfg.node_netns.as_deref(), || {
@@ -223,43 +265,66 @@ impl PodNetwork {
         Ok(Self {
             cfg,
             ipam,
-            node,
             bridge_index,
+            idle: Mutex::new(vec![node]),
+        })
+    }
+
+    /// A socket in the node's namespace, lent until dropped.
+    fn node(&self) -> Result<Lent<'_>, NetError> {
+        let idle = self.idle.lock().unwrap_or_else(|p| p.into_inner()).pop();
+        let sock = match idle {
+            Some(s) => s,
+            None => open(self.cfg.node_netns.as_deref())?,
+        };
+        Ok(Lent {
+            pool: &self.idle,
+            sock: Some(sock),
         })
     }
 
     /// Makes `ip` a local address of the node, held /32 on the bridge: the
     /// cluster DNS address, which every node serves itself.
-    pub async fn add_bridge_address(&self, ip: Ipv4Addr) -> Result<(), NetError> {
-        add_addr(&self.node, self.bridge_index, ip, 32, &self.cfg.bridge).await
+    pub fn add_bridge_address(&self, ip: Ipv4Addr) -> Result<(), NetError> {
+        let a = self
+            .node()?
+            .request(addr_msg(self.bridge_index, ip, 32), CREATE)
+            .map_err(io_err("add address", &self.cfg.bridge))?;
+        answer(
+            a,
+            "add address",
+            format!("{ip}/32 on {}", self.cfg.bridge),
+            &[libc::EEXIST],
+        )
+        .map(|_| ())
     }
 
     /// Routes `dst` (another node's pod subnet) via `via` (that node's
     /// address), replacing an older route to `dst`: flannel's host-gw.
-    pub async fn route_via(&self, dst: Ipv4Net, via: Ipv4Addr) -> Result<(), NetError> {
+    pub fn route_via(&self, dst: Ipv4Net, via: Ipv4Addr) -> Result<(), NetError> {
         let route = RouteMessageBuilder::<Ipv4Addr>::new()
             .destination_prefix(dst.network(), dst.prefix())
             .gateway(via)
             .build();
-        self.node
-            .route()
-            .add(route)
-            .replace()
-            .execute()
-            .await
-            .map_err(|e| NetError::netlink("add route", format!("{dst} via {via}"), e))
+        let target = format!("{dst} via {via}");
+        let a = self
+            .node()?
+            .request(Msg::NewRoute(route), REPLACE)
+            .map_err(io_err("add route", &target))?;
+        answer(a, "add route", target, &[]).map(|_| ())
     }
 
     /// Removes the route to `dst` (a node that left); a missing one is fine.
-    pub async fn delete_route(&self, dst: Ipv4Net) -> Result<(), NetError> {
+    pub fn delete_route(&self, dst: Ipv4Net) -> Result<(), NetError> {
         let route = RouteMessageBuilder::<Ipv4Addr>::new()
             .destination_prefix(dst.network(), dst.prefix())
             .build();
-        match self.node.route().del(route).execute().await {
-            Ok(()) => Ok(()),
-            Err(e) if is_errno(&e, nix::libc::ESRCH) => Ok(()),
-            Err(e) => Err(NetError::netlink("delete route", dst.to_string(), e)),
-        }
+        let target = dst.to_string();
+        let a = self
+            .node()?
+            .request(Msg::DelRoute(route), CHANGE)
+            .map_err(io_err("delete route", &target))?;
+        answer(a, "delete route", target, &[libc::ESRCH]).map(|_| ())
     }
 
     /// The address allocator of this node.
@@ -275,222 +340,198 @@ impl PodNetwork {
     /// Gives pod `uid` a namespace, an address and a veth on the bridge.
     /// Calling it again for a set-up pod keeps what is intact and rebuilds
     /// a missing veth, keeping the IP either way.
-    pub async fn setup(&self, uid: &str) -> Result<PodAttachment, NetError> {
-        if uid.is_empty() || uid.contains('/') {
-            return Err(NetError::BadInput(format!("pod uid {uid:?}")));
-        }
+    pub fn setup(&self, uid: &str) -> Result<PodAttachment, NetError> {
+        check_uid(uid)?;
         let ip = self.ipam.allocate(uid)?;
-        if let Some(a) = self.intact(uid, ip).await? {
-            return Ok(a);
-        }
-        match self.attach(uid, ip).await {
-            Ok(a) => Ok(a),
+        let host = veth_name("ve", uid);
+        let ns_path = self.netns_path(uid);
+        let mut node = self.node()?;
+        let existing = link_by_name(&mut node, &host)?;
+        let made = match existing {
+            // Set up earlier (before an agent restart) and still there: kept
+            // as it is, so its containers' connections survive the restart.
+            Some(link) if netns::is_netns(&ns_path) => {
+                self.reattach(&mut node, &host, link.header.index)
+            }
+            stale => self.attach(&mut node, uid, ip, stale.map(|l| l.header.index)),
+        };
+        drop(node);
+        match made {
+            Ok(()) => {
+                debug!(pod = uid, %ip, veth = %host, "pod attached");
+                Ok(PodAttachment {
+                    ip,
+                    netns: ns_path,
+                    host_veth: host,
+                    gateway: self.cfg.subnet.gateway(),
+                })
+            }
             Err(e) => {
                 // Leave nothing half-made behind.
-                let _ = self.teardown(uid).await;
+                let _ = self.teardown(uid);
                 Err(e)
             }
         }
     }
 
-    /// The attachment of a pod set up earlier (before an agent restart)
-    /// whose namespace and host veth are still there: it is kept as it is,
-    /// so its containers' connections survive the restart.
-    async fn intact(&self, uid: &str, ip: Ipv4Addr) -> Result<Option<PodAttachment>, NetError> {
-        let ns_path = self.netns_path(uid);
-        let host = veth_name("ve", uid);
-        if !netns::is_netns(&ns_path) {
-            return Ok(None);
-        }
-        let Some(link) = link_by_name(&self.node, &host).await? else {
-            return Ok(None);
-        };
-        self.node
-            .link()
-            .set(
-                LinkUnspec::new_with_index(link.header.index)
-                    .controller(self.bridge_index)
-                    .up()
-                    .build(),
-            )
-            .execute()
-            .await
-            .map_err(|e| NetError::netlink("attach to bridge", &host, e))?;
-        debug!(pod = uid, %ip, veth = %host, "pod attachment kept");
-        Ok(Some(PodAttachment {
-            ip,
-            netns: ns_path,
-            host_veth: host,
-            gateway: self.cfg.subnet.gateway(),
-        }))
+    /// Puts a kept host veth back on the bridge, up.
+    fn reattach(&self, node: &mut Rtnl, host: &str, index: u32) -> Result<(), NetError> {
+        let set = LinkUnspec::new_with_index(index)
+            .controller(self.bridge_index)
+            .up()
+            .build();
+        let a = node
+            .request(Msg::SetLink(set), CHANGE)
+            .map_err(io_err("attach to bridge", host))?;
+        answer(a, "attach to bridge", host, &[]).map(|_| ())
     }
 
-    async fn attach(&self, uid: &str, ip: Ipv4Addr) -> Result<PodAttachment, NetError> {
+    fn attach(
+        &self,
+        node: &mut Rtnl,
+        uid: &str,
+        ip: Ipv4Addr,
+        stale_host: Option<u32>,
+    ) -> Result<(), NetError> {
         let ns_path = self.netns_path(uid);
-        netns::create(&ns_path)?;
         let host = veth_name("ve", uid);
-        let peer = veth_name("vp", uid);
-        self.delete_link(&host).await?;
-        self.node
-            .link()
-            .add(LinkVeth::new(&host, &peer).build())
-            .execute()
-            .await
-            .map_err(|e| NetError::netlink("add veth", &host, e))?;
-        let peer_index = link_by_name(&self.node, &peer)
-            .await?
-            .ok_or_else(|| NetError::netlink("add veth", &peer, "peer missing"))?
-            .header
-            .index;
+        if let Some(index) = stale_host {
+            let del = LinkUnspec::new_with_index(index).build();
+            let a = node
+                .request(Msg::DelLink(del), CHANGE)
+                .map_err(io_err("delete link", &host))?;
+            answer(a, "delete link", &host, &[libc::ENODEV])?;
+        }
+        // The pod's socket is made inside the namespace by the thread that
+        // creates it; a namespace kept from an earlier attempt gets one
+        // from a thread that joins it.
+        let mut pod = if netns::is_netns(&ns_path) {
+            open(Some(&ns_path))?
+        } else {
+            netns::create_then(&ns_path, Rtnl::open)?
+                .map_err(|e| NetError::netlink("connect", ns_path.display().to_string(), e))?
+        };
         let ns_file = std::fs::File::open(&ns_path).map_err(|e| NetError::io(&ns_path, e))?;
-        self.node
-            .link()
-            .set(
-                LinkUnspec::new_with_index(peer_index)
-                    .setns_by_fd(ns_file.as_raw_fd())
-                    .build(),
-            )
-            .execute()
-            .await
-            .map_err(|e| NetError::netlink("move to pod namespace", &peer, e))?;
-        drop(ns_file);
-        let host_index = link_by_name(&self.node, &host)
-            .await?
-            .ok_or_else(|| NetError::netlink("add veth", &host, "host end missing"))?
-            .header
-            .index;
-        self.node
-            .link()
-            .set(
-                LinkUnspec::new_with_index(host_index)
-                    .controller(self.bridge_index)
-                    .up()
-                    .build(),
-            )
-            .execute()
-            .await
-            .map_err(|e| NetError::netlink("attach to bridge", &host, e))?;
-        // Hairpin lets a pod reach itself through a Service address: the
-        // DNAT-ed packet has to leave through the port it came in on.
-        self.node
-            .link()
-            .set_port(LinkBridgePort::new(host_index).hairpin(true).build())
-            .execute()
-            .await
-            .map_err(|e| NetError::netlink("set hairpin", &host, e))?;
 
-        let pod = connect(Some(&ns_path)).await?;
-        let lo = link_by_name(&pod, "lo")
-            .await?
-            .ok_or_else(|| NetError::netlink("get link", "lo", "missing in pod namespace"))?;
-        pod.link()
-            .set(LinkUnspec::new_with_index(lo.header.index).up().build())
-            .execute()
-            .await
-            .map_err(|e| NetError::netlink("set up", "lo", e))?;
-        let eth = link_by_name(&pod, &peer)
-            .await?
-            .ok_or_else(|| NetError::netlink("get link", &peer, "not in pod namespace"))?;
-        let eth_index = eth.header.index;
-        pod.link()
-            .set(LinkUnspec::new_with_index(eth_index).name("eth0").build())
-            .execute()
-            .await
-            .map_err(|e| NetError::netlink("rename to eth0", &peer, e))?;
-        add_addr(&pod, eth_index, ip, self.cfg.subnet.prefix(), "eth0").await?;
-        pod.link()
-            .set(LinkUnspec::new_with_index(eth_index).up().build())
-            .execute()
-            .await
-            .map_err(|e| NetError::netlink("set up", "eth0", e))?;
+        // Node side, one sendmsg: the pair (host end on the bridge and up,
+        // peer born as eth0 in the pod's namespace), hairpin on the bridge
+        // port (a pod reaching itself through a Service address needs the
+        // DNAT-ed packet to leave through the port it came in on), and the
+        // host end read back for the peer's index.
+        let peer = LinkUnspec::new_with_name("eth0")
+            .append_extra_attribute(LinkAttribute::NetNsFd(ns_file.as_raw_fd()))
+            .build();
+        let pair = LinkVeth::new(&host, "eth0")
+            .set_info_data(InfoData::Veth(InfoVeth::Peer(peer)))
+            .controller(self.bridge_index)
+            .up()
+            .build();
+        let hairpin = LinkMessageBuilder::<LinkBridgePort>::default()
+            .name(host.clone())
+            .set_port_kind(InfoPortKind::Bridge)
+            .hairpin(true)
+            .build();
+        let get = LinkUnspec::new_with_name(&host).build();
+        let answers = node
+            .batch(vec![
+                (Msg::NewLink(pair), CREATE),
+                (Msg::NewLink(hairpin), CHANGE),
+                (Msg::GetLink(get), CHANGE),
+            ])
+            .map_err(io_err("add veth", &host))?;
+        drop(ns_file);
+        let mut answers = answers.into_iter();
+        let mut next = || answers.next().unwrap_or(Err(libc::EIO));
+        answer(next(), "add veth", &host, &[])?;
+        answer(next(), "set hairpin", &host, &[])?;
+        let eth0 = match answer(next(), "get link", &host, &[])? {
+            Some(Msg::NewLink(l)) => rtnl::peer_index(&l),
+            _ => return Err(NetError::netlink("get link", &host, "no answer")),
+        };
+
+        // Pod side, one sendmsg.
         let gateway = self.cfg.subnet.gateway();
         let route = RouteMessageBuilder::<Ipv4Addr>::new()
             .gateway(gateway)
-            .output_interface(eth_index)
+            .output_interface(eth0)
             .build();
-        match pod.route().add(route).execute().await {
-            Ok(()) => {}
-            Err(e) if is_errno(&e, nix::libc::EEXIST) => {}
-            Err(e) => {
-                return Err(NetError::netlink(
-                    "add default route",
-                    format!("via {gateway}"),
-                    e,
-                ))
-            }
-        }
-        debug!(pod = uid, %ip, veth = %host, "pod attached");
-        Ok(PodAttachment {
-            ip,
-            netns: ns_path,
-            host_veth: host,
-            gateway,
-        })
-    }
-
-    async fn delete_link(&self, name: &str) -> Result<(), NetError> {
-        if let Some(link) = link_by_name(&self.node, name).await? {
-            match self.node.link().del(link.header.index).execute().await {
-                Ok(()) => {}
-                Err(e) if is_errno(&e, nix::libc::ENODEV) => {}
-                Err(e) => return Err(NetError::netlink("delete link", name, e)),
-            }
-        }
+        let answers = pod
+            .batch(vec![
+                (up(1), CHANGE),
+                (up(eth0), CHANGE),
+                (addr_msg(eth0, ip, self.cfg.subnet.prefix()), CREATE),
+                (Msg::NewRoute(route), CREATE),
+            ])
+            .map_err(io_err("configure", "eth0"))?;
+        let mut answers = answers.into_iter();
+        let mut next = || answers.next().unwrap_or(Err(libc::EIO));
+        answer(next(), "set up", "lo", &[])?;
+        answer(next(), "set up", "eth0", &[])?;
+        answer(
+            next(),
+            "add address",
+            format!("{ip}/{} on eth0", self.cfg.subnet.prefix()),
+            &[libc::EEXIST],
+        )?;
+        answer(
+            next(),
+            "add default route",
+            format!("via {gateway}"),
+            &[libc::EEXIST],
+        )?;
         Ok(())
     }
 
     /// Creates the tap of microVM pod `uid` on the bridge and allocates its
     /// IP (the guest configures it on its virtio-net). Returns the tap name
     /// and the address; idempotent.
-    pub async fn create_tap(&self, uid: &str) -> Result<(String, Ipv4Addr), NetError> {
-        if uid.is_empty() || uid.contains('/') {
-            return Err(NetError::BadInput(format!("pod uid {uid:?}")));
-        }
+    pub fn create_tap(&self, uid: &str) -> Result<(String, Ipv4Addr), NetError> {
+        check_uid(uid)?;
         let ip = self.ipam.allocate(uid)?;
         let name = veth_name("tp", uid);
         let made = netns::run_in(self.cfg.node_netns.as_deref(), || {
             crate::tap::create_persistent(&name)
         })
         .and_then(|r| r);
-        let index = match made {
-            Ok(()) => {
-                link_by_name(&self.node, &name)
-                    .await?
-                    .ok_or_else(|| {
-                        NetError::netlink("create tap", &name, "missing after creation")
-                    })?
-                    .header
-                    .index
-            }
-            Err(e) => {
-                let _ = self.ipam.release(uid);
-                return Err(e);
-            }
-        };
-        self.node
-            .link()
-            .set(
-                LinkUnspec::new_with_index(index)
-                    .controller(self.bridge_index)
-                    .up()
-                    .build(),
-            )
-            .execute()
-            .await
-            .map_err(|e| NetError::netlink("attach to bridge", &name, e))?;
+        if let Err(e) = made {
+            let _ = self.ipam.release(uid);
+            return Err(e);
+        }
+        let set = LinkUnspec::new_with_name(&name)
+            .controller(self.bridge_index)
+            .up()
+            .build();
+        let a = self
+            .node()?
+            .request(Msg::SetLink(set), CHANGE)
+            .map_err(io_err("attach to bridge", &name))?;
+        answer(a, "attach to bridge", &name, &[])?;
         Ok((name, ip))
     }
 
     /// Releases everything pod `uid` held: veth, namespace, address.
     /// Idempotent: a pod with nothing left is not an error.
-    pub async fn teardown(&self, uid: &str) -> Result<(), NetError> {
-        if uid.is_empty() || uid.contains('/') {
-            return Err(NetError::BadInput(format!("pod uid {uid:?}")));
+    pub fn teardown(&self, uid: &str) -> Result<(), NetError> {
+        check_uid(uid)?;
+        // The host end (its peer goes with it), a peer left on the node by
+        // an older agent whose move into the namespace failed, and a tap:
+        // one sendmsg, each gone or never made is fine.
+        let names = [
+            veth_name("ve", uid),
+            veth_name("vp", uid),
+            veth_name("tp", uid),
+        ];
+        let reqs = names
+            .iter()
+            .map(|n| (Msg::DelLink(LinkUnspec::new_with_name(n).build()), CHANGE))
+            .collect();
+        let answers = self
+            .node()?
+            .batch(reqs)
+            .map_err(io_err("delete link", &names[0]))?;
+        for (a, n) in answers.into_iter().zip(names.iter()) {
+            answer(a, "delete link", n.as_str(), &[libc::ENODEV])?;
         }
-        self.delete_link(&veth_name("ve", uid)).await?;
-        // A veth whose move into the namespace failed is still on the node.
-        self.delete_link(&veth_name("vp", uid)).await?;
-        self.delete_link(&veth_name("tp", uid)).await?;
         netns::remove(&self.netns_path(uid))?;
         self.ipam.release(uid)?;
         debug!(pod = uid, "pod detached");

@@ -117,9 +117,9 @@ async fn cluster_ip_balances_over_ready_endpoints_follows_changes_and_stops_when
     cfg.netns_dir = dir.path().join("netns");
     cfg.node_netns = Some(node_ns.clone());
     cfg.service_cidr = Some("10.43.0.0/16".parse().expect("cidr"));
-    let net = PodNetwork::new(cfg).await.expect("pod network");
-    let a = net.setup("svc-a").await.expect("pod a");
-    let b = net.setup("svc-b").await.expect("pod b");
+    let net = PodNetwork::new(cfg).expect("pod network");
+    let a = net.setup("svc-a").expect("pod a");
+    let b = net.setup("svc-b").expect("pod b");
     let _cleanup = Cleanup(vec![a.netns.clone(), b.netns.clone(), node_ns.clone()]);
     let _sa = serve(&a.netns, &dir.path().join("www-a"), "from-a");
     let _sb = serve(&b.netns, &dir.path().join("www-b"), "from-b");
@@ -199,8 +199,8 @@ async fn cluster_ip_balances_over_ready_endpoints_follows_changes_and_stops_when
         "headless has no rules:\n{listing}"
     );
 
-    net.teardown("svc-a").await.expect("teardown a");
-    net.teardown("svc-b").await.expect("teardown b");
+    net.teardown("svc-a").expect("teardown a");
+    net.teardown("svc-b").expect("teardown b");
 }
 
 /// Time for a change to one Service to reach the table while 1,000 others

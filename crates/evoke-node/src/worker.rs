@@ -29,6 +29,7 @@ use crate::probe::{self, ProbeState, Target, Timing};
 use crate::spec::{self, Refs, LABEL_ATTEMPT, LABEL_CONTAINER, LABEL_POD_UID};
 use crate::status::{pod_status, CState, ContainerRecord, Ended, PodFacts};
 use crate::volumes;
+use crate::NodeError;
 
 mod sys;
 
@@ -66,6 +67,14 @@ pub enum Msg {
 
 /// While stopping, how often the tier is asked whether a container is gone.
 const STOP_POLL: Duration = Duration::from_millis(500);
+
+/// What [`Worker::try_setup`] made on the blocking pool.
+struct Sandbox {
+    volume_dirs: HashMap<String, PathBuf>,
+    net: PodNet,
+    guest: Option<evoke_runtime::GuestNetwork>,
+    ipc: Option<PathBuf>,
+}
 
 /// How long to wait before retrying a sandbox that could not be set up.
 const SETUP_RETRY: Duration = Duration::from_secs(20);
@@ -278,22 +287,12 @@ impl Worker {
         if let Err(e) = self.ctx.tier_available(&tier).await {
             return Err(("RuntimeUnavailable".into(), e.to_string()));
         }
+        let tier_name = tier.name().to_string();
         self.tier = Some(tier);
         let refs = self
             .fetch_refs()
             .await
             .map_err(|m| ("CreateContainerConfigError".to_string(), m))?;
-        let pod = self.pod.clone();
-        let dir = self.pod_dir();
-        let dirs = {
-            let refs = refs.clone();
-            tokio::task::spawn_blocking(move || volumes::prepare(&pod, &refs, &dir))
-                .await
-                .map_err(|e| ("FailedMount".to_string(), e.to_string()))?
-                .map_err(|e| ("FailedMount".to_string(), e.to_string()))?
-        };
-        self.volume_dirs = dirs;
-        self.refs = Some(refs);
         let host_network = self
             .pod
             .spec
@@ -301,50 +300,63 @@ impl Worker {
             .and_then(|s| s.host_network)
             .unwrap_or(false)
             || class == "process";
-        let microvm = self.tier.as_ref().is_some_and(|t| t.name() == "microvm");
-        let net = if host_network {
-            Ok(PodNet {
-                netns: None,
-                ip: Some(self.ctx.host_ip.clone()),
-                mounts: Vec::new(),
-            })
-        } else if microvm {
-            // A VM joins the pod network through a tap and its own eth0,
-            // not a namespace.
-            let network = self.ctx.network.clone();
-            let (uid, ns, name) = (
-                self.pod.uid().unwrap_or_default(),
-                self.pod.namespace().unwrap_or_default(),
-                self.pod.name_any(),
-            );
-            let guest = tokio::task::spawn_blocking(move || network.setup_vm(&uid, &ns, &name))
-                .await
-                .map_err(|e| ("NetworkNotReady".to_string(), e.to_string()))?
-                .map_err(|e| ("NetworkNotReady".to_string(), e.to_string()))?;
-            let ip = guest.as_ref().map(|g| g.address.to_string());
-            self.guest_net = guest;
-            Ok(PodNet {
-                netns: None,
-                ip,
-                mounts: Vec::new(),
-            })
-        } else {
-            let network = self.ctx.network.clone();
-            let pod = self.pod.clone();
-            tokio::task::spawn_blocking(move || network.setup_pod(&pod))
-                .await
-                .map_err(|e| ("NetworkNotReady".to_string(), e.to_string()))?
-        };
-        self.net = net.map_err(|e| ("NetworkNotReady".to_string(), e.to_string()))?;
+        let microvm = tier_name == "microvm";
         // Containers of a pod share IPC, except on the host (process tier).
-        if !host_network && self.pod.spec.as_ref().and_then(|s| s.host_ipc) != Some(true) {
-            let uid = self.pod.uid().unwrap_or_default();
-            let p = tokio::task::spawn_blocking(move || crate::ipc::setup(&uid))
-                .await
-                .map_err(|e| ("IpcNotReady".to_string(), e.to_string()))?
-                .map_err(|e| ("IpcNotReady".to_string(), e.to_string()))?;
-            self.ipc = Some(p);
-        }
+        let share_ipc =
+            !host_network && self.pod.spec.as_ref().and_then(|s| s.host_ipc) != Some(true);
+        // Volumes, network and IPC namespace in one trip to the blocking
+        // pool: each is a handful of syscalls, and in a burst of pods the
+        // hops between the pool and the runtime cost as much as the steps.
+        let (pod, dir, network) = (self.pod.clone(), self.pod_dir(), self.ctx.network.clone());
+        let (host_ip, vrefs) = (self.ctx.host_ip.clone(), refs.clone());
+        let sandbox = tokio::task::spawn_blocking(move || -> Result<Sandbox, (String, String)> {
+            let fail =
+                |reason: &'static str| move |e: NodeError| (reason.to_string(), e.to_string());
+            let volume_dirs = volumes::prepare(&pod, &vrefs, &dir).map_err(fail("FailedMount"))?;
+            let uid = pod.uid().unwrap_or_default();
+            let (net, guest) = if host_network {
+                let net = PodNet {
+                    netns: None,
+                    ip: Some(host_ip),
+                    mounts: Vec::new(),
+                };
+                (net, None)
+            } else if microvm {
+                // A VM joins the pod network through a tap and its own
+                // eth0, not a namespace.
+                let guest = network
+                    .setup_vm(&uid, &pod.namespace().unwrap_or_default(), &pod.name_any())
+                    .map_err(fail("NetworkNotReady"))?;
+                let net = PodNet {
+                    netns: None,
+                    ip: guest.as_ref().map(|g| g.address.to_string()),
+                    mounts: Vec::new(),
+                };
+                (net, guest)
+            } else {
+                (
+                    network.setup_pod(&pod).map_err(fail("NetworkNotReady"))?,
+                    None,
+                )
+            };
+            let ipc = match share_ipc {
+                true => Some(crate::ipc::setup(&uid).map_err(fail("IpcNotReady"))?),
+                false => None,
+            };
+            Ok(Sandbox {
+                volume_dirs,
+                net,
+                guest,
+                ipc,
+            })
+        })
+        .await
+        .map_err(|e| ("FailedCreatePodSandBox".to_string(), e.to_string()))??;
+        self.volume_dirs = sandbox.volume_dirs;
+        self.refs = Some(refs);
+        self.net = sandbox.net;
+        self.guest_net = sandbox.guest;
+        self.ipc = sandbox.ipc;
         self.facts.pod_ip = self.net.ip.clone();
         Ok(())
     }
