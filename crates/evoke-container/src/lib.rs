@@ -4,14 +4,18 @@
 //! (runs, [`kill`]) → stopped → [`delete`]; [`state`] reports where it is
 //! and [`wait`] collects its exit status (for the process that created it).
 //! Start reading at [`create`]: it turns the bundle's config.json into a
-//! [`plan::Plan`](crate) in the caller, forks, and lets `init.rs` set up
-//! namespaces, the root file system, cgroups, capabilities and seccomp in
-//! the child, which then waits on an exec fifo until [`start`].
+//! [`plan::Plan`](crate) in the caller, starts the container's init (how:
+//! [`spawn`]; a multi-threaded caller never forks itself), and lets
+//! `init.rs` set up namespaces, the root file system, cgroups,
+//! capabilities and seccomp in the child, which then waits on its start
+//! pipe until [`start`]. A container's state is one file,
+//! `STATE_ROOT/ID.json` (see `Record`).
 //!
 //! Modules: [`spec`] (Docker's defaults as an OCI spec), [`cgroups`] (the
 //! [`cgroups::CgroupManager`] trait with v1 and v2), [`devices`] (device
 //! rules as a BPF program for v2), `seccomp` (OCI
-//! profile → BPF), `init` (the child side), `sys` (the raw syscalls),
+//! profile → BPF), [`spawn`] (starting the init without copying the
+//! caller), `init` (the child side), `sys` (the raw syscalls),
 //! [`execproc`] (who reaps an exec'd process, and why it must be reaped),
 //! [`userns`] (id maps and idmapped image layers for `--userns`).
 
