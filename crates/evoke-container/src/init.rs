@@ -934,6 +934,10 @@ pub(crate) fn exec_process(
         let _ = std::io::stderr().write_all(format!("evoke: {what}\n").as_bytes());
         sys::exit_now(127)
     };
+    // Rust's runtime ignores SIGPIPE in every evoke process, and an ignored
+    // signal stays ignored across execve: the workload must start with the
+    // default (`yes | head` ends), as under Docker.
+    let _ = sys::default_sigpipe();
     if p.no_new_privs {
         if let Err(e) = nix::sys::prctl::set_no_new_privs() {
             fail(format!("prctl(PR_SET_NO_NEW_PRIVS): {e}"));

@@ -163,3 +163,12 @@ pub(crate) fn set_controlling_tty() -> nix::Result<()> {
     }
     Ok(())
 }
+
+/// Puts SIGPIPE back to its default disposition (Rust's runtime ignores it,
+/// and an ignored signal stays ignored across execve).
+pub(crate) fn default_sigpipe() -> nix::Result<()> {
+    use nix::sys::signal::{signal, SigHandler, Signal};
+    // SAFETY: SIG_DFL installs no handler, so no code of ours can run in
+    // signal context.
+    unsafe { signal(Signal::SIGPIPE, SigHandler::SigDfl) }.map(drop)
+}

@@ -77,3 +77,42 @@ fn a_threaded_callers_memory_is_not_copied_into_the_container_init() {
     let _ = stop_tx.send(());
     other.join().unwrap();
 }
+
+#[test]
+fn the_workload_starts_with_sigpipe_at_its_default_disposition() {
+    if !testutil::require_root_and_busybox(
+        "the_workload_starts_with_sigpipe_at_its_default_disposition",
+    ) {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let state = tempfile::tempdir().unwrap();
+    let bundle = testutil::busybox_bundle(
+        &dir.path().join("b"),
+        &["/bin/sh", "-c", "grep SigIgn /proc/self/status"],
+        |_| {},
+    )
+    .unwrap();
+    let id = testutil::unique_id("sigpipe");
+    let (r, w) = nix::unistd::pipe().unwrap();
+    let opts = evoke_container::CreateOptions {
+        stdout: Some(w),
+        ..Default::default()
+    };
+    evoke_container::create(state.path(), &id, &bundle, opts).unwrap();
+    evoke_container::start(state.path(), &id).unwrap();
+    let exit = evoke_container::wait(state.path(), &id).unwrap();
+    evoke_container::delete(state.path(), &id, false).unwrap();
+    let mut out = String::new();
+    std::fs::File::from(r).read_to_string(&mut out).unwrap();
+    assert_eq!(exit.code, 0, "output: {out}");
+    let mask = out
+        .trim()
+        .strip_prefix("SigIgn:")
+        .map(str::trim)
+        .and_then(|m| u64::from_str_radix(m, 16).ok())
+        .unwrap_or_else(|| panic!("no SigIgn line in {out:?}"));
+    // This test process ignores SIGPIPE (Rust's runtime does), so an
+    // inherited disposition would show.
+    assert_eq!(mask & (1 << (libc::SIGPIPE - 1)), 0, "SigIgn {mask:#x}");
+}
