@@ -9,7 +9,7 @@ use std::time::{Duration, SystemTime};
 use anyhow::{bail, Context};
 use evoke_container::tier::ContainerTier;
 use evoke_runtime::image::human_duration;
-use evoke_runtime::{ExecSpec, Stdio, WorkloadRuntime, WorkloadState, WorkloadStatus};
+use evoke_runtime::{ExecSpec, Stdio, TtySize, WorkloadRuntime, WorkloadState, WorkloadStatus};
 
 use crate::cmd::run::{display_name, tiers, COMMAND_LABEL, NAME_LABEL};
 use crate::Global;
@@ -261,9 +261,72 @@ pub fn exec(g: &Global, a: ExecArgs) -> anyhow::Result<u8> {
         stdout: Some(dup(std::io::stdout().as_fd())?),
         stderr: Some(dup(std::io::stderr().as_fd())?),
     };
-    let code = rt.exec(&s.id, &spec, stdio)?;
+    let code = if a.tty {
+        // The terminal's size now and after every resize, until exec ends
+        // and drops the receiver.
+        let (tx, sizes) = std::sync::mpsc::channel();
+        let (stdin, stdout) = (std::io::stdin(), std::io::stdout());
+        let term = [stdin.as_fd(), stdout.as_fd()]
+            .into_iter()
+            .find(|fd| rustix::termios::isatty(fd));
+        if let Some(term) = term {
+            follow_window_size(dup(term)?, tx)?;
+        }
+        rt.exec_with_resize(&s.id, &spec, stdio, sizes)?
+    } else {
+        rt.exec(&s.id, &spec, stdio)?
+    };
     drop(raw);
     Ok(u8::try_from(code).unwrap_or(255))
+}
+
+/// The size of terminal `fd`; `None` when it is no terminal or reports
+/// no size (0x0, as a pty nobody sized).
+fn terminal_size(fd: impl std::os::fd::AsFd) -> Option<TtySize> {
+    let ws = rustix::termios::tcgetwinsize(fd).ok()?;
+    (ws.ws_col > 0 && ws.ws_row > 0).then_some(TtySize {
+        cols: ws.ws_col,
+        rows: ws.ws_row,
+    })
+}
+
+/// Sends terminal `term`'s size to `sizes` at once and again on every
+/// SIGWINCH, from a thread that ends at the first signal after the
+/// receiver went away (or with the process).
+fn follow_window_size(
+    term: std::os::fd::OwnedFd,
+    sizes: std::sync::mpsc::Sender<TtySize>,
+) -> anyhow::Result<()> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_io()
+        .build()
+        .context("a runtime for SIGWINCH")?;
+    // Registered before the first size is read, so no resize in between is lost.
+    let mut winch = {
+        let _in_rt = rt.enter();
+        tokio::signal::unix::signal(tokio::signal::unix::SignalKind::window_change())
+            .context("listening for SIGWINCH")?
+    };
+    if let Some(size) = terminal_size(&term) {
+        let _ = sizes.send(size);
+    }
+    std::thread::Builder::new()
+        .name("winch".into())
+        .spawn(move || {
+            rt.block_on(async move {
+                while winch.recv().await.is_some() {
+                    let Some(size) = terminal_size(&term) else {
+                        continue;
+                    };
+                    tracing::debug!(cols = size.cols, rows = size.rows, "terminal resized");
+                    if sizes.send(size).is_err() {
+                        break;
+                    }
+                }
+            })
+        })
+        .context("spawning the SIGWINCH thread")?;
+    Ok(())
 }
 
 pub fn stop(g: &Global, a: StopArgs) -> anyhow::Result<u8> {
@@ -300,4 +363,54 @@ pub fn rm(g: &Global, a: RmArgs) -> anyhow::Result<u8> {
         println!("{c}");
     }
     Ok(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn winsize(cols: u16, rows: u16) -> rustix::termios::Winsize {
+        rustix::termios::Winsize {
+            ws_row: rows,
+            ws_col: cols,
+            ws_xpixel: 0,
+            ws_ypixel: 0,
+        }
+    }
+
+    #[test]
+    fn exec_t_sends_the_terminal_size_at_once_and_after_each_sigwinch() {
+        let pty = nix::pty::openpty(None, None).expect("openpty");
+        rustix::termios::tcsetwinsize(&pty.master, winsize(101, 33)).expect("size the pty");
+        let (tx, sizes) = std::sync::mpsc::channel();
+        let term = pty.slave.try_clone().expect("dup the pty");
+        follow_window_size(term, tx).expect("follow the size");
+        let wait = Duration::from_secs(10);
+        assert_eq!(
+            sizes.recv_timeout(wait).expect("the first size"),
+            TtySize {
+                cols: 101,
+                rows: 33
+            }
+        );
+        // A resize, then the signal a terminal sends its foreground group.
+        rustix::termios::tcsetwinsize(&pty.master, winsize(120, 40)).expect("resize the pty");
+        nix::sys::signal::raise(nix::sys::signal::Signal::SIGWINCH).expect("raise SIGWINCH");
+        assert_eq!(
+            sizes.recv_timeout(wait).expect("the size after SIGWINCH"),
+            TtySize {
+                cols: 120,
+                rows: 40
+            }
+        );
+    }
+
+    #[test]
+    fn a_file_that_is_no_terminal_has_no_size() {
+        let f = tempfile::tempfile().expect("a temp file");
+        assert_eq!(terminal_size(&f), None);
+        let pty = nix::pty::openpty(None, None).expect("openpty");
+        rustix::termios::tcsetwinsize(&pty.master, winsize(0, 0)).expect("unsize the pty");
+        assert_eq!(terminal_size(&pty.slave), None);
+    }
 }
