@@ -37,9 +37,11 @@ const MAX_IDLE_READERS: usize = 8;
 /// database and its fsync; the [`Checkpointer`] thread normally does that
 /// work beside the writer. Under a steady stream of commits the WAL can only
 /// start over once a checkpoint has caught up with no commit in between,
-/// which the writer's own pass guarantees: it bounds the WAL at 16 MiB, and
-/// is short because the thread has already copied most frames.
-const WRITER_AUTOCHECKPOINT: i64 = 4_000;
+/// which the writer's own pass guarantees. At 2,000 frames (8 MiB) one large
+/// transaction (a compaction deleting thousands of rows) that crosses the
+/// mark still leaves the WAL well under 20 MiB, and the pass is short because
+/// the thread has already copied most frames.
+const WRITER_AUTOCHECKPOINT: i64 = 2_000;
 
 /// Least time between two checkpoints of the [`Checkpointer`] thread, so a
 /// stream of commits does not turn into a checkpoint (two fsyncs) each.
