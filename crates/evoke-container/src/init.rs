@@ -289,7 +289,7 @@ fn container_init(
     if plan.process.terminal {
         let console =
             console.ok_or("process.terminal is true but no --console-socket was given")?;
-        setup_terminal(&console)?;
+        setup_terminal(&console, plan.process.console_size)?;
     } else {
         drop(console);
         ctx(nix::unistd::setsid(), || "setsid".into())?;
@@ -709,7 +709,7 @@ fn protect_paths(plan: &Plan) -> R<()> {
     Ok(())
 }
 
-fn setup_terminal(console: &OwnedFd) -> R<()> {
+fn setup_terminal(console: &OwnedFd, size: Option<(u16, u16)>) -> R<()> {
     use nix::fcntl::OFlag;
     let master = ctx(
         nix::pty::posix_openpt(OFlag::O_RDWR | OFlag::O_NOCTTY | OFlag::O_CLOEXEC),
@@ -726,6 +726,11 @@ fn setup_terminal(console: &OwnedFd) -> R<()> {
             .open(&name),
         || format!("open {name}"),
     )?;
+    if let Some((rows, cols)) = size {
+        ctx(sys::set_winsize(&master, rows, cols), || {
+            "TIOCSWINSZ".into()
+        })?;
+    }
     let iov = [std::io::IoSlice::new(b"/dev/ptmx")];
     let fds = [master.as_raw_fd()];
     let cmsg = [nix::sys::socket::ControlMessage::ScmRights(&fds)];
@@ -995,7 +1000,7 @@ fn exec_intermediate_inner(p: &ProcessPlan, mut fds: ChildFds, status: &OwnedFd)
             if p.terminal {
                 let console =
                     console.ok_or("process.terminal is true but no console socket was given")?;
-                setup_terminal(&console)?;
+                setup_terminal(&console, p.console_size)?;
             } else {
                 drop(console);
             }

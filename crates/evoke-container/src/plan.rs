@@ -60,6 +60,9 @@ pub(crate) struct ProcessPlan {
     pub no_new_privs: bool,
     pub seccomp: Option<seccomp::Program>,
     pub terminal: bool,
+    /// `process.consoleSize` as (rows, columns): the terminal's size before
+    /// the command runs, so its first look at the terminal is not 0x0.
+    pub console_size: Option<(u16, u16)>,
     pub rlimits: Vec<(Resource, u64, u64)>,
     pub oom_score_adj: Option<i32>,
     /// (st_dev, st_ino) of the running binary: the init refuses to exec it
@@ -303,6 +306,10 @@ pub(crate) fn process_plan(
         no_new_privs: p.no_new_privileges().unwrap_or(false),
         seccomp: seccomp.map(seccomp::compile).transpose()?,
         terminal: p.terminal().unwrap_or(false),
+        console_size: p.console_size().map(|b| {
+            let clamp = |v: u64| u16::try_from(v).unwrap_or(u16::MAX);
+            (clamp(b.height()), clamp(b.width()))
+        }),
         rlimits,
         oom_score_adj: p.oom_score_adj(),
         self_exe: self_exe(),

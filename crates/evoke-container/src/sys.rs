@@ -1,5 +1,5 @@
 //! The few raw system calls nix does not wrap safely: fork, clone with
-//! CLONE_PARENT (and clone3 with CLONE_INTO_CGROUP), close_range, _exit and
+//! CLONE_PARENT (and clone3 with CLONE_INTO_CGROUP), close_range, _exit, TIOCSWINSZ and
 //! TIOCSCTTY.
 #![allow(unsafe_code)]
 
@@ -158,6 +158,23 @@ pub(crate) fn set_controlling_tty() -> nix::Result<()> {
     // SAFETY: TIOCSCTTY takes an int argument by value; fd 0 is the pty
     // slave we just put there.
     let rc = unsafe { libc::ioctl(0, libc::TIOCSCTTY, 0) };
+    if rc == -1 {
+        return Err(nix::Error::last());
+    }
+    Ok(())
+}
+
+/// Sets a terminal's size (TIOCSWINSZ).
+pub(crate) fn set_winsize(fd: &impl std::os::fd::AsRawFd, rows: u16, cols: u16) -> nix::Result<()> {
+    let ws = libc::winsize {
+        ws_row: rows,
+        ws_col: cols,
+        ws_xpixel: 0,
+        ws_ypixel: 0,
+    };
+    // SAFETY: TIOCSWINSZ reads a winsize through the pointer, which points
+    // to a valid one on our stack; the fd is open for the call's duration.
+    let rc = unsafe { libc::ioctl(fd.as_raw_fd(), libc::TIOCSWINSZ, &ws) };
     if rc == -1 {
         return Err(nix::Error::last());
     }

@@ -764,6 +764,7 @@ fn status(rec: &Record, state: WorkloadState) -> WorkloadStatus {
 fn exec_process(
     bundle: &Path,
     spec: &ExecSpec,
+    size: Option<TtySize>,
 ) -> Result<oci_spec::runtime::Process, RuntimeError> {
     if spec.command.is_empty() {
         return Err(RuntimeError::InvalidSpec("exec needs a command".into()));
@@ -778,6 +779,9 @@ fn exec_process(
     v["args"] = serde_json::json!(spec.command);
     v["env"] = serde_json::json!(merge_env(&env, &spec.env));
     v["terminal"] = serde_json::json!(spec.tty);
+    if let (true, Some(s)) = (spec.tty, size) {
+        v["consoleSize"] = serde_json::json!({"height": s.rows, "width": s.cols});
+    }
     if let Some(w) = &spec.workdir {
         v["cwd"] = serde_json::json!(w);
     }
@@ -797,7 +801,13 @@ impl ContainerTier {
         sizes: Option<std::sync::mpsc::Receiver<TtySize>>,
     ) -> Result<i32, RuntimeError> {
         let (dir, rec) = self.dirs.load(id)?;
-        let process = exec_process(&dir.join("bundle"), spec)?;
+        // The caller's first size, if it is already on its way, becomes the
+        // terminal's size before the command runs; later ones follow.
+        let first = match (&sizes, spec.tty) {
+            (Some(rx), true) => rx.recv_timeout(Duration::from_millis(20)).ok(),
+            _ => None,
+        };
+        let process = exec_process(&dir.join("bundle"), spec, first)?;
         let [stdin, stdout, stderr] = complete_stdio(stdio, &rec.log_path)?;
         let console = match spec.tty {
             true => Some(console::ConsoleSocket::bind(id)?),
