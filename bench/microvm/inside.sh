@@ -18,9 +18,12 @@ fmts=bzimage
 [ -f "$VMLINUX" ] && fmts="bzimage vmlinux"
 echo "bench: guest kernel $BZIMAGE (formats: $fmts), initramfs $(wc -c </tmp/bench.cpio) bytes, $MEM MiB, 1 vCPU, $N runs each"
 
+# QEMU_MACHINE (from bench/microvm/run's BENCH_QEMU_MACHINE) picks QEMU's
+# machine options; "microvm,rtc=off" drops the RTC whose probe (cmos_init)
+# costs QEMU's guest seconds under nested TCG, where evoke emulates none.
 run_qemu() {
   evoke-guest boottime --guest-mem-mib "$MEM" --timeout-s 300 -- \
-    qemu-system-x86_64 -M microvm -enable-kvm -cpu host -m "$MEM" -smp 1 \
+    qemu-system-x86_64 -M "${QEMU_MACHINE:-microvm}" -enable-kvm -cpu host -m "$MEM" -smp 1 \
     -nodefaults -no-user-config -display none -no-reboot -serial stdio \
     -kernel "$KERNEL" -initrd /tmp/bench.cpio -append "$CMDLINE" \
     -device virtio-serial-device -chardev file,id=agent,path=/tmp/qemu.agent \
