@@ -388,16 +388,7 @@ pub(crate) fn subject(der: &[u8]) -> Option<Subject> {
 /// certificate.
 pub fn kubelet_client_config(creds: &Credentials) -> Result<rustls::ClientConfig, StartError> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let tls_err = |what: &'static str| {
-        move |e: rustls::Error| StartError::Certificate {
-            what,
-            reason: e.to_string(),
-        }
-    };
-    let mut roots = rustls::RootCertStore::empty();
-    for c in parse_certs(&creds.ca_cert_pem, "ca")? {
-        roots.add(c).map_err(tls_err("ca"))?;
-    }
+    let roots = ca_roots(creds)?;
     let chain = parse_certs(&creds.kubelet_client_cert_pem, "kubelet client")?;
     let key = private_key(&creds.kubelet_client_key_pem, "kubelet client key")?;
     rustls::ClientConfig::builder_with_provider(provider)
@@ -450,6 +441,23 @@ fn random_token() -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
+/// Maps a rustls error to a start error naming what was being set up.
+fn tls_err(what: &'static str) -> impl Fn(rustls::Error) -> StartError {
+    move |e| StartError::Certificate {
+        what,
+        reason: e.to_string(),
+    }
+}
+
+/// A root store holding only the cluster CA.
+fn ca_roots(creds: &Credentials) -> Result<rustls::RootCertStore, StartError> {
+    let mut roots = rustls::RootCertStore::empty();
+    for c in parse_certs(&creds.ca_cert_pem, "ca")? {
+        roots.add(c).map_err(tls_err("ca"))?;
+    }
+    Ok(roots)
+}
+
 fn parse_certs(pem: &str, what: &'static str) -> Result<Vec<CertificateDer<'static>>, StartError> {
     rustls_pemfile::certs(&mut pem.as_bytes())
         .collect::<Result<Vec<_>, _>>()
@@ -464,16 +472,7 @@ fn parse_certs(pem: &str, what: &'static str) -> Result<Vec<CertificateDer<'stat
 /// tokens work on the same port.
 pub fn server_config(creds: &Credentials) -> Result<rustls::ServerConfig, StartError> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let tls_err = |what: &'static str| {
-        move |e: rustls::Error| StartError::Certificate {
-            what,
-            reason: e.to_string(),
-        }
-    };
-    let mut roots = rustls::RootCertStore::empty();
-    for c in parse_certs(&creds.ca_cert_pem, "ca")? {
-        roots.add(c).map_err(tls_err("ca"))?;
-    }
+    let roots = ca_roots(creds)?;
     let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone())
         .allow_unauthenticated()
         .build()
