@@ -661,11 +661,44 @@ impl MicroVmTier {
                 })
                 .map_err(|e| RuntimeError::io("starting the exec resize thread", e))?;
         }
+        // A deadline (an exec probe's timeoutSeconds): past it the command
+        // is killed in the guest and the answer is a TimedOut error, as in
+        // the container tier.
+        let timed_out = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (done_tx, done_rx) = std::sync::mpsc::channel::<()>();
+        if let Some(t) = spec.timeout {
+            let (w, flag) = (writer.clone(), timed_out.clone());
+            std::thread::Builder::new()
+                .name(format!("vm-exec-timer-{}", short(id)))
+                .spawn(move || {
+                    if let Err(std::sync::mpsc::RecvTimeoutError::Timeout) = done_rx.recv_timeout(t)
+                    {
+                        flag.store(true, std::sync::atomic::Ordering::SeqCst);
+                        let kill = Frame::ExecSignal {
+                            session: 0,
+                            signal: libc::SIGKILL,
+                        };
+                        let _ = send_exec_frame(&w, &kill);
+                    }
+                })
+                .map_err(|e| RuntimeError::io("starting the exec timer thread", e))?;
+        }
         let mut out: Option<File> = stdio.stdout.map(File::from);
         let mut err: Option<File> = stdio.stderr.map(File::from);
         let result = read_exec_frames(&conn, &mut out, &mut err);
+        drop(done_tx);
         // The stdin and resize threads see their next write fail.
         let _ = conn.shutdown(std::net::Shutdown::Both);
+        if timed_out.load(std::sync::atomic::Ordering::SeqCst) {
+            let t = spec.timeout.unwrap_or_default();
+            return Err(RuntimeError::io(
+                format!("exec {:?} in microvm {id}", spec.command[0]),
+                std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    format!("still running after {t:?}: killed"),
+                ),
+            ));
+        }
         match result {
             Ok(code) => Ok(code),
             Err(why) => Err(tier_err(format!("exec in microvm {id}: {why}"))),
@@ -1297,6 +1330,75 @@ mod tests {
         assert_eq!(fs::read(&err_path).unwrap(), b"typed");
         // The VM ends (its input closes): the mux stops.
         drop(guest.join().unwrap_or_else(|_| panic!("fake guest failed")));
+        mux_thread.join().unwrap();
+    }
+    #[test]
+    fn an_exec_past_its_timeout_is_killed_in_the_guest_and_reported_as_timed_out() {
+        use crate::agent_mux::{bind_exec_socket, GuestOutput, Mailbox, Mux};
+        use std::sync::atomic::AtomicBool;
+        let (_d, tier, vm_dir) = tier_with(WorkloadState::Running { pid: 1 });
+        let pipe = || {
+            let (r, w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).unwrap();
+            (File::from(r), File::from(w))
+        };
+        let (_host_w, host_r) = {
+            let (r, w) = pipe();
+            (w, r)
+        };
+        let (mut guest_in, to_guest) = pipe();
+        let (_main_r, main_w) = pipe();
+        let spoke = Arc::new(AtomicBool::new(true));
+        let mailbox = Mailbox::new().unwrap();
+        let sigfd = nix::sys::signalfd::SignalFd::with_flags(
+            &nix::sys::signal::SigSet::empty(),
+            nix::sys::signalfd::SfdFlags::SFD_NONBLOCK,
+        )
+        .unwrap();
+        let mux = Mux {
+            input: host_r,
+            sigfd,
+            out: to_guest,
+            spoke: spoke.clone(),
+            mailbox: mailbox.clone(),
+            listener: Some(bind_exec_socket(&vm_dir.join(EXEC_SOCKET)).unwrap()),
+        };
+        let mux_thread = std::thread::spawn(move || mux.run());
+        // The guest: the command never ends by itself; it dies of the
+        // signal the host sends, which the guest reports as 128 + 9.
+        let mut guest_out = GuestOutput::new(main_w, mailbox, spoke);
+        let guest = std::thread::spawn(move || loop {
+            match Frame::read_from(&mut guest_in).unwrap() {
+                Some(Frame::ExecSignal { session, signal }) => {
+                    let exit = Frame::ExecExit {
+                        session,
+                        status: evoke_guest::proto::ExitStatus {
+                            code: 128 + signal,
+                            signal,
+                            oom_killed: false,
+                        },
+                    };
+                    exit.write_to(&mut guest_out).unwrap();
+                    return (guest_in, signal);
+                }
+                Some(_) => {}
+                None => panic!("the mux closed the guest's input"),
+            }
+        });
+        let spec = ExecSpec {
+            timeout: Some(Duration::from_millis(300)),
+            ..exec_of(&["sleep", "3600"])
+        };
+        let started = std::time::Instant::now();
+        let err = tier.exec("vmx", &spec, Stdio::default()).unwrap_err();
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "the exec outlived its timeout by far"
+        );
+        let text = err.to_string();
+        assert!(text.contains("still running after"), "{text}");
+        let (guest_in, signal) = guest.join().unwrap_or_else(|_| panic!("fake guest failed"));
+        assert_eq!(signal, libc::SIGKILL);
+        drop(guest_in);
         mux_thread.join().unwrap();
     }
 }
