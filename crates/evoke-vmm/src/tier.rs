@@ -1245,21 +1245,27 @@ mod tests {
         assert!(err.contains("has its VM ended"), "{err}");
     }
 
-    #[test]
-    fn exec_runs_through_the_vmms_exec_socket_with_stdin_output_and_the_exit_code() {
+    /// A running microVM's exec side without a VM: the VMM's agent mux on
+    /// the exec socket in `vm_dir`, and both ends of the agent channel for
+    /// a fake guest.
+    struct FakeVm {
+        guest_in: File,
+        guest_out: crate::agent_mux::GuestOutput<File>,
+        mux_thread: std::thread::JoinHandle<()>,
+        _host_w: File,
+        _main_r: File,
+    }
+
+    fn fake_vm(vm_dir: &Path) -> FakeVm {
         use crate::agent_mux::{bind_exec_socket, GuestOutput, Mailbox, Mux};
         use std::sync::atomic::AtomicBool;
-        let (_d, tier, vm_dir) = tier_with(WorkloadState::Running { pid: 1 });
         let pipe = || {
             let (r, w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).unwrap();
             (File::from(r), File::from(w))
         };
-        let (_host_w, host_r) = {
-            let (r, w) = pipe();
-            (w, r)
-        };
-        let (mut guest_in, to_guest) = pipe();
-        let (_main_r, main_w) = pipe();
+        let (host_r, host_w) = pipe();
+        let (guest_in, to_guest) = pipe();
+        let (main_r, main_w) = pipe();
         let spoke = Arc::new(AtomicBool::new(true));
         let mailbox = Mailbox::new().unwrap();
         let sigfd = nix::sys::signalfd::SignalFd::with_flags(
@@ -1275,10 +1281,27 @@ mod tests {
             mailbox: mailbox.clone(),
             listener: Some(bind_exec_socket(&vm_dir.join(EXEC_SOCKET)).unwrap()),
         };
-        let mux_thread = std::thread::spawn(move || mux.run());
+        FakeVm {
+            guest_in,
+            guest_out: GuestOutput::new(main_w, mailbox, spoke),
+            mux_thread: std::thread::spawn(move || mux.run()),
+            _host_w: host_w,
+            _main_r: main_r,
+        }
+    }
+
+    #[test]
+    fn exec_runs_through_the_vmms_exec_socket_with_stdin_output_and_the_exit_code() {
+        let (_d, tier, vm_dir) = tier_with(WorkloadState::Running { pid: 1 });
+        let FakeVm {
+            mut guest_in,
+            mut guest_out,
+            mux_thread,
+            _host_w,
+            _main_r,
+        } = fake_vm(&vm_dir);
         // The guest: echoes the command line, then its stdin on stderr,
         // and exits 5 at the end of stdin; then the VM ends.
-        let mut guest_out = GuestOutput::new(main_w, mailbox, spoke);
         let guest = std::thread::spawn(move || loop {
             let reply = match Frame::read_from(&mut guest_in).unwrap() {
                 Some(Frame::ExecStart { session, request }) => vec![Frame::ExecStdout {
@@ -1334,38 +1357,16 @@ mod tests {
     }
     #[test]
     fn an_exec_past_its_timeout_is_killed_in_the_guest_and_reported_as_timed_out() {
-        use crate::agent_mux::{bind_exec_socket, GuestOutput, Mailbox, Mux};
-        use std::sync::atomic::AtomicBool;
         let (_d, tier, vm_dir) = tier_with(WorkloadState::Running { pid: 1 });
-        let pipe = || {
-            let (r, w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).unwrap();
-            (File::from(r), File::from(w))
-        };
-        let (_host_w, host_r) = {
-            let (r, w) = pipe();
-            (w, r)
-        };
-        let (mut guest_in, to_guest) = pipe();
-        let (_main_r, main_w) = pipe();
-        let spoke = Arc::new(AtomicBool::new(true));
-        let mailbox = Mailbox::new().unwrap();
-        let sigfd = nix::sys::signalfd::SignalFd::with_flags(
-            &nix::sys::signal::SigSet::empty(),
-            nix::sys::signalfd::SfdFlags::SFD_NONBLOCK,
-        )
-        .unwrap();
-        let mux = Mux {
-            input: host_r,
-            sigfd,
-            out: to_guest,
-            spoke: spoke.clone(),
-            mailbox: mailbox.clone(),
-            listener: Some(bind_exec_socket(&vm_dir.join(EXEC_SOCKET)).unwrap()),
-        };
-        let mux_thread = std::thread::spawn(move || mux.run());
+        let FakeVm {
+            mut guest_in,
+            mut guest_out,
+            mux_thread,
+            _host_w,
+            _main_r,
+        } = fake_vm(&vm_dir);
         // The guest: the command never ends by itself; it dies of the
         // signal the host sends, which the guest reports as 128 + 9.
-        let mut guest_out = GuestOutput::new(main_w, mailbox, spoke);
         let guest = std::thread::spawn(move || loop {
             match Frame::read_from(&mut guest_in).unwrap() {
                 Some(Frame::ExecSignal { session, signal }) => {
