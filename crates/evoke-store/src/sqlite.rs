@@ -47,6 +47,9 @@ const WRITER_AUTOCHECKPOINT: i64 = 2_000;
 /// stream of commits does not turn into a checkpoint (two fsyncs) each.
 const CHECKPOINT_SPACING: std::time::Duration = std::time::Duration::from_millis(200);
 
+/// Attempts (5 ms apart) at the checkpoint that ends a compaction.
+const COMPACT_CHECKPOINT_TRIES: usize = 200;
+
 /// Page cache of the writer connection, as SQLite's `cache_size` (negative:
 /// KiB).
 const WRITER_CACHE_KIB: i64 = -1024;
@@ -901,9 +904,30 @@ impl Writer {
                 Ok(())
             })
             .map_err(|e| sql_err(&path, e))?;
-        self.conn
-            .query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(()))
-            .map_err(|e| sql_err(&path, e))?;
+        // A passive checkpoint gives up while the background checkpointer
+        // runs one, which left the vacuumed pages in the WAL and the main
+        // file at its old size until the next commit. TRUNCATE waits (under
+        // the busy timeout) for that checkpoint and for readers, copies
+        // every frame back and empties the WAL. Compactions are rare, so the
+        // wait is cheap.
+        let mut busy = 1;
+        for _ in 0..COMPACT_CHECKPOINT_TRIES {
+            busy = self
+                .conn
+                .query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |r| {
+                    r.get::<_, i64>(0)
+                })
+                .map_err(|e| sql_err(&path, e))?;
+            if busy == 0 {
+                break;
+            }
+            // The background checkpointer holds the checkpoint lock, which
+            // the busy handler does not wait for.
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        if busy != 0 {
+            tracing::warn!(path = %path.display(), "checkpoint after compaction was blocked by a reader; the file shrinks at a later checkpoint");
+        }
         tracing::info!(
             path = %path.display(),
             revision,
