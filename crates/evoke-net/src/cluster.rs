@@ -182,13 +182,10 @@ impl NodeNetwork {
         let records = Arc::new(RwLock::new(Records::new(&self.cfg.cluster_domain)));
         // A DNS server that cannot bind (another one holds port 53 on every
         // address) costs the pods their names, not their network.
-        match DnsServer::bind(SocketAddr::from((dns_ip, 53)), records.clone()).await {
-            Ok(dns) => {
-                tokio::spawn(dns.serve());
-            }
-            Err(e) => {
-                tracing::error!(error = %e, dns = %dns_ip, "cluster DNS not served; pods will not resolve names")
-            }
+        if let Err(e) =
+            DnsServer::serve_on_own_thread(SocketAddr::from((dns_ip, 53)), records.clone())
+        {
+            tracing::error!(error = %e, dns = %dns_ip, "cluster DNS not served; pods will not resolve names");
         }
         let cluster = self.cfg.cluster_cidr;
         let proxy = blocking(move || Proxy::new(None, cluster)).await?;

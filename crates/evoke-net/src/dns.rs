@@ -340,6 +340,54 @@ impl DnsServer {
         })
     }
 
+    /// Binds the server and serves it on a thread of its own, with a
+    /// runtime of its own, for the life of the process. Pods' lookups then
+    /// never wait behind the node's other work: a busy or blocked worker of
+    /// the main runtime (a burst of pod starts on a loaded machine) would
+    /// otherwise hold up both the receive task and the reactor that wakes
+    /// it, and glibc clients give up on a name after two 5 s timeouts.
+    pub fn serve_on_own_thread(
+        addr: SocketAddr,
+        records: Arc<RwLock<Records>>,
+    ) -> Result<SocketAddr, NetError> {
+        let io = |what: String| move |e| NetError::io(std::path::Path::new(&what), e);
+        let udp = std::net::UdpSocket::bind(addr).map_err(io(format!("udp {addr}")))?;
+        let bound = udp.local_addr().map_err(io("dns socket".into()))?;
+        let tcp = std::net::TcpListener::bind(bound).map_err(io(format!("tcp {bound}")))?;
+        udp.set_nonblocking(true).map_err(io("dns socket".into()))?;
+        tcp.set_nonblocking(true).map_err(io("dns socket".into()))?;
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(io("dns runtime".into()))?;
+        std::thread::Builder::new()
+            .name("evoke-dns".into())
+            .spawn(move || {
+                runtime.block_on(async move {
+                    // Registered with this thread's reactor, not the caller's.
+                    let (socket, listener) = match (
+                        UdpSocket::from_std(udp),
+                        TcpListener::from_std(tcp),
+                    ) {
+                        (Ok(u), Ok(t)) => (u, t),
+                        (Err(e), _) | (_, Err(e)) => {
+                            warn!(error = %e, "cluster DNS sockets; pods will not resolve names");
+                            return;
+                        }
+                    };
+                    Self {
+                        socket,
+                        listener,
+                        records,
+                    }
+                    .serve()
+                    .await
+                })
+            })
+            .map_err(io("dns thread".into()))?;
+        Ok(bound)
+    }
+
     /// The bound address.
     pub fn local_addr(&self) -> Result<SocketAddr, NetError> {
         self.socket
@@ -611,6 +659,41 @@ mod tests {
         let r = records();
         assert!(respond(&r, b"").is_err());
         assert!(respond(&r, &[0xff; 7]).is_err());
+    }
+
+    #[test]
+    fn the_server_on_its_own_thread_answers_while_the_callers_runtime_is_blocked() {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        let records = Arc::new(RwLock::new(records()));
+        rt.block_on(async {
+            let addr = DnsServer::serve_on_own_thread(
+                "127.0.0.1:0".parse().expect("addr"),
+                records.clone(),
+            )
+            .expect("serve");
+            // This runtime's only worker is now stuck in blocking code: a
+            // server driven by it could not answer.
+            let client = std::net::UdpSocket::bind("127.0.0.1:0").expect("client");
+            client
+                .set_read_timeout(Some(std::time::Duration::from_secs(5)))
+                .expect("timeout");
+            let mut m = Message::query();
+            m.add_query(Query::query(
+                Name::from_ascii("web.shop.svc.cluster.local.").expect("name"),
+                RecordType::A,
+            ));
+            client
+                .send_to(&m.to_vec().expect("encode"), addr)
+                .expect("send");
+            let mut buf = [0u8; 512];
+            let n = client.recv(&mut buf).expect("an answer within 5 s");
+            let resp = Message::from_vec(&buf[..n]).expect("decode");
+            assert_eq!(resp.metadata.response_code, ResponseCode::NoError);
+            assert_eq!(resp.answers.len(), 1);
+        });
     }
 
     #[tokio::test]

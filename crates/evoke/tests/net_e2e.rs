@@ -428,8 +428,10 @@ spec:
 ";
 
 /// A client pod: one-off checks printed as `TAG value`, then a request
-/// to http://web/ every 200 ms printed as `LB <body or error>`.
-fn client_pod(direct_ip: &str) -> String {
+/// to http://web/ every 200 ms printed as `LB <body or error>`. The
+/// affinity check goes to the sticky Service's ClusterIP, so that it tests
+/// the proxy alone (names are checked above it).
+fn client_pod(direct_ip: &str, sticky_ip: &str) -> String {
     let script = [
         "cat /etc/resolv.conf".to_string(),
         format!("echo POD $(wget -q -O - http://{direct_ip}:8080/ 2>&1)"),
@@ -440,7 +442,7 @@ fn client_pod(direct_ip: &str) -> String {
         "echo HEADLESS $(nslookup web-h.default.svc.cluster.local 2>&1 | grep -v 10.43.0.10 | grep Address | tr '\\n' ' ')".into(),
         "echo PODNAME $(nslookup web-1.web-h.default.svc.cluster.local 2>&1 | grep -v 10.43.0.10 | grep Address | tr '\\n' ' ')".into(),
         "if nc -w 3 kubernetes.default 443 </dev/null; then echo KUBE open; else echo KUBE closed; fi".into(),
-        "for i in 1 2 3 4 5 6 7 8 9 10 11 12; do echo STICKY $(wget -q -O - http://web-sticky/ 2>&1); done".into(),
+        format!("for i in 1 2 3 4 5 6 7 8 9 10 11 12; do echo STICKY $(wget -q -O - http://{sticky_ip}/ 2>&1); done"),
         "echo SETUP done".into(),
         "while true; do echo LB $(timeout 3 wget -q -O - http://web/ 2>&1); sleep 0.2; done".into(),
     ]
@@ -530,7 +532,14 @@ fn pods_reach_each_other_and_services_spread_load_follow_readiness_resolve_and_s
         Some("web-0")
     );
 
-    c.ok(&["apply", "-f", "-"], Some(&client_pod(&ips["web-0"])));
+    let sticky_svc = c.json(&["get", "svc", "web-sticky"]);
+    let sticky_ip = sticky_svc["spec"]["clusterIP"]
+        .as_str()
+        .expect("web-sticky has a ClusterIP");
+    c.ok(
+        &["apply", "-f", "-"],
+        Some(&client_pod(&ips["web-0"], sticky_ip)),
+    );
     c.ok(&["apply", "-f", "-"], Some(DNS_CONFIG_POD));
     c.wait_for("the client's one-off checks", 90, || {
         c.logs("client").contains("SETUP done")
