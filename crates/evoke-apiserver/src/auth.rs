@@ -163,6 +163,7 @@ pub(crate) async fn authorize(
     who: &Identity,
     method: &Method,
     path: &str,
+    query: Option<&str>,
     body: &[u8],
 ) -> Result<(), String> {
     let node = match who {
@@ -205,10 +206,7 @@ pub(crate) async fn authorize(
         return Err(denied(""));
     }
     if read {
-        if let Some(kind) = Referenced::of(t.resource).filter(|_| t.group.is_empty()) {
-            return own_reference(state, node, kind, &t, &denied).await;
-        }
-        return Ok(());
+        return node_read(state, node, &t, query, &denied).await;
     }
     // The name a write is about: in the path, or in a created object.
     let named = || -> Option<String> {
@@ -262,6 +260,149 @@ pub(crate) async fn authorize(
         }
         _ => Err(denied("")),
     }
+}
+
+/// What node `node` may read (get, list, watch), as Kubernetes 1.32's node
+/// authorizer with AuthorizeNodeWithSelectors allows a kubelet: its own
+/// pods (by name, or listed and watched with the field selector
+/// `spec.nodeName=NODE`), the Secrets and ConfigMaps they use, its own
+/// Lease, Services, Endpoints and EndpointSlices (its service proxy and
+/// DNS), RuntimeClasses, and Nodes. Unlike Kubernetes, every Node, not only
+/// its own: the node's pod network routes to every other node's podCIDR
+/// (k3s gives its agent's flannel a second identity for that). Nothing
+/// else: no Deployments, Namespaces, Events, ServiceAccounts...
+async fn node_read(
+    state: &State,
+    node: &str,
+    t: &Target<'_>,
+    query: Option<&str>,
+    denied: &(dyn Fn(&str) -> String + Sync),
+) -> Result<(), String> {
+    match (t.group, t.resource) {
+        ("", "secrets" | "configmaps") => {
+            let kind = Referenced::of(t.resource).ok_or_else(|| denied(""))?;
+            own_reference(state, node, kind, t, denied).await
+        }
+        ("", "pods") if t.name.is_some() => own_pod(state, node, t, denied).await,
+        ("", "pods") => {
+            if selects_node(query, node) {
+                Ok(())
+            } else {
+                Err(denied(&format!(
+                    ": a node lists and watches only its own pods (fieldSelector spec.nodeName={node})"
+                )))
+            }
+        }
+        ("coordination.k8s.io", "leases") => {
+            if t.namespace == Some(crate::bootstrap::NODE_LEASE_NAMESPACE) && t.name == Some(node) {
+                Ok(())
+            } else {
+                Err(denied(
+                    ": a node reads only its own Lease in kube-node-lease",
+                ))
+            }
+        }
+        ("", "nodes" | "services" | "endpoints")
+        | ("discovery.k8s.io", "endpointslices")
+        | ("node.k8s.io", "runtimeclasses") => Ok(()),
+        _ => Err(denied("")),
+    }
+}
+
+/// Whether a query's fieldSelector requires `spec.nodeName` to be `node`
+/// (one of its comma-separated terms is `spec.nodeName=node` or `==node`).
+fn selects_node(query: Option<&str>, node: &str) -> bool {
+    let params = crate::route::Params::parse(query);
+    params.get("fieldSelector").is_some_and(|v| {
+        v.split(',').any(|term| {
+            term.split_once('=').is_some_and(|(field, value)| {
+                field.trim() == "spec.nodeName"
+                    && value.strip_prefix('=').unwrap_or(value).trim() == node
+            })
+        })
+    })
+}
+
+/// Labels a node may not set, change or remove on its own Node, as
+/// Kubernetes' NodeRestriction admission decides (KEP-279): anything under
+/// `node-restriction.kubernetes.io/` (where admins put labels workloads may
+/// trust), and any other `kubernetes.io` or `k8s.io` label except the
+/// kubelet's own set (hostname, os, arch, instance type, topology) and the
+/// `kubelet.kubernetes.io/` and `node.kubernetes.io/` prefixes. So a node
+/// cannot steer workloads meant for other nodes to itself, e.g. by calling
+/// itself `node-role.kubernetes.io/control-plane`.
+pub(crate) fn node_may_not_set_label(key: &str) -> bool {
+    const KUBELET_LABELS: [&str; 11] = [
+        "kubernetes.io/hostname",
+        "kubernetes.io/os",
+        "kubernetes.io/arch",
+        "beta.kubernetes.io/os",
+        "beta.kubernetes.io/arch",
+        "beta.kubernetes.io/instance-type",
+        "node.kubernetes.io/instance-type",
+        "topology.kubernetes.io/region",
+        "topology.kubernetes.io/zone",
+        "failure-domain.beta.kubernetes.io/region",
+        "failure-domain.beta.kubernetes.io/zone",
+    ];
+    let domain = key.split_once('/').map_or("", |(d, _)| d);
+    let under = |base: &str| {
+        domain == base
+            || domain
+                .strip_suffix(base)
+                .is_some_and(|rest| rest.ends_with('.'))
+    };
+    if under("node-restriction.kubernetes.io") {
+        return true;
+    }
+    let kubernetes = under("kubernetes.io") || under("k8s.io");
+    kubernetes
+        && !KUBELET_LABELS.contains(&key)
+        && !under("kubelet.kubernetes.io")
+        && !under("node.kubernetes.io")
+}
+
+/// NodeRestriction for a node writing its own Node: `old` is None for a
+/// create. A node may register with taints but never change them later
+/// (the node lifecycle controller owns them), and may not set, change or
+/// remove the labels [`node_may_not_set_label`] names. Err is the message
+/// of a 403.
+pub(crate) fn admit_node_object(
+    node: &str,
+    old: Option<&Value>,
+    new: &Value,
+) -> Result<(), String> {
+    let labels = |v: Option<&Value>| {
+        v.and_then(|v| v["metadata"]["labels"].as_object().cloned())
+            .unwrap_or_default()
+    };
+    let (before, after) = (labels(old), labels(Some(new)));
+    let mut changed: Vec<&String> = before
+        .keys()
+        .chain(after.keys())
+        .filter(|k| before.get(*k) != after.get(*k) && node_may_not_set_label(k))
+        .collect();
+    changed.sort();
+    changed.dedup();
+    if !changed.is_empty() {
+        let list: Vec<&str> = changed.iter().map(|k| k.as_str()).collect();
+        return Err(format!(
+            "node \"{node}\" is not allowed to modify labels: {}",
+            list.join(", ")
+        ));
+    }
+    if let Some(old) = old {
+        let taints = |v: &Value| {
+            v["spec"]["taints"]
+                .as_array()
+                .filter(|a| !a.is_empty())
+                .cloned()
+        };
+        if taints(old) != taints(new) {
+            return Err(format!("node \"{node}\" is not allowed to modify taints"));
+        }
+    }
+    Ok(())
 }
 
 /// What a pod may reference by name that a node may then read.
@@ -548,11 +689,38 @@ mod tests {
         let named = |n: &str| format!(r#"{{"metadata": {{"name": "{n}"}}}}"#);
         let try_ = |m: Method, p: &'static str, body: String| {
             let (state, node) = (&state, &node);
-            async move { authorize(state, node, &m, p, body.as_bytes()).await }
+            async move {
+                let (path, query) = p.split_once('?').map_or((p, None), |(a, q)| (a, Some(q)));
+                authorize(state, node, &m, path, query, body.as_bytes()).await
+            }
         };
         let ok = |m: Method, p: &'static str| try_(m, p, String::new());
         // What the agent does.
-        assert!(ok(Method::GET, "/api/v1/pods").await.is_ok());
+        assert!(
+            ok(Method::GET, "/api/v1/pods?fieldSelector=spec.nodeName%3Dn2")
+                .await
+                .is_ok()
+        );
+        assert!(ok(
+            Method::GET,
+            "/api/v1/watch/pods?watch=1&fieldSelector=status.phase%21%3DFailed%2Cspec.nodeName%3D%3Dn2"
+        )
+        .await
+        .is_ok());
+        assert!(ok(Method::GET, "/api/v1/namespaces/ns/pods/mine")
+            .await
+            .is_ok());
+        for p in [
+            "/api/v1/nodes",
+            "/api/v1/nodes/n3",
+            "/api/v1/services",
+            "/api/v1/endpoints",
+            "/apis/discovery.k8s.io/v1/endpointslices?watch=1",
+            "/apis/node.k8s.io/v1/runtimeclasses/container",
+            "/apis/coordination.k8s.io/v1/namespaces/kube-node-lease/leases/n2",
+        ] {
+            assert!(ok(Method::GET, p).await.is_ok(), "{p}");
+        }
         assert!(ok(Method::GET, "/api/v1/namespaces/ns/secrets/mine-env")
             .await
             .is_ok());
@@ -617,6 +785,48 @@ mod tests {
                 String::new(),
             ),
             (Method::GET, "/api/v1/configmaps", String::new()),
+            // Pods: only its own, and lists only scoped to it.
+            (Method::GET, "/api/v1/pods", String::new()),
+            (
+                Method::GET,
+                "/api/v1/pods?fieldSelector=spec.nodeName%3Dn3",
+                String::new(),
+            ),
+            (
+                Method::GET,
+                "/api/v1/pods?fieldSelector=spec.nodeName%21%3Dn2",
+                String::new(),
+            ),
+            (
+                Method::GET,
+                "/api/v1/pods?labelSelector=spec.nodeName%3Dn2",
+                String::new(),
+            ),
+            (
+                Method::GET,
+                "/api/v1/namespaces/ns/pods/theirs",
+                String::new(),
+            ),
+            // What a node has no use for.
+            (
+                Method::GET,
+                "/apis/apps/v1/namespaces/ns/deployments",
+                String::new(),
+            ),
+            (Method::GET, "/apis/apps/v1/replicasets", String::new()),
+            (Method::GET, "/api/v1/namespaces", String::new()),
+            (Method::GET, "/api/v1/events", String::new()),
+            (Method::GET, "/api/v1/serviceaccounts", String::new()),
+            (
+                Method::GET,
+                "/apis/coordination.k8s.io/v1/namespaces/kube-node-lease/leases/n3",
+                String::new(),
+            ),
+            (
+                Method::GET,
+                "/apis/coordination.k8s.io/v1/leases",
+                String::new(),
+            ),
             (Method::POST, "/api/v1/nodes", named("n3")),
             (Method::POST, "/api/v1/nodes", "not json: [".to_string()),
             (Method::PATCH, "/api/v1/nodes/n3/status", String::new()),
@@ -701,11 +911,99 @@ mod tests {
                 (Method::GET, "/api/v1/nodes"),
             ] {
                 assert_eq!(
-                    authorize(&state, &who, &m, p, b"").await.is_ok(),
+                    authorize(&state, &who, &m, p, None, b"").await.is_ok(),
                     allowed,
                     "{who:?} {m} {p}"
                 );
             }
         }
+    }
+
+    #[test]
+    fn a_node_may_set_only_kubelet_labels_under_kubernetes_io_and_never_node_restriction_ones() {
+        for allowed in [
+            "kubernetes.io/hostname",
+            "kubernetes.io/arch",
+            "topology.kubernetes.io/zone",
+            "node.kubernetes.io/instance-type",
+            "node.kubernetes.io/exclude-from-external-load-balancers",
+            "kubelet.kubernetes.io/anything",
+            "foo.kubelet.kubernetes.io/x",
+            "evoke.test/pool",
+            "example.com/role",
+            "plain",
+            "notkubernetes.io/x",
+        ] {
+            assert!(!node_may_not_set_label(allowed), "{allowed}");
+        }
+        for forbidden in [
+            "node-restriction.kubernetes.io/dedicated",
+            "foo.node-restriction.kubernetes.io/x",
+            "node-role.kubernetes.io/control-plane",
+            "kubernetes.io/role",
+            "k8s.io/x",
+            "example.k8s.io/x",
+            "x.kubernetes.io/y",
+        ] {
+            assert!(node_may_not_set_label(forbidden), "{forbidden}");
+        }
+    }
+
+    #[test]
+    fn node_restriction_refuses_protected_label_changes_and_taint_updates_by_the_node() {
+        let node = |labels: Value, taints: Value| {
+            serde_json::json!({"metadata": {"name": "n2", "labels": labels},
+                "spec": {"taints": taints}})
+        };
+        let base = node(
+            serde_json::json!({"kubernetes.io/hostname": "n2",
+                "node-restriction.kubernetes.io/pool": "a"}),
+            serde_json::json!([]),
+        );
+        // Registering with a protected label, or a role, is refused...
+        let e = admit_node_object("n2", None, &base).unwrap_err();
+        assert_eq!(
+            e,
+            "node \"n2\" is not allowed to modify labels: node-restriction.kubernetes.io/pool"
+        );
+        let with_role = node(
+            serde_json::json!({"node-role.kubernetes.io/master": "true"}),
+            Value::Null,
+        );
+        assert!(admit_node_object("n2", None, &with_role).is_err());
+        // ...registering with taints and its own labels is not.
+        let fresh = node(
+            serde_json::json!({"kubernetes.io/hostname": "n2", "evoke.test/pool": "x"}),
+            serde_json::json!([{"key": "k", "effect": "NoSchedule"}]),
+        );
+        assert!(admit_node_object("n2", None, &fresh).is_ok());
+        // An admin's protected label stays as it is through the node's
+        // updates, which may change its other labels...
+        let mut changed = base.clone();
+        changed["metadata"]["labels"]["evoke.test/pool"] = "y".into();
+        assert!(admit_node_object("n2", Some(&base), &changed).is_ok());
+        // ...but not change or remove it, nor touch taints.
+        let mut edited = base.clone();
+        edited["metadata"]["labels"]["node-restriction.kubernetes.io/pool"] = "b".into();
+        assert!(admit_node_object("n2", Some(&base), &edited).is_err());
+        let mut removed = base.clone();
+        removed["metadata"]["labels"] = serde_json::json!({"kubernetes.io/hostname": "n2"});
+        assert!(admit_node_object("n2", Some(&base), &removed).is_err());
+        let mut untainted = node(serde_json::json!({}), Value::Null);
+        let tainted = node(
+            serde_json::json!({}),
+            serde_json::json!([{"key": "node.kubernetes.io/not-ready", "effect": "NoExecute"}]),
+        );
+        let e = admit_node_object("n2", Some(&tainted), &untainted).unwrap_err();
+        assert_eq!(e, "node \"n2\" is not allowed to modify taints");
+        assert!(admit_node_object("n2", Some(&untainted), &tainted).is_err());
+        // An empty list is no taints.
+        untainted["spec"]["taints"] = serde_json::json!([]);
+        assert!(admit_node_object(
+            "n2",
+            Some(&node(serde_json::json!({}), Value::Null)),
+            &untainted
+        )
+        .is_ok());
     }
 }

@@ -37,7 +37,14 @@ struct JoinRequest {
 }
 
 impl JoinRequest {
+    /// A join: every field is required.
     fn parse(body: &[u8]) -> Result<JoinRequest, ApiError> {
+        Self::parse_with(body, true)
+    }
+
+    /// `need_password`: a join proves the node with its password; a
+    /// renewal with its current certificate, so it sends none.
+    fn parse_with(body: &[u8], need_password: bool) -> Result<JoinRequest, ApiError> {
         let v: Value = serde_json::from_slice(body)
             .map_err(|e| ApiError::bad_request(format!("join request: {e}")))?;
         let field = |name: &str| -> Result<String, ApiError> {
@@ -53,7 +60,11 @@ impl JoinRequest {
                 "join request: node name {node:?}: {why}"
             )));
         }
-        let password = field("nodePassword")?;
+        let password = if need_password {
+            field("nodePassword")?
+        } else {
+            String::new()
+        };
         if password.len() > 1024 {
             return Err(ApiError::bad_request(
                 "join request: nodePassword is longer than 1024 bytes",
@@ -177,6 +188,48 @@ pub(crate) async fn join(state: &State, body: &[u8]) -> Reply {
         Ok(v) => respond::json(200, &v),
         Err(e) => {
             tracing::info!(error = %e.message, "join refused");
+            respond::error(&e)
+        }
+    }
+}
+
+/// `POST /v1-evoke/node-credentials` by node `node` itself (its current,
+/// still valid client certificate authenticated it): signs fresh client
+/// and serving certificates, as a kubelet's certificate rotation gets them.
+/// The request names the node, which must be the caller; the password is
+/// not needed, the certificate proves who it is.
+pub(crate) async fn renew(state: &State, node: &str, body: &[u8]) -> Reply {
+    let result = (|| {
+        let req = JoinRequest::parse_with(body, false)?;
+        if req.node != node {
+            return Err(ApiError::new(
+                403,
+                "Forbidden",
+                format!(
+                    "node {node} may not renew the certificates of node {}",
+                    req.node
+                ),
+            ));
+        }
+        let certs = tls::sign_node_certificates(
+            &state.credentials,
+            &req.node,
+            &req.addresses,
+            &req.client_csr,
+            &req.serving_csr,
+        )
+        .map_err(|e| ApiError::bad_request(format!("renewal request: {e}")))?;
+        tracing::info!(%node, addresses = ?req.addresses, "renewed node certificates");
+        Ok::<_, ApiError>(json!({
+            "clientCertificate": certs.client_cert_pem,
+            "servingCertificate": certs.serving_cert_pem,
+            "caCertificate": state.credentials.ca_cert_pem,
+        }))
+    })();
+    match result {
+        Ok(v) => respond::json(200, &v),
+        Err(e) => {
+            tracing::info!(%node, error = %e.message, "renewal refused");
             respond::error(&e)
         }
     }
@@ -424,5 +477,37 @@ mod tests {
             let msg = String::from_utf8_lossy(&bytes);
             assert!(msg.contains(needle), "{body}: {msg}");
         }
+    }
+
+    #[tokio::test]
+    async fn a_node_renews_only_its_own_certificates_and_needs_no_password_for_it() {
+        let mut state = State::for_tests(std::sync::Arc::new(
+            evoke_store::memory::MemoryBackend::new(),
+        ));
+        state.credentials.node_cert_lifetime = std::time::Duration::from_secs(60);
+        let (_, client_csr) = tls::key_and_request().expect("csr");
+        let (_, serving_csr) = tls::key_and_request().expect("csr");
+        let body = |node: &str| {
+            json!({"nodeName": node, "addresses": ["10.0.0.7"],
+                "clientCsr": client_csr, "servingCsr": serving_csr})
+            .to_string()
+        };
+        let reply = renew(&state, "n2", body("n2").as_bytes()).await;
+        assert_eq!(reply.status().as_u16(), 200);
+        let bytes = reply.into_body().collect().await.expect("body").to_bytes();
+        let answer: Value = serde_json::from_slice(&bytes).expect("json");
+        let client = der(answer["clientCertificate"].as_str().expect("client"));
+        assert_eq!(
+            crate::auth::certificate_identity(&tls::subject(&client).expect("subject")),
+            Some(crate::auth::Identity::Node("n2".into()))
+        );
+        // Valid for the configured minute (backdated by a quarter of it).
+        let (_, cert) = x509_parser::parse_x509_certificate(&client).expect("x509");
+        let v = cert.validity();
+        let life = v.not_after.timestamp() - v.not_before.timestamp();
+        assert_eq!(life, 75, "{v:?}");
+        assert!((v.not_after.timestamp() - tls::unix_now() - 60).abs() <= 2);
+        let reply = renew(&state, "n2", body("n3").as_bytes()).await;
+        assert_eq!(reply.status().as_u16(), 403);
     }
 }

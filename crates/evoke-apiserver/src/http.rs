@@ -60,14 +60,19 @@ pub(crate) async fn serve(
                 }
                 Err(_) => return,
             };
-            // Who a verified client certificate names (see auth.rs).
+            // Who a verified client certificate names (see auth.rs), and
+            // until when: the handshake checked its validity once, but a
+            // connection may outlive the certificate, so every request
+            // checks again (as kube-apiserver's x509 authenticator does).
             let cert = tls
                 .get_ref()
                 .1
                 .peer_certificates()
                 .and_then(|c| c.first())
                 .map(|c| {
-                    crate::tls::subject(c.as_ref()).and_then(|s| auth::certificate_identity(&s))
+                    let who = crate::tls::subject(c.as_ref())
+                        .and_then(|s| auth::certificate_identity(&s));
+                    (who, crate::tls::not_after(c.as_ref()).unwrap_or(i64::MIN))
                 });
             let svc = hyper::service::service_fn(move |req| {
                 let state = state.clone();
@@ -87,13 +92,21 @@ pub(crate) async fn serve(
 
 async fn handle(
     state: Arc<State>,
-    cert: Option<Option<auth::Identity>>,
+    cert: Option<(Option<auth::Identity>, i64)>,
     req: Request<Incoming>,
 ) -> Reply {
     let method = req.method().clone();
     let uri = req.uri().clone();
     let started = std::time::Instant::now();
     let public_ca = uri.path() == "/cacerts" && method == http::Method::GET;
+    let cert = cert.map(|(who, not_after)| {
+        if crate::tls::unix_now() > not_after {
+            tracing::info!(%method, path = uri.path(), "client certificate expired on an open connection");
+            None
+        } else {
+            who
+        }
+    });
     let who = auth::authenticate(req.headers(), cert, &state.token, &state.node_token);
     let reply = match who {
         None if public_ca => respond::full(200, "text/plain; charset=utf-8", state.ca_pem.clone()),
@@ -102,7 +115,7 @@ async fn handle(
             respond::error(&ApiError::unauthorized())
         }
         Some(who) => {
-            let (parts, body) = req.into_parts();
+            let (mut parts, body) = req.into_parts();
             match Limited::new(body, MAX_BODY).collect().await {
                 Err(e) => {
                     if e.downcast_ref::<http_body_util::LengthLimitError>()
@@ -122,15 +135,25 @@ async fn handle(
                 Ok(collected) => {
                     let body = collected.to_bytes();
                     let joining = uri.path() == auth::JOIN_PATH && method == http::Method::POST;
-                    if joining && who == auth::Identity::Bootstrap {
-                        return crate::bootstrap::join(&state, &body).await;
+                    match &who {
+                        auth::Identity::Bootstrap if joining => {
+                            return crate::bootstrap::join(&state, &body).await;
+                        }
+                        // A node renews its certificates with its current one.
+                        auth::Identity::Node(node) if joining => {
+                            return crate::bootstrap::renew(&state, node, &body).await;
+                        }
+                        _ => {}
                     }
                     if let Err(why) =
-                        auth::authorize(&state, &who, &method, uri.path(), &body).await
+                        auth::authorize(&state, &who, &method, uri.path(), uri.query(), &body).await
                     {
                         tracing::info!(%method, path = uri.path(), "request forbidden");
                         return respond::error(&ApiError::new(403, "Forbidden", why));
                     }
+                    // The handlers' admission (NodeRestriction) needs to know
+                    // who writes.
+                    parts.extensions.insert(who);
                     let req = Request::from_parts(parts, body);
                     dispatch_guarded(state, req).await
                 }

@@ -61,6 +61,8 @@ pub struct Config {
     /// ClusterIPs come from here (`--service-cidr`); the `kubernetes`
     /// Service takes its first address.
     pub service_cidr: ServiceCidr,
+    /// How long node certificates are valid (`--cluster-signing-duration`).
+    pub node_cert_lifetime: std::time::Duration,
 }
 
 /// The Service CIDR: an IPv4 network of at least 16 addresses.
@@ -137,6 +139,7 @@ impl Config {
             kubeconfig_mode: 0o600,
             bookmark_interval: watch::BOOKMARK_EVERY,
             service_cidr: ServiceCidr::default(),
+            node_cert_lifetime: tls::NODE_CERT_LIFETIME,
         }
     }
 }
@@ -250,12 +253,13 @@ impl Server {
                 sans.push(h);
             }
         }
-        let creds = tls::load_or_create(
+        let mut creds = tls::load_or_create(
             &server_dir.join("tls"),
             &sans,
             config.token.as_deref(),
             config.node_token.as_deref(),
         )?;
+        creds.node_cert_lifetime = config.node_cert_lifetime.max(tls::MIN_NODE_CERT_LIFETIME);
         let tls_config = tls::server_config(&creds)?;
         let kubelet_tls = Arc::new(tls::kubelet_client_config(&creds)?);
 

@@ -51,6 +51,10 @@ pub struct Credentials {
     /// The node token, the secret of the join token: a bootstrap secret
     /// that only gets a node its certificates (see `bootstrap.rs`).
     pub node_token: String,
+    /// How long the certificates a node gets at join or renewal are valid
+    /// (kube-controller-manager's `--cluster-signing-duration`; a year by
+    /// default). Agents renew theirs before they run out.
+    pub node_cert_lifetime: std::time::Duration,
 }
 
 /// The common name of the API server's client certificate for node
@@ -64,9 +68,12 @@ pub const NODE_CN_PREFIX: &str = "system:node:";
 pub const NODES_GROUP: &str = "system:nodes";
 /// Admins' group.
 pub const MASTERS_GROUP: &str = "system:masters";
-/// How long a node's certificates are valid; an agent gets fresh ones
-/// each time it starts.
-const NODE_CERT_DAYS: i64 = 365;
+/// How long a node's certificates are valid unless told otherwise; an
+/// agent gets fresh ones each time it starts, and renews them while it runs.
+pub const NODE_CERT_LIFETIME: std::time::Duration = std::time::Duration::from_secs(365 * 24 * 3600);
+/// The shortest lifetime a node certificate may be given: renewal needs a
+/// few seconds of it.
+pub const MIN_NODE_CERT_LIFETIME: std::time::Duration = std::time::Duration::from_secs(10);
 
 impl std::fmt::Debug for Credentials {
     // Keys and the token are secrets: never print them.
@@ -233,6 +240,7 @@ pub fn load_or_create(
         kubelet_client_key_pem,
         token,
         node_token,
+        node_cert_lifetime: NODE_CERT_LIFETIME,
     })
 }
 
@@ -270,15 +278,13 @@ pub struct NodeCertificates {
     pub serving_cert_pem: String,
 }
 
-/// Valid from yesterday (clocks differ a little) for `days` days.
-fn valid_for(params: &mut CertificateParams, days: i64) {
-    use chrono::Datelike;
-    let day = |d: chrono::DateTime<chrono::Utc>| {
-        rcgen::date_time_ymd(d.year(), d.month() as u8, d.day() as u8)
-    };
-    let now = chrono::Utc::now();
-    params.not_before = day(now - chrono::Duration::days(1));
-    params.not_after = day(now + chrono::Duration::days(days));
+/// Valid from now for `lifetime`, backdated a little (at most 5 minutes,
+/// as Kubernetes' signer does) because clocks differ.
+fn valid_for(params: &mut CertificateParams, lifetime: std::time::Duration) {
+    let now = rcgen::date_time_ymd(1970, 1, 1) + std::time::Duration::from_secs(now_secs());
+    let backdate = (lifetime / 4).min(std::time::Duration::from_secs(300));
+    params.not_before = now - backdate;
+    params.not_after = now + lifetime;
 }
 
 /// Signs a joining node's two certificate requests. Only the requests'
@@ -310,7 +316,7 @@ pub fn sign_node_certificates(
         .push(DnType::OrganizationName, NODES_GROUP);
     client.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
     client.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-    valid_for(&mut client, NODE_CERT_DAYS);
+    valid_for(&mut client, creds.node_cert_lifetime);
     let client = client
         .signed_by(&client_req.public_key, &issuer)
         .map_err(cert_err("node client"))?;
@@ -324,7 +330,7 @@ pub fn sign_node_certificates(
         KeyUsagePurpose::DigitalSignature,
         KeyUsagePurpose::KeyEncipherment,
     ];
-    valid_for(&mut serving, NODE_CERT_DAYS);
+    valid_for(&mut serving, creds.node_cert_lifetime);
     let serving = serving
         .signed_by(&serving_req.public_key, &issuer)
         .map_err(cert_err("node serving"))?;
@@ -364,6 +370,17 @@ pub fn issue_node_credentials(
 pub(crate) struct Subject {
     pub cn: String,
     pub orgs: Vec<String>,
+}
+
+/// When a DER certificate stops being valid, in seconds since the epoch.
+pub(crate) fn not_after(der: &[u8]) -> Option<i64> {
+    let (_, cert) = x509_parser::parse_x509_certificate(der).ok()?;
+    Some(cert.validity().not_after.timestamp())
+}
+
+/// Seconds since the epoch, now.
+pub(crate) fn unix_now() -> i64 {
+    i64::try_from(now_secs()).unwrap_or(i64::MAX)
 }
 
 /// The subject of a DER certificate (rustls has verified it already).

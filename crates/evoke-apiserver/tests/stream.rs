@@ -68,11 +68,12 @@ async fn cluster() -> Cluster {
         &["127.0.0.1".to_string()],
     )
     .expect("node certificates");
-    let endpoint_tls = evoke_node::server::EndpointTls {
-        ca_pem: server.credentials.ca_cert_pem.clone(),
-        cert_pem: certs.serving_cert_pem,
-        key_pem: serving_key,
-    };
+    let endpoint_tls = evoke_node::server::EndpointTls::new(
+        &server.credentials.ca_cert_pem,
+        &certs.serving_cert_pem,
+        &serving_key,
+    )
+    .expect("endpoint tls");
     let port = evoke_node::server::serve(
         "127.0.0.1:0",
         dir.path().join("node"),

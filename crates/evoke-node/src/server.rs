@@ -61,14 +61,15 @@ struct App {
 /// agree).
 pub const APISERVER_CLIENT_CN: &str = "evoke-apiserver-kubelet-client";
 
-/// The endpoint's TLS material, as PEM: the serving certificate and key
-/// the cluster CA issued this node at join, and that CA, which callers'
-/// client certificates must chain to.
+/// The endpoint's TLS material: the serving certificate and key the
+/// cluster CA issued this node (at join, then at each renewal), and that
+/// CA, which callers' client certificates must chain to. Clones share it:
+/// [`EndpointTls::replace`] puts a renewed certificate in place for every
+/// connection accepted from then on, without a restart.
 #[derive(Clone)]
 pub struct EndpointTls {
-    pub ca_pem: String,
-    pub cert_pem: String,
-    pub key_pem: String,
+    ca_pem: String,
+    current: Arc<RwLock<Arc<rustls::ServerConfig>>>,
 }
 
 impl std::fmt::Debug for EndpointTls {
@@ -79,41 +80,70 @@ impl std::fmt::Debug for EndpointTls {
 }
 
 impl EndpointTls {
-    /// The rustls configuration: our certificate, and a client certificate
-    /// from the CA required.
-    fn server_config(&self) -> Result<rustls::ServerConfig, crate::NodeError> {
-        let bad = |what: &str, e: &dyn std::fmt::Display| {
-            crate::NodeError::Tls(format!("node endpoint {what}: {e}"))
-        };
-        let certs = |pem: &str, what: &str| {
-            rustls_pemfile::certs(&mut pem.as_bytes())
-                .collect::<Result<Vec<_>, _>>()
-                .map_err(|e| bad(what, &e))
-        };
-        let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let mut roots = rustls::RootCertStore::empty();
-        for c in certs(&self.ca_pem, "ca")? {
-            roots.add(c).map_err(|e| bad("ca", &e))?;
-        }
-        let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
-            Arc::new(roots),
-            provider.clone(),
-        )
-        .build()
-        .map_err(|e| bad("client verifier", &e))?;
-        let key = rustls_pemfile::private_key(&mut self.key_pem.as_bytes())
-            .ok()
-            .flatten()
-            .ok_or_else(|| bad("key", &"no private key in the pem text"))?;
-        let mut cfg = rustls::ServerConfig::builder_with_provider(provider)
-            .with_safe_default_protocol_versions()
-            .map_err(|e| bad("protocols", &e))?
-            .with_client_cert_verifier(verifier)
-            .with_single_cert(certs(&self.cert_pem, "certificate")?, key)
-            .map_err(|e| bad("certificate", &e))?;
-        cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
-        Ok(cfg)
+    /// The endpoint's TLS from PEM texts; Err when they do not parse.
+    pub fn new(ca_pem: &str, cert_pem: &str, key_pem: &str) -> Result<Self, crate::NodeError> {
+        let config = server_config(ca_pem, cert_pem, key_pem)?;
+        Ok(EndpointTls {
+            ca_pem: ca_pem.to_string(),
+            current: Arc::new(RwLock::new(Arc::new(config))),
+        })
     }
+
+    /// Serves `cert_pem` and `key_pem` (a renewed certificate) from now on.
+    /// Connections already open keep the one they started with.
+    pub fn replace(&self, cert_pem: &str, key_pem: &str) -> Result<(), crate::NodeError> {
+        let config = Arc::new(server_config(&self.ca_pem, cert_pem, key_pem)?);
+        *self.current.write().unwrap_or_else(|e| e.into_inner()) = config;
+        Ok(())
+    }
+
+    /// The configuration for the next connection.
+    fn config(&self) -> Arc<rustls::ServerConfig> {
+        self.current
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+}
+
+/// The rustls configuration: our certificate, and a client certificate
+/// from the CA required.
+fn server_config(
+    ca_pem: &str,
+    cert_pem: &str,
+    key_pem: &str,
+) -> Result<rustls::ServerConfig, crate::NodeError> {
+    let bad = |what: &str, e: &dyn std::fmt::Display| {
+        crate::NodeError::Tls(format!("node endpoint {what}: {e}"))
+    };
+    let certs = |pem: &str, what: &str| {
+        rustls_pemfile::certs(&mut pem.as_bytes())
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| bad(what, &e))
+    };
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut roots = rustls::RootCertStore::empty();
+    for c in certs(ca_pem, "ca")? {
+        roots.add(c).map_err(|e| bad("ca", &e))?;
+    }
+    let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+        Arc::new(roots),
+        provider.clone(),
+    )
+    .build()
+    .map_err(|e| bad("client verifier", &e))?;
+    let key = rustls_pemfile::private_key(&mut key_pem.as_bytes())
+        .ok()
+        .flatten()
+        .ok_or_else(|| bad("key", &"no private key in the pem text"))?;
+    let mut cfg = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| bad("protocols", &e))?
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(certs(cert_pem, "certificate")?, key)
+        .map_err(|e| bad("certificate", &e))?;
+    cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(cfg)
 }
 
 /// The common name of a DER certificate.
@@ -638,7 +668,7 @@ pub async fn serve(
     pods: PodIndex,
     tiers: Tiers,
 ) -> Result<u16, crate::NodeError> {
-    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(tls.server_config()?));
+    let tls = tls.clone();
     crate::logtimes::Stamper::new(data_dir.clone(), pods.clone()).spawn();
     let app = App {
         data_dir,
@@ -686,8 +716,9 @@ pub async fn serve(
                 }
             };
             let _ = tcp.set_nodelay(true);
-            let (acceptor, router, forbidden) =
-                (acceptor.clone(), router.clone(), forbidden.clone());
+            // The certificate in place now (renewals replace it).
+            let acceptor = tokio_rustls::TlsAcceptor::from(tls.config());
+            let (router, forbidden) = (router.clone(), forbidden.clone());
             tokio::spawn(async move {
                 let tls = match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp))
                     .await
@@ -786,11 +817,7 @@ mod tests {
             let mut p = rcgen::CertificateParams::new(vec!["127.0.0.1".to_string()]).unwrap();
             p.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ServerAuth];
             let c = self.sign(p, "n1");
-            EndpointTls {
-                ca_pem: self.ca_pem.clone(),
-                cert_pem: c.cert_pem,
-                key_pem: c.key_pem,
-            }
+            EndpointTls::new(&self.ca_pem, &c.cert_pem, &c.key_pem).unwrap()
         }
 
         /// A client certificate named `cn`; `expired` ended in 2020.

@@ -253,19 +253,7 @@ async fn client_as(
     ca_pem: &str,
     user: serde_json::Value,
 ) -> Result<kube::Client, NodeError> {
-    use base64::Engine;
-    let kubeconfig = serde_json::json!({
-        "apiVersion": "v1", "kind": "Config", "current-context": "evoke",
-        "clusters": [{"name": "evoke", "cluster": {"server": server,
-            "certificate-authority-data": base64::engine::general_purpose::STANDARD.encode(ca_pem)}}],
-        "users": [{"name": "agent", "user": user}],
-        "contexts": [{"name": "evoke", "context": {"cluster": "evoke", "user": "agent"}}],
-    });
-    let kc = kube::config::Kubeconfig::from_yaml(&kubeconfig.to_string())
-        .map_err(|e| NodeError::Token(format!("kubeconfig: {e}")))?;
-    let cfg = kube::Config::from_custom_kubeconfig(kc, &Default::default())
-        .await
-        .map_err(|e| NodeError::Token(format!("kubeconfig: {e}")))?;
+    let cfg = kube_config(server, ca_pem, user).await?;
     kube::Client::try_from(cfg).map_err(|e| NodeError::Api {
         what: format!("connecting to {server}"),
         source: e,
@@ -328,10 +316,13 @@ pub async fn client_when_up(
 pub const JOIN_PATH: &str = "/v1-evoke/node-credentials";
 
 /// What joining gives a node: a client that authenticates as the node
-/// (CN `system:node:NAME`), and its endpoint's serving certificate.
+/// (CN `system:node:NAME`), its endpoint's serving certificate, and what
+/// renews both while the agent runs.
 pub struct NodeCredentials {
     pub client: kube::Client,
     pub endpoint: crate::server::EndpointTls,
+    /// Spawn [`Renewal::run`] to renew the certificates before they expire.
+    pub renewal: Renewal,
 }
 
 /// This node's password, its identity when it joins: read from
@@ -378,6 +369,184 @@ fn key_and_request() -> Result<(String, String), NodeError> {
     Ok((key.serialize_pem(), req.pem().map_err(bad)?))
 }
 
+/// Certificates the server issued, with the keys made here.
+struct Issued {
+    client_cert: String,
+    client_key: String,
+    serving_cert: String,
+    serving_key: String,
+}
+
+/// Asks `server` (through `api`) for a node's two certificates on fresh
+/// keys. With `password` it is a join (`api` carries the join secret);
+/// without, a renewal (`api` authenticates with the node's current
+/// certificate, which is proof enough).
+async fn request_certificates(
+    api: &kube::Client,
+    server: &str,
+    node: &str,
+    addresses: &[std::net::IpAddr],
+    password: Option<&str>,
+    timeout: std::time::Duration,
+) -> Result<Issued, NodeError> {
+    let fail = |reason: String| NodeError::Join {
+        server: server.to_string(),
+        reason,
+    };
+    let (client_key, client_req) = key_and_request()?;
+    let (serving_key, serving_req) = key_and_request()?;
+    let mut body = serde_json::json!({
+        "nodeName": node,
+        "addresses": addresses.iter().map(ToString::to_string).collect::<Vec<_>>(),
+        "clientCsr": client_req,
+        "servingCsr": serving_req,
+    });
+    if let Some(p) = password {
+        body["nodePassword"] = p.into();
+    }
+    let req = http::Request::post(JOIN_PATH)
+        .header(http::header::CONTENT_TYPE, "application/json")
+        .body(body.to_string().into_bytes())
+        .map_err(|e| fail(format!("join request: {e}")))?;
+    let answer: serde_json::Value = match tokio::time::timeout(timeout, api.request(req)).await {
+        Ok(Ok(v)) => v,
+        Ok(Err(kube::Error::Api(e))) if e.code == 401 && password.is_some() => {
+            return Err(fail(format!(
+                "the server refused the token's secret ({} {}); check --token",
+                e.code, e.reason
+            )))
+        }
+        Ok(Err(kube::Error::Api(e))) => {
+            return Err(fail(format!(
+                "the server refused node {node}: {}",
+                e.message
+            )))
+        }
+        Ok(Err(e)) => return Err(fail(e.to_string())),
+        Err(_) => {
+            return Err(fail(format!(
+                "the server did not answer within {}s",
+                timeout.as_secs()
+            )))
+        }
+    };
+    let pem = |field: &str| {
+        answer[field]
+            .as_str()
+            .map(String::from)
+            .ok_or_else(|| fail(format!("the answer has no {field}")))
+    };
+    Ok(Issued {
+        client_cert: pem("clientCertificate")?,
+        client_key,
+        serving_cert: pem("servingCertificate")?,
+        serving_key,
+    })
+}
+
+/// The kube config of a client for `server` that trusts only `ca_pem` and
+/// authenticates as `user` (a kubeconfig `user` entry).
+async fn kube_config(
+    server: &str,
+    ca_pem: &str,
+    user: serde_json::Value,
+) -> Result<kube::Config, NodeError> {
+    use base64::Engine;
+    let kubeconfig = serde_json::json!({
+        "apiVersion": "v1", "kind": "Config", "current-context": "evoke",
+        "clusters": [{"name": "evoke", "cluster": {"server": server,
+            "certificate-authority-data": base64::engine::general_purpose::STANDARD.encode(ca_pem)}}],
+        "users": [{"name": "agent", "user": user}],
+        "contexts": [{"name": "evoke", "context": {"cluster": "evoke", "user": "agent"}}],
+    });
+    let kc = kube::config::Kubeconfig::from_yaml(&kubeconfig.to_string())
+        .map_err(|e| NodeError::Token(format!("kubeconfig: {e}")))?;
+    kube::Config::from_custom_kubeconfig(kc, &Default::default())
+        .await
+        .map_err(|e| NodeError::Token(format!("kubeconfig: {e}")))
+}
+
+/// The kube config of a node's client certificate and key.
+async fn cert_config(
+    server: &str,
+    ca_pem: &str,
+    cert: &str,
+    key: &str,
+) -> Result<kube::Config, NodeError> {
+    use base64::Engine;
+    let b64 = |s: &str| base64::engine::general_purpose::STANDARD.encode(s);
+    kube_config(
+        server,
+        ca_pem,
+        serde_json::json!({"client-certificate-data": b64(cert), "client-key-data": b64(key)}),
+    )
+    .await
+}
+
+/// A pool of HTTPS connections that present one client certificate.
+type Connections = tower::util::BoxCloneService<
+    http::Request<kube::client::Body>,
+    http::Response<hyper::body::Incoming>,
+    hyper_util::client::legacy::Error,
+>;
+
+/// The connections of `cfg` (its CA and client certificate).
+fn connections(cfg: &kube::Config) -> Result<Connections, NodeError> {
+    use kube::client::ConfigExt;
+    let mut http = hyper_util::client::legacy::connect::HttpConnector::new();
+    http.enforce_http(false);
+    http.set_nodelay(true);
+    http.set_connect_timeout(Some(std::time::Duration::from_secs(30)));
+    let https = cfg
+        .rustls_https_connector_with_connector(http)
+        .map_err(|e| NodeError::Tls(format!("node client: {e}")))?;
+    let client: hyper_util::client::legacy::Client<_, kube::client::Body> =
+        hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+            .build(https);
+    Ok(tower::util::BoxCloneService::new(client))
+}
+
+/// The connections a node's client sends its requests through. A renewal
+/// swaps in a new pool presenting the new certificate; requests under way
+/// (a watch) finish on the old one, whose connections close when the last
+/// of them ends, as the kubelet drops its connections when it rotates its
+/// certificate (the API server checks a certificate's validity on every
+/// request, so a kept-alive connection with the old one would fail once it
+/// expires).
+#[derive(Clone)]
+struct Swappable(Arc<Mutex<Connections>>);
+
+impl tower::Service<http::Request<kube::client::Body>> for Swappable {
+    type Response = http::Response<hyper::body::Incoming>;
+    type Error = hyper_util::client::legacy::Error;
+    type Future = std::pin::Pin<
+        Box<dyn std::future::Future<Output = Result<Self::Response, Self::Error>> + Send>,
+    >;
+
+    fn poll_ready(
+        &mut self,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Self::Error>> {
+        // A hyper client is always ready; readiness is checked per call.
+        std::task::Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: http::Request<kube::client::Body>) -> Self::Future {
+        use tower::ServiceExt;
+        let pool = self.0.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        Box::pin(pool.oneshot(req))
+    }
+}
+
+/// A kube client for `cfg`'s server whose connections come from `pool`.
+fn swappable_client(cfg: &kube::Config, pool: Swappable) -> kube::Client {
+    use kube::client::ConfigExt;
+    let service = tower::ServiceBuilder::new()
+        .layer(cfg.base_uri_layer())
+        .service(pool);
+    kube::Client::new(service, cfg.default_namespace.clone())
+}
+
 /// Joins as `node`: sends the node password, the `addresses` the serving
 /// certificate must cover and two certificate requests on fresh keys, with
 /// the bootstrap client (the join secret), and returns the node's own
@@ -392,73 +561,190 @@ pub async fn join(
     password: &str,
     timeout: std::time::Duration,
 ) -> Result<NodeCredentials, NodeError> {
-    use base64::Engine;
-    let fail = |reason: String| NodeError::Join {
-        server: server.to_string(),
-        reason,
-    };
-    let (client_key, client_req) = key_and_request()?;
-    let (serving_key, serving_req) = key_and_request()?;
-    let body = serde_json::json!({
-        "nodeName": node,
-        "nodePassword": password,
-        "addresses": addresses.iter().map(ToString::to_string).collect::<Vec<_>>(),
-        "clientCsr": client_req,
-        "servingCsr": serving_req,
-    });
-    let req = http::Request::post(JOIN_PATH)
-        .header(http::header::CONTENT_TYPE, "application/json")
-        .body(body.to_string().into_bytes())
-        .map_err(|e| fail(format!("join request: {e}")))?;
-    let answer: serde_json::Value =
-        match tokio::time::timeout(timeout, bootstrap.request(req)).await {
-            Ok(Ok(v)) => v,
-            Ok(Err(kube::Error::Api(e))) if e.code == 401 => {
-                return Err(fail(format!(
-                    "the server refused the token's secret ({} {}); check --token",
-                    e.code, e.reason
-                )))
-            }
-            Ok(Err(kube::Error::Api(e))) => {
-                return Err(fail(format!(
-                    "the server refused node {node}: {}",
-                    e.message
-                )))
-            }
-            Ok(Err(e)) => return Err(fail(e.to_string())),
-            Err(_) => {
-                return Err(fail(format!(
-                    "the server did not answer within {}s",
-                    timeout.as_secs()
-                )))
-            }
-        };
-    let pem = |field: &str| {
-        answer[field]
-            .as_str()
-            .map(String::from)
-            .ok_or_else(|| fail(format!("the answer has no {field}")))
-    };
-    let (client_cert, serving_cert) = (pem("clientCertificate")?, pem("servingCertificate")?);
-    let b64 = |s: &str| base64::engine::general_purpose::STANDARD.encode(s);
-    let client = client_as(
-        server,
-        ca_pem,
-        serde_json::json!({
-            "client-certificate-data": b64(&client_cert),
-            "client-key-data": b64(&client_key),
-        }),
-    )
-    .await?;
+    let issued =
+        request_certificates(bootstrap, server, node, addresses, Some(password), timeout).await?;
+    let cfg = cert_config(server, ca_pem, &issued.client_cert, &issued.client_key).await?;
+    let pool = Swappable(Arc::new(Mutex::new(connections(&cfg)?)));
+    let client = swappable_client(&cfg, pool.clone());
+    let endpoint =
+        crate::server::EndpointTls::new(ca_pem, &issued.serving_cert, &issued.serving_key)?;
     tracing::info!(%server, %node, "joined with a node certificate");
     Ok(NodeCredentials {
-        client,
-        endpoint: crate::server::EndpointTls {
+        client: client.clone(),
+        endpoint: endpoint.clone(),
+        renewal: Renewal {
+            server: server.to_string(),
             ca_pem: ca_pem.to_string(),
-            cert_pem: serving_cert,
-            key_pem: serving_key,
+            node: node.to_string(),
+            addresses: addresses.to_vec(),
+            client,
+            bootstrap: bootstrap.clone(),
+            password: password.to_string(),
+            pool,
+            endpoint,
+            client_cert: issued.client_cert,
         },
     })
+}
+
+/// Renews a node's client and serving certificates before they expire, as
+/// the kubelet rotates its certificates: at a random point between 70% and
+/// 90% of their life, asking with the current client certificate. A failed
+/// attempt is retried (every tenth of the time left, between 1 s and 30 s).
+/// If the certificate ran out all the same (the server was away), the node
+/// joins again with its join secret and node password.
+pub struct Renewal {
+    server: String,
+    ca_pem: String,
+    node: String,
+    addresses: Vec<std::net::IpAddr>,
+    /// The node's client, through `pool`.
+    client: kube::Client,
+    /// The join secret's client, for when the certificate has expired.
+    bootstrap: kube::Client,
+    password: String,
+    pool: Swappable,
+    endpoint: crate::server::EndpointTls,
+    /// The client certificate in use, PEM.
+    client_cert: String,
+}
+
+/// How long a renewal request may take.
+const RENEW_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(20);
+
+/// `(not before, not after)` of the first certificate in a PEM text, in
+/// seconds since the epoch.
+fn validity(pem: &str) -> Result<(i64, i64), NodeError> {
+    let der = first_cert(pem)?;
+    let (_, cert) = x509_parser::parse_x509_certificate(&der)
+        .map_err(|e| NodeError::Tls(format!("node certificate: {e}")))?;
+    let v = cert.validity();
+    Ok((v.not_before.timestamp(), v.not_after.timestamp()))
+}
+
+fn unix_now() -> f64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0.0, |d| d.as_secs_f64())
+}
+
+/// When to renew a certificate valid from `not_before` to `not_after`:
+/// at `fraction` of its life (seconds since the epoch).
+fn renew_at(not_before: i64, not_after: i64, fraction: f64) -> f64 {
+    not_before as f64 + (not_after - not_before) as f64 * fraction
+}
+
+impl Renewal {
+    /// Renews for as long as the agent runs.
+    pub async fn run(mut self) {
+        loop {
+            let (not_before, not_after) = match validity(&self.client_cert) {
+                Ok(v) => v,
+                Err(e) => {
+                    tracing::error!(node = %self.node, error = %e, "cannot read the node certificate; not renewing it");
+                    return;
+                }
+            };
+            let at = renew_at(not_before, not_after, 0.7 + 0.2 * rand::random::<f64>());
+            // In steps, so a clock that jumps (a suspended machine) is noticed.
+            loop {
+                let left = at - unix_now();
+                if left <= 0.0 {
+                    break;
+                }
+                tokio::time::sleep(std::time::Duration::from_secs_f64(left.min(600.0))).await;
+            }
+            loop {
+                match self.renew_once(not_after).await {
+                    Ok(()) => break,
+                    Err(e) => {
+                        let left = not_after as f64 - unix_now();
+                        let wait = (left / 10.0).clamp(1.0, 30.0);
+                        tracing::warn!(node = %self.node, error = %e, retry_in_s = wait, "node certificate renewal failed");
+                        tokio::time::sleep(std::time::Duration::from_secs_f64(wait)).await;
+                    }
+                }
+            }
+        }
+    }
+
+    /// One renewal: new certificates from the server, the serving one in
+    /// place for new endpoint connections, the client one for new API
+    /// connections.
+    async fn renew_once(&mut self, not_after: i64) -> Result<(), NodeError> {
+        let expired = unix_now() >= not_after as f64;
+        let (api, password) = if expired {
+            tracing::warn!(node = %self.node, "the node certificate expired before it was renewed; joining again");
+            (&self.bootstrap, Some(self.password.as_str()))
+        } else {
+            (&self.client, None)
+        };
+        let issued = request_certificates(
+            api,
+            &self.server,
+            &self.node,
+            &self.addresses,
+            password,
+            RENEW_TIMEOUT,
+        )
+        .await?;
+        self.endpoint
+            .replace(&issued.serving_cert, &issued.serving_key)?;
+        let cfg = cert_config(
+            &self.server,
+            &self.ca_pem,
+            &issued.client_cert,
+            &issued.client_key,
+        )
+        .await?;
+        let pool = connections(&cfg)?;
+        *self.pool.0.lock().unwrap_or_else(|e| e.into_inner()) = pool;
+        let (_, until) = validity(&issued.client_cert)?;
+        self.client_cert = issued.client_cert;
+        tracing::info!(node = %self.node, valid_until = until, "renewed node certificates");
+        Ok(())
+    }
+}
+
+/// Keeps `labels` on Node `name` with an admin's `client`: whenever the
+/// Node exists without them (its first registration, or again after it was
+/// deleted), they are added. For labels a node may not set on itself
+/// (NodeRestriction), such as the control plane's role labels, which k3s's
+/// server also sets rather than its agent.
+pub async fn keep_node_labels(
+    client: kube::Client,
+    name: String,
+    labels: std::collections::BTreeMap<String, String>,
+) {
+    use futures::TryStreamExt;
+    use kube::runtime::{watcher, WatchStreamExt};
+    let nodes: kube::Api<k8s_openapi::api::core::v1::Node> = kube::Api::all(client);
+    let cfg = watcher::Config::default().fields(&format!("metadata.name={name}"));
+    let mut events = std::pin::pin!(watcher::watcher(nodes.clone(), cfg)
+        .default_backoff()
+        .applied_objects());
+    loop {
+        let node = match events.try_next().await {
+            Ok(Some(n)) => n,
+            Ok(None) => return,
+            Err(e) => {
+                tracing::debug!(node = %name, error = %e, "watching a node to label it");
+                continue;
+            }
+        };
+        let have = node.metadata.labels.unwrap_or_default();
+        if labels.iter().all(|(k, v)| have.get(k) == Some(v)) {
+            continue;
+        }
+        let patch = serde_json::json!({"metadata": {"labels": labels}});
+        let params = kube::api::PatchParams::default();
+        if let Err(e) = nodes
+            .patch(&name, &params, &kube::api::Patch::Merge(&patch))
+            .await
+        {
+            tracing::warn!(node = %name, error = %e, "could not label the node");
+        }
+    }
 }
 
 /// The local address this machine uses to reach `server`: the address a

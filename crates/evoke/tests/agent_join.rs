@@ -204,12 +204,45 @@ spec:
     let ca = Ca::of(&server);
     let as_n2 = ca.kubeconfig(a.path(), &server, "system:node:n2", Validity::Now);
     let as_n3 = ca.kubeconfig(a.path(), &server, "system:node:n3", Validity::Now);
-    let out = kubectl_as(&as_n2, a.path(), &["get", "pods", "-o", "name"]);
+    // A node reads its own pods: by name, or listed with the field
+    // selector that scopes them to it (as the kubelet watches them).
+    for args in [
+        &[
+            "get",
+            "pods",
+            "-o",
+            "name",
+            "--field-selector",
+            "spec.nodeName=n2",
+        ][..],
+        &["get", "pod", "pinned", "-o", "name"],
+    ] {
+        let out = kubectl_as(&as_n2, a.path(), args);
+        assert!(
+            String::from_utf8_lossy(&out.stdout).contains("pod/pinned"),
+            "a node reads its pods ({args:?}): {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    // NodeRestriction: a node labels itself, but not under
+    // node-restriction.kubernetes.io/ or with a role, and does not change
+    // its taints; an admin's protected label it may not remove.
+    let out = kubectl_as(
+        &as_n2,
+        a.path(),
+        &["label", "node", "n2", "evoke.test/self=yes"],
+    );
     assert!(
-        String::from_utf8_lossy(&out.stdout).contains("pod/pinned"),
-        "a node reads pods: {}",
+        out.status.success(),
+        "n2 sets an ordinary label on itself: {}",
         String::from_utf8_lossy(&out.stderr)
     );
+    server.ok(&[
+        "label",
+        "node",
+        "n2",
+        "node-restriction.kubernetes.io/pool=secure",
+    ]);
     let status_patch = [
         "patch",
         "pod",
@@ -230,6 +263,47 @@ spec:
         .find(|n| n != "n2")
         .expect("the server's node");
     for (who, args) in [
+        (
+            &as_n2,
+            vec![
+                "label",
+                "node",
+                "n2",
+                "--overwrite",
+                "node-restriction.kubernetes.io/pool=mine",
+            ],
+        ),
+        (
+            &as_n2,
+            vec![
+                "label",
+                "node",
+                "n2",
+                "node-restriction.kubernetes.io/pool-",
+            ],
+        ),
+        (
+            &as_n2,
+            vec![
+                "label",
+                "node",
+                "n2",
+                "node-role.kubernetes.io/control-plane=true",
+            ],
+        ),
+        (
+            &as_n2,
+            vec!["taint", "node", "n2", "evoke.test/t=x:NoSchedule"],
+        ),
+        (&as_n2, vec!["get", "pods", "-A"]),
+        (
+            &as_n2,
+            vec!["get", "pods", "--field-selector", "spec.nodeName=elsewhere"],
+        ),
+        (&as_n2, vec!["get", "deployments,replicasets"]),
+        (&as_n2, vec!["get", "namespaces"]),
+        (&as_n2, vec!["get", "events"]),
+        (&as_n3, vec!["get", "pod", "pinned"]),
         (&as_n2, vec!["run", "intruder", "--image", "busybox:1"]),
         (&as_n2, vec!["logs", "pinned"]),
         (&as_n2, vec!["exec", "pinned", "--", "true"]),
@@ -361,6 +435,15 @@ fn kubectl_as(kubeconfig: &Path, home: &Path, args: &[&str]) -> Output {
 enum Validity {
     Now,
     Expired,
+    /// From a minute ago until this many seconds from now.
+    Seconds(u64),
+}
+
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_secs()
 }
 
 /// A CA that signs client certificates: the server's own (its key from the
@@ -411,9 +494,17 @@ impl Ca {
         p.distinguished_name
             .push(rcgen::DnType::OrganizationName, org);
         p.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ClientAuth];
-        if let Validity::Expired = validity {
-            p.not_before = rcgen::date_time_ymd(2019, 1, 1);
-            p.not_after = rcgen::date_time_ymd(2020, 1, 1);
+        match validity {
+            Validity::Now => {}
+            Validity::Expired => {
+                p.not_before = rcgen::date_time_ymd(2019, 1, 1);
+                p.not_after = rcgen::date_time_ymd(2020, 1, 1);
+            }
+            Validity::Seconds(secs) => {
+                let epoch = rcgen::date_time_ymd(1970, 1, 1);
+                p.not_before = epoch + Duration::from_secs(unix_now() - 60);
+                p.not_after = epoch + Duration::from_secs(unix_now() + secs);
+            }
         }
         let cert = match &self.params {
             Some(params) => p.signed_by(&key, &rcgen::Issuer::from_params(params, &self.key)),
@@ -442,7 +533,11 @@ impl Ca {
         let stem = format!(
             "{}-{}-{}",
             cn.replace(':', "-"),
-            matches!(validity, Validity::Expired),
+            match validity {
+                Validity::Now => "now".to_string(),
+                Validity::Expired => "expired".to_string(),
+                Validity::Seconds(s) => format!("for{s}s"),
+            },
             self.params.is_some()
         );
         let (cert, key) = (
@@ -509,6 +604,247 @@ fn endpoint_get(
         Ok(_) => "ERROR no answer".into(),
         Err(e) => format!("ERROR {e}"),
     }
+}
+
+/// The certificate the node endpoint at `addr` serves (the handshake made
+/// as the API server's kubelet client, signed by `ca`): its not-after, in
+/// seconds since the epoch.
+fn endpoint_cert_not_after(addr: std::net::SocketAddr, ca: &Ca) -> i64 {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+    let me = ca.issue(
+        "evoke-apiserver-kubelet-client",
+        "system:masters",
+        Validity::Now,
+    );
+    let mut roots = rustls::RootCertStore::empty();
+    roots
+        .add(CertificateDer::from_pem_slice(ca.cert_pem.as_bytes()).expect("ca der"))
+        .expect("root");
+    let cfg = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .expect("versions")
+    .with_root_certificates(roots)
+    .with_client_auth_cert(
+        vec![CertificateDer::from_pem_slice(me.cert_pem.as_bytes()).expect("cert der")],
+        PrivateKeyDer::from_pem_slice(me.key_pem.as_bytes()).expect("key der"),
+    )
+    .expect("client auth");
+    let mut conn = rustls::ClientConnection::new(Arc::new(cfg), ServerName::from(addr.ip()))
+        .expect("connection");
+    let mut tcp = std::net::TcpStream::connect(addr).expect("connect");
+    tcp.set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    while conn.is_handshaking() {
+        conn.complete_io(&mut tcp)
+            .expect("handshake with the node endpoint");
+    }
+    let der = conn
+        .peer_certificates()
+        .and_then(|c| c.first())
+        .expect("the endpoint's certificate")
+        .to_vec();
+    let (_, cert) = x509_parser::parse_x509_certificate(&der).expect("x509");
+    cert.validity().not_after.timestamp()
+}
+
+/// Sends `GET path` on an open TLS connection and reads one response
+/// (headers and a Content-Length body); returns its status line.
+fn get_on(
+    tls: &mut rustls::StreamOwned<rustls::ClientConnection, std::net::TcpStream>,
+    path: &str,
+) -> String {
+    let req = format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n");
+    tls.write_all(req.as_bytes()).expect("request");
+    let mut buf = Vec::new();
+    let mut byte = [0u8; 1];
+    while !buf.ends_with(b"\r\n\r\n") {
+        let n = tls.read(&mut byte).expect("response");
+        assert!(
+            n == 1,
+            "the connection closed: {}",
+            String::from_utf8_lossy(&buf)
+        );
+        buf.push(byte[0]);
+    }
+    let head = String::from_utf8_lossy(&buf).into_owned();
+    let len: usize = head
+        .lines()
+        .find_map(|l| {
+            let (k, v) = l.split_once(':')?;
+            k.eq_ignore_ascii_case("content-length")
+                .then(|| v.trim().parse().ok())?
+        })
+        .expect("a content-length");
+    let mut body = vec![0u8; len];
+    tls.read_exact(&mut body).expect("body");
+    head.lines().next().unwrap_or_default().to_string()
+}
+
+#[test]
+fn node_certificates_are_renewed_before_they_expire_and_the_node_works_on_after_the_first_run_out()
+{
+    if !prerequisites(&[]) {
+        return;
+    }
+    let a = tempfile::tempdir().expect("tempdir");
+    let b = tempfile::tempdir().expect("tempdir");
+    build_image(b.path(), "busybox:1", "renewed\n");
+    // Node certificates live 15 s here; agents renew at 70-90% of that.
+    let server = Server::start(
+        a.path(),
+        None,
+        &["--disable-agent", "--cluster-signing-duration", "15s"],
+        NO_POD_NETWORK,
+    );
+    let agent = start_agent(
+        &server.url,
+        &server.token(),
+        b.path(),
+        "short",
+        None,
+        &[],
+        NO_POD_NETWORK,
+    );
+    let _cleanup = PodCleanup {
+        server: &server,
+        agents_data: vec![b.path().into()],
+    };
+    let diag = || format!("{}\n{}", server.proc.log_tail(), agent.log_tail());
+    wait_for(
+        "node short Ready",
+        30,
+        || server.node_condition("short", "Ready").as_deref() == Some("True"),
+        diag,
+    );
+    let ca = Ca::of(&server);
+    let n = server.json(&["get", "node", "short"]);
+    let port = n["status"]["daemonEndpoints"]["kubeletEndpoint"]["Port"]
+        .as_u64()
+        .expect("endpoint port") as u16;
+    let endpoint = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+    let first_until = endpoint_cert_not_after(endpoint, &ca);
+    assert!(
+        first_until <= unix_now() as i64 + 16,
+        "the endpoint's certificate lives 15 s, until {first_until}"
+    );
+    server.ok_with(
+        &["apply", "-f", "-"],
+        Some(
+            "apiVersion: v1
+kind: Pod
+metadata: {name: lasting}
+spec:
+  nodeName: short
+  terminationGracePeriodSeconds: 1
+  containers:
+  - name: c
+    image: busybox:1
+    command: [/bin/busybox, sh, -c, 'echo up; exec sleep 3600']
+",
+        ),
+    );
+    // Past the end of the certificates the agent joined with, and after
+    // two renewals (so a renewed certificate was itself renewed).
+    let renewals = || {
+        std::fs::read_to_string(&agent.log)
+            .unwrap_or_default()
+            .matches("renewed node certificates")
+            .count()
+    };
+    wait_for(
+        "two renewals, past the first certificates' end",
+        40,
+        || renewals() >= 2 && unix_now() as i64 > first_until + 2,
+        diag,
+    );
+    // The endpoint serves a renewed certificate...
+    let now_until = endpoint_cert_not_after(endpoint, &ca);
+    assert!(now_until > first_until, "{now_until} <= {first_until}");
+    // ...the node still heartbeats with its renewed client certificate...
+    let renew_time = |s: &Server| -> String {
+        s.json(&["get", "lease", "-n", "kube-node-lease", "short"])["spec"]["renewTime"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string()
+    };
+    let before = renew_time(&server);
+    wait_for(
+        "the Lease renewed after the first certificate expired",
+        20,
+        || renew_time(&server) != before,
+        diag,
+    );
+    assert_eq!(
+        server.node_condition("short", "Ready").as_deref(),
+        Some("True")
+    );
+    // ...runs its pod and answers logs and exec through the API server.
+    wait_for(
+        "pod lasting Running",
+        30,
+        || server.json(&["get", "pod", "lasting"])["status"]["phase"] == "Running",
+        diag,
+    );
+    wait_for(
+        "kubectl logs through the renewed endpoint certificate",
+        20,
+        || {
+            String::from_utf8_lossy(&server.kubectl(&["logs", "lasting"], None).stdout)
+                .contains("up")
+        },
+        diag,
+    );
+    assert_eq!(
+        server.ok(&["exec", "lasting", "--", "cat", "/www/index.html"]),
+        "renewed\n"
+    );
+    let log = std::fs::read_to_string(&agent.log).unwrap_or_default();
+    assert!(!log.contains("renewal failed"), "{}", agent.log_tail());
+
+    // Why renewal matters: a certificate is checked on every request, not
+    // only at the handshake, so a connection opened before it expired is
+    // refused after (401) even though it stays open.
+    let short = ca.issue("system:node:short", "system:nodes", Validity::Seconds(4));
+    let issued_until = unix_now() + 4;
+    let mut tls = {
+        use rustls::pki_types::pem::PemObject;
+        use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+        let mut roots = rustls::RootCertStore::empty();
+        roots
+            .add(CertificateDer::from_pem_slice(ca.cert_pem.as_bytes()).expect("ca der"))
+            .expect("root");
+        let cfg = rustls::ClientConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .expect("versions")
+        .with_root_certificates(roots)
+        .with_client_auth_cert(
+            vec![CertificateDer::from_pem_slice(short.cert_pem.as_bytes()).expect("der")],
+            PrivateKeyDer::from_pem_slice(short.key_pem.as_bytes()).expect("key"),
+        )
+        .expect("client auth");
+        let addr = server.url.trim_start_matches("https://").to_string();
+        let tcp = std::net::TcpStream::connect(&addr).expect("connect");
+        tcp.set_read_timeout(Some(Duration::from_secs(10)))
+            .expect("timeout");
+        let name = ServerName::try_from("127.0.0.1").expect("name");
+        let conn = rustls::ClientConnection::new(Arc::new(cfg), name).expect("tls");
+        rustls::StreamOwned::new(conn, tcp)
+    };
+    let status = get_on(&mut tls, "/version");
+    assert!(status.contains(" 200 "), "{status}");
+    while unix_now() <= issued_until + 1 {
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let status = get_on(&mut tls, "/version");
+    assert!(
+        status.contains(" 401 "),
+        "an expired certificate on an open connection: {status}"
+    );
 }
 
 #[test]

@@ -37,6 +37,9 @@ pub(crate) struct Ctx {
     pub warnings: std::sync::Mutex<Vec<String>>,
     /// A protocol upgrade the client asked for (exec's WebSocket).
     pub upgrade: std::sync::Mutex<Option<stream::Upgrade>>,
+    /// The node making this request (its certificate's name), for
+    /// NodeRestriction; None for anyone else.
+    pub node: Option<String>,
 }
 
 impl Ctx {
@@ -53,6 +56,7 @@ impl Ctx {
             body: Bytes::new(),
             warnings: Default::default(),
             upgrade: Default::default(),
+            node: self.node.clone(),
         }
     }
 
@@ -127,7 +131,12 @@ pub(crate) async fn resource(
             .and_then(|v| v.to_str().ok())
             .map(String::from)
     };
+    let node = match req.extensions().get::<crate::auth::Identity>() {
+        Some(crate::auth::Identity::Node(n)) => Some(n.clone()),
+        _ => None,
+    };
     let ctx = Ctx {
+        node,
         params: Params::parse(req.uri().query()),
         accept: header(http::header::ACCEPT).unwrap_or_default(),
         content_type: header(http::header::CONTENT_TYPE),

@@ -152,6 +152,7 @@ pub(crate) async fn create_object(
             super::service::allocate(&ctx.state, res, &mut candidate).await?;
         }
         compat::validate(res, &candidate, None)?;
+        admit(ctx, None, &candidate)?;
         let name = object::name(&candidate).unwrap_or_default().to_string();
         if let Some(ns) = &ctx.t.namespace {
             if res.namespaced {
@@ -243,6 +244,18 @@ fn without_rv(v: &Value) -> Value {
     v
 }
 
+/// NodeRestriction: a node writing its own Node object may not change
+/// protected labels or (after creation) taints; see
+/// [`crate::auth::admit_node_object`]. Who may write which object at all
+/// was decided before (the node authorizer).
+fn admit(ctx: &Ctx, old: Option<&Value>, new: &Value) -> Result<(), ApiError> {
+    match &ctx.node {
+        Some(node) if ctx.res().kind == "Node" => crate::auth::admit_node_object(node, old, new)
+            .map_err(|why| ApiError::new(403, "Forbidden", why)),
+        _ => Ok(()),
+    }
+}
+
 /// Writes `new` over `old` (read at `kv`), keeping what clients may not
 /// change. A no-op update writes nothing. Removing the last finalizer of an
 /// object being deleted deletes it.
@@ -324,6 +337,7 @@ pub(crate) async fn finish_update(
         compat::default_object(res, &mut new);
     }
     compat::validate(res, &new, Some(old))?;
+    admit(ctx, Some(old), &new)?;
     if without_rv(&new) == without_rv(old) {
         return Ok(old.clone());
     }

@@ -174,6 +174,7 @@ pub fn main(global: &Global, args: AgentArgs) -> anyhow::Result<u8> {
         )
         .await?;
         let client = creds.client;
+        tokio::spawn(creds.renewal.run());
         // Tests and scripts read this line.
         println!(
             "evoke agent joined {} as node {name} at {host_ip}",
@@ -252,16 +253,20 @@ pub async fn start_orchestration(
         ip: node_ip,
     }) = local_node
     {
-        let labels = BTreeMap::from([
-            (
-                "node-role.kubernetes.io/control-plane".to_string(),
-                "true".to_string(),
-            ),
-            (
-                "node-role.kubernetes.io/master".to_string(),
-                "true".to_string(),
-            ),
-        ]);
+        // A node may not give itself role labels (NodeRestriction); the
+        // control plane labels its own node, as k3s's server does.
+        tokio::spawn(evoke_node::token::keep_node_labels(
+            client.clone(),
+            node_name.clone(),
+            BTreeMap::from([
+                (
+                    "node-role.kubernetes.io/control-plane".into(),
+                    "true".into(),
+                ),
+                ("node-role.kubernetes.io/master".into(), "true".into()),
+            ]),
+        ));
+        let labels = BTreeMap::new();
         let network = net::pod_network(net_args, &global.data_dir, &node_name, client.clone());
         let server_url = server_url(kubeconfig)?;
         let password = evoke_node::token::node_password(&global.data_dir)?;
@@ -295,6 +300,7 @@ pub async fn start_orchestration(
                     }
                 }
             };
+            tokio::spawn(creds.renewal.run());
             let agent = evoke_node::Agent::new(
                 creds.client,
                 agent_config(

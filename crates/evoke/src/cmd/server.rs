@@ -42,6 +42,46 @@ pub struct ServerArgs {
     /// This node's name (default: the hostname).
     #[arg(long)]
     pub node_name: Option<String>,
+    /// How long the certificates nodes get are valid, e.g. 8760h (the
+    /// default, a year), 30m or 90s (at least 10s); agents renew theirs at
+    /// 70-90% of that, as kube-controller-manager's flag of this name and
+    /// the kubelet's rotation do.
+    #[arg(long, default_value = "8760h", value_parser = parse_duration)]
+    pub cluster_signing_duration: std::time::Duration,
+}
+
+/// `90s`, `30m`, `8760h` or a sum of them (`1h30m`).
+fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
+    let bad = || format!("{s:?} is not a duration like 8760h, 30m or 90s");
+    let mut total = 0u64;
+    let mut digits = String::new();
+    for c in s.trim().chars() {
+        if c.is_ascii_digit() {
+            digits.push(c);
+            continue;
+        }
+        let n: u64 = digits.parse().map_err(|_| bad())?;
+        digits.clear();
+        let unit = match c {
+            'h' => 3600,
+            'm' => 60,
+            's' => 1,
+            _ => return Err(bad()),
+        };
+        total = n
+            .checked_mul(unit)
+            .and_then(|v| total.checked_add(v))
+            .ok_or_else(bad)?;
+    }
+    if !digits.is_empty() || total == 0 {
+        return Err(bad());
+    }
+    if total < 10 {
+        return Err(format!(
+            "{s:?} is shorter than 10s; renewal needs a few seconds"
+        ));
+    }
+    Ok(std::time::Duration::from_secs(total))
 }
 
 pub fn main(global: &Global, args: ServerArgs) -> anyhow::Result<u8> {
@@ -114,6 +154,7 @@ async fn run(
         kubeconfig_path: args.write_kubeconfig.clone(),
         kubeconfig_mode: mode,
         service_cidr: crate::cmd::net::service_cidr(&args.net)?,
+        node_cert_lifetime: args.cluster_signing_duration,
         ..evoke_apiserver::Config::new(global.data_dir.clone())
     };
     let server = evoke_apiserver::Server::start(config, store.clone())
@@ -162,4 +203,19 @@ async fn run(
         );
     }
     Ok(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_duration;
+
+    #[test]
+    fn signing_durations_read_as_hours_minutes_and_seconds() {
+        assert_eq!(parse_duration("8760h").unwrap().as_secs(), 8760 * 3600);
+        assert_eq!(parse_duration("1h30m").unwrap().as_secs(), 5400);
+        assert_eq!(parse_duration("90s").unwrap().as_secs(), 90);
+        for bad in ["", "10", "5s", "1d", "h", "-1h", "99999999999999999999h"] {
+            assert!(parse_duration(bad).is_err(), "{bad}");
+        }
+    }
 }
