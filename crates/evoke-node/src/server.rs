@@ -459,8 +459,10 @@ fn connect_in_netns_of(pid: u32, port: u16) -> std::io::Result<std::net::TcpStre
 /// now on, as a WebSocket remote-command session. With `stdin=true`
 /// (`kubectl attach -i`, `kubectl run -i`), the client's stdin goes to the
 /// container's, which must have been created with `stdin: true`; it stays
-/// open between attachments. `stdinOnce` is not supported: closing the
-/// client's stdin never closes the container's.
+/// open between attachments, unless the container has `stdinOnce: true`:
+/// then the first attach's end (the client closed its stdin, or left)
+/// closes it, and later attaches may not write to it
+/// ([`stream::stdin_once_reader`]).
 async fn attach(
     State(app): State<App>,
     UrlPath((ns, pod, container)): UrlPath<(String, String, String)>,
@@ -491,7 +493,19 @@ async fn attach(
     };
     // Opened before the upgrade, so that a container without a kept-open
     // stdin is a clear error for kubectl rather than a silent session.
-    let stdin = if wants_stdin {
+    let once = if wants_stdin {
+        stream::take_stdin_once(&id)
+    } else {
+        stream::OnceStdin::NotOnce
+    };
+    let stdin = if let stream::OnceStdin::First(w) = once {
+        Some(w)
+    } else if let stream::OnceStdin::Closed = once {
+        return error(
+            StatusCode::BAD_REQUEST,
+            format!("the stdin of container {container} in pod {pod} was closed when its first attach ended (stdinOnce)\n"),
+        );
+    } else if wants_stdin {
         let (t, w) = (tier.clone(), id.clone());
         match tokio::task::spawn_blocking(move || t.open_stdin(&w)).await {
             Ok(Ok(fd)) => Some(fd),

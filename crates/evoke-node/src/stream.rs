@@ -300,6 +300,54 @@ pub async fn session(
     let _ = writer.await;
 }
 
+/// Write ends of the stdin of containers with `stdinOnce: true`, by
+/// workload id, until their first attach takes them (then None).
+type StdinOnce = std::sync::Mutex<std::collections::HashMap<String, Option<OwnedFd>>>;
+
+fn stdin_once() -> &'static StdinOnce {
+    static WRITERS: std::sync::OnceLock<StdinOnce> = std::sync::OnceLock::new();
+    WRITERS.get_or_init(Default::default)
+}
+
+/// The stdin of workload `id`, a container with `stdin` and `stdinOnce`:
+/// the read end of a pipe whose write end the node keeps for the
+/// container's first attach (`kubectl run -i`, `kubectl attach -i`). When
+/// that attach ends, the process reads end-of-file, as the kubelet closes
+/// such a stdin; until then it waits for input. Earlier attempts of the
+/// same container (the id's prefix) are forgotten. The write end lives in
+/// the agent: an agent restart closes it too.
+pub fn stdin_once_reader(id: &str) -> Result<OwnedFd, crate::NodeError> {
+    let (reader, writer) =
+        nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(|e| crate::NodeError::Io {
+            path: format!("stdin pipe of workload {id}").into(),
+            source: e.into(),
+        })?;
+    let container = id.rsplit_once('_').map_or(id, |(c, _)| c);
+    let mut writers = stdin_once().lock().unwrap_or_else(|e| e.into_inner());
+    writers.retain(|k, _| k.rsplit_once('_').map_or(k.as_str(), |(c, _)| c) != container);
+    writers.insert(id.to_string(), Some(writer));
+    Ok(reader)
+}
+
+/// What an attach with stdin gets for workload `id`.
+pub(crate) enum OnceStdin {
+    /// Not a stdinOnce container: use its kept-open stdin.
+    NotOnce,
+    /// The first attach: the only writer; dropping it closes the stdin.
+    First(OwnedFd),
+    /// A stdinOnce container whose first attach has come and gone.
+    Closed,
+}
+
+/// Takes the stdinOnce writer of workload `id` (see [`stdin_once_reader`]).
+pub(crate) fn take_stdin_once(id: &str) -> OnceStdin {
+    let mut writers = stdin_once().lock().unwrap_or_else(|e| e.into_inner());
+    match writers.get_mut(id) {
+        None => OnceStdin::NotOnce,
+        Some(w) => w.take().map_or(OnceStdin::Closed, OnceStdin::First),
+    }
+}
+
 /// `kubectl attach`: the main process's output from now on (stdout and
 /// stderr share the container's log, so both arrive on channel 1), until
 /// the process ends or the client leaves. With `stdin` (`attach -i`, a
@@ -314,7 +362,8 @@ pub async fn attach_session(
 ) {
     let (mut sink, mut incoming) = socket.split();
     // A writer of the process's kept-open stdin; dropping it (the client
-    // closed its stdin or left) is no EOF for the process.
+    // closed its stdin or left) is no EOF for the process, unless it is
+    // a stdinOnce container's only writer.
     let mut stdin = stdin.and_then(|w| tokio::net::unix::pipe::Sender::from_owned_fd(w).ok());
     let mut offset = std::fs::metadata(&log).map(|m| m.len()).unwrap_or(0);
     tracing::info!(workload = %id, "attach started");

@@ -578,6 +578,8 @@ impl Worker {
         spec.ipc_namespace = self.ipc.clone();
         let id = spec.id.clone();
         let pod_uid = self.pod.uid().unwrap_or_default();
+        // stdinOnce: a stdin the first attach closes (see stream.rs).
+        let stdin_once = !init && c.stdin == Some(true) && c.stdin_once == Some(true);
         let res = tokio::task::spawn_blocking(move || -> Result<(), RuntimeError> {
             if let Some(parent) = log.parent() {
                 std::fs::create_dir_all(parent)
@@ -592,7 +594,14 @@ impl Worker {
                     true,
                 );
             }
-            tier.create(&spec, Stdio::default())?;
+            let mut stdio = Stdio::default();
+            if stdin_once {
+                stdio.stdin = Some(
+                    crate::stream::stdin_once_reader(&spec.id)
+                        .map_err(|e| RuntimeError::InvalidSpec(e.to_string()))?,
+                );
+            }
+            tier.create(&spec, stdio)?;
             tier.start(&spec.id)
         })
         .await

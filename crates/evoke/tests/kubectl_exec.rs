@@ -410,6 +410,70 @@ spec:
     assert!(stdout.contains("got:hello"), "{stdout}\n{stderr}");
 }
 
+#[test]
+fn run_i_rm_closes_a_stdin_once_containers_stdin_when_the_attach_ends_so_a_reader_to_eof_finishes()
+{
+    if !common::require_pods() {
+        return;
+    }
+    let c = common::start_cluster();
+    // `kubectl run -i` makes the pod with stdinOnce: true. `wc -c` reads
+    // to end of input: it finishes only if the container's stdin closes
+    // when kubectl's does; then --rm deletes the pod.
+    let out = c.kubectl_with(
+        &[
+            "run",
+            "counter",
+            "-i",
+            "--rm",
+            "--restart=Never",
+            "--image=busybox:1",
+            "--pod-running-timeout=60s",
+            "--",
+            "sh",
+            "-c",
+            "wc -c; echo counted",
+        ],
+        Some("hello\n"),
+        &[],
+    );
+    let (stdout, stderr) = text(&out);
+    assert!(out.status.success(), "{stderr}\n{}", c.log_tail());
+    assert!(
+        stdout.contains('6') && stdout.contains("counted"),
+        "{stdout}\n{stderr}"
+    );
+    c.wait_for("pod counter deleted by --rm", 30, || {
+        !c.kubectl(&["get", "pod", "counter"]).status.success()
+    });
+
+    // A stdinOnce container keeps its stdin open until the first attach
+    // ends; after that, no attach may write to it.
+    c.run_pod(
+        "once",
+        "apiVersion: v1
+kind: Pod
+metadata: {name: once}
+spec:
+  terminationGracePeriodSeconds: 1
+  containers:
+  - name: c
+    image: busybox:1
+    command: [/bin/sh, -c, 'wc -l; echo stdin closed; exec sleep 3600']
+    stdin: true
+    stdinOnce: true
+",
+    );
+    attach_and_type(&c, "once", "a\nb\n", "stdin closed");
+    let logs = String::from_utf8_lossy(&c.kubectl(&["logs", "once"]).stdout).into_owned();
+    assert!(
+        logs.contains('2') && logs.contains("stdin closed"),
+        "{logs}"
+    );
+    let err = c.fails(&["attach", "-i", "once"], Some("c\n"));
+    assert!(err.contains("stdinOnce"), "{err}");
+}
+
 /// One HTTP GET over a fresh connection to 127.0.0.1:`port`.
 fn http_get(port: u16, path: &str) -> String {
     let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect to kubectl");
