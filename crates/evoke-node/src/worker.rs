@@ -74,10 +74,53 @@ struct Sandbox {
     net: PodNet,
     guest: Option<evoke_runtime::GuestNetwork>,
     ipc: Option<PathBuf>,
+    /// How long volumes, network and IPC took.
+    took: [Duration; 3],
 }
 
 /// How long to wait before retrying a sandbox that could not be set up.
 const SETUP_RETRY: Duration = Duration::from_secs(20);
+
+/// Where one pod's start-up time went, from the agent seeing the pod to
+/// the status write that says it runs; logged once at debug level as `pod
+/// start-up` (bench/orchestration reads it with `EVOKE_LOG=evoke_node=debug`).
+struct StartTrace {
+    seen: Instant,
+    /// Waiting for a place in the start queue.
+    queued: Duration,
+    /// Reading referenced ConfigMaps and Secrets.
+    refs: Duration,
+    volumes: Duration,
+    net: Duration,
+    ipc: Duration,
+    /// The tier's `create` and `start` of the containers, summed.
+    create: Duration,
+    start: Duration,
+    /// Status writes before the one that reports the pod running.
+    patches: u32,
+    done: bool,
+}
+
+impl StartTrace {
+    fn new() -> Self {
+        Self {
+            seen: Instant::now(),
+            queued: Duration::ZERO,
+            refs: Duration::ZERO,
+            volumes: Duration::ZERO,
+            net: Duration::ZERO,
+            ipc: Duration::ZERO,
+            create: Duration::ZERO,
+            start: Duration::ZERO,
+            patches: 0,
+            done: false,
+        }
+    }
+}
+
+fn ms(d: Duration) -> f64 {
+    (d.as_secs_f64() * 10_000.0).round() / 10.0
+}
 
 pub struct Worker {
     ctx: Arc<Ctx>,
@@ -102,6 +145,7 @@ pub struct Worker {
     last_written: Option<PodStatus>,
     setup_retry_at: Option<Instant>,
     warned: Option<String>,
+    trace: StartTrace,
 }
 
 fn policy(pod: &Pod) -> String {
@@ -163,6 +207,7 @@ impl Worker {
             last_written: None,
             setup_retry_at: None,
             warned: None,
+            trace: StartTrace::new(),
         }
     }
 
@@ -289,10 +334,12 @@ impl Worker {
         }
         let tier_name = tier.name().to_string();
         self.tier = Some(tier);
+        let t = Instant::now();
         let refs = self
             .fetch_refs()
             .await
             .map_err(|m| ("CreateContainerConfigError".to_string(), m))?;
+        self.trace.refs += t.elapsed();
         let host_network = self
             .pod
             .spec
@@ -312,7 +359,10 @@ impl Worker {
         let sandbox = tokio::task::spawn_blocking(move || -> Result<Sandbox, (String, String)> {
             let fail =
                 |reason: &'static str| move |e: NodeError| (reason.to_string(), e.to_string());
+            let t = Instant::now();
             let volume_dirs = volumes::prepare(&pod, &vrefs, &dir).map_err(fail("FailedMount"))?;
+            let t_volumes = t.elapsed();
+            let t = Instant::now();
             let uid = pod.uid().unwrap_or_default();
             let (net, guest) = if host_network {
                 let net = PodNet {
@@ -339,6 +389,8 @@ impl Worker {
                     None,
                 )
             };
+            let t_net = t.elapsed();
+            let t = Instant::now();
             let ipc = match share_ipc {
                 true => Some(crate::ipc::setup(&uid).map_err(fail("IpcNotReady"))?),
                 false => None,
@@ -348,11 +400,13 @@ impl Worker {
                 net,
                 guest,
                 ipc,
+                took: [t_volumes, t_net, t.elapsed()],
             })
         })
         .await
         .map_err(|e| ("FailedCreatePodSandBox".to_string(), e.to_string()))??;
         self.volume_dirs = sandbox.volume_dirs;
+        [self.trace.volumes, self.trace.net, self.trace.ipc] = sandbox.took;
         self.refs = Some(refs);
         self.net = sandbox.net;
         self.guest_net = sandbox.guest;
@@ -477,10 +531,12 @@ impl Worker {
                 .chain(self.main.iter())
                 .any(|c| matches!(c.state, CState::Waiting { .. }));
         let slots = self.ctx.start_slots.clone();
+        let t = Instant::now();
         let _slot = match work {
             true => Some(slots.acquire().await),
             false => None,
         };
+        self.trace.queued += t.elapsed();
         if !self.setup().await {
             return;
         }
@@ -580,7 +636,7 @@ impl Worker {
         let pod_uid = self.pod.uid().unwrap_or_default();
         // stdinOnce: a stdin the first attach closes (see stream.rs).
         let stdin_once = !init && c.stdin == Some(true) && c.stdin_once == Some(true);
-        let res = tokio::task::spawn_blocking(move || -> Result<(), RuntimeError> {
+        let res = tokio::task::spawn_blocking(move || -> Result<[Duration; 2], RuntimeError> {
             if let Some(parent) = log.parent() {
                 std::fs::create_dir_all(parent)
                     .map_err(|e| RuntimeError::io(parent.display().to_string(), e))?;
@@ -601,13 +657,19 @@ impl Worker {
                         .map_err(|e| RuntimeError::InvalidSpec(e.to_string()))?,
                 );
             }
+            let t = Instant::now();
             tier.create(&spec, stdio)?;
-            tier.start(&spec.id)
+            let created = t.elapsed();
+            let t = Instant::now();
+            tier.start(&spec.id)?;
+            Ok([created, t.elapsed()])
         })
         .await
         .unwrap_or_else(|e| Err(RuntimeError::InvalidSpec(format!("start panicked: {e}"))));
         match res {
-            Ok(()) => {
+            Ok([created, started]) => {
+                self.trace.create += created;
+                self.trace.start += started;
                 let image = c.image.clone().unwrap_or_default();
                 if let Some(rec) = self.record(name, init) {
                     rec.restart_count = attempt;
@@ -986,6 +1048,7 @@ impl Worker {
             &self.pod.namespace().unwrap_or_default(),
         );
         let patch = serde_json::json!({ "status": status });
+        let t = Instant::now();
         match api
             .patch_status(
                 &self.pod.name_any(),
@@ -996,6 +1059,28 @@ impl Worker {
         {
             Ok(p) => {
                 self.pod = Arc::new(p);
+                if !self.trace.done {
+                    if status.phase.as_deref() == Some("Running") {
+                        self.trace.done = true;
+                        let tr = &self.trace;
+                        tracing::debug!(
+                            pod = %self.key(),
+                            total_ms = ms(tr.seen.elapsed()),
+                            queued_ms = ms(tr.queued),
+                            refs_ms = ms(tr.refs),
+                            volumes_ms = ms(tr.volumes),
+                            net_ms = ms(tr.net),
+                            ipc_ms = ms(tr.ipc),
+                            create_ms = ms(tr.create),
+                            start_ms = ms(tr.start),
+                            patch_ms = ms(t.elapsed()),
+                            earlier_patches = tr.patches,
+                            "pod start-up"
+                        );
+                    } else {
+                        self.trace.patches += 1;
+                    }
+                }
                 self.last_written = Some(status);
             }
             Err(e) => tracing::debug!(pod = %self.key(), error = %e, "could not write pod status"),
