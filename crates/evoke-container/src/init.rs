@@ -189,7 +189,18 @@ fn intermediate_inner(plan: &Plan, mut fds: ChildFds, status: &OwnedFd) -> R<()>
     for (fd, flag) in &fds.join {
         ctx(nix::sched::setns(fd, *flag), || format!("setns {flag:?}"))?;
     }
+    let joined_ipc = fds
+        .join
+        .iter()
+        .any(|(_, f)| f.contains(CloneFlags::CLONE_NEWIPC));
     drop(std::mem::take(&mut fds.join));
+    if joined_ipc
+        && plan
+            .new_ns
+            .contains(CloneFlags::CLONE_NEWUSER | CloneFlags::CLONE_NEWNS)
+    {
+        mqueue_of_joined_ipc(&plan.rootfs)?;
+    }
     let placement = fds.placement.take();
     match clone_placed(plan.new_ns, placement.as_ref())? {
         (sys::Forked::Parent(pid), _) => {
@@ -201,6 +212,51 @@ fn intermediate_inner(plan: &Plan, mut fds: ChildFds, status: &OwnedFd) -> R<()>
             match container_init(plan, fds, status, unshare_cgroupns)? {}
         }
     }
+}
+
+/// Where the intermediate mounts the mqueue of a joined IPC namespace for
+/// the init to bind: beside the rootfs, in the bundle.
+fn joined_mqueue_dir(rootfs: &Path) -> PathBuf {
+    rootfs.parent().unwrap_or(rootfs).join("mqueue")
+}
+
+/// A container in a new user namespace that joins an IPC namespace of the
+/// host's user namespace (a pod's, shared by its containers) may not mount
+/// that namespace's mqueue: only its owner's root may. So the intermediate,
+/// still root there, mounts it on [`joined_mqueue_dir`] in a mount
+/// namespace of its own (private: nothing reaches the host; the directory
+/// stays empty there), which the init's is copied from; the init then
+/// binds it on /dev/mqueue (see `mount_one`).
+fn mqueue_of_joined_ipc(rootfs: &Path) -> R<()> {
+    let dir = joined_mqueue_dir(rootfs);
+    match fs::create_dir(&dir) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+        Err(e) => return Err(format!("mkdir {}: {e}", dir.display())),
+    }
+    ctx(nix::sched::unshare(CloneFlags::CLONE_NEWNS), || {
+        "unshare(CLONE_NEWNS) for the pod's mqueue".into()
+    })?;
+    ctx(
+        mount(
+            None::<&str>,
+            "/",
+            None::<&str>,
+            MsFlags::MS_REC | MsFlags::MS_PRIVATE,
+            None::<&str>,
+        ),
+        || "make / private for the pod's mqueue".into(),
+    )?;
+    ctx(
+        mount(
+            Some("mqueue"),
+            &dir,
+            Some("mqueue"),
+            MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC,
+            None::<&str>,
+        ),
+        || format!("mount the pod's mqueue on {}", dir.display()),
+    )
 }
 
 /// The container's init when a single-threaded caller clones it itself,
@@ -503,6 +559,49 @@ fn mount_one(root: &Path, m: &MountPlan) -> R<()> {
                         None::<&str>,
                     ),
                     || "remount /sys read-only".into(),
+                )?;
+            }
+            // In a user namespace that does not own the IPC namespace
+            // (a pod's): bind the mqueue the intermediate mounted for that
+            // namespace (`mqueue_of_joined_ipc`), as runc binds the host's
+            // when this mount is refused. Only a real mqueue: never an
+            // empty directory, nor the host's queues.
+            (Err(nix::Error::EPERM), Some("mqueue")) => {
+                // The mqueue filesystem's magic number (linux/magic.h).
+                const MQUEUE_MAGIC: u32 = 0x1980_0202;
+                let src = joined_mqueue_dir(root);
+                let is_mqueue = nix::sys::statfs::statfs(&src).is_ok_and(|f| {
+                    u32::try_from(f.filesystem_type().0).is_ok_and(|m| m == MQUEUE_MAGIC)
+                });
+                if !is_mqueue {
+                    return Err(format!(
+                        "mount mqueue on {}: not permitted in this user namespace, and no mqueue of the joined IPC namespace to bind",
+                        m.dest.display()
+                    ));
+                }
+                ctx(
+                    mount(
+                        Some(&src),
+                        &dest,
+                        None::<&str>,
+                        MsFlags::MS_BIND,
+                        None::<&str>,
+                    ),
+                    || format!("bind {} on /dev/mqueue", src.display()),
+                )?;
+                ctx(
+                    mount(
+                        None::<&str>,
+                        &dest,
+                        None::<&str>,
+                        MsFlags::MS_BIND
+                            | MsFlags::MS_REMOUNT
+                            | MsFlags::MS_NOSUID
+                            | MsFlags::MS_NODEV
+                            | MsFlags::MS_NOEXEC,
+                        None::<&str>,
+                    ),
+                    || "remount /dev/mqueue".into(),
                 )?;
             }
             (Err(e), t) => {
@@ -976,6 +1075,11 @@ fn exec_intermediate_inner(p: &ProcessPlan, mut fds: ChildFds, status: &OwnedFd)
     })?;
     wait_go(&fds.go)?;
     enter_cgroup(fds.placement.as_ref())?;
+    // The user namespace last: still root of the host's, we may join what
+    // a container in a user namespace shares with its pod (IPC, network),
+    // which the container's own root may not (it does not own them).
+    fds.join
+        .sort_by_key(|(_, f)| f.contains(CloneFlags::CLONE_NEWUSER));
     for (fd, flag) in &fds.join {
         ctx(nix::sched::setns(fd, *flag), || format!("setns {flag:?}"))?;
     }

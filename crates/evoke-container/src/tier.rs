@@ -445,6 +445,12 @@ fn stdin_fifo(dir: &Path) -> Result<OwnedFd, RuntimeError> {
 /// Where a container with a user namespace keeps its id map.
 const IDMAP_FILE: &str = "idmap.json";
 
+/// A workload label asking for a user namespace for this workload alone,
+/// with a free block of ids (`auto`): how the node agent runs a pod with
+/// `hostUsers: false` when the tier itself was not made
+/// [`ContainerTier::with_user_namespace`].
+pub const USERNS_LABEL: &str = "evoke.io/user-namespace";
+
 /// The container tier: OCI images in namespaces, over overlayfs.
 #[derive(Debug, Clone)]
 pub struct ContainerTier {
@@ -556,7 +562,11 @@ impl ContainerTier {
         for d in [&rootfs, &upper, &work] {
             fs::create_dir_all(d).map_err(|e| io_err("create", d, e))?;
         }
-        let idmap = match self.userns {
+        let asked = spec.labels.get(USERNS_LABEL).map(String::as_str) == Some("auto");
+        let mode = self
+            .userns
+            .or_else(|| asked.then_some(crate::userns::UsernsMode::Auto));
+        let idmap = match mode {
             Some(mode) => Some(self.claim_ids(mode, dir)?),
             None => None,
         };

@@ -342,6 +342,10 @@ pub const LABEL_POD_NAME: &str = "io.kubernetes.pod.name";
 pub const LABEL_POD_NAMESPACE: &str = "io.kubernetes.pod.namespace";
 pub const LABEL_CONTAINER: &str = "io.kubernetes.container.name";
 pub const LABEL_ATTEMPT: &str = "io.kubernetes.container.restartCount";
+/// Asks the container tier for a user namespace with a free block of ids
+/// (a pod with `hostUsers: false`); evoke-container's `tier::USERNS_LABEL`
+/// (the two must agree).
+pub const LABEL_USER_NAMESPACE: &str = "evoke.io/user-namespace";
 
 /// Everything about one container start, except the namespaces.
 #[allow(clippy::too_many_arguments)]
@@ -389,7 +393,7 @@ pub fn workload_spec(
                 })
                 .unwrap_or(0) as u32,
         });
-    let labels = BTreeMap::from([
+    let mut labels = BTreeMap::from([
         (LABEL_POD_UID.to_string(), uid.clone()),
         (LABEL_POD_NAME.to_string(), pod.name_any()),
         (
@@ -399,6 +403,10 @@ pub fn workload_spec(
         (LABEL_CONTAINER.to_string(), c.name.clone()),
         (LABEL_ATTEMPT.to_string(), attempt.to_string()),
     ]);
+    // hostUsers: false, a user namespace of the pod's own.
+    if pod.spec.as_ref().and_then(|s| s.host_users) == Some(false) {
+        labels.insert(LABEL_USER_NAMESPACE.to_string(), "auto".to_string());
+    }
     let hostname = pod
         .spec
         .as_ref()
