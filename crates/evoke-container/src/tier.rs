@@ -445,11 +445,15 @@ fn stdin_fifo(dir: &Path) -> Result<OwnedFd, RuntimeError> {
 /// Where a container with a user namespace keeps its id map.
 const IDMAP_FILE: &str = "idmap.json";
 
-/// A workload label asking for a user namespace for this workload alone,
-/// with a free block of ids (`auto`): how the node agent runs a pod with
-/// `hostUsers: false` when the tier itself was not made
-/// [`ContainerTier::with_user_namespace`].
+/// A workload label asking for a user namespace with a free block of ids:
+/// `auto` for this workload alone, any other value names a group (the node
+/// agent gives a pod's uid) whose workloads share one block. How the node
+/// agent runs a pod with `hostUsers: false` when the tier itself was not
+/// made [`ContainerTier::with_user_namespace`].
 pub const USERNS_LABEL: &str = "evoke.io/user-namespace";
+
+/// Where a container records the group its id block belongs to.
+const USERNS_GROUP_FILE: &str = "userns-group";
 
 /// The container tier: OCI images in namespaces, over overlayfs.
 #[derive(Debug, Clone)]
@@ -485,10 +489,13 @@ impl ContainerTier {
 
     /// Picks and records the id map of the container in `dir` (its
     /// `idmap.json`), under a lock so that concurrent creates in auto mode
-    /// never get the same block.
+    /// never get the same block. Containers of one `group` (a pod's) share
+    /// the block of the first of them that still exists, as Kubernetes maps
+    /// a whole pod to one range.
     fn claim_ids(
         &self,
         mode: crate::userns::UsernsMode,
+        group: Option<&str>,
         dir: &Path,
     ) -> Result<crate::userns::IdMap, RuntimeError> {
         let lock_path = self.dirs.containers.join(".userns.lock");
@@ -502,13 +509,31 @@ impl ContainerTier {
             .map_err(|(_, e)| io_err("lock", &lock_path, e.into()))?;
         // Every directory counts, also those of containers still being
         // created (their workload.json is written after this).
-        let taken: Vec<crate::userns::IdMap> = fs::read_dir(&self.dirs.containers)
+        let dirs: Vec<PathBuf> = fs::read_dir(&self.dirs.containers)
             .map_err(|e| io_err("read", &self.dirs.containers, e))?
             .flatten()
-            .filter_map(|e| fs::read(e.path().join(IDMAP_FILE)).ok())
-            .filter_map(|b| serde_json::from_slice(&b).ok())
+            .map(|e| e.path())
             .collect();
-        let map = crate::userns::choose(mode, &taken).map_err(|e| tier_err(Self::NAME, e))?;
+        let map_of = |d: &Path| -> Option<crate::userns::IdMap> {
+            serde_json::from_slice(&fs::read(d.join(IDMAP_FILE)).ok()?).ok()
+        };
+        let same_group = group.and_then(|g| {
+            dirs.iter()
+                .filter(|d| fs::read_to_string(d.join(USERNS_GROUP_FILE)).is_ok_and(|s| s == g))
+                .find_map(|d| map_of(d))
+        });
+        let map = match same_group {
+            Some(map) => map,
+            None => {
+                let taken: Vec<crate::userns::IdMap> =
+                    dirs.iter().filter_map(|d| map_of(d)).collect();
+                crate::userns::choose(mode, &taken).map_err(|e| tier_err(Self::NAME, e))?
+            }
+        };
+        if let Some(g) = group {
+            let path = dir.join(USERNS_GROUP_FILE);
+            fs::write(&path, g).map_err(|e| io_err("write", &path, e))?;
+        }
         write_json(&dir.join(IDMAP_FILE), &map)?;
         Ok(map)
     }
@@ -562,12 +587,15 @@ impl ContainerTier {
         for d in [&rootfs, &upper, &work] {
             fs::create_dir_all(d).map_err(|e| io_err("create", d, e))?;
         }
-        let asked = spec.labels.get(USERNS_LABEL).map(String::as_str) == Some("auto");
-        let mode = self
-            .userns
-            .or_else(|| asked.then_some(crate::userns::UsernsMode::Auto));
+        let asked = spec.labels.get(USERNS_LABEL).map(String::as_str);
+        let (mode, group) = match (self.userns, asked) {
+            (Some(mode), _) => (Some(mode), None),
+            (None, Some("auto")) => (Some(crate::userns::UsernsMode::Auto), None),
+            (None, Some(group)) => (Some(crate::userns::UsernsMode::Auto), Some(group)),
+            (None, None) => (None, None),
+        };
         let idmap = match mode {
-            Some(mode) => Some(self.claim_ids(mode, dir)?),
+            Some(mode) => Some(self.claim_ids(mode, group, dir)?),
             None => None,
         };
         let layer_dirs = match &idmap {

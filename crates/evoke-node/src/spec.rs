@@ -342,9 +342,9 @@ pub const LABEL_POD_NAME: &str = "io.kubernetes.pod.name";
 pub const LABEL_POD_NAMESPACE: &str = "io.kubernetes.pod.namespace";
 pub const LABEL_CONTAINER: &str = "io.kubernetes.container.name";
 pub const LABEL_ATTEMPT: &str = "io.kubernetes.container.restartCount";
-/// Asks the container tier for a user namespace with a free block of ids
-/// (a pod with `hostUsers: false`); evoke-container's `tier::USERNS_LABEL`
-/// (the two must agree).
+/// Asks the container tier for a user namespace with a block of ids shared
+/// by the pod's containers (`pod:UID`, for a pod with `hostUsers: false`);
+/// evoke-container's `tier::USERNS_LABEL` (the two must agree).
 pub const LABEL_USER_NAMESPACE: &str = "evoke.io/user-namespace";
 
 /// Everything about one container start, except the namespaces.
@@ -403,9 +403,9 @@ pub fn workload_spec(
         (LABEL_CONTAINER.to_string(), c.name.clone()),
         (LABEL_ATTEMPT.to_string(), attempt.to_string()),
     ]);
-    // hostUsers: false, a user namespace of the pod's own.
+    // hostUsers: false: user namespaces with one id block for the pod.
     if pod.spec.as_ref().and_then(|s| s.host_users) == Some(false) {
-        labels.insert(LABEL_USER_NAMESPACE.to_string(), "auto".to_string());
+        labels.insert(LABEL_USER_NAMESPACE.to_string(), format!("pod:{uid}"));
     }
     let hostname = pod
         .spec

@@ -93,8 +93,7 @@ spec:
         "uid_map: {logs}"
     );
     let host_uid = map[1] as u32;
-    // Seen from the host, container a's process runs as that uid (no
-    // other container has it: each gets a block of its own).
+    // Seen from the host, the containers' processes run as that uid.
     assert!(
         host_uids_of("sleep").contains(&host_uid),
         "no sleep process of uid {host_uid} on the host: {:?}",
@@ -119,11 +118,14 @@ spec:
     ]);
     let mut lines = out.lines();
     assert_eq!(lines.next(), Some("0"), "{out}");
-    assert!(
+    // The pod's containers share one id block, as in Kubernetes.
+    assert_eq!(
         lines
             .next()
-            .is_some_and(|l| l.split_whitespace().nth(1).is_some_and(|h| h != "0")),
-        "{out}"
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|h| h.parse::<u32>().ok()),
+        Some(host_uid),
+        "container b's uid_map: {out}"
     );
     assert!(out.contains(&queue), "{out}");
     assert_eq!(c.pod("unprivileged")["status"]["phase"], "Running");
