@@ -220,6 +220,37 @@ impl PodIpam {
         Ok(Some(ip))
     }
 
+    /// Moves the address held under `from` to `to` (a pre-made sandbox's
+    /// address handed to the pod that claims it); returns it. `to` must hold
+    /// none yet.
+    pub fn rename(&self, from: &str, to: &str) -> Result<Ipv4Addr, NetError> {
+        if to.is_empty() {
+            return Err(NetError::BadInput("empty pod uid".into()));
+        }
+        let mut st = self.lock();
+        if let Some(ip) = st.pods.get(to) {
+            return Err(NetError::InUse(format!("{ip} (held by {to})")));
+        }
+        let ip = st
+            .pods
+            .remove(from)
+            .ok_or_else(|| NetError::BadInput(format!("no address is held by {from}")))?;
+        st.pods.insert(to.to_string(), ip);
+        if let Err(e) = self.persist(&st) {
+            st.pods.remove(to);
+            st.pods.insert(from.to_string(), ip);
+            return Err(e);
+        }
+        Ok(ip)
+    }
+
+    /// How many addresses are still free.
+    pub fn free(&self) -> usize {
+        // The network, gateway and broadcast addresses are never handed out.
+        let usable = self.subnet.size().saturating_sub(3) as usize;
+        usable.saturating_sub(self.lock().pods.len())
+    }
+
     /// The address pod `uid` holds, if any.
     pub fn get(&self, uid: &str) -> Option<Ipv4Addr> {
         self.lock().pods.get(uid).copied()
@@ -390,6 +421,30 @@ mod tests {
             PodIpam::open(dir.path(), subnet),
             Err(NetError::Corrupt(_))
         ));
+    }
+
+    #[test]
+    fn a_held_address_moves_to_a_new_owner_persisted_and_never_onto_a_holder() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let subnet = net("10.42.6.0/29"); // .2 ..= .6 usable
+        let ipam = PodIpam::open(dir.path(), subnet).expect("open");
+        assert_eq!(ipam.free(), 5);
+        let pooled = ipam.allocate("pool-1").expect("pool");
+        ipam.allocate("pod-b").expect("b");
+        assert_eq!(ipam.free(), 3);
+        assert_eq!(ipam.rename("pool-1", "pod-a").expect("moved"), pooled);
+        assert_eq!(ipam.get("pod-a"), Some(pooled));
+        assert_eq!(ipam.get("pool-1"), None);
+        assert_eq!(ipam.free(), 3);
+        assert!(matches!(
+            ipam.rename("pod-a", "pod-b"),
+            Err(NetError::InUse(_))
+        ));
+        assert!(ipam.rename("pool-9", "pod-c").is_err(), "nothing held");
+        assert_eq!(ipam.get("pod-a"), Some(pooled), "a refused move keeps it");
+        let reopened = PodIpam::open(dir.path(), subnet).expect("reopen");
+        assert_eq!(reopened.get("pod-a"), Some(pooled));
+        assert_eq!(reopened.get("pool-1"), None);
     }
 
     #[test]

@@ -17,6 +17,7 @@ pub mod netns;
 pub mod nft;
 pub mod node;
 pub mod podnet;
+pub mod pool;
 pub mod proxy;
 pub mod rtnl;
 mod tap;

@@ -72,6 +72,32 @@ pub fn create_then<R: Send>(path: &Path, inside: impl FnOnce() -> R + Send) -> R
     result
 }
 
+/// Pins the namespace held at `from` at `to` instead, and unpins `from`: a
+/// pre-made namespace handed to its pod under the pod's name. (`MS_MOVE`
+/// would be one call, but it refuses mounts under a shared parent, which
+/// `/run/netns` is.) Fails if `to` is a namespace already; `from` is left
+/// as it was when the new pin cannot be made.
+pub fn rename(from: &Path, to: &Path) -> Result<(), NetError> {
+    if is_netns(to) {
+        return Err(NetError::BadInput(format!(
+            "network namespace {} exists already",
+            to.display()
+        )));
+    }
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(to)
+        .map_err(|e| NetError::io(to, e))?;
+    if let Err(e) = nix::mount::mount(Some(from), to, None::<&str>, MsFlags::MS_BIND, None::<&str>)
+    {
+        let _ = std::fs::remove_file(to);
+        return Err(ns_err(to, "bind mount")(e));
+    }
+    remove(from)
+}
+
 /// Unmounts and removes the namespace file at `path`; a missing one is fine.
 /// The kernel frees the namespace (and any interfaces left in it) once the
 /// last process and mount holding it are gone.

@@ -8,6 +8,8 @@
 //! calling thread, and concurrent pods attach side by side.
 
 use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
 
 use evoke_node::network::{PodNet, PodNetwork as NodePodNetwork};
 use evoke_node::NodeError;
@@ -17,15 +19,20 @@ use crate::NetError;
 
 /// Bridge networking for the node agent.
 pub struct BridgeNetwork {
-    net: PodNetwork,
+    net: Arc<PodNetwork>,
 }
 
 impl BridgeNetwork {
     /// Sets up the bridge and IPAM of `cfg`.
     pub fn new(cfg: PodNetConfig) -> Result<Self, NetError> {
         Ok(Self {
-            net: PodNetwork::new(cfg)?,
+            net: Arc::new(PodNetwork::new(cfg)?),
         })
+    }
+
+    /// Keeps `size` pod sandboxes ready (see [`PodNetwork::start_pool`]).
+    pub fn start_pool(&self, size: usize, idle: Duration) {
+        self.net.start_pool(size, idle);
     }
 
     /// Makes `ip` a local address of the node (see

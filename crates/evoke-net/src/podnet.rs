@@ -16,23 +16,32 @@
 //! default route. Everything is blocking and runs on the caller's thread:
 //! pods attach in parallel, each with its own sockets, and only the
 //! kernel's RTNL lock orders them.
+//!
+//! With a pool ([`PodNetwork::start_pool`], see [`crate::pool`]) a new pod
+//! takes a sandbox made beforehand instead: one netlink request (the pod's
+//! name for the host veth), a re-pin of the namespace and an IPAM update.
 
 use std::net::Ipv4Addr;
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
+use rtnetlink::packet_core::{NLM_F_APPEND, NLM_F_CREATE};
 use rtnetlink::packet_route::address::AddressMessage;
-use rtnetlink::packet_route::link::{InfoData, InfoPortKind, InfoVeth, LinkAttribute, LinkMessage};
+use rtnetlink::packet_route::link::{
+    InfoData, InfoPortKind, InfoVeth, LinkAttribute, LinkMessage, Prop,
+};
 use rtnetlink::packet_route::route::RouteScope;
 use rtnetlink::packet_route::RouteNetlinkMessage as Msg;
 use rtnetlink::{
     AddressMessageBuilder, LinkBridge, LinkBridgePort, LinkMessageBuilder, LinkUnspec, LinkVeth,
     RouteMessageBuilder,
 };
-use tracing::{debug, info};
+use tracing::{debug, info, warn};
 
 use crate::ipam::{Ipv4Net, PodIpam};
+use crate::pool::{self, Pool, KEY_PREFIX};
 use crate::rtnl::{self, Rtnl, CHANGE, CREATE, REPLACE};
 use crate::{netns, NetError};
 
@@ -93,6 +102,8 @@ pub struct PodNetwork {
     /// Idle sockets in the node's namespace: each attach takes one (or
     /// opens one), so concurrent attaches never wait for each other here.
     idle: Mutex<Vec<Rtnl>>,
+    /// Pre-made sandboxes (empty unless [`PodNetwork::start_pool`] ran).
+    pool: Arc<Pool>,
 }
 
 /// A node-side socket lent out by [`PodNetwork::node`]; it goes back to
@@ -262,12 +273,72 @@ impl PodNetwork {
         })?
         .map_err(|e| NetError::io(Path::new("/proc/sys/net/ipv4/ip_forward"), e))?;
         info!(bridge = %cfg.bridge, subnet = %cfg.subnet, "pod network ready");
-        Ok(Self {
+        let net = Self {
             cfg,
             ipam,
             bridge_index,
             idle: Mutex::new(vec![node]),
-        })
+            pool: Arc::default(),
+        };
+        net.reclaim_pool();
+        Ok(net)
+    }
+
+    /// Tears down pooled sandboxes an earlier run left (a killed process
+    /// cannot tear its pool down): IPAM still holds their keys.
+    fn reclaim_pool(&self) {
+        let keys: Vec<String> = self
+            .ipam
+            .allocations()
+            .into_keys()
+            .filter(|k| k.starts_with(KEY_PREFIX))
+            .collect();
+        for key in &keys {
+            if let Err(e) = self.teardown(key) {
+                warn!(%key, error = %e, "cannot reclaim a pooled pod sandbox");
+            }
+        }
+        if !keys.is_empty() {
+            info!(
+                count = keys.len(),
+                "reclaimed pooled pod sandboxes of an earlier run"
+            );
+        }
+    }
+
+    /// Keeps `size` pod sandboxes ready (0: none), refilled on a thread of
+    /// its own once no pod set-up or teardown has run for `idle`; see
+    /// [`crate::pool`]. They are torn down when the network is dropped.
+    pub fn start_pool(self: &Arc<Self>, size: usize, idle: Duration) {
+        pool::start(self, size, idle);
+    }
+
+    /// How many pre-made sandboxes are ready now.
+    pub fn pooled(&self) -> usize {
+        self.pool.ready()
+    }
+
+    pub(crate) fn pool(&self) -> &Arc<Pool> {
+        &self.pool
+    }
+
+    /// Makes one sandbox for the pool; returns its key.
+    pub(crate) fn make_pooled(&self) -> Result<String, NetError> {
+        use std::hash::{BuildHasher, Hasher};
+        // A random key (std's hasher keys are random per process and per
+        // call): pool names must not collide across nodes sharing a host.
+        let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+        h.write_u128(
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_nanos()),
+        );
+        let key = format!("{KEY_PREFIX}{:016x}", h.finish());
+        if self.ipam.get(&key).is_some() {
+            return Err(NetError::InUse(key));
+        }
+        self.attach_uid(&key)?;
+        Ok(key)
     }
 
     /// A socket in the node's namespace, lent until dropped.
@@ -337,11 +408,70 @@ impl PodNetwork {
         self.cfg.netns_dir.join(format!("evoke-{uid}"))
     }
 
-    /// Gives pod `uid` a namespace, an address and a veth on the bridge.
+    /// Gives pod `uid` a namespace, an address and a veth on the bridge:
+    /// a pre-made sandbox when the pool has one and the pod has nothing yet.
     /// Calling it again for a set-up pod keeps what is intact and rebuilds
     /// a missing veth, keeping the IP either way.
     pub fn setup(&self, uid: &str) -> Result<PodAttachment, NetError> {
         check_uid(uid)?;
+        let _busy = self.pool.busy();
+        if !uid.starts_with(KEY_PREFIX) && self.ipam.get(uid).is_none() {
+            if let Some(key) = self.pool.take() {
+                match self.hand_over(&key, uid) {
+                    Ok(a) => {
+                        debug!(pod = uid, %key, ip = %a.ip, "pod took a pre-made sandbox");
+                        return Ok(a);
+                    }
+                    Err(e) => {
+                        warn!(pod = uid, %key, error = %e, "cannot hand a pooled sandbox over; setting up the pod's own");
+                        let _ = self.teardown(&key);
+                    }
+                }
+            }
+        }
+        self.attach_uid(uid)
+    }
+
+    /// Gives the pooled sandbox `key` to pod `uid`, in an order that a
+    /// crash at any point leaves either to the pool's reclaim (IPAM still
+    /// names the key) or to the pod's own set-up (which reuses a namespace
+    /// pinned under its name).
+    fn hand_over(&self, key: &str, uid: &str) -> Result<PodAttachment, NetError> {
+        let host = veth_name("ve", uid);
+        let (from, to) = (self.netns_path(key), self.netns_path(uid));
+        if netns::is_netns(&to) {
+            return Err(NetError::BadInput(format!(
+                "pod {uid} has a namespace already"
+            )));
+        }
+        // The host end answers to the pod's veth name from now on (an
+        // alternative name: renaming a link needs it down).
+        let pooled = veth_name("ve", key);
+        let prop = LinkUnspec::new_with_name(&pooled)
+            .append_extra_attribute(LinkAttribute::PropList(vec![Prop::AltIfName(host.clone())]))
+            .build();
+        let a = self
+            .node()?
+            .request(Msg::NewLinkProp(prop), NLM_F_CREATE | NLM_F_APPEND)
+            .map_err(io_err("add altname", &pooled))?;
+        answer(a, "add altname", format!("{host} to {pooled}"), &[])?;
+        netns::rename(&from, &to)?;
+        match self.ipam.rename(key, uid) {
+            Ok(ip) => Ok(PodAttachment {
+                ip,
+                netns: to,
+                host_veth: host,
+                gateway: self.cfg.subnet.gateway(),
+            }),
+            Err(e) => {
+                let _ = netns::remove(&to);
+                Err(e)
+            }
+        }
+    }
+
+    /// [`PodNetwork::setup`] without the pool.
+    fn attach_uid(&self, uid: &str) -> Result<PodAttachment, NetError> {
         let ip = self.ipam.allocate(uid)?;
         let host = veth_name("ve", uid);
         let ns_path = self.netns_path(uid);
@@ -513,6 +643,7 @@ impl PodNetwork {
     /// Idempotent: a pod with nothing left is not an error.
     pub fn teardown(&self, uid: &str) -> Result<(), NetError> {
         check_uid(uid)?;
+        let _busy = self.pool.busy();
         // The host end (its peer goes with it), a peer left on the node by
         // an older agent whose move into the namespace failed, and a tap:
         // one sendmsg, each gone or never made is fine.
@@ -536,5 +667,21 @@ impl PodNetwork {
         self.ipam.release(uid)?;
         debug!(pod = uid, "pod detached");
         Ok(())
+    }
+}
+
+impl Drop for PodNetwork {
+    /// Tears the ready pooled sandboxes down (pods' sandboxes stay: their
+    /// workloads are adopted by the next run).
+    fn drop(&mut self) {
+        let keys = self.pool.stop();
+        for key in &keys {
+            if let Err(e) = self.teardown(key) {
+                warn!(%key, error = %e, "cannot tear a pooled pod sandbox down");
+            }
+        }
+        if !keys.is_empty() {
+            debug!(count = keys.len(), "pooled pod sandboxes torn down");
+        }
     }
 }

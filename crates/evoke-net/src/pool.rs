@@ -1,0 +1,206 @@
+//! A small pool of pre-made pod sandboxes, so that a pod's network is a
+//! hand-over instead of kernel work on its start-up path.
+//!
+//! A pooled sandbox is an ordinary attached pod whose "uid" is a pool key
+//! (`pool-<hex>`, never a Kubernetes uid, which is hex digits and dashes):
+//! its namespace is pinned as `evoke-pool-<hex>`, its veth is on the bridge
+//! with `eth0` configured inside, and IPAM holds its address under the key.
+//! Claiming one for a pod ([`crate::PodNetwork::setup`]) gives the host veth
+//! the pod's name as an alternative name, re-pins the namespace under the
+//! pod's name and moves the address to the pod's uid; from then on the pod
+//! is indistinguishable from one attached the slow way (teardown, restart
+//! and re-attach find it by the same names).
+//!
+//! The pool refills on a thread of its own, one sandbox at a time, only
+//! when no pod set-up or teardown has run for a moment: in a burst the pool
+//! empties and stays empty until the burst is over, and never competes
+//! with the pods for the node's cores. Ready sandboxes are torn down when
+//! the [`crate::PodNetwork`] is dropped; any a killed process left behind
+//! are found by their keys in IPAM and torn down when the network starts.
+
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, Weak};
+use std::time::{Duration, Instant};
+
+use tracing::{debug, warn};
+
+use crate::podnet::PodNetwork;
+
+/// What every pool key starts with.
+pub(crate) const KEY_PREFIX: &str = "pool-";
+
+/// How long refilling waits after a failed attempt, or when the subnet has
+/// no more free addresses than the pool would take.
+const RETRY: Duration = Duration::from_secs(5);
+
+/// The pool's state, shared by the network and its refill thread.
+#[derive(Default)]
+pub(crate) struct Pool {
+    state: Mutex<State>,
+    changed: Condvar,
+}
+
+#[derive(Default)]
+struct State {
+    /// How many ready sandboxes to keep (0: no pool).
+    size: usize,
+    /// Keys of the ready sandboxes, oldest first.
+    ready: Vec<String>,
+    /// Pod set-ups and teardowns running now.
+    busy: usize,
+    /// When the last one ended.
+    last: Option<Instant>,
+    /// No refill before this (after a failure).
+    not_before: Option<Instant>,
+    /// The network is going away: refill no more.
+    stopped: bool,
+}
+
+/// Marks a pod set-up or teardown in progress; the pool refills only
+/// when none is.
+pub(crate) struct Busy<'a>(&'a Pool);
+
+impl Drop for Busy<'_> {
+    fn drop(&mut self) {
+        let mut st = self.0.lock();
+        st.busy -= 1;
+        st.last = Some(Instant::now());
+        drop(st);
+        self.0.changed.notify_all();
+    }
+}
+
+impl Pool {
+    fn lock(&self) -> MutexGuard<'_, State> {
+        // Every update leaves the state consistent, so a poisoned lock is usable.
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub(crate) fn busy(&self) -> Busy<'_> {
+        self.lock().busy += 1;
+        Busy(self)
+    }
+
+    /// A ready sandbox's key, oldest first.
+    pub(crate) fn take(&self) -> Option<String> {
+        let mut st = self.lock();
+        if st.ready.is_empty() {
+            return None;
+        }
+        let key = st.ready.remove(0);
+        drop(st);
+        self.changed.notify_all();
+        Some(key)
+    }
+
+    /// How many sandboxes are ready.
+    pub(crate) fn ready(&self) -> usize {
+        self.lock().ready.len()
+    }
+
+    /// Stops refilling and returns the ready sandboxes' keys (to tear down).
+    pub(crate) fn stop(&self) -> Vec<String> {
+        let mut st = self.lock();
+        st.stopped = true;
+        let keys = std::mem::take(&mut st.ready);
+        drop(st);
+        self.changed.notify_all();
+        keys
+    }
+
+    /// Waits until a refill is due: fewer ready than wanted, nothing busy
+    /// for `idle`, no back-off pending. False once the pool is stopped.
+    fn wait_turn(&self, idle: Duration) -> bool {
+        let mut st = self.lock();
+        loop {
+            if st.stopped {
+                return false;
+            }
+            let now = Instant::now();
+            let quiet_at = st.last.map_or(now, |t| t + idle);
+            let due = [Some(quiet_at), st.not_before].into_iter().flatten().max();
+            let wanted = st.ready.len() < st.size;
+            let wait = match (wanted, st.busy, due) {
+                (true, 0, Some(t)) if t <= now => return true,
+                (true, 0, Some(t)) => t - now,
+                // Busy or full: a change wakes us (with a bound, in case).
+                _ => Duration::from_secs(60),
+            };
+            st = self
+                .changed
+                .wait_timeout(st, wait)
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
+        }
+    }
+
+    /// Adds a made sandbox; false (the caller tears it down) if the pool
+    /// was stopped meanwhile.
+    fn put(&self, key: String) -> bool {
+        let mut st = self.lock();
+        if st.stopped {
+            return false;
+        }
+        st.ready.push(key);
+        st.not_before = None;
+        true
+    }
+
+    fn back_off(&self) {
+        self.lock().not_before = Some(Instant::now() + RETRY);
+    }
+
+    fn size(&self) -> usize {
+        self.lock().size
+    }
+}
+
+/// Keeps `size` sandboxes ready for `net` (see the module doc) on a thread
+/// of its own; it ends when the network is dropped. `idle`: how long no
+/// pod set-up or teardown must have run before a refill.
+pub(crate) fn start(net: &Arc<PodNetwork>, size: usize, idle: Duration) {
+    let pool = net.pool().clone();
+    {
+        let mut st = pool.lock();
+        st.size = size;
+        if size == 0 {
+            return;
+        }
+    }
+    let weak = Arc::downgrade(net);
+    let spawned = std::thread::Builder::new()
+        .name("evoke-sandbox-pool".into())
+        .spawn(move || refill(&pool, &weak, idle));
+    if let Err(e) = spawned {
+        warn!(error = %e, "no thread for the pod sandbox pool; pods are set up without it");
+    }
+}
+
+fn refill(pool: &Pool, net: &Weak<PodNetwork>, idle: Duration) {
+    let mut warned = false;
+    while pool.wait_turn(idle) {
+        // Only a weak hold between refills, so that dropping the network
+        // (which tears the pool down) is never held up by this thread.
+        let Some(net) = net.upgrade() else { return };
+        // Pods come first: the pool never takes the last addresses.
+        if net.ipam().free() <= pool.size() {
+            pool.back_off();
+            continue;
+        }
+        match net.make_pooled() {
+            Ok(key) => {
+                debug!(%key, "pod sandbox made for the pool");
+                warned = false;
+                if !pool.put(key.clone()) {
+                    let _ = net.teardown(&key);
+                }
+            }
+            Err(e) => {
+                if !warned {
+                    warn!(error = %e, "cannot make a pod sandbox for the pool; retrying");
+                    warned = true;
+                }
+                pool.back_off();
+            }
+        }
+    }
+}
