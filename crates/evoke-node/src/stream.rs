@@ -324,9 +324,32 @@ pub fn stdin_once_reader(id: &str) -> Result<OwnedFd, crate::NodeError> {
         })?;
     let container = id.rsplit_once('_').map_or(id, |(c, _)| c);
     let mut writers = stdin_once().lock().unwrap_or_else(|e| e.into_inner());
-    writers.retain(|k, _| k.rsplit_once('_').map_or(k.as_str(), |(c, _)| c) != container);
+    // Forget earlier attempts of this container, writers whose process is
+    // gone (a pod deleted without an attach), and, past a bound, the marks
+    // of stdins already closed.
+    writers.retain(|k, w| {
+        k.rsplit_once('_').map_or(k.as_str(), |(c, _)| c) != container
+            && w.as_ref().is_none_or(|w| !reader_gone(w))
+    });
+    if writers.len() > MAX_STDIN_ONCE {
+        writers.retain(|_, w| w.is_some());
+    }
     writers.insert(id.to_string(), Some(writer));
     Ok(reader)
+}
+
+/// How many stdinOnce entries are kept before the marks of closed ones go.
+const MAX_STDIN_ONCE: usize = 4096;
+
+/// Whether nobody reads the pipe `w` writes to any more (POLLERR).
+fn reader_gone(w: &OwnedFd) -> bool {
+    use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+    use std::os::fd::AsFd;
+    let mut fds = [PollFd::new(w.as_fd(), PollFlags::POLLOUT)];
+    poll(&mut fds, PollTimeout::ZERO).is_ok()
+        && fds[0]
+            .revents()
+            .is_some_and(|r| r.contains(PollFlags::POLLERR))
 }
 
 /// What an attach with stdin gets for workload `id`.
@@ -442,6 +465,30 @@ async fn finish(out: &mpsc::Sender<Message>, outcome: &Result<i32, String>) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_stdin_once_writer_goes_to_the_first_attach_only_and_is_forgotten_with_its_reader() {
+        let id = format!("uid-{}_c_0", std::process::id());
+        let reader = stdin_once_reader(&id).expect("pipe");
+        let OnceStdin::First(writer) = take_stdin_once(&id) else {
+            panic!("the first attach gets the writer");
+        };
+        assert!(matches!(take_stdin_once(&id), OnceStdin::Closed));
+        assert!(matches!(take_stdin_once("no-such_c_0"), OnceStdin::NotOnce));
+        // Dropping the only writer is end-of-file for the process.
+        drop(writer);
+        let mut buf = [0u8; 1];
+        assert_eq!(nix::unistd::read(&reader, &mut buf).expect("read"), 0);
+        // A next attempt replaces the container's entry; a writer whose
+        // reader is gone is forgotten at the next insert.
+        let next = format!("uid-{}_c_1", std::process::id());
+        let other = format!("uid-{}_d_0", std::process::id());
+        drop(stdin_once_reader(&next).expect("pipe"));
+        assert!(matches!(take_stdin_once(&id), OnceStdin::NotOnce));
+        let _keep = stdin_once_reader(&other).expect("pipe");
+        assert!(matches!(take_stdin_once(&next), OnceStdin::NotOnce));
+        assert!(matches!(take_stdin_once(&other), OnceStdin::First(_)));
+    }
 
     #[test]
     fn exec_query_keeps_repeated_commands_in_order_and_tty_takes_stderr() {
