@@ -53,6 +53,9 @@ pub enum Error {
     /// The seccomp profile could not be compiled.
     #[error("seccomp profile: {0}")]
     Seccomp(String),
+    /// The binary could not be re-executed from a protected copy.
+    #[error(transparent)]
+    SelfExe(#[from] crate::selfexe::SelfExeError),
     /// A signal name or number that is not a signal.
     #[error("unknown signal {0:?}")]
     BadSignal(String),

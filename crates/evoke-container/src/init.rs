@@ -1021,6 +1021,9 @@ pub(crate) fn exec_process(
     }
     let prog = find_program(p)?;
     check_not_self(p, Path::new(std::ffi::OsStr::from_bytes(prog.as_bytes())))?;
+    // The workload is exec'd from a sealed trampoline, never from this
+    // clone of the runtime's binary (CVE-2019-5736; see trampoline.rs).
+    let trampoline = crate::trampoline::Trampoline::new(p.exec_by_fd)?;
     send(status, &Msg::Ready);
     if let Some(fifo) = fifo {
         let mut b = [0u8; 1];
@@ -1052,8 +1055,11 @@ pub(crate) fn exec_process(
             fail(e);
         }
     }
-    let e = nix::unistd::execve(&prog, &p.args, &p.env).unwrap_err();
-    fail(format!("exec {}: {e}", prog.to_string_lossy()))
+    let e = trampoline.exec(&prog, &p.args, &p.env);
+    fail(format!(
+        "exec {} through the trampoline: {e}",
+        prog.to_string_lossy()
+    ))
 }
 
 /// The intermediate child of `exec`: joins the container's namespaces and

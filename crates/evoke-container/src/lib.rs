@@ -32,6 +32,7 @@ pub mod spec;
 mod sys;
 pub mod testutil;
 pub mod tier;
+mod trampoline;
 pub mod userns;
 
 use std::collections::HashMap;
@@ -147,6 +148,15 @@ pub struct CreateOptions {
     /// The cgroup hierarchy to use; `None` takes what [`cgroups::detect`]
     /// finds. (A hybrid host is driven through v1 unless told otherwise.)
     pub hierarchy: Option<cgroups::Hierarchy>,
+    /// The caller is a short command-line process that [`create`] may
+    /// re-execute from a protected copy of its binary
+    /// ([`selfexe::protect`]) when other processes could see the init
+    /// before `start`: when the container gets no pid namespace of its
+    /// own. With a new pid namespace the init is alone in it and not
+    /// dumpable, and its last exec goes through the trampoline
+    /// (`trampoline.rs`), so no copy is needed (it cost one more start of
+    /// the binary per container).
+    pub reexec_when_shared: bool,
 }
 
 /// Options for [`exec`].
@@ -359,6 +369,10 @@ pub fn create(state_root: &Path, id: &str, bundle: &Path, opts: CreateOptions) -
         source,
     })?;
     let plan = plan::plan(&spec, &bundle)?;
+    if opts.reexec_when_shared && !plan.new_ns.contains(nix::sched::CloneFlags::CLONE_NEWPID) {
+        // Returns only when already protected (or on error).
+        selfexe::protect()?;
+    }
 
     fs::DirBuilder::new()
         .recursive(true)

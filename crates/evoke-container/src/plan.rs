@@ -68,6 +68,9 @@ pub(crate) struct ProcessPlan {
     /// (st_dev, st_ino) of the running binary: the init refuses to exec it
     /// (CVE-2019-5736).
     pub self_exe: Option<(u64, u64)>,
+    /// The seccomp profile lets the process `execveat` the exec trampoline
+    /// by its descriptor (else it goes through /proc/self/fd).
+    pub exec_by_fd: bool,
 }
 
 /// Everything the container init does, in order.
@@ -313,6 +316,7 @@ pub(crate) fn process_plan(
         rlimits,
         oom_score_adj: p.oom_score_adj(),
         self_exe: self_exe(),
+        exec_by_fd: crate::trampoline::execveat_allowed(seccomp),
     })
 }
 

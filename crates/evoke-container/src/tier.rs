@@ -988,6 +988,7 @@ impl WorkloadRuntime for ContainerTier {
                     console_socket: console.as_ref().map(|c| c.path.clone()),
                     pid_file: None,
                     hierarchy: None,
+                    reexec_when_shared: false,
                 },
             )
             .map_err(Self::err)?;

@@ -119,8 +119,12 @@ fn container_cannot_exec_the_runtime_binary_via_proc_self_exe() {
 
 /// CVE-2019-5736, the other way in: a process that holds on to the init's
 /// /proc/PID/exe while the init still runs the runtime (before `start`), and
-/// reopens it for writing once no process runs it any more. The runtime
-/// runs from a read-only overlay of its binary, so the reopen fails.
+/// reopens it for writing once no process runs it any more. Others can see
+/// the init before `start` when it joins a pid namespace that already has
+/// processes (here another container's). The runtime then runs from a
+/// read-only overlay of its binary, so the reopen fails. (With a pid
+/// namespace of its own the init is alone and not dumpable, and its last
+/// exec goes through a sealed trampoline: no copy is made.)
 #[test]
 fn runtime_binary_seen_by_a_container_cannot_be_reopened_for_writing() {
     if !require_root_and_busybox("CVE-2019-5736 reopen") {
@@ -130,8 +134,39 @@ fn runtime_binary_seen_by_a_container_cannot_be_reopened_for_writing() {
     let t = tempfile::tempdir().unwrap();
     let evoke = t.path().join("evoke-copy");
     std::fs::copy(env!("CARGO_BIN_EXE_evoke"), &evoke).unwrap();
-    let bundle = busybox_bundle(&t.path().join("b"), &["true"], |_| {}).unwrap();
     let root = t.path().join("state");
+    // The first container owns the pid namespace that the second joins.
+    let first = busybox_bundle(&t.path().join("a"), &["sleep", "60"], |_| {}).unwrap();
+    let first_id = unique_id("reopen-ns");
+    let first_pid_file = t.path().join("pid-a");
+    // Its init keeps stdio open until it runs: no pipes to wait on.
+    let status = Command::new(env!("CARGO_BIN_EXE_evoke"))
+        .arg("oci")
+        .arg("--root")
+        .arg(&root)
+        .args(["create", "--bundle", first.to_str().unwrap(), "--pid-file"])
+        .arg(&first_pid_file)
+        .arg(&first_id)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status()
+        .unwrap();
+    assert!(status.success(), "create the first: {status}");
+    let first_pid = std::fs::read_to_string(&first_pid_file).unwrap();
+    let pid_ns = format!("/proc/{}/ns/pid", first_pid.trim());
+    let bundle = busybox_bundle(&t.path().join("b"), &["true"], |s| {
+        let mut l = s.linux().clone().unwrap();
+        let mut nss = l.namespaces().clone().unwrap();
+        for ns in &mut nss {
+            if ns.typ() == evoke_container::oci_spec::runtime::LinuxNamespaceType::Pid {
+                ns.set_path(Some(pid_ns.clone().into()));
+            }
+        }
+        l.set_namespaces(Some(nss));
+        s.set_linux(Some(l));
+    })
+    .unwrap();
     let pid_file = t.path().join("pid");
     let id = unique_id("reopen");
     let status = Command::new(&evoke)
@@ -155,6 +190,8 @@ fn runtime_binary_seen_by_a_container_cannot_be_reopened_for_writing() {
         .unwrap();
     let o = oci(&root, &["delete", "--force", &id]);
     assert!(o.status.success(), "delete: {}", stderr(&o));
+    let o = oci(&root, &["delete", "--force", &first_id]);
+    assert!(o.status.success(), "delete the first: {}", stderr(&o));
     // The init is gone and nothing runs the file now: only a read-only
     // file system stands between the holder and the runtime's binary.
     let reopened = std::fs::OpenOptions::new()

@@ -34,11 +34,10 @@ pub fn main_fast() -> anyhow::Result<u8> {
     let argv = std::env::args_os().skip(2);
     let cli =
         OciCli::parse_from(std::iter::once(std::ffi::OsString::from("evoke oci")).chain(argv));
-    if matches!(
-        cli.args.command,
-        OciCommand::Create(_) | OciCommand::Run(_) | OciCommand::Exec(_)
-    ) {
-        // These fork processes that enter a container (CVE-2019-5736).
+    if matches!(cli.args.command, OciCommand::Exec(_)) {
+        // The exec'd process is a clone of this one, visible to the
+        // container's processes until its last exec (CVE-2019-5736). For
+        // create and run, `create` decides (see `reexec_when_shared`).
         engine::selfexe::protect()?;
     }
     crate::init_logging(&cli.global.log);
@@ -157,6 +156,7 @@ fn create_opts(a: &CreateArgs) -> engine::CreateOptions {
     engine::CreateOptions {
         console_socket: a.console_socket.clone(),
         pid_file: a.pid_file.clone(),
+        reexec_when_shared: true,
         ..Default::default()
     }
 }
