@@ -110,8 +110,10 @@ struct Record {
     /// The init's start time in clock ticks (/proc/PID/stat field 22), to
     /// tell it from a later process that reuses the pid.
     start_time: u64,
-    /// Where the init waits for `start`.
-    start_pipe: StartPipe,
+    /// Where the init waits for `start`. None in a record of the old
+    /// layout (see [`LEGACY_STATE`]).
+    #[serde(default)]
+    start_pipe: Option<StartPipe>,
     bundle: PathBuf,
     rootfs: PathBuf,
     cgroup: Option<CgroupPaths>,
@@ -119,7 +121,18 @@ struct Record {
     annotations: HashMap<String, String>,
     /// Unix time of creation.
     created: u64,
+    /// Set for a container of the old layout: its state directory.
+    #[serde(skip)]
+    legacy_dir: Option<PathBuf>,
 }
+
+/// The state file of a container made by an evoke before the flat layout:
+/// `STATE_ROOT/ID/state.json`, with an exec fifo `STATE_ROOT/ID/exec.fifo`
+/// that exists until `start`. Such containers (still running after an
+/// upgrade) are listed and can be started, signalled and deleted; new ones
+/// are never made this way.
+const LEGACY_STATE: &str = "state.json";
+const LEGACY_FIFO: &str = "exec.fifo";
 
 /// How a container's process ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -199,7 +212,7 @@ fn load_record(state_root: &Path, id: &str) -> Result<(PathBuf, Record)> {
     let text = match fs::read(&path) {
         Ok(t) if t.is_empty() => return Err(Error::NotFound(id.to_string())),
         Ok(t) => t,
-        Err(e) if e.kind() == ErrorKind::NotFound => return Err(Error::NotFound(id.to_string())),
+        Err(e) if e.kind() == ErrorKind::NotFound => return load_legacy(state_root, id),
         Err(e) => return Err(Error::io("read", &path, e)),
     };
     let rec = serde_json::from_slice(&text).map_err(|source| Error::State {
@@ -207,6 +220,24 @@ fn load_record(state_root: &Path, id: &str) -> Result<(PathBuf, Record)> {
         source,
     })?;
     Ok((path, rec))
+}
+
+/// Reads a record of the old layout (see [`LEGACY_STATE`]); the path
+/// returned is the container's state directory.
+fn load_legacy(state_root: &Path, id: &str) -> Result<(PathBuf, Record)> {
+    let dir = state_root.join(id);
+    let path = dir.join(LEGACY_STATE);
+    let text = match fs::read(&path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == ErrorKind::NotFound => return Err(Error::NotFound(id.to_string())),
+        Err(e) => return Err(Error::io("read", &path, e)),
+    };
+    let mut rec: Record = serde_json::from_slice(&text).map_err(|source| Error::State {
+        id: id.to_string(),
+        source,
+    })?;
+    rec.legacy_dir = Some(dir.clone());
+    Ok((dir, rec))
 }
 
 /// Fills the state file that `create` claimed (empty, opened O_EXCL). One
@@ -288,7 +319,12 @@ fn proc_stat(pid: i32) -> Option<(char, u64)> {
 fn status_of(rec: &Record) -> Status {
     match proc_stat(rec.pid) {
         Some((state, start)) if start == rec.start_time && state != 'Z' && state != 'X' => {
-            if rec.start_pipe.held_by(rec.pid) {
+            let waiting = match (&rec.start_pipe, &rec.legacy_dir) {
+                (Some(pipe), _) => pipe.held_by(rec.pid),
+                (None, Some(dir)) => dir.join(LEGACY_FIFO).exists(),
+                (None, None) => false,
+            };
+            if waiting {
                 Status::Created
             } else {
                 Status::Running
@@ -519,12 +555,13 @@ pub fn create(state_root: &Path, id: &str, bundle: &Path, opts: CreateOptions) -
         id: id.to_string(),
         pid: init_pid.as_raw(),
         start_time,
-        start_pipe,
+        start_pipe: Some(start_pipe),
         bundle: bundle.clone(),
         rootfs: plan.rootfs.clone(),
         cgroup: Some(cg.paths()),
         annotations: spec.annotations().clone().unwrap_or_default(),
         created: now_secs(),
+        legacy_dir: None,
     };
     save_record(&mut file, &path, &rec)?;
     if let Some(pf) = &opts.pid_file {
@@ -556,7 +593,10 @@ pub fn start(state_root: &Path, id: &str) -> Result<()> {
             op: "start",
         });
     }
-    let pipe_path = rec.start_pipe.proc_path(rec.pid);
+    let Some(pipe) = rec.start_pipe else {
+        return start_legacy(&rec);
+    };
+    let pipe_path = pipe.proc_path(rec.pid);
     // Non-blocking: the init holds the pipe open for reading.
     let mut f = fs::OpenOptions::new()
         .write(true)
@@ -566,7 +606,7 @@ pub fn start(state_root: &Path, id: &str) -> Result<()> {
     // The status check and the open are not atomic: make sure the
     // descriptor reached is still the init's start pipe.
     let st = f.metadata().map_err(|e| Error::io("stat", &pipe_path, e))?;
-    if std::os::unix::fs::MetadataExt::ino(&st) != rec.start_pipe.inode {
+    if std::os::unix::fs::MetadataExt::ino(&st) != pipe.inode {
         return Err(Error::BadStatus {
             id: id.into(),
             status: Status::Running,
@@ -587,6 +627,23 @@ pub fn start(state_root: &Path, id: &str) -> Result<()> {
     Ok(())
 }
 
+/// `start` for a container of the old layout: one byte into its exec
+/// fifo, which the init holds open for reading, then the fifo goes.
+fn start_legacy(rec: &Record) -> Result<()> {
+    let Some(dir) = &rec.legacy_dir else {
+        return Err(Error::NotFound(rec.id.clone()));
+    };
+    let fifo = dir.join(LEGACY_FIFO);
+    let mut f = fs::OpenOptions::new()
+        .write(true)
+        .custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC)
+        .open(&fifo)
+        .map_err(|e| Error::io("open", &fifo, e))?;
+    f.write_all(b"0")
+        .map_err(|e| Error::io("write", &fifo, e))?;
+    fs::remove_file(&fifo).map_err(|e| Error::io("remove", &fifo, e))
+}
+
 /// The container's OCI state.
 pub fn state(state_root: &Path, id: &str) -> Result<State> {
     let (_, rec) = load_record(state_root, id)?;
@@ -603,8 +660,11 @@ pub fn list(state_root: &Path) -> Result<Vec<State>> {
     };
     for e in entries.flatten() {
         let name = e.file_name().to_string_lossy().into_owned();
-        let Some(id) = name.strip_suffix(STATE_SUFFIX) else {
-            continue;
+        // ID.json, or a directory ID of the old layout.
+        let id = match name.strip_suffix(STATE_SUFFIX) {
+            Some(id) => id,
+            None if e.file_type().is_ok_and(|t| t.is_dir()) => name.as_str(),
+            None => continue,
         };
         if let Ok(s) = state(state_root, id) {
             out.push(s);
@@ -667,6 +727,9 @@ pub fn delete(state_root: &Path, id: &str, force: bool) -> Result<()> {
     }
     if let Some(cg) = &cg {
         cg.remove()?;
+    }
+    if rec.legacy_dir.is_some() {
+        return fs::remove_dir_all(&path).map_err(|e| Error::io("remove", &path, e));
     }
     fs::remove_file(&path).map_err(|e| Error::io("remove", &path, e))
 }

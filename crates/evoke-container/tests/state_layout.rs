@@ -97,3 +97,99 @@ fn an_empty_state_file_is_a_container_that_does_not_exist_yet() {
     ));
     assert!(evoke_container::list(state.path()).unwrap().is_empty());
 }
+
+/// (pid, start time in clock ticks) of a live process, as a record keeps them.
+fn pid_and_start(child: &std::process::Child) -> (i32, u64) {
+    let pid = child.id() as i32;
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    let rest = &stat[stat.rfind(')').unwrap() + 2..];
+    let start = rest.split(' ').nth(19).unwrap().parse().unwrap();
+    (pid, start)
+}
+
+/// Writes `STATE_ROOT/ID/state.json` as an evoke before the flat layout did.
+fn write_old_layout(root: &Path, id: &str, pid: i32, start_time: u64, fifo: bool) {
+    let dir = root.join(id);
+    std::fs::create_dir_all(&dir).unwrap();
+    let rec = serde_json::json!({
+        "id": id,
+        "pid": pid,
+        "start_time": start_time,
+        "bundle": "/nonexistent/bundle",
+        "rootfs": "/nonexistent/bundle/rootfs",
+        "cgroup": null,
+        "annotations": {},
+        "created": 1_700_000_000u64,
+    });
+    std::fs::write(dir.join("state.json"), rec.to_string()).unwrap();
+    if fifo {
+        nix::unistd::mkfifo(
+            &dir.join("exec.fifo"),
+            nix::sys::stat::Mode::from_bits_truncate(0o600),
+        )
+        .unwrap();
+    }
+}
+
+#[test]
+fn a_container_of_the_old_layout_is_listed_started_and_deleted_after_an_upgrade() {
+    use std::io::Read;
+    use std::os::unix::fs::OpenOptionsExt;
+    let state = tempfile::tempdir().unwrap();
+    // A stand-in for an old init that waits on its exec fifo.
+    let mut init = std::process::Command::new("sleep")
+        .arg("60")
+        .spawn()
+        .unwrap();
+    let (pid, start) = pid_and_start(&init);
+    let id = testutil::unique_id("old");
+    write_old_layout(state.path(), &id, pid, start, true);
+    let mut fifo = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(nix::libc::O_NONBLOCK)
+        .open(state.path().join(&id).join("exec.fifo"))
+        .unwrap();
+    // A second one whose init is long gone.
+    let mut gone = std::process::Command::new("true").spawn().unwrap();
+    let (gone_pid, gone_start) = pid_and_start(&gone);
+    gone.wait().unwrap();
+    let gone_id = testutil::unique_id("oldgone");
+    write_old_layout(state.path(), &gone_id, gone_pid, gone_start, false);
+
+    let mut listed = evoke_container::list(state.path()).unwrap();
+    listed.sort_by(|a, b| a.id.cmp(&b.id));
+    let by_id = |i: &str| listed.iter().find(|s| s.id == i).cloned().unwrap();
+    assert_eq!(listed.len(), 2, "{listed:?}");
+    assert_eq!(by_id(&id).status, Status::Created);
+    assert_eq!(by_id(&id).pid, pid);
+    assert_eq!(by_id(&gone_id).status, Status::Stopped);
+
+    evoke_container::start(state.path(), &id).unwrap();
+    let mut b = [0u8; 1];
+    assert_eq!(
+        fifo.read(&mut b).unwrap(),
+        1,
+        "start wrote to the exec fifo"
+    );
+    assert_eq!(
+        evoke_container::state(state.path(), &id).unwrap().status,
+        Status::Running
+    );
+    let refused = evoke_container::delete(state.path(), &id, false);
+    assert!(
+        matches!(refused, Err(Error::BadStatus { .. })),
+        "{refused:?}"
+    );
+    evoke_container::delete(state.path(), &id, true).unwrap();
+    init.wait().unwrap();
+    evoke_container::delete(state.path(), &gone_id, false).unwrap();
+    assert!(
+        entries(state.path()).is_empty(),
+        "{:?}",
+        entries(state.path())
+    );
+    assert!(matches!(
+        evoke_container::state(state.path(), &id),
+        Err(Error::NotFound(_))
+    ));
+}
