@@ -331,7 +331,7 @@ fn selects_node(query: Option<&str>, node: &str) -> bool {
 /// `kubelet.kubernetes.io/` and `node.kubernetes.io/` prefixes. So a node
 /// cannot steer workloads meant for other nodes to itself, e.g. by calling
 /// itself `node-role.kubernetes.io/control-plane`.
-pub(crate) fn node_may_not_set_label(key: &str) -> bool {
+pub fn node_may_not_set_label(key: &str) -> bool {
     const KUBELET_LABELS: [&str; 11] = [
         "kubernetes.io/hostname",
         "kubernetes.io/os",

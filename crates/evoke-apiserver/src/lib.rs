@@ -34,6 +34,7 @@ use std::sync::Arc;
 use evoke_store::Backend;
 use tokio::sync::watch as signal;
 
+pub use auth::node_may_not_set_label;
 pub use error::StartError;
 pub use tls::Credentials;
 

@@ -1046,6 +1046,21 @@ fn a_wrong_secret_or_ca_hash_stops_the_agent_with_one_line_and_no_secret_reaches
     let (out, took) = output_within(cmd, 40);
     assert_one_line_failure(&out, took, "set --node-name");
 
+    // A label NodeRestriction would refuse at registration is refused at
+    // once, as the kubelet refuses such --node-labels.
+    let mut cmd = join_support::evoke(None, b.path());
+    cmd.args(["agent", "--server", &server.url, "--token", &token])
+        .args(["--node-label", "node-role.kubernetes.io/worker=true"])
+        .env("EVOKE_LOG", "warn");
+    let (out, took) = output_within(cmd, 40);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "a usage error: {stderr}");
+    assert!(took < Duration::from_secs(30), "took {took:?}");
+    assert!(
+        stderr.contains("is a label a node may not set on itself"),
+        "{stderr}"
+    );
+
     // A malformed token never leaves the machine.
     let (out, took) = agent_output(&server.url, "not-a-token", b.path());
     assert_one_line_failure(&out, took, "K10");

@@ -48,8 +48,16 @@ pub struct AgentArgs {
     pub node_labels: Vec<(String, String)>,
 }
 
+/// `KEY=VALUE`, with a key a node may set on itself: as the kubelet
+/// refuses `--node-labels` that NodeRestriction would refuse at
+/// registration (an admin sets those: `kubectl label node`).
 fn parse_label(s: &str) -> Result<(String, String), String> {
     match s.split_once('=') {
+        Some((k, _)) if evoke_apiserver::node_may_not_set_label(k) => Err(format!(
+            "{k:?} is a label a node may not set on itself (NodeRestriction: \
+             node-restriction.kubernetes.io/ and kubernetes.io or k8s.io labels other than the \
+             kubelet's); set it with kubectl label node"
+        )),
         Some((k, v)) if !k.is_empty() => Ok((k.to_string(), v.to_string())),
         _ => Err(format!("{s:?} is not KEY=VALUE")),
     }
