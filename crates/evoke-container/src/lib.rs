@@ -102,7 +102,8 @@ pub struct State {
 /// container and no exec fifo on disk: `start` reaches the init's start
 /// pipe through `/proc/PID/fd/N` (see [`StartPipe`]). Every inode that
 /// `create` allocates and `delete` frees costs ext4 journal and bitmap
-/// work on the hot path; this way a container costs one.
+/// work on the hot path; this way a container costs one, and a deleted
+/// container's file is reused by the next (see `claim_state_file`).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 struct Record {
     id: String,
@@ -215,10 +216,15 @@ fn load_record(state_root: &Path, id: &str) -> Result<(PathBuf, Record)> {
         Err(e) if e.kind() == ErrorKind::NotFound => return load_legacy(state_root, id),
         Err(e) => return Err(Error::io("read", &path, e)),
     };
-    let rec = serde_json::from_slice(&text).map_err(|source| Error::State {
+    let rec: Record = serde_json::from_slice(&text).map_err(|source| Error::State {
         id: id.to_string(),
         source,
     })?;
+    if rec.id != id {
+        // A spare just claimed by `create` and not yet truncated: the
+        // record is a deleted container's (see `claim_state_file`).
+        return Err(Error::NotFound(id.to_string()));
+    }
     Ok((path, rec))
 }
 
@@ -238,6 +244,92 @@ fn load_legacy(state_root: &Path, id: &str) -> Result<(PathBuf, Record)> {
     })?;
     rec.legacy_dir = Some(dir.clone());
     Ok((dir, rec))
+}
+
+/// How many spare state files a state root keeps (see [`claim_state_file`]).
+const SPARES: usize = 4;
+
+fn spare_path(state_root: &Path, n: usize) -> PathBuf {
+    state_root.join(format!(".spare{n}"))
+}
+
+/// Claims `path` (`STATE_ROOT/ID.json`) for a new container and returns it
+/// open for writing, empty.
+///
+/// A deleted container's state file is not unlinked but renamed to one of
+/// a few spare names ([`release_state_file`]), and a new container takes a
+/// spare by renaming it to its own name (RENAME_NOREPLACE, so the id is
+/// claimed atomically, as O_EXCL did). A rename allocates no inode: on
+/// ext4 every new inode is searched for past the inodes freed in the last
+/// minute, which under a stream of containers (and the other runtimes'
+/// files) made allocation a tenth of the lifecycle's CPU. A spare renamed
+/// into place still holds another container's record until it is
+/// truncated; [`load_record`] treats a record whose id is not the file's
+/// as a container still being created.
+fn claim_state_file(state_root: &Path, path: &Path, id: &str) -> Result<fs::File> {
+    use nix::fcntl::{renameat2, RenameFlags, AT_FDCWD};
+    let open = || {
+        fs::OpenOptions::new()
+            .write(true)
+            .custom_flags(libc::O_CLOEXEC)
+            .open(path)
+    };
+    for n in 0..SPARES {
+        let spare = spare_path(state_root, n);
+        match renameat2(
+            AT_FDCWD,
+            &spare,
+            AT_FDCWD,
+            path,
+            RenameFlags::RENAME_NOREPLACE,
+        ) {
+            Ok(()) => {
+                let f = open().map_err(|e| Error::io("open", path, e))?;
+                f.set_len(0).map_err(|e| Error::io("truncate", path, e))?;
+                return Ok(f);
+            }
+            Err(nix::Error::EEXIST) => return Err(Error::Exists(id.into())),
+            // Taken by another create, or never made: try the next one.
+            Err(nix::Error::ENOENT) => continue,
+            // A file system without RENAME_NOREPLACE: no spares.
+            Err(_) => break,
+        }
+    }
+    match fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .custom_flags(libc::O_CLOEXEC)
+        .open(path)
+    {
+        Ok(f) => Ok(f),
+        Err(e) if e.kind() == ErrorKind::AlreadyExists => Err(Error::Exists(id.into())),
+        Err(e) => Err(Error::io("create", path, e)),
+    }
+}
+
+/// Removes a container's state file `path`: keeps it as a spare for the
+/// next [`claim_state_file`] when a spare name is free, else unlinks it.
+fn release_state_file(state_root: &Path, path: &Path) -> Result<()> {
+    use nix::fcntl::{renameat2, RenameFlags, AT_FDCWD};
+    for n in 0..SPARES {
+        let spare = spare_path(state_root, n);
+        match renameat2(
+            AT_FDCWD,
+            path,
+            AT_FDCWD,
+            &spare,
+            RenameFlags::RENAME_NOREPLACE,
+        ) {
+            Ok(()) => return Ok(()),
+            Err(nix::Error::EEXIST) => continue,
+            Err(nix::Error::ENOENT) => {
+                return Err(Error::io("remove", path, ErrorKind::NotFound.into()))
+            }
+            Err(_) => break,
+        }
+    }
+    fs::remove_file(path).map_err(|e| Error::io("remove", path, e))
 }
 
 /// Fills the state file that `create` claimed (empty, opened O_EXCL). One
@@ -416,17 +508,7 @@ pub fn create(state_root: &Path, id: &str, bundle: &Path, opts: CreateOptions) -
         .create(state_root)
         .map_err(|e| Error::io("mkdir", state_root, e))?;
     // Claim the id: the empty state file is filled in once the init runs.
-    let mut file = match fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .custom_flags(libc::O_CLOEXEC)
-        .open(&path)
-    {
-        Ok(f) => f,
-        Err(e) if e.kind() == ErrorKind::AlreadyExists => return Err(Error::Exists(id.into())),
-        Err(e) => return Err(Error::io("create", &path, e)),
-    };
+    let mut file = claim_state_file(state_root, &path, id)?;
     let mut cleanup = Cleanup {
         file: Some(path.clone()),
         cgroup: None,
@@ -731,7 +813,7 @@ pub fn delete(state_root: &Path, id: &str, force: bool) -> Result<()> {
     if rec.legacy_dir.is_some() {
         return fs::remove_dir_all(&path).map_err(|e| Error::io("remove", &path, e));
     }
-    fs::remove_file(&path).map_err(|e| Error::io("remove", &path, e))
+    release_state_file(state_root, &path)
 }
 
 /// Waits for the container's init to exit and reports how. Only the

@@ -56,11 +56,72 @@ fn a_container_is_one_state_file_from_create_to_delete() {
     );
     assert_eq!(evoke_container::list(state.path()).unwrap().len(), 1);
     evoke_container::delete(state.path(), &id, false).unwrap();
-    assert!(entries(state.path()).is_empty());
+    // The file is kept under a spare name for the next container.
+    assert_eq!(entries(state.path()), vec![".spare0".to_string()]);
+    assert!(evoke_container::list(state.path()).unwrap().is_empty());
     assert!(matches!(
         evoke_container::state(state.path(), &id),
         Err(Error::NotFound(_))
     ));
+}
+
+#[test]
+fn the_next_container_takes_a_deleted_containers_state_file_without_a_new_inode() {
+    use std::os::unix::fs::MetadataExt;
+    if !testutil::require_root_and_busybox("state file reuse") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let state = tempfile::tempdir().unwrap();
+    let bundle =
+        testutil::busybox_bundle(&dir.path().join("b"), &["/bin/sh", "-c", "exit 3"], |_| {})
+            .unwrap();
+    let first = testutil::unique_id("reuse");
+    evoke_container::create(state.path(), &first, &bundle, Default::default()).unwrap();
+    let inode = std::fs::metadata(state.path().join(format!("{first}.json")))
+        .unwrap()
+        .ino();
+    evoke_container::delete(state.path(), &first, false).unwrap();
+    let second = testutil::unique_id("reuse");
+    evoke_container::create(state.path(), &second, &bundle, Default::default()).unwrap();
+    let file = state.path().join(format!("{second}.json"));
+    assert_eq!(std::fs::metadata(&file).unwrap().ino(), inode);
+    assert_eq!(entries(state.path()), vec![format!("{second}.json")]);
+    // The record is the new container's alone, nothing of the old one's.
+    let s = evoke_container::state(state.path(), &second).unwrap();
+    assert_eq!(
+        (s.id.as_str(), s.status),
+        (second.as_str(), Status::Created)
+    );
+    let text = std::fs::read_to_string(&file).unwrap();
+    assert!(!text.contains(&first), "{text}");
+    assert!(matches!(
+        evoke_container::state(state.path(), &first),
+        Err(Error::NotFound(_))
+    ));
+    evoke_container::start(state.path(), &second).unwrap();
+    assert_eq!(
+        evoke_container::wait(state.path(), &second).unwrap().code,
+        3
+    );
+    evoke_container::delete(state.path(), &second, false).unwrap();
+}
+
+#[test]
+fn a_spare_state_file_renamed_into_place_but_not_yet_rewritten_is_not_a_container() {
+    // `create` renames a spare (another container's old record) to
+    // ID.json, then truncates and fills it: in between, ID is not there yet.
+    let state = tempfile::tempdir().unwrap();
+    let old = serde_json::json!({
+        "id": "old", "pid": 1, "start_time": 0, "bundle": "/b", "rootfs": "/b/rootfs",
+        "cgroup": null, "annotations": {}, "created": 0,
+    });
+    std::fs::write(state.path().join("new.json"), old.to_string()).unwrap();
+    assert!(matches!(
+        evoke_container::state(state.path(), "new"),
+        Err(Error::NotFound(_))
+    ));
+    assert!(evoke_container::list(state.path()).unwrap().is_empty());
 }
 
 #[test]
@@ -82,7 +143,7 @@ fn a_created_container_that_is_deleted_never_runs_its_process() {
     let id = testutil::unique_id("never");
     evoke_container::create(state.path(), &id, &bundle, Default::default()).unwrap();
     evoke_container::delete(state.path(), &id, false).unwrap();
-    assert!(entries(state.path()).is_empty());
+    assert_eq!(entries(state.path()), vec![".spare0".to_string()]);
     assert!(!marker.exists(), "the process ran without start");
 }
 

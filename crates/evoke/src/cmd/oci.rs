@@ -5,6 +5,7 @@
 //! path given there is accepted and ignored (errors go to stderr, which
 //! containerd also reads).
 
+use std::ffi::OsString;
 use std::path::PathBuf;
 
 use anyhow::Context;
@@ -31,9 +32,12 @@ struct OciCli {
 /// built.
 pub fn main_fast() -> anyhow::Result<u8> {
     use clap::Parser;
-    let argv = std::env::args_os().skip(2);
-    let cli =
-        OciCli::parse_from(std::iter::once(std::ffi::OsString::from("evoke oci")).chain(argv));
+    let argv: Vec<OsString> = std::env::args_os().skip(2).collect();
+    if let Some((global, args)) = hot::parse(&argv) {
+        hot::init_logging(&global.log);
+        return main(&global, args);
+    }
+    let cli = OciCli::parse_from(std::iter::once(OsString::from("evoke oci")).chain(argv));
     if matches!(cli.args.command, OciCommand::Exec(_)) {
         // The exec'd process is a clone of this one, visible to the
         // container's processes until its last exec (CVE-2019-5736). For
@@ -272,4 +276,292 @@ fn exec(root: &std::path::Path, e: ExecArgs) -> anyhow::Result<u8> {
         return Ok(0);
     }
     Ok(exit_code(engine::wait_pid(pid)?.code))
+}
+
+/// The commands a container manager runs for every container (`create`,
+/// `start`, `state`, `kill`, `delete`), parsed without clap, and logging
+/// without tracing-subscriber's registry.
+///
+/// Each of those is a fresh process, so start-up is most of its cost:
+/// building clap's command tree and the subscriber's span registry touched
+/// about a hundred pages more than the command itself needs. Only plain,
+/// fully understood command lines take this path; anything else (help,
+/// `--version`, an unknown flag, other subcommands) goes to clap, which
+/// then prints its usual messages.
+mod hot {
+    use std::ffi::OsString;
+    use std::path::PathBuf;
+
+    use super::{CreateArgs, OciArgs, OciCommand};
+    use crate::Global;
+
+    /// `--name VALUE` or `--name=VALUE` at `args[*i]` (advancing `*i` past
+    /// the value); None when `args[*i]` is not that option.
+    fn value(args: &[&str], i: &mut usize, names: &[&str]) -> Option<Option<String>> {
+        let a = args[*i];
+        for n in names {
+            if a == *n {
+                *i += 1;
+                return Some(args.get(*i).map(|v| v.to_string()));
+            }
+            if let Some(v) = a.strip_prefix(n).and_then(|r| r.strip_prefix('=')) {
+                return Some(Some(v.to_string()));
+            }
+        }
+        None
+    }
+
+    /// The parsed command line, or None to leave it to clap.
+    pub(super) fn parse(argv: &[OsString]) -> Option<(Global, OciArgs)> {
+        let args: Vec<&str> = argv.iter().map(|a| a.to_str()).collect::<Option<_>>()?;
+        let mut g = Global {
+            data_dir: std::env::var_os("EVOKE_DATA_DIR")
+                .filter(|v| !v.is_empty())
+                .map_or_else(|| PathBuf::from("/var/lib/evoke"), PathBuf::from),
+            log: std::env::var("EVOKE_LOG")
+                .ok()
+                .filter(|v| !v.is_empty())
+                .unwrap_or_else(|| "info".into()),
+        };
+        let mut root = PathBuf::from("/run/evoke/oci");
+        let mut log_format = None;
+        let mut systemd_cgroup = false;
+        let mut i = 0;
+        // Global options, up to the subcommand.
+        loop {
+            let a = *args.get(i)?;
+            if !a.starts_with('-') {
+                break;
+            }
+            if let Some(v) = value(&args, &mut i, &["--root"]) {
+                root = PathBuf::from(v?);
+            } else if let Some(v) = value(&args, &mut i, &["--log"]) {
+                g.log = v?;
+            } else if let Some(v) = value(&args, &mut i, &["--log-format"]) {
+                log_format = Some(v?);
+            } else if let Some(v) = value(&args, &mut i, &["--data-dir"]) {
+                g.data_dir = PathBuf::from(v?);
+            } else if a == "--systemd-cgroup" {
+                systemd_cgroup = true;
+            } else {
+                return None;
+            }
+            i += 1;
+        }
+        let sub = args[i];
+        let rest = &args[i + 1..];
+        let command = match sub {
+            "create" => OciCommand::Create(create(rest)?),
+            "start" | "state" => {
+                let [id] = rest else { return None };
+                if id.starts_with('-') {
+                    return None;
+                }
+                let id = id.to_string();
+                if sub == "start" {
+                    OciCommand::Start { id }
+                } else {
+                    OciCommand::State { id }
+                }
+            }
+            "delete" => {
+                let (flags, pos) = split(rest, &["-f", "--force"])?;
+                let [id] = pos.as_slice() else { return None };
+                OciCommand::Delete {
+                    force: !flags.is_empty(),
+                    id: id.to_string(),
+                }
+            }
+            "kill" => {
+                let (flags, pos) = split(rest, &["-a", "--all"])?;
+                let (id, signal) = match pos.as_slice() {
+                    [id] => (id, "SIGTERM"),
+                    [id, sig] => (id, *sig),
+                    _ => return None,
+                };
+                OciCommand::Kill {
+                    all: !flags.is_empty(),
+                    id: id.to_string(),
+                    signal: signal.to_string(),
+                }
+            }
+            _ => return None,
+        };
+        let args = OciArgs {
+            root,
+            log_format,
+            systemd_cgroup,
+            command,
+        };
+        Some((g, args))
+    }
+
+    /// Splits `rest` into the flags named in `known` and positionals; None
+    /// on any other option.
+    fn split<'a>(rest: &[&'a str], known: &[&str]) -> Option<(Vec<&'a str>, Vec<&'a str>)> {
+        let (mut flags, mut pos) = (Vec::new(), Vec::new());
+        for a in rest {
+            if known.contains(a) {
+                flags.push(*a);
+            } else if a.starts_with('-') {
+                return None;
+            } else {
+                pos.push(*a);
+            }
+        }
+        Some((flags, pos))
+    }
+
+    fn create(rest: &[&str]) -> Option<CreateArgs> {
+        let mut c = CreateArgs {
+            bundle: PathBuf::from("."),
+            pid_file: None,
+            console_socket: None,
+            no_pivot: false,
+            no_new_keyring: false,
+            id: String::new(),
+        };
+        let mut id = None;
+        let mut i = 0;
+        while i < rest.len() {
+            let a = rest[i];
+            if let Some(v) = value(rest, &mut i, &["--bundle", "-b"]) {
+                c.bundle = PathBuf::from(v?);
+            } else if let Some(v) = value(rest, &mut i, &["--pid-file"]) {
+                c.pid_file = Some(PathBuf::from(v?));
+            } else if let Some(v) = value(rest, &mut i, &["--console-socket"]) {
+                c.console_socket = Some(PathBuf::from(v?));
+            } else if a == "--no-pivot" {
+                c.no_pivot = true;
+            } else if a == "--no-new-keyring" {
+                c.no_new_keyring = true;
+            } else if a.starts_with('-') || id.is_some() {
+                return None;
+            } else {
+                id = Some(a.to_string());
+            }
+            i += 1;
+        }
+        c.id = id?;
+        Some(c)
+    }
+
+    /// Logs to stderr at the level `filter` names (a bare level; anything
+    /// else, such as runc's `--log FILE`, means `info`). Spans are ignored:
+    /// these commands open none that a reader needs.
+    pub(super) fn init_logging(filter: &str) {
+        let max = filter
+            .parse::<tracing::level_filters::LevelFilter>()
+            .unwrap_or(tracing::level_filters::LevelFilter::INFO);
+        let _ = tracing::subscriber::set_global_default(StderrLog { max });
+    }
+
+    struct StderrLog {
+        max: tracing::level_filters::LevelFilter,
+    }
+
+    /// An event's message and fields as `message k=v …`.
+    struct Line(String);
+
+    impl tracing::field::Visit for Line {
+        fn record_debug(&mut self, field: &tracing::field::Field, value: &dyn std::fmt::Debug) {
+            use std::fmt::Write;
+            if !self.0.is_empty() {
+                self.0.push(' ');
+            }
+            if field.name() == "message" {
+                let _ = write!(self.0, "{value:?}");
+            } else {
+                let _ = write!(self.0, "{}={value:?}", field.name());
+            }
+        }
+    }
+
+    impl tracing::Subscriber for StderrLog {
+        fn enabled(&self, meta: &tracing::Metadata<'_>) -> bool {
+            self.max >= *meta.level()
+        }
+        fn max_level_hint(&self) -> Option<tracing::level_filters::LevelFilter> {
+            Some(self.max)
+        }
+        fn new_span(&self, _: &tracing::span::Attributes<'_>) -> tracing::span::Id {
+            tracing::span::Id::from_u64(1)
+        }
+        fn record(&self, _: &tracing::span::Id, _: &tracing::span::Record<'_>) {}
+        fn record_follows_from(&self, _: &tracing::span::Id, _: &tracing::span::Id) {}
+        fn event(&self, event: &tracing::Event<'_>) {
+            let mut line = Line(String::new());
+            event.record(&mut line);
+            let m = event.metadata();
+            eprintln!("{:>5} {}: {}", m.level(), m.target(), line.0);
+        }
+        fn enter(&self, _: &tracing::span::Id) {}
+        fn exit(&self, _: &tracing::span::Id) {}
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use super::*;
+
+        fn p(s: &str) -> Option<(Global, OciArgs)> {
+            let v: Vec<OsString> = s.split_whitespace().map(OsString::from).collect();
+            parse(&v)
+        }
+
+        #[test]
+        fn the_per_container_commands_parse_without_clap() {
+            let (_, a) = p("--root /r create --bundle /b --pid-file /p c1").unwrap();
+            assert_eq!(a.root, PathBuf::from("/r"));
+            let OciCommand::Create(c) = a.command else {
+                panic!("not create")
+            };
+            assert_eq!(c.bundle, PathBuf::from("/b"));
+            assert_eq!(c.pid_file, Some(PathBuf::from("/p")));
+            assert_eq!(c.id, "c1");
+            let (_, a) = p("--root=/r create -b /b --console-socket=/s c2").unwrap();
+            let OciCommand::Create(c) = a.command else {
+                panic!("not create")
+            };
+            assert_eq!(
+                (c.bundle, c.console_socket, c.id.as_str()),
+                (PathBuf::from("/b"), Some(PathBuf::from("/s")), "c2")
+            );
+            let (g, a) = p("--log debug --log-format json --root /r start c1").unwrap();
+            assert_eq!(g.log, "debug");
+            assert_eq!(a.log_format.as_deref(), Some("json"));
+            assert!(matches!(a.command, OciCommand::Start { id } if id == "c1"));
+            let (_, a) = p("--root /r delete --force c1").unwrap();
+            assert!(matches!(a.command, OciCommand::Delete { force: true, id } if id == "c1"));
+            let (_, a) = p("kill -a c1 KILL").unwrap();
+            assert_eq!(a.root, PathBuf::from("/run/evoke/oci"));
+            assert!(
+                matches!(a.command, OciCommand::Kill { all: true, id, signal } if id == "c1" && signal == "KILL")
+            );
+        }
+
+        #[test]
+        fn anything_unusual_is_left_to_clap() {
+            for s in [
+                "",
+                "--help",
+                "--version",
+                "--root",
+                "--root /r",
+                "--root /r start",
+                "--root /r start a b",
+                "--root /r start --help",
+                "--root /r create",
+                "--root /r create --bundle",
+                "--root /r create --weird x c1",
+                "--root /r create c1 c2",
+                "--root /r delete -x c1",
+                "--root /r kill c1 TERM extra",
+                "--root /r run c1",
+                "--root /r spec",
+                "--bogus create c1",
+            ] {
+                assert!(p(s).is_none(), "{s:?} was taken by the hand parser");
+            }
+        }
+    }
 }
