@@ -1214,3 +1214,42 @@ async fn metadata_only_clients_get_partial_object_metadata() {
     );
     assert!(one.get("data").is_none());
 }
+
+#[tokio::test]
+async fn a_created_pod_or_deployment_starts_without_the_status_its_body_carried() {
+    let h = start().await;
+    let pod = json!({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "p"},
+        "spec": {"containers": [{"name": "c", "image": "busybox"}]},
+        "status": {"phase": "Running", "reason": "CreateContainerConfigError",
+            "containerStatuses": [{"name": "c", "ready": true, "restartCount": 4, "image": "busybox", "imageID": "",
+                "state": {"running": {}}}]}});
+    let (c, p) = h.json("POST", "/api/v1/namespaces/default/pods", pod).await;
+    assert_eq!(c, 201, "{p}");
+    assert_eq!(
+        p["status"],
+        json!({"phase": "Pending", "qosClass": "BestEffort"}),
+        "{p}"
+    );
+    let deploy = json!({"apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": "d"},
+        "spec": {"selector": {"matchLabels": {"app": "d"}},
+            "template": {"metadata": {"labels": {"app": "d"}}, "spec": {"containers": [{"name": "c", "image": "busybox"}]}}},
+        "status": {"replicas": 7, "readyReplicas": 7}});
+    let (c, d) = h
+        .json(
+            "POST",
+            "/apis/apps/v1/namespaces/default/deployments",
+            deploy,
+        )
+        .await;
+    assert_eq!(c, 201, "{d}");
+    assert!(d["status"]["replicas"].is_null(), "{d}");
+    // A Node keeps the status it registers with.
+    let node = json!({"apiVersion": "v1", "kind": "Node", "metadata": {"name": "n"},
+        "status": {"capacity": {"cpu": "2"}}});
+    let (c, n) = h.json("POST", "/api/v1/nodes", node).await;
+    assert_eq!(
+        (c, &n["status"]["capacity"]["cpu"]),
+        (201, &json!("2")),
+        "{n}"
+    );
+}

@@ -120,6 +120,19 @@ pub(crate) async fn create_object(
     if has_spec(&obj) {
         meta_mut(&mut obj).insert("generation".into(), 1.into());
     }
+    // A new workload starts with no status, whatever the body says (a
+    // `kubectl get -o yaml | kubectl replace --force` carries the old
+    // one), as kube-apiserver's strategies reset it on create; a Pod's is
+    // then defaulted to Pending. Nodes keep theirs: a kubelet registers
+    // with its status.
+    if matches!(
+        (res.group, res.kind),
+        ("", "Pod") | ("apps", "Deployment") | ("apps", "ReplicaSet")
+    ) {
+        if let Some(o) = obj.as_object_mut() {
+            o.remove("status");
+        }
+    }
     if res.kind == "Namespace" {
         let name = object::name(&obj).unwrap_or_default().to_string();
         let m = meta_mut(&mut obj);
