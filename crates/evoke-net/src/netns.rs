@@ -5,7 +5,7 @@
 //! thread of its own and never changes the namespace of a caller's thread
 //! (least of all a tokio worker).
 
-use std::os::fd::AsFd;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::path::{Path, PathBuf};
 
 use nix::mount::{MntFlags, MsFlags};
@@ -72,30 +72,53 @@ pub fn create_then<R: Send>(path: &Path, inside: impl FnOnce() -> R + Send) -> R
     result
 }
 
-/// Pins the namespace held at `from` at `to` instead, and unpins `from`: a
-/// pre-made namespace handed to its pod under the pod's name. (`MS_MOVE`
-/// would be one call, but it refuses mounts under a shared parent, which
-/// `/run/netns` is.) Fails if `to` is a namespace already; `from` is left
-/// as it was when the new pin cannot be made.
-pub fn rename(from: &Path, to: &Path) -> Result<(), NetError> {
-    if is_netns(to) {
+/// Creates a new network namespace that nothing pins: it lives as long as
+/// the returned fd (or a later [`pin`]). Runs `inside` in it on the thread
+/// that made it, like [`create_then`]. A process killed while holding it
+/// leaves nothing behind: the kernel frees the namespace and its devices.
+pub fn create_held<R: Send>(inside: impl FnOnce() -> R + Send) -> Result<(OwnedFd, R), NetError> {
+    let here = Path::new("/proc/thread-self/ns/net");
+    std::thread::scope(|s| {
+        s.spawn(|| -> Result<(OwnedFd, R), NetError> {
+            nix::sched::unshare(CloneFlags::CLONE_NEWNET).map_err(ns_err(here, "unshare"))?;
+            let fd = std::fs::File::open(here).map_err(|e| NetError::io(here, e))?;
+            Ok((OwnedFd::from(fd), inside()))
+        })
+        .join()
+        .unwrap_or_else(|_| Err(NetError::BadInput("namespace thread panicked".into())))
+    })
+}
+
+/// Pins the namespace `ns` (from [`create_held`]) at `path`, as [`create`]
+/// would have. Fails if `path` is a namespace already.
+pub fn pin(ns: BorrowedFd<'_>, path: &Path) -> Result<(), NetError> {
+    if is_netns(path) {
         return Err(NetError::BadInput(format!(
             "network namespace {} exists already",
-            to.display()
+            path.display()
         )));
+    }
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).map_err(|e| NetError::io(dir, e))?;
     }
     std::fs::OpenOptions::new()
         .write(true)
         .create(true)
         .truncate(false)
-        .open(to)
-        .map_err(|e| NetError::io(to, e))?;
-    if let Err(e) = nix::mount::mount(Some(from), to, None::<&str>, MsFlags::MS_BIND, None::<&str>)
-    {
-        let _ = std::fs::remove_file(to);
-        return Err(ns_err(to, "bind mount")(e));
+        .open(path)
+        .map_err(|e| NetError::io(path, e))?;
+    let source = format!("/proc/self/fd/{}", ns.as_raw_fd());
+    if let Err(e) = nix::mount::mount(
+        Some(source.as_str()),
+        path,
+        None::<&str>,
+        MsFlags::MS_BIND,
+        None::<&str>,
+    ) {
+        let _ = std::fs::remove_file(path);
+        return Err(ns_err(path, "bind mount")(e));
     }
-    remove(from)
+    Ok(())
 }
 
 /// Unmounts and removes the namespace file at `path`; a missing one is fine.
@@ -139,4 +162,51 @@ pub fn run_in<R: Send>(path: Option<&Path>, f: impl FnOnce() -> R + Send) -> Res
         .join()
         .unwrap_or_else(|_| Err(NetError::BadInput("namespace thread panicked".into())))
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn privileged() -> bool {
+        if nix::unistd::geteuid().is_root() {
+            return true;
+        }
+        if std::env::var("CI").as_deref() == Ok("true") {
+            panic!("namespace tests need root and CI=true");
+        }
+        eprintln!("skipping: namespace tests need root");
+        false
+    }
+
+    fn ino(p: &Path) -> u64 {
+        std::os::unix::fs::MetadataExt::ino(&std::fs::metadata(p).expect("stat"))
+    }
+
+    #[test]
+    fn a_held_namespace_is_pinned_at_a_path_once_and_outlives_its_fd() {
+        if !privileged() {
+            return;
+        }
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("netns").join("evoke-pinned");
+        let (fd, inside) =
+            create_held(|| ino(Path::new("/proc/thread-self/ns/net"))).expect("held");
+        assert_ne!(
+            inside,
+            ino(Path::new("/proc/self/ns/net")),
+            "a new namespace"
+        );
+        pin(fd.as_fd(), &path).expect("pin");
+        drop(fd);
+        assert!(is_netns(&path));
+        assert_eq!(ino(&path), inside, "the same namespace");
+        let (other, _) = create_held(|| ()).expect("another");
+        assert!(
+            pin(other.as_fd(), &path).is_err(),
+            "a pinned path is refused"
+        );
+        remove(&path).expect("remove");
+        assert!(!path.exists());
+    }
 }

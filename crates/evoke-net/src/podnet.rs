@@ -19,10 +19,11 @@
 //!
 //! With a pool ([`PodNetwork::start_pool`], see [`crate::pool`]) a new pod
 //! takes a sandbox made beforehand instead: one netlink request (the pod's
-//! name for the host veth), a re-pin of the namespace and an IPAM update.
+//! name for the host veth), a bind mount pinning the namespace under the
+//! pod's name and an IPAM update.
 
 use std::net::Ipv4Addr;
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -322,8 +323,11 @@ impl PodNetwork {
         &self.pool
     }
 
-    /// Makes one sandbox for the pool; returns its key.
-    pub(crate) fn make_pooled(&self) -> Result<String, NetError> {
+    /// Makes one sandbox for the pool: a namespace held by the returned fd
+    /// (nothing pinned, so a killed process leaves only its IPAM entry,
+    /// which the next start reclaims), its veth on the bridge and eth0
+    /// configured; IPAM holds its address under the returned key.
+    pub(crate) fn make_pooled(&self) -> Result<(String, OwnedFd), NetError> {
         use std::hash::{BuildHasher, Hasher};
         // A random key (std's hasher keys are random per process and per
         // call): pool names must not collide across nodes sharing a host.
@@ -337,8 +341,20 @@ impl PodNetwork {
         if self.ipam.get(&key).is_some() {
             return Err(NetError::InUse(key));
         }
-        self.attach_uid(&key)?;
-        Ok(key)
+        let ip = self.ipam.allocate(&key)?;
+        let made = netns::create_held(Rtnl::open).and_then(|(ns, sock)| {
+            let mut pod = sock.map_err(|e| NetError::netlink("connect", &key, e))?;
+            let mut node = self.node()?;
+            self.wire(&mut node, &veth_name("ve", &key), ns.as_fd(), &mut pod, ip)?;
+            Ok(ns)
+        });
+        match made {
+            Ok(ns) => Ok((key, ns)),
+            Err(e) => {
+                let _ = self.teardown(&key);
+                Err(e)
+            }
+        }
     }
 
     /// A socket in the node's namespace, lent until dropped.
@@ -416,8 +432,8 @@ impl PodNetwork {
         check_uid(uid)?;
         let _busy = self.pool.busy();
         if !uid.starts_with(KEY_PREFIX) && self.ipam.get(uid).is_none() {
-            if let Some(key) = self.pool.take() {
-                match self.hand_over(&key, uid) {
+            if let Some((key, ns)) = self.pool.take() {
+                match self.hand_over(&key, ns.as_fd(), uid) {
                     Ok(a) => {
                         debug!(pod = uid, %key, ip = %a.ip, "pod took a pre-made sandbox");
                         return Ok(a);
@@ -436,9 +452,14 @@ impl PodNetwork {
     /// crash at any point leaves either to the pool's reclaim (IPAM still
     /// names the key) or to the pod's own set-up (which reuses a namespace
     /// pinned under its name).
-    fn hand_over(&self, key: &str, uid: &str) -> Result<PodAttachment, NetError> {
+    fn hand_over(
+        &self,
+        key: &str,
+        ns: BorrowedFd<'_>,
+        uid: &str,
+    ) -> Result<PodAttachment, NetError> {
         let host = veth_name("ve", uid);
-        let (from, to) = (self.netns_path(key), self.netns_path(uid));
+        let to = self.netns_path(uid);
         if netns::is_netns(&to) {
             return Err(NetError::BadInput(format!(
                 "pod {uid} has a namespace already"
@@ -455,7 +476,7 @@ impl PodNetwork {
             .request(Msg::NewLinkProp(prop), NLM_F_CREATE | NLM_F_APPEND)
             .map_err(io_err("add altname", &pooled))?;
         answer(a, "add altname", format!("{host} to {pooled}"), &[])?;
-        netns::rename(&from, &to)?;
+        netns::pin(ns, &to)?;
         match self.ipam.rename(key, uid) {
             Ok(ip) => Ok(PodAttachment {
                 ip,
@@ -542,41 +563,52 @@ impl PodNetwork {
                 .map_err(|e| NetError::netlink("connect", ns_path.display().to_string(), e))?
         };
         let ns_file = std::fs::File::open(&ns_path).map_err(|e| NetError::io(&ns_path, e))?;
+        self.wire(node, &host, ns_file.as_fd(), &mut pod, ip)
+    }
 
+    /// Joins the namespace `ns` (whose route-netlink socket is `pod`) to the
+    /// bridge through the veth `host`, and gives its eth0 `ip`.
+    fn wire(
+        &self,
+        node: &mut Rtnl,
+        host: &str,
+        ns: BorrowedFd<'_>,
+        pod: &mut Rtnl,
+        ip: Ipv4Addr,
+    ) -> Result<(), NetError> {
         // Node side, one sendmsg: the pair (host end on the bridge and up,
         // peer born as eth0 in the pod's namespace), hairpin on the bridge
         // port (a pod reaching itself through a Service address needs the
         // DNAT-ed packet to leave through the port it came in on), and the
         // host end read back for the peer's index.
         let peer = LinkUnspec::new_with_name("eth0")
-            .append_extra_attribute(LinkAttribute::NetNsFd(ns_file.as_raw_fd()))
+            .append_extra_attribute(LinkAttribute::NetNsFd(ns.as_raw_fd()))
             .build();
-        let pair = LinkVeth::new(&host, "eth0")
+        let pair = LinkVeth::new(host, "eth0")
             .set_info_data(InfoData::Veth(InfoVeth::Peer(peer)))
             .controller(self.bridge_index)
             .up()
             .build();
         let hairpin = LinkMessageBuilder::<LinkBridgePort>::default()
-            .name(host.clone())
+            .name(host.to_string())
             .set_port_kind(InfoPortKind::Bridge)
             .hairpin(true)
             .build();
-        let get = LinkUnspec::new_with_name(&host).build();
+        let get = LinkUnspec::new_with_name(host).build();
         let answers = node
             .batch(vec![
                 (Msg::NewLink(pair), CREATE),
                 (Msg::NewLink(hairpin), CHANGE),
                 (Msg::GetLink(get), CHANGE),
             ])
-            .map_err(io_err("add veth", &host))?;
-        drop(ns_file);
+            .map_err(io_err("add veth", host))?;
         let mut answers = answers.into_iter();
         let mut next = || answers.next().unwrap_or(Err(libc::EIO));
-        answer(next(), "add veth", &host, &[])?;
-        answer(next(), "set hairpin", &host, &[])?;
-        let eth0 = match answer(next(), "get link", &host, &[])? {
+        answer(next(), "add veth", host, &[])?;
+        answer(next(), "set hairpin", host, &[])?;
+        let eth0 = match answer(next(), "get link", host, &[])? {
             Some(Msg::NewLink(l)) => rtnl::peer_index(&l),
-            _ => return Err(NetError::netlink("get link", &host, "no answer")),
+            _ => return Err(NetError::netlink("get link", host, "no answer")),
         };
 
         // Pod side, one sendmsg.
@@ -674,7 +706,8 @@ impl Drop for PodNetwork {
     /// Tears the ready pooled sandboxes down (pods' sandboxes stay: their
     /// workloads are adopted by the next run).
     fn drop(&mut self) {
-        let keys = self.pool.stop();
+        let ready = self.pool.stop();
+        let keys: Vec<String> = ready.into_iter().map(|(key, _ns)| key).collect();
         for key in &keys {
             if let Err(e) = self.teardown(key) {
                 warn!(%key, error = %e, "cannot tear a pooled pod sandbox down");

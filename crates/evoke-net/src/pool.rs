@@ -1,23 +1,25 @@
 //! A small pool of pre-made pod sandboxes, so that a pod's network is a
 //! hand-over instead of kernel work on its start-up path.
 //!
-//! A pooled sandbox is an ordinary attached pod whose "uid" is a pool key
-//! (`pool-<hex>`, never a Kubernetes uid, which is hex digits and dashes):
-//! its namespace is pinned as `evoke-pool-<hex>`, its veth is on the bridge
-//! with `eth0` configured inside, and IPAM holds its address under the key.
-//! Claiming one for a pod ([`crate::PodNetwork::setup`]) gives the host veth
-//! the pod's name as an alternative name, re-pins the namespace under the
-//! pod's name and moves the address to the pod's uid; from then on the pod
-//! is indistinguishable from one attached the slow way (teardown, restart
-//! and re-attach find it by the same names).
+//! A pooled sandbox is a network namespace held open by an fd of this
+//! process (not pinned to a file), with its veth `ve<hash of the key>` on the
+//! bridge and `eth0` configured inside; IPAM holds its address under a pool
+//! key (`pool-<hex>`, never a Kubernetes uid, which is hex digits and
+//! dashes). Claiming one for a pod ([`crate::PodNetwork::setup`]) gives the
+//! host veth the pod's veth name as an alternative name, pins the namespace
+//! under the pod's name and moves the address to the pod's uid; from then
+//! on the pod is indistinguishable from one attached the slow way
+//! (teardown, restart and re-attach find it by the same names).
 //!
 //! The pool refills on a thread of its own, one sandbox at a time, only
 //! when no pod set-up or teardown has run for a moment: in a burst the pool
 //! empties and stays empty until the burst is over, and never competes
 //! with the pods for the node's cores. Ready sandboxes are torn down when
-//! the [`crate::PodNetwork`] is dropped; any a killed process left behind
-//! are found by their keys in IPAM and torn down when the network starts.
+//! the [`crate::PodNetwork`] is dropped. A killed process leaves nothing in
+//! the kernel (its fds close, so the namespaces and their veth pairs go);
+//! its IPAM entries are released by key when the network starts again.
 
+use std::os::fd::OwnedFd;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, Weak};
 use std::time::{Duration, Instant};
 
@@ -43,8 +45,8 @@ pub(crate) struct Pool {
 struct State {
     /// How many ready sandboxes to keep (0: no pool).
     size: usize,
-    /// Keys of the ready sandboxes, oldest first.
-    ready: Vec<String>,
+    /// The ready sandboxes' keys and namespaces, oldest first.
+    ready: Vec<(String, OwnedFd)>,
     /// Pod set-ups and teardowns running now.
     busy: usize,
     /// When the last one ended.
@@ -80,8 +82,8 @@ impl Pool {
         Busy(self)
     }
 
-    /// A ready sandbox's key, oldest first.
-    pub(crate) fn take(&self) -> Option<String> {
+    /// A ready sandbox's key and namespace, oldest first.
+    pub(crate) fn take(&self) -> Option<(String, OwnedFd)> {
         let mut st = self.lock();
         if st.ready.is_empty() {
             return None;
@@ -97,8 +99,8 @@ impl Pool {
         self.lock().ready.len()
     }
 
-    /// Stops refilling and returns the ready sandboxes' keys (to tear down).
-    pub(crate) fn stop(&self) -> Vec<String> {
+    /// Stops refilling and returns the ready sandboxes (to tear down).
+    pub(crate) fn stop(&self) -> Vec<(String, OwnedFd)> {
         let mut st = self.lock();
         st.stopped = true;
         let keys = std::mem::take(&mut st.ready);
@@ -135,14 +137,14 @@ impl Pool {
 
     /// Adds a made sandbox; false (the caller tears it down) if the pool
     /// was stopped meanwhile.
-    fn put(&self, key: String) -> bool {
+    fn put(&self, sandbox: (String, OwnedFd)) -> Result<(), (String, OwnedFd)> {
         let mut st = self.lock();
         if st.stopped {
-            return false;
+            return Err(sandbox);
         }
-        st.ready.push(key);
+        st.ready.push(sandbox);
         st.not_before = None;
-        true
+        Ok(())
     }
 
     fn back_off(&self) {
@@ -187,10 +189,10 @@ fn refill(pool: &Pool, net: &Weak<PodNetwork>, idle: Duration) {
             continue;
         }
         match net.make_pooled() {
-            Ok(key) => {
-                debug!(%key, "pod sandbox made for the pool");
+            Ok(sandbox) => {
+                debug!(key = %sandbox.0, "pod sandbox made for the pool");
                 warned = false;
-                if !pool.put(key.clone()) {
+                if let Err((key, _ns)) = pool.put(sandbox) {
                     let _ = net.teardown(&key);
                 }
             }
