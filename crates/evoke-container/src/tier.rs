@@ -1226,6 +1226,13 @@ impl WorkloadRuntime for ProcessTier {
     }
 
     fn create(&self, spec: &WorkloadSpec, stdio: Stdio) -> Result<WorkloadStatus, RuntimeError> {
+        if spec.labels.contains_key(USERNS_LABEL) {
+            return Err(RuntimeError::InvalidSpec(format!(
+                "workload {}: the process tier runs in the host's user namespace; \
+                 a user namespace of its own (hostUsers: false) needs the container tier",
+                spec.id
+            )));
+        }
         // Resolve the image first, so a bad reference leaves nothing behind.
         let image = match &spec.image {
             Some(r) => Some(self.images.resolve(r)?),

@@ -37,7 +37,8 @@ fn host_uids_of(comm: &str) -> Vec<u32> {
 }
 
 #[test]
-fn a_host_users_false_pod_runs_as_root_mapped_to_an_unprivileged_host_uid_and_shares_its_mqueue() {
+fn host_users_false_pods_run_as_root_mapped_to_an_unprivileged_host_uid_share_their_mqueue_and_the_process_tier_refuses_them(
+) {
     if !common::require_pods() {
         return;
     }
@@ -129,4 +130,28 @@ spec:
     );
     assert!(out.contains(&queue), "{out}");
     assert_eq!(c.pod("unprivileged")["status"]["phase"], "Running");
+
+    // The process tier has no user namespaces: such a pod fails visibly.
+    c.ok_with(
+        &["apply", "-f", "-"],
+        Some(
+            "apiVersion: v1
+kind: Pod
+metadata: {name: plain}
+spec:
+  hostUsers: false
+  runtimeClassName: process
+  terminationGracePeriodSeconds: 1
+  containers:
+  - name: c
+    image: busybox:1
+    command: [/bin/sleep, '3600']
+",
+        ),
+    );
+    c.wait_for("the process tier's refusal in the pod's status", 30, || {
+        c.pod("plain")["status"]["containerStatuses"][0]["state"]["waiting"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("hostUsers: false) needs the container tier"))
+    });
 }
