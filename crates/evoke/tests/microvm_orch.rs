@@ -5,13 +5,13 @@
 //! a ClusterIP Service (nftables), entered with `kubectl exec`, then deleted
 //! with nothing left behind.
 
-#[allow(dead_code)] // this test runs the test host with extra files itself
+#[allow(dead_code)] // only the script-file runner is used here
 mod vmhost;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use vmhost::test_host_ready;
+use vmhost::{run_script_in_test_host, test_host_ready};
 
 /// kubectl on PATH (resolved through symlinks: it is copied into the test
 /// host). Under CI a missing kubectl fails the test.
@@ -204,19 +204,7 @@ fn a_microvm_deployment_runs_and_serves_by_pod_ip_and_cluster_ip() {
     with_libs(nft, "nft", &extra);
     let script = dir.path().join("script.sh");
     std::fs::write(&script, SCRIPT).expect("write script");
-    let out =
-        Command::new(PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/vmhost/run"))
-            .arg(&script)
-            .env("EVOKE_BIN", env!("CARGO_BIN_EXE_evoke"))
-            .env("VMHOST_EXTRA", &extra)
-            .env("VMHOST_TIMEOUT", "600")
-            .output()
-            .expect("run tests/vmhost/run");
-    let text = format!(
-        "{}\n--- stderr ---\n{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert_eq!(out.status.code(), Some(0), "{text}");
+    let (code, text) = run_script_in_test_host(&script, Some(&extra), 600, &[]);
+    assert_eq!(code, 0, "{text}");
     assert!(text.contains("ALL-CHECKS-PASSED"), "{text}");
 }

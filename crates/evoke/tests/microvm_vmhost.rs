@@ -8,7 +8,7 @@
 
 mod vmhost;
 
-use vmhost::{run_in_test_host, test_host_ready, GUEST_QEMU};
+use vmhost::{run_in_test_host, run_script_in_test_host, test_host_ready, GUEST_QEMU};
 
 #[test]
 fn test_host_reports_the_scripts_exit_status_and_streams_its_output() {
@@ -23,6 +23,46 @@ fn test_host_reports_the_scripts_exit_status_and_streams_its_output() {
     assert_eq!(code, 7, "{out}");
     assert!(out.contains("first line from the test host"), "{out}");
     assert!(out.contains("to stderr"), "{out}");
+    // A failing script is reported, never booted again.
+    assert!(!out.contains("booting again"), "{out}");
+}
+
+#[test]
+fn a_test_host_that_stops_its_heartbeat_counts_as_frozen_and_is_booted_again_once() {
+    if !test_host_ready() {
+        return;
+    }
+    // The first boot stops the init's heartbeat and hangs, as a frozen
+    // kernel would; the run notices the silence, kills that boot and boots
+    // again, and the second boot's status is the run's.
+    let dir = tempfile::tempdir().expect("temp dir");
+    let script = dir.path().join("script.sh");
+    std::fs::write(
+        &script,
+        r#"
+try=$(sed -n 's/.*vmhost\.try=\([0-9]*\).*/\1/p' /proc/cmdline)
+echo "script started on boot $try"
+if [ "$try" = 1 ]; then
+  kill -STOP "$(cat /run/vmhost-heartbeat.pid)" || exit 90
+  sleep 600
+fi
+echo "script finished on boot $try"
+exit 5
+"#,
+    )
+    .expect("write script");
+    let (code, out) = run_script_in_test_host(
+        &script,
+        None,
+        300,
+        &[("VMHOST_HEARTBEAT", "15"), ("VMHOST_BOOT_TRIES", "2")],
+    );
+    assert_eq!(code, 5, "{out}");
+    assert!(out.contains("script finished on boot 2"), "{out}");
+    // The frozen boot's output is dropped, the freeze reported.
+    assert!(!out.contains("script started on boot 1"), "{out}");
+    assert!(out.contains("the test host froze: no heartbeat"), "{out}");
+    assert!(out.contains("booting again (try 2 of 2)"), "{out}");
 }
 
 #[test]

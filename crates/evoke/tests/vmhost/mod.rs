@@ -86,16 +86,47 @@ pub fn run_in_test_host(script: &str) -> (i32, String) {
     let dir = tempfile::tempdir().expect("temp dir");
     let path = dir.path().join("script.sh");
     std::fs::write(&path, script).expect("write script");
-    let out = Command::new(repo().join("tests/vmhost/run"))
-        .arg(&path)
+    run_script_in_test_host(&path, None, 300, &[])
+}
+
+/// Runs the script file `path` in the test host (`extra`, if given, at
+/// /vmhost/extra, and `env` set for tests/vmhost/run), each boot limited to
+/// `timeout_s` seconds. Returns the exit status and the output of the last
+/// boot, then the run's stderr.
+///
+/// tests/vmhost/run boots the test host again when it froze; what the
+/// script printed before such a freeze is dropped, so a check reads the
+/// output of one whole run only.
+#[allow(dead_code)]
+pub fn run_script_in_test_host(
+    path: &std::path::Path,
+    extra: Option<&std::path::Path>,
+    timeout_s: u32,
+    env: &[(&str, &str)],
+) -> (i32, String) {
+    let mut cmd = Command::new(repo().join("tests/vmhost/run"));
+    cmd.arg(path)
         .env("EVOKE_BIN", env!("CARGO_BIN_EXE_evoke"))
-        .env("VMHOST_TIMEOUT", "300")
-        .output()
-        .expect("run tests/vmhost/run");
+        .env("VMHOST_TIMEOUT", timeout_s.to_string());
+    if let Some(extra) = extra {
+        cmd.env("VMHOST_EXTRA", extra);
+    }
+    cmd.envs(env.iter().copied());
+    let out = cmd.output().expect("run tests/vmhost/run");
+    let stdout = String::from_utf8_lossy(&out.stdout);
     let text = format!(
         "{}\n--- stderr ---\n{}",
-        String::from_utf8_lossy(&out.stdout),
+        last_boot(&stdout),
         String::from_utf8_lossy(&out.stderr)
     );
     (out.status.code().unwrap_or(-1), text)
+}
+
+/// The part of tests/vmhost/run's stdout after its last "vmhost-retry:" line
+/// (the whole of it when the test host never froze).
+fn last_boot(stdout: &str) -> &str {
+    match stdout.rfind("vmhost-retry:") {
+        Some(at) => stdout[at..].split_once('\n').map_or("", |(_, rest)| rest),
+        None => stdout,
+    }
 }
