@@ -17,7 +17,9 @@
 //! profile → BPF), [`spawn`] (starting the init without copying the
 //! caller), `init` (the child side), `sys` (the raw syscalls),
 //! [`execproc`] (who reaps an exec'd process, and why it must be reaped),
-//! [`userns`] (id maps and idmapped image layers for `--userns`).
+//! [`userns`] (id maps and idmapped image layers for `--userns`),
+//! `trampoline` (the workload's last exec, from a sealed memfd and never
+//! from the runtime's binary: CVE-2019-5736).
 
 pub mod cgroups;
 pub mod devices;
