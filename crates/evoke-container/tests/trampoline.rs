@@ -6,7 +6,6 @@
 #![allow(clippy::unwrap_used)]
 
 use std::io::Read;
-use std::os::fd::OwnedFd;
 
 use evoke_container::oci_spec::runtime::Spec;
 use evoke_container::testutil;
@@ -28,9 +27,7 @@ fn run(name: &str, script: &str, edit: impl FnOnce(&mut Spec)) -> (i32, String) 
     let status = evoke_container::wait(state.path(), &id).unwrap();
     evoke_container::delete(state.path(), &id, true).unwrap();
     let mut out = String::new();
-    std::fs::File::from(OwnedFd::from(r))
-        .read_to_string(&mut out)
-        .unwrap();
+    std::fs::File::from(r).read_to_string(&mut out).unwrap();
     (status.code, out)
 }
 
