@@ -354,7 +354,8 @@ fn save_record(file: &mut fs::File, path: &Path, rec: &Record) -> Result<()> {
 /// so that its read blocks instead of seeing end-of-file) and closes it
 /// before it execs the workload; until then `readlink /proc/PID/fd/FD`
 /// shows `pipe:[INODE]`, which is how [`status_of`] tells "created" from
-/// "running". Reaching it takes the same rights as ptrace-reading the init
+/// "running" (with the byte still in the pipe it is "running": started,
+/// about to exec). Reaching it takes the same rights as ptrace-reading the init
 /// (root on the host; the init is not dumpable).
 #[derive(Debug, Clone, Copy, Serialize, Deserialize)]
 struct StartPipe {
@@ -371,6 +372,28 @@ impl StartPipe {
     fn held_by(&self, pid: i32) -> bool {
         fs::read_link(self.proc_path(pid))
             .is_ok_and(|l| l.as_os_str().as_encoded_bytes() == self.link().as_bytes())
+    }
+
+    /// Whether `start`'s byte waits in the pipe, not yet taken by the init:
+    /// the container is started. (A reader opened through /proc sees the
+    /// pipe's contents without taking them.)
+    fn pending(&self, pid: i32) -> bool {
+        use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+        let Ok(f) = fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC)
+            .open(self.proc_path(pid))
+        else {
+            return false;
+        };
+        let ours = f
+            .metadata()
+            .is_ok_and(|m| std::os::unix::fs::MetadataExt::ino(&m) == self.inode);
+        let mut pfd = [PollFd::new(std::os::fd::AsFd::as_fd(&f), PollFlags::POLLIN)];
+        ours && poll(&mut pfd, PollTimeout::ZERO).is_ok_and(|n| n > 0)
+            && pfd[0]
+                .revents()
+                .is_some_and(|r| r.contains(PollFlags::POLLIN))
     }
 
     fn link(&self) -> String {
@@ -414,7 +437,7 @@ fn status_of(rec: &Record) -> Status {
     match proc_stat(rec.pid) {
         Some((state, start)) if start == rec.start_time && state != 'Z' && state != 'X' => {
             let waiting = match (&rec.start_pipe, &rec.legacy_dir) {
-                (Some(pipe), _) => pipe.held_by(rec.pid),
+                (Some(pipe), _) => pipe.held_by(rec.pid) && !pipe.pending(rec.pid),
                 (None, Some(dir)) => dir.join(LEGACY_FIFO).exists(),
                 (None, None) => false,
             };
@@ -699,15 +722,11 @@ pub fn start(state_root: &Path, id: &str) -> Result<()> {
     }
     f.write_all(b"0")
         .map_err(|e| Error::io("write", &pipe_path, e))?;
-    // Return once the init has taken the byte and closed its end (we are
-    // then the pipe's last holder, which poll reports as POLLERR), so that
-    // `state` says "running" as soon as `start` returns, as with runc. A
-    // stopped (SIGSTOP) init does not hold us up for long.
-    let mut pfd = [nix::poll::PollFd::new(
-        std::os::fd::AsFd::as_fd(&f),
-        nix::poll::PollFlags::empty(),
-    )];
-    let _ = nix::poll::poll(&mut pfd, nix::poll::PollTimeout::from(2000u16));
+    // No need to wait for the init to take the byte: from now on the
+    // container is "running" ([`StartPipe::pending`]), as with runc once
+    // its `start` has returned. Waiting cost a wake-up of this process
+    // after the init's, per container, which under load is the longest
+    // part of `start`.
     Ok(())
 }
 

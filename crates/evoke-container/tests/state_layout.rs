@@ -41,8 +41,9 @@ fn a_container_is_one_state_file_from_create_to_delete() {
     assert!(matches!(again, Err(Error::Exists(_))), "{again:?}");
 
     evoke_container::start(state.path(), &id).unwrap();
-    // `start` returns once the init has left the start pipe: no window in
-    // which the container still looks "created".
+    // Once `start` returns the container is "running", whether or not the
+    // init has taken the start byte yet: no window in which it still looks
+    // "created".
     let after = evoke_container::state(state.path(), &id).unwrap();
     assert_ne!(after.status, Status::Created, "{after:?}");
     let second = evoke_container::start(state.path(), &id);
@@ -122,6 +123,33 @@ fn a_spare_state_file_renamed_into_place_but_not_yet_rewritten_is_not_a_containe
         Err(Error::NotFound(_))
     ));
     assert!(evoke_container::list(state.path()).unwrap().is_empty());
+}
+
+#[test]
+fn a_started_container_is_running_before_its_init_has_taken_the_start_byte() {
+    if !testutil::require_root_and_busybox("started before the init takes the byte") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let state = tempfile::tempdir().unwrap();
+    let bundle =
+        testutil::busybox_bundle(&dir.path().join("b"), &["/bin/sh", "-c", "exit 9"], |_| {})
+            .unwrap();
+    let id = testutil::unique_id("pending");
+    let created = evoke_container::create(state.path(), &id, &bundle, Default::default()).unwrap();
+    let init = nix::unistd::Pid::from_raw(created.pid);
+    // A stopped init cannot take the byte.
+    nix::sys::signal::kill(init, nix::sys::signal::Signal::SIGSTOP).unwrap();
+    evoke_container::start(state.path(), &id).unwrap();
+    assert_eq!(
+        evoke_container::state(state.path(), &id).unwrap().status,
+        Status::Running
+    );
+    let second = evoke_container::start(state.path(), &id);
+    assert!(matches!(second, Err(Error::BadStatus { .. })), "{second:?}");
+    nix::sys::signal::kill(init, nix::sys::signal::Signal::SIGCONT).unwrap();
+    assert_eq!(evoke_container::wait(state.path(), &id).unwrap().code, 9);
+    evoke_container::delete(state.path(), &id, false).unwrap();
 }
 
 #[test]
