@@ -133,6 +133,9 @@ struct PodIpState {
     subnet: String,
     /// pod uid -> address
     pods: BTreeMap<String, Ipv4Addr>,
+    /// Addresses held in memory only ([`PodIpam::reserve`]): key -> address.
+    #[serde(skip)]
+    reserved: BTreeMap<String, Ipv4Addr>,
 }
 
 /// Pod IPs of one node subnet, keyed by pod uid and persisted to a file.
@@ -169,7 +172,7 @@ impl PodIpam {
             }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => PodIpState {
                 subnet: subnet.to_string(),
-                pods: BTreeMap::new(),
+                ..Default::default()
             },
             Err(e) => return Err(NetError::io(&path, e)),
         };
@@ -194,11 +197,7 @@ impl PodIpam {
         if let Some(ip) = st.pods.get(uid) {
             return Ok(*ip);
         }
-        let used: BTreeSet<Ipv4Addr> = st.pods.values().copied().collect();
-        let ip = (2..self.subnet.size().saturating_sub(1))
-            .filter_map(|i| self.subnet.nth(i))
-            .find(|ip| !used.contains(ip))
-            .ok_or_else(|| NetError::Exhausted(self.subnet.to_string()))?;
+        let ip = self.lowest_free(&st)?;
         st.pods.insert(uid.to_string(), ip);
         if let Err(e) = self.persist(&st) {
             st.pods.remove(uid);
@@ -207,9 +206,40 @@ impl PodIpam {
         Ok(ip)
     }
 
-    /// Releases the address of pod `uid`; releasing an unknown uid is a no-op.
+    fn lowest_free(&self, st: &PodIpState) -> Result<Ipv4Addr, NetError> {
+        let used: BTreeSet<Ipv4Addr> = st
+            .pods
+            .values()
+            .chain(st.reserved.values())
+            .copied()
+            .collect();
+        (2..self.subnet.size().saturating_sub(1))
+            .filter_map(|i| self.subnet.nth(i))
+            .find(|ip| !used.contains(ip))
+            .ok_or_else(|| NetError::Exhausted(self.subnet.to_string()))
+    }
+
+    /// Holds the lowest free address under `key` in memory only (for a
+    /// pre-made sandbox whose namespace dies with this process, so after a
+    /// crash there is nothing to give back); [`PodIpam::rename`] makes it a
+    /// pod's, [`PodIpam::release`] frees it.
+    pub fn reserve(&self, key: &str) -> Result<Ipv4Addr, NetError> {
+        let mut st = self.lock();
+        if st.pods.contains_key(key) || st.reserved.contains_key(key) {
+            return Err(NetError::InUse(format!("key {key}")));
+        }
+        let ip = self.lowest_free(&st)?;
+        st.reserved.insert(key.to_string(), ip);
+        Ok(ip)
+    }
+
+    /// Releases the address of pod `uid` (or reservation `uid`); releasing
+    /// an unknown uid is a no-op.
     pub fn release(&self, uid: &str) -> Result<Option<Ipv4Addr>, NetError> {
         let mut st = self.lock();
+        if let Some(ip) = st.reserved.remove(uid) {
+            return Ok(Some(ip));
+        }
         let Some(ip) = st.pods.remove(uid) else {
             return Ok(None);
         };
@@ -220,10 +250,10 @@ impl PodIpam {
         Ok(Some(ip))
     }
 
-    /// Moves the address held under `from` to `to` (a pre-made sandbox's
-    /// address handed to the pod that claims it); returns it. `to` must hold
-    /// none yet.
-    pub fn rename(&self, from: &str, to: &str) -> Result<Ipv4Addr, NetError> {
+    /// Gives the address reserved under `key` to pod `to` (a pre-made
+    /// sandbox handed to the pod that claims it), persisted; returns it.
+    /// `to` must hold none yet.
+    pub fn rename(&self, key: &str, to: &str) -> Result<Ipv4Addr, NetError> {
         if to.is_empty() {
             return Err(NetError::BadInput("empty pod uid".into()));
         }
@@ -232,23 +262,24 @@ impl PodIpam {
             return Err(NetError::InUse(format!("{ip} (held by {to})")));
         }
         let ip = st
-            .pods
-            .remove(from)
-            .ok_or_else(|| NetError::BadInput(format!("no address is held by {from}")))?;
+            .reserved
+            .remove(key)
+            .ok_or_else(|| NetError::BadInput(format!("no address is reserved for {key}")))?;
         st.pods.insert(to.to_string(), ip);
         if let Err(e) = self.persist(&st) {
             st.pods.remove(to);
-            st.pods.insert(from.to_string(), ip);
+            st.reserved.insert(key.to_string(), ip);
             return Err(e);
         }
         Ok(ip)
     }
 
-    /// How many addresses are still free.
+    /// How many addresses are still free (neither held nor reserved).
     pub fn free(&self) -> usize {
         // The network, gateway and broadcast addresses are never handed out.
         let usable = self.subnet.size().saturating_sub(3) as usize;
-        usable.saturating_sub(self.lock().pods.len())
+        let st = self.lock();
+        usable.saturating_sub(st.pods.len() + st.reserved.len())
     }
 
     /// The address pod `uid` holds, if any.
@@ -256,7 +287,7 @@ impl PodIpam {
         self.lock().pods.get(uid).copied()
     }
 
-    /// All allocations, pod uid -> address.
+    /// All persisted allocations, pod uid -> address (not reservations).
     pub fn allocations(&self) -> BTreeMap<String, Ipv4Addr> {
         self.lock().pods.clone()
     }
@@ -424,13 +455,29 @@ mod tests {
     }
 
     #[test]
-    fn a_held_address_moves_to_a_new_owner_persisted_and_never_onto_a_holder() {
+    fn a_reserved_address_moves_to_a_pod_persisted_and_never_onto_a_holder() {
         let dir = tempfile::tempdir().expect("tempdir");
         let subnet = net("10.42.6.0/29"); // .2 ..= .6 usable
         let ipam = PodIpam::open(dir.path(), subnet).expect("open");
         assert_eq!(ipam.free(), 5);
-        let pooled = ipam.allocate("pool-1").expect("pool");
+        let pooled = ipam.reserve("pool-1").expect("pool");
+        assert!(
+            ipam.allocations().is_empty(),
+            "a reservation is not an allocation"
+        );
+        assert!(
+            PodIpam::open(dir.path(), subnet)
+                .expect("reopen")
+                .allocations()
+                .is_empty(),
+            "nor persisted"
+        );
         ipam.allocate("pod-b").expect("b");
+        assert_ne!(
+            ipam.get("pod-b"),
+            Some(pooled),
+            "a reserved address is not handed out"
+        );
         assert_eq!(ipam.free(), 3);
         assert_eq!(ipam.rename("pool-1", "pod-a").expect("moved"), pooled);
         assert_eq!(ipam.get("pod-a"), Some(pooled));

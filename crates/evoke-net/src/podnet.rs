@@ -18,21 +18,18 @@
 //! kernel's RTNL lock orders them.
 //!
 //! With a pool ([`PodNetwork::start_pool`], see [`crate::pool`]) a new pod
-//! takes a sandbox made beforehand instead: one netlink request (the pod's
-//! name for the host veth), a bind mount pinning the namespace under the
-//! pod's name and an IPAM update.
+//! takes a sandbox made beforehand instead: an IPAM update, one netlink
+//! request (the host veth takes the pod's name) and a bind mount pinning
+//! the namespace under the pod's name.
 
 use std::net::Ipv4Addr;
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use rtnetlink::packet_core::{NLM_F_APPEND, NLM_F_CREATE};
 use rtnetlink::packet_route::address::AddressMessage;
-use rtnetlink::packet_route::link::{
-    InfoData, InfoPortKind, InfoVeth, LinkAttribute, LinkMessage, Prop,
-};
+use rtnetlink::packet_route::link::{InfoData, InfoPortKind, InfoVeth, LinkAttribute, LinkMessage};
 use rtnetlink::packet_route::route::RouteScope;
 use rtnetlink::packet_route::RouteNetlinkMessage as Msg;
 use rtnetlink::{
@@ -42,7 +39,7 @@ use rtnetlink::{
 use tracing::{debug, info, warn};
 
 use crate::ipam::{Ipv4Net, PodIpam};
-use crate::pool::{self, Pool, KEY_PREFIX};
+use crate::pool::{self, Pool, Sandbox, KEY_PREFIX};
 use crate::rtnl::{self, Rtnl, CHANGE, CREATE, REPLACE};
 use crate::{netns, NetError};
 
@@ -208,6 +205,16 @@ pub fn veth_name(prefix: &str, uid: &str) -> String {
     format!("{prefix}{:012x}", h & 0xffff_ffff_ffff)
 }
 
+/// The host end of pod `uid`'s veth: `ve<hash>`; a pooled sandbox's is
+/// `vq<hash of its key>` until a pod takes it, so the node's `ve` links
+/// are its pods'.
+fn host_veth(uid: &str) -> String {
+    match uid.starts_with(KEY_PREFIX) {
+        true => veth_name("vq", uid),
+        false => veth_name("ve", uid),
+    }
+}
+
 fn check_uid(uid: &str) -> Result<(), NetError> {
     if uid.is_empty() || uid.contains('/') {
         return Err(NetError::BadInput(format!("pod uid {uid:?}")));
@@ -323,11 +330,10 @@ impl PodNetwork {
         &self.pool
     }
 
-    /// Makes one sandbox for the pool: a namespace held by the returned fd
-    /// (nothing pinned, so a killed process leaves only its IPAM entry,
-    /// which the next start reclaims), its veth on the bridge and eth0
-    /// configured; IPAM holds its address under the returned key.
-    pub(crate) fn make_pooled(&self) -> Result<(String, OwnedFd), NetError> {
+    /// Makes one sandbox for the pool: a namespace held by an fd (nothing
+    /// pinned, so a killed process leaves nothing behind), its veth on the
+    /// bridge and eth0 configured with an address IPAM reserves in memory.
+    pub(crate) fn make_pooled(&self) -> Result<Sandbox, NetError> {
         use std::hash::{BuildHasher, Hasher};
         // A random key (std's hasher keys are random per process and per
         // call): pool names must not collide across nodes sharing a host.
@@ -341,15 +347,15 @@ impl PodNetwork {
         if self.ipam.get(&key).is_some() {
             return Err(NetError::InUse(key));
         }
-        let ip = self.ipam.allocate(&key)?;
+        let ip = self.ipam.reserve(&key)?;
         let made = netns::create_held(Rtnl::open).and_then(|(ns, sock)| {
             let mut pod = sock.map_err(|e| NetError::netlink("connect", &key, e))?;
             let mut node = self.node()?;
-            self.wire(&mut node, &veth_name("ve", &key), ns.as_fd(), &mut pod, ip)?;
-            Ok(ns)
+            let host = self.wire(&mut node, &host_veth(&key), ns.as_fd(), &mut pod, ip)?;
+            Ok((ns, host))
         });
         match made {
-            Ok(ns) => Ok((key, ns)),
+            Ok((ns, host)) => Ok(Sandbox { key, ns, host }),
             Err(e) => {
                 let _ = self.teardown(&key);
                 Err(e)
@@ -432,15 +438,15 @@ impl PodNetwork {
         check_uid(uid)?;
         let _busy = self.pool.busy();
         if !uid.starts_with(KEY_PREFIX) && self.ipam.get(uid).is_none() {
-            if let Some((key, ns)) = self.pool.take() {
-                match self.hand_over(&key, ns.as_fd(), uid) {
+            if let Some(sandbox) = self.pool.take() {
+                match self.hand_over(&sandbox, uid) {
                     Ok(a) => {
-                        debug!(pod = uid, %key, ip = %a.ip, "pod took a pre-made sandbox");
+                        debug!(pod = uid, key = %sandbox.key, ip = %a.ip, "pod took a pre-made sandbox");
                         return Ok(a);
                     }
                     Err(e) => {
-                        warn!(pod = uid, %key, error = %e, "cannot hand a pooled sandbox over; setting up the pod's own");
-                        let _ = self.teardown(&key);
+                        warn!(pod = uid, key = %sandbox.key, error = %e, "cannot hand a pooled sandbox over; setting up the pod's own");
+                        let _ = self.teardown(&sandbox.key);
                     }
                 }
             }
@@ -448,44 +454,62 @@ impl PodNetwork {
         self.attach_uid(uid)
     }
 
-    /// Gives the pooled sandbox `key` to pod `uid`, in an order that a
-    /// crash at any point leaves either to the pool's reclaim (IPAM still
-    /// names the key) or to the pod's own set-up (which reuses a namespace
-    /// pinned under its name).
-    fn hand_over(
-        &self,
-        key: &str,
-        ns: BorrowedFd<'_>,
-        uid: &str,
-    ) -> Result<PodAttachment, NetError> {
-        let host = veth_name("ve", uid);
+    /// Gives the pooled sandbox `key` (its namespace `ns`) to pod `uid`.
+    /// The address is the pod's first, persisted: a crash after that step
+    /// leaves a pod whose own set-up rebuilds namespace and veth around the
+    /// same address (the pooled namespace and its veth die with the process).
+    fn hand_over(&self, sandbox: &Sandbox, uid: &str) -> Result<PodAttachment, NetError> {
+        let (key, ns) = (sandbox.key.as_str(), sandbox.ns.as_fd());
+        let (host, pooled) = (host_veth(uid), host_veth(key));
         let to = self.netns_path(uid);
         if netns::is_netns(&to) {
             return Err(NetError::BadInput(format!(
                 "pod {uid} has a namespace already"
             )));
         }
-        // The host end answers to the pod's veth name from now on (an
-        // alternative name: renaming a link needs it down).
-        let pooled = veth_name("ve", key);
-        let prop = LinkUnspec::new_with_name(&pooled)
-            .append_extra_attribute(LinkAttribute::PropList(vec![Prop::AltIfName(host.clone())]))
-            .build();
-        let a = self
-            .node()?
-            .request(Msg::NewLinkProp(prop), NLM_F_CREATE | NLM_F_APPEND)
-            .map_err(io_err("add altname", &pooled))?;
-        answer(a, "add altname", format!("{host} to {pooled}"), &[])?;
-        netns::pin(ns, &to)?;
-        match self.ipam.rename(key, uid) {
-            Ok(ip) => Ok(PodAttachment {
+        let ip = self.ipam.rename(key, uid)?;
+        let made = (|| {
+            // The host end takes the pod's veth name (a veth may be renamed
+            // while up on current kernels; older ones want it down first).
+            let rename = |up: bool| {
+                let mut m = LinkUnspec::new_with_index(sandbox.host);
+                if up {
+                    m = m.up();
+                }
+                let mut msg = m.build();
+                msg.attributes.push(LinkAttribute::IfName(host.clone()));
+                msg
+            };
+            let mut node = self.node()?;
+            let a = node
+                .request(Msg::SetLink(rename(false)), CHANGE)
+                .map_err(io_err("rename", &pooled))?;
+            if a == Err(libc::EBUSY) {
+                let down = LinkUnspec::new_with_index(sandbox.host).down().build();
+                let answers = node
+                    .batch(vec![
+                        (Msg::SetLink(down), CHANGE),
+                        (Msg::SetLink(rename(true)), CHANGE),
+                    ])
+                    .map_err(io_err("rename", &pooled))?;
+                for a in answers {
+                    answer(a, "rename", format!("{pooled} to {host}"), &[])?;
+                }
+            } else {
+                answer(a, "rename", format!("{pooled} to {host}"), &[])?;
+            }
+            drop(node);
+            netns::pin(ns, &to)
+        })();
+        match made {
+            Ok(()) => Ok(PodAttachment {
                 ip,
                 netns: to,
                 host_veth: host,
                 gateway: self.cfg.subnet.gateway(),
             }),
             Err(e) => {
-                let _ = netns::remove(&to);
+                let _ = self.teardown(uid);
                 Err(e)
             }
         }
@@ -494,7 +518,7 @@ impl PodNetwork {
     /// [`PodNetwork::setup`] without the pool.
     fn attach_uid(&self, uid: &str) -> Result<PodAttachment, NetError> {
         let ip = self.ipam.allocate(uid)?;
-        let host = veth_name("ve", uid);
+        let host = host_veth(uid);
         let ns_path = self.netns_path(uid);
         let mut node = self.node()?;
         let existing = link_by_name(&mut node, &host)?;
@@ -545,7 +569,7 @@ impl PodNetwork {
         stale_host: Option<u32>,
     ) -> Result<(), NetError> {
         let ns_path = self.netns_path(uid);
-        let host = veth_name("ve", uid);
+        let host = host_veth(uid);
         if let Some(index) = stale_host {
             let del = LinkUnspec::new_with_index(index).build();
             let a = node
@@ -564,10 +588,12 @@ impl PodNetwork {
         };
         let ns_file = std::fs::File::open(&ns_path).map_err(|e| NetError::io(&ns_path, e))?;
         self.wire(node, &host, ns_file.as_fd(), &mut pod, ip)
+            .map(|_| ())
     }
 
     /// Joins the namespace `ns` (whose route-netlink socket is `pod`) to the
-    /// bridge through the veth `host`, and gives its eth0 `ip`.
+    /// bridge through the veth `host`, and gives its eth0 `ip`; returns the
+    /// host end's index.
     fn wire(
         &self,
         node: &mut Rtnl,
@@ -575,7 +601,7 @@ impl PodNetwork {
         ns: BorrowedFd<'_>,
         pod: &mut Rtnl,
         ip: Ipv4Addr,
-    ) -> Result<(), NetError> {
+    ) -> Result<u32, NetError> {
         // Node side, one sendmsg: the pair (host end on the bridge and up,
         // peer born as eth0 in the pod's namespace), hairpin on the bridge
         // port (a pod reaching itself through a Service address needs the
@@ -606,8 +632,8 @@ impl PodNetwork {
         let mut next = || answers.next().unwrap_or(Err(libc::EIO));
         answer(next(), "add veth", host, &[])?;
         answer(next(), "set hairpin", host, &[])?;
-        let eth0 = match answer(next(), "get link", host, &[])? {
-            Some(Msg::NewLink(l)) => rtnl::peer_index(&l),
+        let (host_index, eth0) = match answer(next(), "get link", host, &[])? {
+            Some(Msg::NewLink(l)) => (rtnl::index_of(&l), rtnl::peer_index(&l)),
             _ => return Err(NetError::netlink("get link", host, "no answer")),
         };
 
@@ -641,7 +667,7 @@ impl PodNetwork {
             format!("via {gateway}"),
             &[libc::EEXIST],
         )?;
-        Ok(())
+        Ok(host_index)
     }
 
     /// Creates the tap of microVM pod `uid` on the bridge and allocates its
@@ -679,11 +705,7 @@ impl PodNetwork {
         // The host end (its peer goes with it), a peer left on the node by
         // an older agent whose move into the namespace failed, and a tap:
         // one sendmsg, each gone or never made is fine.
-        let names = [
-            veth_name("ve", uid),
-            veth_name("vp", uid),
-            veth_name("tp", uid),
-        ];
+        let names = [host_veth(uid), veth_name("vp", uid), veth_name("tp", uid)];
         let reqs = names
             .iter()
             .map(|n| (Msg::DelLink(LinkUnspec::new_with_name(n).build()), CHANGE))
@@ -707,7 +729,7 @@ impl Drop for PodNetwork {
     /// workloads are adopted by the next run).
     fn drop(&mut self) {
         let ready = self.pool.stop();
-        let keys: Vec<String> = ready.into_iter().map(|(key, _ns)| key).collect();
+        let keys: Vec<String> = ready.into_iter().map(|s| s.key).collect();
         for key in &keys {
             if let Err(e) = self.teardown(key) {
                 warn!(%key, error = %e, "cannot tear a pooled pod sandbox down");

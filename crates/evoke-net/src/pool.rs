@@ -2,22 +2,23 @@
 //! hand-over instead of kernel work on its start-up path.
 //!
 //! A pooled sandbox is a network namespace held open by an fd of this
-//! process (not pinned to a file), with its veth `ve<hash of the key>` on the
-//! bridge and `eth0` configured inside; IPAM holds its address under a pool
-//! key (`pool-<hex>`, never a Kubernetes uid, which is hex digits and
-//! dashes). Claiming one for a pod ([`crate::PodNetwork::setup`]) gives the
-//! host veth the pod's veth name as an alternative name, pins the namespace
-//! under the pod's name and moves the address to the pod's uid; from then
-//! on the pod is indistinguishable from one attached the slow way
-//! (teardown, restart and re-attach find it by the same names).
+//! process (not pinned to a file), with its veth `vq<hash of the key>` on
+//! the bridge and `eth0` configured inside; IPAM reserves its address in
+//! memory under a pool key (`pool-<hex>`, never a Kubernetes uid, which is
+//! hex digits and dashes). Claiming one for a pod
+//! ([`crate::PodNetwork::setup`]) persists the address as the pod's, renames
+//! the host veth to the pod's veth name and pins the namespace under the
+//! pod's name; from then on the pod is indistinguishable from one attached
+//! the slow way (teardown, restart and re-attach find it by the same names).
 //!
 //! The pool refills on a thread of its own, one sandbox at a time, only
 //! when no pod set-up or teardown has run for a moment: in a burst the pool
 //! empties and stays empty until the burst is over, and never competes
 //! with the pods for the node's cores. Ready sandboxes are torn down when
-//! the [`crate::PodNetwork`] is dropped. A killed process leaves nothing in
-//! the kernel (its fds close, so the namespaces and their veth pairs go);
-//! its IPAM entries are released by key when the network starts again.
+//! the [`crate::PodNetwork`] is dropped. A killed process leaves nothing:
+//! its fds close, so the kernel frees the namespaces and their veth pairs,
+//! and the reservations were never written. (IPAM entries under pool keys,
+//! written by an older version, are released when the network starts.)
 
 use std::os::fd::OwnedFd;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, Weak};
@@ -34,6 +35,17 @@ pub(crate) const KEY_PREFIX: &str = "pool-";
 /// no more free addresses than the pool would take.
 const RETRY: Duration = Duration::from_secs(5);
 
+/// A ready sandbox.
+pub(crate) struct Sandbox {
+    /// Its pool key: what IPAM reserves its address under, what its veth
+    /// is named after.
+    pub(crate) key: String,
+    /// Its namespace, alive as long as this fd (or a pin) is.
+    pub(crate) ns: OwnedFd,
+    /// Its host veth's index.
+    pub(crate) host: u32,
+}
+
 /// The pool's state, shared by the network and its refill thread.
 #[derive(Default)]
 pub(crate) struct Pool {
@@ -46,7 +58,7 @@ struct State {
     /// How many ready sandboxes to keep (0: no pool).
     size: usize,
     /// The ready sandboxes' keys and namespaces, oldest first.
-    ready: Vec<(String, OwnedFd)>,
+    ready: Vec<Sandbox>,
     /// Pod set-ups and teardowns running now.
     busy: usize,
     /// When the last one ended.
@@ -83,7 +95,7 @@ impl Pool {
     }
 
     /// A ready sandbox's key and namespace, oldest first.
-    pub(crate) fn take(&self) -> Option<(String, OwnedFd)> {
+    pub(crate) fn take(&self) -> Option<Sandbox> {
         let mut st = self.lock();
         if st.ready.is_empty() {
             return None;
@@ -100,7 +112,7 @@ impl Pool {
     }
 
     /// Stops refilling and returns the ready sandboxes (to tear down).
-    pub(crate) fn stop(&self) -> Vec<(String, OwnedFd)> {
+    pub(crate) fn stop(&self) -> Vec<Sandbox> {
         let mut st = self.lock();
         st.stopped = true;
         let keys = std::mem::take(&mut st.ready);
@@ -137,7 +149,7 @@ impl Pool {
 
     /// Adds a made sandbox; false (the caller tears it down) if the pool
     /// was stopped meanwhile.
-    fn put(&self, sandbox: (String, OwnedFd)) -> Result<(), (String, OwnedFd)> {
+    fn put(&self, sandbox: Sandbox) -> Result<(), Sandbox> {
         let mut st = self.lock();
         if st.stopped {
             return Err(sandbox);
@@ -190,10 +202,10 @@ fn refill(pool: &Pool, net: &Weak<PodNetwork>, idle: Duration) {
         }
         match net.make_pooled() {
             Ok(sandbox) => {
-                debug!(key = %sandbox.0, "pod sandbox made for the pool");
+                debug!(key = %sandbox.key, "pod sandbox made for the pool");
                 warned = false;
-                if let Err((key, _ns)) = pool.put(sandbox) {
-                    let _ = net.teardown(&key);
+                if let Err(sandbox) = pool.put(sandbox) {
+                    let _ = net.teardown(&sandbox.key);
                 }
             }
             Err(e) => {
