@@ -3,7 +3,8 @@
 //!
 //! Start reading at [`ipam`] (node subnets, pod IPs, ClusterIPs), then
 //! [`podnet::PodNetwork`] (namespaces, bridge, veth, routes over [`rtnl`], a
-//! blocking route-netlink client that sends requests in batches),
+//! blocking route-netlink client that sends requests in batches; [`pool`]
+//! keeps a few pod sandboxes ready so a new pod's network is a hand-over),
 //! [`nft`] (the ServiceProxy's rules), [`dns`] (cluster DNS answers) and
 //! [`node::BridgeNetwork`] (the node agent's network seam); [`proxy::ServiceProxy`]
 //! watches Services and EndpointSlices and drives both. [`cluster`] is how
