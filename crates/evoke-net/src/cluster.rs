@@ -36,26 +36,15 @@ use crate::NetError;
 /// reports the pod's network as not ready (the agent retries later).
 const SETUP_WAIT: Duration = Duration::from_secs(60);
 
-/// Pre-made pod sandboxes kept ready by default (`EVOKE_POD_SANDBOX_POOL`
-/// overrides it; 0 disables the pool). A few cover pods that arrive one by
-/// one; a burst empties the pool after its first pods whatever its size.
+/// Pre-made pod sandboxes kept ready by default (`--pod-sandbox-pool`; 0
+/// disables the pool). A few cover pods that arrive one by one; a burst
+/// empties the pool after its first pods whatever its size.
 pub const DEFAULT_SANDBOX_POOL: usize = 4;
 
 /// How long no pod set-up or teardown must have run before the pool makes
 /// a sandbox: at Kubernetes' density-test pace of 10 pods/s the pool
 /// refills in the gaps between pods.
 const POOL_IDLE: Duration = Duration::from_millis(50);
-
-/// The pool size: `EVOKE_POD_SANDBOX_POOL`, else [`DEFAULT_SANDBOX_POOL`].
-pub fn sandbox_pool_size() -> usize {
-    match std::env::var("EVOKE_POD_SANDBOX_POOL") {
-        Ok(v) => v.trim().parse().unwrap_or_else(|_| {
-            warn!(value = %v, default = DEFAULT_SANDBOX_POOL, "EVOKE_POD_SANDBOX_POOL is not a count; using the default");
-            DEFAULT_SANDBOX_POOL
-        }),
-        Err(_) => DEFAULT_SANDBOX_POOL,
-    }
-}
 
 /// What a node's network needs to know about the cluster.
 #[derive(Debug, Clone)]
@@ -72,6 +61,8 @@ pub struct ClusterNetConfig {
     pub cluster_dns: Ipv4Addr,
     /// `--cluster-domain` (cluster.local).
     pub cluster_domain: String,
+    /// `--pod-sandbox-pool`: pre-made pod sandboxes kept ready.
+    pub sandbox_pool: usize,
 }
 
 /// Where the node's network is in its start-up.
@@ -195,8 +186,7 @@ impl NodeNetwork {
         let mut pcfg = PodNetConfig::new(&self.cfg.data_dir, subnet);
         pcfg.service_cidr = Some(self.cfg.service_cidr);
         let bridge = blocking(move || BridgeNetwork::new(pcfg)).await?;
-        let pool = sandbox_pool_size();
-        bridge.start_pool(pool, POOL_IDLE);
+        bridge.start_pool(self.cfg.sandbox_pool, POOL_IDLE);
         let bridge = Arc::new(bridge);
         let dns_ip = self.cfg.cluster_dns;
         let b = bridge.clone();
@@ -217,7 +207,7 @@ impl NodeNetwork {
                 .serve_locally(dns_ip)
                 .run(client),
         );
-        info!(node = %self.cfg.node_name, %subnet, dns = %dns_ip, sandbox_pool = pool, "node network up: bridge, cluster DNS and service proxy");
+        info!(node = %self.cfg.node_name, %subnet, dns = %dns_ip, sandbox_pool = self.cfg.sandbox_pool, "node network up: bridge, cluster DNS and service proxy");
         Ok(bridge)
     }
 }

@@ -44,6 +44,10 @@ pub struct NetArgs {
     /// The cluster's DNS domain.
     #[arg(long, default_value = evoke_net::dns::CLUSTER_DOMAIN)]
     pub cluster_domain: String,
+    /// Pod sandboxes (network namespace, veth on the bridge, address) kept
+    /// ready so a new pod's network is a hand-over; 0 disables the pool.
+    #[arg(long, default_value_t = evoke_net::cluster::DEFAULT_SANDBOX_POOL, env = "EVOKE_POD_SANDBOX_POOL")]
+    pub pod_sandbox_pool: usize,
 }
 
 impl NetArgs {
@@ -117,6 +121,7 @@ pub fn pod_network(
                 service_cidr: args.service_cidr,
                 cluster_dns: args.cluster_dns,
                 cluster_domain: args.cluster_domain.clone(),
+                sandbox_pool: args.pod_sandbox_pool,
             });
             let run = net.clone();
             tokio::spawn(async move {
@@ -156,6 +161,7 @@ mod tests {
             service_cidr: service.parse().expect("cidr"),
             cluster_dns: dns.parse().expect("ip"),
             cluster_domain: "cluster.local".into(),
+            pod_sandbox_pool: 4,
         }
     }
 
