@@ -374,8 +374,8 @@ impl StartPipe {
             .is_ok_and(|l| l.as_os_str().as_encoded_bytes() == self.link().as_bytes())
     }
 
-    /// Whether `start`'s byte waits in the pipe, not yet taken by the init:
-    /// the container is started. (A reader opened through /proc sees the
+    /// Whether a byte of `start`'s waits in the pipe (the init takes one of
+    /// two): the container is started. (A reader opened through /proc sees the
     /// pipe's contents without taking them.)
     fn pending(&self, pid: i32) -> bool {
         use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
@@ -720,13 +720,15 @@ pub fn start(state_root: &Path, id: &str) -> Result<()> {
             op: "start",
         });
     }
-    f.write_all(b"0")
+    // Two bytes: the init takes one, and the other stays in the pipe until
+    // the init closes it just before the exec, so from this write on the
+    // container reads as "running" ([`StartPipe::pending`]) with no gap
+    // between the init's read and its close (one byte left such a gap, in
+    // which `state` said "created" again). No need to wait for the init:
+    // as with runc, `start` returns once the container is started, and
+    // waiting cost a wake-up of this process after the init's.
+    f.write_all(b"00")
         .map_err(|e| Error::io("write", &pipe_path, e))?;
-    // No need to wait for the init to take the byte: from now on the
-    // container is "running" ([`StartPipe::pending`]), as with runc once
-    // its `start` has returned. Waiting cost a wake-up of this process
-    // after the init's, per container, which under load is the longest
-    // part of `start`.
     Ok(())
 }
 
