@@ -139,6 +139,42 @@ fn ctx<T, E: std::fmt::Display>(r: Result<T, E>, what: impl FnOnce() -> String) 
     r.map_err(|e| format!("{}: {e}", what()))
 }
 
+/// The options of a read-only bind: what runc gives /sys and the paths it
+/// makes read-only.
+const READ_ONLY: MsFlags = MsFlags::MS_RDONLY
+    .union(MsFlags::MS_NOSUID)
+    .union(MsFlags::MS_NODEV)
+    .union(MsFlags::MS_NOEXEC);
+
+/// Binds `src` on `dest` (recursively with `rec` = MS_REC), then applies
+/// `options` by a remount: a bind mount takes no options of its own. Errors
+/// name the mount by `name`, the path inside the container.
+fn bind_remount(src: &Path, dest: &Path, rec: MsFlags, options: MsFlags, name: &Path) -> R<()> {
+    ctx(
+        mount(
+            Some(src),
+            dest,
+            None::<&str>,
+            MsFlags::MS_BIND | rec,
+            None::<&str>,
+        ),
+        || format!("bind {} on {}", src.display(), name.display()),
+    )?;
+    if options.is_empty() {
+        return Ok(());
+    }
+    ctx(
+        mount(
+            None::<&str>,
+            dest,
+            None::<&str>,
+            options | MsFlags::MS_BIND | MsFlags::MS_REMOUNT,
+            None::<&str>,
+        ),
+        || format!("remount {}", name.display()),
+    )
+}
+
 fn send(fd: &OwnedFd, m: &Msg) {
     // If the parent is gone there is no one left to tell.
     let bytes = m.encode();
@@ -503,24 +539,13 @@ fn mount_one(root: &Path, m: &MountPlan) -> R<()> {
             .source
             .as_ref()
             .ok_or_else(|| format!("bind mount on {} has no source", m.dest.display()))?;
-        let bind_flags = MsFlags::MS_BIND | (m.flags & MsFlags::MS_REC);
-        ctx(
-            mount(Some(src), &dest, None::<&str>, bind_flags, None::<&str>),
-            || format!("bind {} on {}", src.display(), m.dest.display()),
+        bind_remount(
+            src,
+            &dest,
+            m.flags & MsFlags::MS_REC,
+            m.flags & !(MsFlags::MS_BIND | MsFlags::MS_REC),
+            &m.dest,
         )?;
-        let rest = m.flags & !(MsFlags::MS_BIND | MsFlags::MS_REC);
-        if !rest.is_empty() {
-            ctx(
-                mount(
-                    None::<&str>,
-                    &dest,
-                    None::<&str>,
-                    rest | MsFlags::MS_BIND | MsFlags::MS_REMOUNT,
-                    None::<&str>,
-                ),
-                || format!("remount {}", m.dest.display()),
-            )?;
-        }
     } else {
         let src = m.source.clone().unwrap_or_else(|| PathBuf::from("none"));
         let r = mount(
@@ -535,30 +560,12 @@ fn mount_one(root: &Path, m: &MountPlan) -> R<()> {
             // Without a new network namespace sysfs cannot be mounted
             // fresh; bind the host's, read-only, as runc does.
             (Err(nix::Error::EPERM), Some("sysfs")) => {
-                ctx(
-                    mount(
-                        Some("/sys"),
-                        &dest,
-                        None::<&str>,
-                        MsFlags::MS_BIND | MsFlags::MS_REC,
-                        None::<&str>,
-                    ),
-                    || "bind /sys".into(),
-                )?;
-                ctx(
-                    mount(
-                        None::<&str>,
-                        &dest,
-                        None::<&str>,
-                        MsFlags::MS_BIND
-                            | MsFlags::MS_REMOUNT
-                            | MsFlags::MS_RDONLY
-                            | MsFlags::MS_NOSUID
-                            | MsFlags::MS_NODEV
-                            | MsFlags::MS_NOEXEC,
-                        None::<&str>,
-                    ),
-                    || "remount /sys read-only".into(),
+                bind_remount(
+                    Path::new("/sys"),
+                    &dest,
+                    MsFlags::MS_REC,
+                    READ_ONLY,
+                    &m.dest,
                 )?;
             }
             // In a user namespace that does not own the IPC namespace
@@ -579,29 +586,12 @@ fn mount_one(root: &Path, m: &MountPlan) -> R<()> {
                         m.dest.display()
                     ));
                 }
-                ctx(
-                    mount(
-                        Some(&src),
-                        &dest,
-                        None::<&str>,
-                        MsFlags::MS_BIND,
-                        None::<&str>,
-                    ),
-                    || format!("bind {} on /dev/mqueue", src.display()),
-                )?;
-                ctx(
-                    mount(
-                        None::<&str>,
-                        &dest,
-                        None::<&str>,
-                        MsFlags::MS_BIND
-                            | MsFlags::MS_REMOUNT
-                            | MsFlags::MS_NOSUID
-                            | MsFlags::MS_NODEV
-                            | MsFlags::MS_NOEXEC,
-                        None::<&str>,
-                    ),
-                    || "remount /dev/mqueue".into(),
+                bind_remount(
+                    &src,
+                    &dest,
+                    MsFlags::empty(),
+                    MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC,
+                    &m.dest,
                 )?;
             }
             (Err(e), t) => {
@@ -784,26 +774,7 @@ fn protect_paths(plan: &Plan) -> R<()> {
         if fs::symlink_metadata(p).is_err() {
             continue;
         }
-        ctx(
-            mount(
-                Some(p),
-                p,
-                None::<&str>,
-                MsFlags::MS_BIND | MsFlags::MS_REC,
-                None::<&str>,
-            ),
-            || format!("bind {}", p.display()),
-        )?;
-        let flags = MsFlags::MS_BIND
-            | MsFlags::MS_REMOUNT
-            | MsFlags::MS_RDONLY
-            | MsFlags::MS_NOSUID
-            | MsFlags::MS_NODEV
-            | MsFlags::MS_NOEXEC;
-        ctx(
-            mount(None::<&str>, p, None::<&str>, flags, None::<&str>),
-            || format!("remount {} read-only", p.display()),
-        )?;
+        bind_remount(p, p, MsFlags::MS_REC, READ_ONLY, p)?;
     }
     Ok(())
 }
