@@ -5,6 +5,7 @@
 //! as fast as the API takes them), and measures each one from its create
 //! call to the watch event that shows it Running and ready; prints
 //! p50/p99/max in ms. With `keep` the pods stay (to measure memory).
+//! Env ORCHBENCH_MEMORY_LIMIT sets each pod's memory limit.
 //!
 //! `orchbench scheduler KUBECONFIG NODES PODS`: against a server without an
 //! agent, creates NODES hollow nodes (Node objects with a Lease, nothing
@@ -33,6 +34,11 @@ fn pod(name: &str, ns: &str, tier: &str, image: &str) -> Res<Pod> {
     });
     if tier != "container" {
         v["spec"]["runtimeClassName"] = serde_json::json!(tier);
+    }
+    // ORCHBENCH_MEMORY_LIMIT (e.g. 128Mi) sizes each pod; the microvm tier
+    // gives a VM 512 MiB without a limit, too much for the test host.
+    if let Ok(limit) = std::env::var("ORCHBENCH_MEMORY_LIMIT") {
+        v["spec"]["containers"][0]["resources"]["limits"] = serde_json::json!({"memory": limit});
     }
     Ok(serde_json::from_value(v)?)
 }
