@@ -5,7 +5,8 @@
 //! as fast as the API takes them), and measures each one from its create
 //! call to the watch event that shows it Running and ready; prints
 //! p50/p99/max in ms. With `keep` the pods stay (to measure memory).
-//! Env ORCHBENCH_MEMORY_LIMIT sets each pod's memory limit.
+//! Env ORCHBENCH_MEMORY_LIMIT sets each pod's memory limit;
+//! ORCHBENCH_EXEC_READY=1 gives each pod an exec readiness probe.
 //!
 //! `orchbench scheduler KUBECONFIG NODES PODS`: against a server without an
 //! agent, creates NODES hollow nodes (Node objects with a Lease, nothing
@@ -39,6 +40,12 @@ fn pod(name: &str, ns: &str, tier: &str, image: &str) -> Res<Pod> {
     // gives a VM 512 MiB without a limit, too much for the test host.
     if let Ok(limit) = std::env::var("ORCHBENCH_MEMORY_LIMIT") {
         v["spec"]["containers"][0]["resources"]["limits"] = serde_json::json!({"memory": limit});
+    }
+    // ORCHBENCH_EXEC_READY=1: Ready only once an exec probe has run inside
+    // the workload (for a microVM, once its guest is up), probed every 1 s.
+    if std::env::var_os("ORCHBENCH_EXEC_READY").is_some() {
+        v["spec"]["containers"][0]["readinessProbe"] = serde_json::json!({
+            "exec": {"command": ["/bin/busybox", "true"]}, "periodSeconds": 1});
     }
     Ok(serde_json::from_value(v)?)
 }
