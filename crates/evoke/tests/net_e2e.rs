@@ -440,8 +440,12 @@ fn client_pod(direct_ip: &str, sticky_ip: &str) -> String {
         "echo FQDN $(wget -q -O - http://web.default.svc.cluster.local/ 2>&1)".into(),
         "echo ALIAS $(wget -q -O - http://web-alias/ 2>&1)".into(),
         "echo HEADLESS $(nslookup web-h.default.svc.cluster.local 2>&1 | grep -v 10.43.0.10 | grep Address | tr '\\n' ' ')".into(),
-        "echo PODNAME $(nslookup web-1.web-h.default.svc.cluster.local 2>&1 | grep -v 10.43.0.10 | grep Address | tr '\\n' ' ')".into(),
-        "if nc -w 3 kubernetes.default 443 </dev/null; then echo KUBE open; else echo KUBE closed; fi".into(),
+        // Up to three tries a second apart: a pod's first look may come
+        // before the node has programmed everything (seen once in a dry run,
+        // both checks failing within the same 3 s). Every try that fails
+        // is printed, so a run that needed one shows it in the log.
+        "for i in 1 2 3; do a=$(nslookup web-1.web-h.default.svc.cluster.local 2>&1 | grep -v 10.43.0.10 | grep Address | tr '\\n' ' '); [ -n \"$a\" ] && break; echo RETRY PODNAME; sleep 1; done; echo PODNAME $a".into(),
+        "k=closed; for i in 1 2 3; do if nc -w 3 kubernetes.default 443 </dev/null; then k=open; break; fi; echo RETRY KUBE; sleep 1; done; echo KUBE $k".into(),
         format!("for i in 1 2 3 4 5 6 7 8 9 10 11 12; do echo STICKY $(wget -q -O - http://{sticky_ip}/ 2>&1); done"),
         "echo SETUP done".into(),
         "while true; do echo LB $(timeout 3 wget -q -O - http://web/ 2>&1); sleep 0.2; done".into(),
