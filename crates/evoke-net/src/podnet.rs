@@ -228,27 +228,45 @@ impl PodNetwork {
     pub fn new(cfg: PodNetConfig) -> Result<Self, NetError> {
         let ipam = PodIpam::open(&cfg.data_dir, cfg.subnet)?;
         let mut node = open(cfg.node_netns.as_deref())?;
-        let bridge_index = match link_by_name(&mut node, &cfg.bridge)? {
-            Some(l) => l.header.index,
+        let bridge = match link_by_name(&mut node, &cfg.bridge)? {
+            Some(l) => l,
             None => {
                 let add = LinkBridge::new(&cfg.bridge).build();
                 let a = node
                     .request(Msg::NewLink(add), CREATE)
                     .map_err(io_err("add bridge", &cfg.bridge))?;
                 answer(a, "add bridge", &cfg.bridge, &[libc::EEXIST])?;
-                link_by_name(&mut node, &cfg.bridge)?
-                    .ok_or_else(|| {
-                        NetError::netlink("add bridge", &cfg.bridge, "gone after creation")
-                    })?
-                    .header
-                    .index
+                link_by_name(&mut node, &cfg.bridge)?.ok_or_else(|| {
+                    NetError::netlink("add bridge", &cfg.bridge, "gone after creation")
+                })?
             }
         };
+        let bridge_index = bridge.header.index;
         let gw = cfg.subnet.gateway();
         let mut reqs = vec![
             (addr_msg(bridge_index, gw, cfg.subnet.prefix()), CREATE),
             (up(bridge_index), CHANGE),
         ];
+        // A bridge whose address was never set takes the lowest of its
+        // ports' addresses, so it changed as pods (and pooled sandboxes)
+        // came and went, and every pod's ARP entry for its gateway went
+        // stale: seconds of lost packets to the gateway, the cluster DNS
+        // and every Service. Setting the address it has pins it.
+        let mac = bridge.attributes.iter().find_map(|a| match a {
+            LinkAttribute::Address(mac) => Some(mac.clone()),
+            _ => None,
+        });
+        let pin = mac.is_some();
+        if let Some(mac) = mac {
+            reqs.push((
+                Msg::SetLink(
+                    LinkUnspec::new_with_index(bridge_index)
+                        .address(mac)
+                        .build(),
+                ),
+                CHANGE,
+            ));
+        }
         if let Some(svc) = cfg.service_cidr {
             let route = RouteMessageBuilder::<Ipv4Addr>::new()
                 .destination_prefix(svc.network(), svc.prefix())
@@ -267,6 +285,9 @@ impl PodNetwork {
             &[libc::EEXIST],
         )?;
         answer(next(), "set up", &cfg.bridge, &[])?;
+        if pin {
+            answer(next(), "pin the address of", &cfg.bridge, &[])?;
+        }
         if let Some(svc) = cfg.service_cidr {
             answer(
                 next(),

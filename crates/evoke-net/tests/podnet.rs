@@ -564,3 +564,54 @@ fn a_pool_leaves_nothing_behind_when_its_process_is_killed() {
     );
     net.teardown("pod-after").expect("teardown");
 }
+
+/// The bridge's MAC address, as `ip` prints it.
+fn bridge_mac(ns: &Path) -> String {
+    let (ok, out) = run_in(ns, &["ip", "-o", "link", "show", "evoke0"]);
+    assert!(ok, "bridge: {out}");
+    out.split_whitespace()
+        .skip_while(|w| *w != "link/ether")
+        .nth(1)
+        .expect("the bridge has a MAC")
+        .to_string()
+}
+
+#[test]
+fn the_bridge_keeps_its_mac_when_ports_with_lower_ones_join_so_pods_arp_entries_stay_valid() {
+    if !privileged() {
+        return;
+    }
+    let n = node("10.42.8.0/24");
+    let net = PodNetwork::new(n.cfg.clone()).expect("pod network");
+    let before = bridge_mac(&n.ns);
+    let pod = net.setup("pod-a").expect("setup");
+    // A port whose MAC is lower than any other: an unpinned bridge takes it.
+    for args in [
+        &[
+            "ip", "link", "add", "lowmac", "type", "veth", "peer", "name", "lowmac-p",
+        ][..],
+        &[
+            "ip",
+            "link",
+            "set",
+            "lowmac",
+            "address",
+            "00:00:00:00:00:01",
+        ],
+        &["ip", "link", "set", "lowmac", "master", "evoke0"],
+    ] {
+        let (ok, out) = run_in(&n.ns, args);
+        assert!(ok, "{args:?}: {out}");
+    }
+    assert_eq!(bridge_mac(&n.ns), before, "the bridge's MAC moved");
+    // A restart of the pod network (an existing bridge) keeps it too.
+    drop(net);
+    let net = PodNetwork::new(n.cfg.clone()).expect("pod network again");
+    assert_eq!(bridge_mac(&n.ns), before);
+    let (ok, _) = run_in(
+        &pod.netns,
+        &["busybox", "ping", "-c", "1", "-W", "3", "10.42.8.1"],
+    );
+    assert!(ok, "the pod reaches its gateway");
+    net.teardown("pod-a").expect("teardown");
+}
