@@ -168,20 +168,9 @@ pub(crate) async fn join(state: &State, body: &[u8]) -> Reply {
     let result = async {
         let req = JoinRequest::parse(body)?;
         check_node_password(state.store.as_ref(), &req.node, &req.password).await?;
-        let certs = tls::sign_node_certificates(
-            &state.credentials,
-            &req.node,
-            &req.addresses,
-            &req.client_csr,
-            &req.serving_csr,
-        )
-        .map_err(|e| ApiError::bad_request(format!("join request: {e}")))?;
+        let issued = issue_node_certificates(state, &req, "join request")?;
         tracing::info!(node = %req.node, addresses = ?req.addresses, "issued node certificates");
-        Ok::<_, ApiError>(json!({
-            "clientCertificate": certs.client_cert_pem,
-            "servingCertificate": certs.serving_cert_pem,
-            "caCertificate": state.credentials.ca_cert_pem,
-        }))
+        Ok::<_, ApiError>(issued)
     }
     .await;
     match result {
@@ -211,20 +200,9 @@ pub(crate) async fn renew(state: &State, node: &str, body: &[u8]) -> Reply {
                 ),
             ));
         }
-        let certs = tls::sign_node_certificates(
-            &state.credentials,
-            &req.node,
-            &req.addresses,
-            &req.client_csr,
-            &req.serving_csr,
-        )
-        .map_err(|e| ApiError::bad_request(format!("renewal request: {e}")))?;
+        let issued = issue_node_certificates(state, &req, "renewal request")?;
         tracing::info!(%node, addresses = ?req.addresses, "renewed node certificates");
-        Ok::<_, ApiError>(json!({
-            "clientCertificate": certs.client_cert_pem,
-            "servingCertificate": certs.serving_cert_pem,
-            "caCertificate": state.credentials.ca_cert_pem,
-        }))
+        Ok::<_, ApiError>(issued)
     })();
     match result {
         Ok(v) => respond::json(200, &v),
@@ -233,6 +211,28 @@ pub(crate) async fn renew(state: &State, node: &str, body: &[u8]) -> Reply {
             respond::error(&e)
         }
     }
+}
+
+/// Signs the node's client and serving certificates from `req`'s CSRs and
+/// answers them with the cluster CA, for a join and for a renewal alike.
+fn issue_node_certificates(
+    state: &State,
+    req: &JoinRequest,
+    what: &str,
+) -> Result<serde_json::Value, ApiError> {
+    let certs = tls::sign_node_certificates(
+        &state.credentials,
+        &req.node,
+        &req.addresses,
+        &req.client_csr,
+        &req.serving_csr,
+    )
+    .map_err(|e| ApiError::bad_request(format!("{what}: {e}")))?;
+    Ok(json!({
+        "clientCertificate": certs.client_cert_pem,
+        "servingCertificate": certs.serving_cert_pem,
+        "caCertificate": state.credentials.ca_cert_pem,
+    }))
 }
 
 async fn create_if_missing(
