@@ -745,10 +745,13 @@ impl PodNetwork {
     }
 }
 
-impl Drop for PodNetwork {
-    /// Tears the ready pooled sandboxes down (pods' sandboxes stay: their
-    /// workloads are adopted by the next run).
-    fn drop(&mut self) {
+impl PodNetwork {
+    /// Stops the pool and tears its sandboxes down; when this returns no
+    /// pooled sandbox is left (pods' sandboxes stay: their workloads are
+    /// adopted by the next run). Dropping the network does the same, but
+    /// the refill thread may hold the last handle for a moment, and then
+    /// the teardown happens on that thread after the drop.
+    pub fn stop_pool(&self) {
         let ready = self.pool.stop();
         let keys: Vec<String> = ready.into_iter().map(|s| s.key).collect();
         for key in &keys {
@@ -759,5 +762,11 @@ impl Drop for PodNetwork {
         if !keys.is_empty() {
             debug!(count = keys.len(), "pooled pod sandboxes torn down");
         }
+    }
+}
+
+impl Drop for PodNetwork {
+    fn drop(&mut self) {
+        self.stop_pool();
     }
 }

@@ -14,14 +14,16 @@
 //! The pool refills on a thread of its own, one sandbox at a time, only
 //! when no pod set-up or teardown has run for a moment: in a burst the pool
 //! empties and stays empty until the burst is over, and never competes
-//! with the pods for the node's cores. Ready sandboxes are torn down when
-//! the [`crate::PodNetwork`] is dropped. A killed process leaves nothing:
+//! with the pods for the node's cores. Ready sandboxes are torn down by
+//! [`crate::PodNetwork::stop_pool`], which waits for the refill thread, or
+//! when the network is dropped. A killed process leaves nothing:
 //! its fds close, so the kernel frees the namespaces and their veth pairs,
 //! and the reservations were never written. (IPAM entries under pool keys,
 //! written by an older version, are released when the network starts.)
 
 use std::os::fd::OwnedFd;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, Weak};
+use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use tracing::{debug, warn};
@@ -51,6 +53,8 @@ pub(crate) struct Sandbox {
 pub(crate) struct Pool {
     state: Mutex<State>,
     changed: Condvar,
+    /// The refill thread, joined by [`Pool::stop`].
+    thread: Mutex<Option<JoinHandle<()>>>,
 }
 
 #[derive(Default)]
@@ -111,14 +115,27 @@ impl Pool {
         self.lock().ready.len()
     }
 
-    /// Stops refilling and returns the ready sandboxes (to tear down).
+    /// Stops refilling, waits for the refill thread to end (a sandbox it
+    /// was making is torn down by it) unless called on that thread, and
+    /// returns the ready sandboxes (to tear down). Joining makes the stop
+    /// complete when it returns: nothing of the pool appears afterwards.
     pub(crate) fn stop(&self) -> Vec<Sandbox> {
-        let mut st = self.lock();
-        st.stopped = true;
-        let keys = std::mem::take(&mut st.ready);
-        drop(st);
+        self.lock().stopped = true;
         self.changed.notify_all();
-        keys
+        let thread = self
+            .thread
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        if let Some(t) = thread {
+            if t.thread().id() == std::thread::current().id() {
+                // The refill thread dropped the network's last handle: it
+                // ends right after this.
+            } else if t.join().is_err() {
+                warn!("the pod sandbox pool's thread panicked");
+            }
+        }
+        std::mem::take(&mut self.lock().ready)
     }
 
     /// Waits until a refill is due: fewer ready than wanted, nothing busy
@@ -181,11 +198,15 @@ pub(crate) fn start(net: &Arc<PodNetwork>, size: usize, idle: Duration) {
         }
     }
     let weak = Arc::downgrade(net);
+    let thread = pool.clone();
     let spawned = std::thread::Builder::new()
         .name("evoke-sandbox-pool".into())
-        .spawn(move || refill(&pool, &weak, idle));
-    if let Err(e) = spawned {
-        warn!(error = %e, "no thread for the pod sandbox pool; pods are set up without it");
+        .spawn(move || refill(&thread, &weak, idle));
+    match spawned {
+        Ok(t) => *pool.thread.lock().unwrap_or_else(|p| p.into_inner()) = Some(t),
+        Err(e) => {
+            warn!(error = %e, "no thread for the pod sandbox pool; pods are set up without it")
+        }
     }
 }
 
