@@ -445,6 +445,11 @@ fn run_workload(spec: &GuestSpec, sink: &mut Sink) -> Result<ExitStatus, AgentEr
     let mut child = cmd
         .spawn()
         .map_err(io_ctx(format!("exec {} in the image", spec.argv[0])))?;
+    // std's spawn returns once the exec has succeeded: the workload runs.
+    // The host reports it running only on this frame.
+    sink.send(&Frame::Started {
+        unix_nanos: unix_nanos_now(),
+    });
     let pid = Pid::from_raw(child.id() as i32);
     let (Some(mut out), Some(mut err)) = (child.stdout.take(), child.stderr.take()) else {
         return Err(AgentError::NoChannel("workload pipes missing".into()));
@@ -591,6 +596,14 @@ fn run_workload(spec: &GuestSpec, sink: &mut Sink) -> Result<ExitStatus, AgentEr
             oom_killed: false,
         },
     })
+}
+
+/// The guest's wall clock (kvmclock gives it the host's time at boot); 0
+/// when it reads before the epoch, which the host takes as unknown.
+fn unix_nanos_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX))
 }
 
 fn ack_main_stdin(taken: usize, sink: &mut impl FrameSink) {

@@ -4,9 +4,11 @@
 //! boundaries.
 //!
 //! The main workload: guest → host [`Frame::Ready`] once the agent has its
-//! channel, then [`Frame::Stdout`]/[`Frame::Stderr`] as the workload writes,
-//! then exactly one [`Frame::Exit`] (or [`Frame::Error`] when the agent could
-//! not start the workload). Host → guest: [`Frame::Signal`] forwards a
+//! channel, [`Frame::Started`] once the workload's process runs (its exec
+//! succeeded; the host reports the workload running only then), then
+//! [`Frame::Stdout`]/[`Frame::Stderr`] as the workload writes, then exactly
+//! one [`Frame::Exit`] (or [`Frame::Error`], and no `Started`, when the agent
+//! could not start the workload). Host → guest: [`Frame::Signal`] forwards a
 //! signal to the workload's process group, [`Frame::Stdin`] feeds its stdin.
 //!
 //! Exec sessions are multiplexed on the same channel. Each `Exec*` frame
@@ -54,6 +56,7 @@ const EXEC_STDERR: u8 = 7;
 const EXEC_EXIT: u8 = 8;
 const EXEC_ERROR: u8 = 9;
 const STDIN_ACK: u8 = 10;
+const STARTED: u8 = 11;
 const SIGNAL: u8 = 16;
 const STDIN: u8 = 17;
 const EXEC_START: u8 = 18;
@@ -116,6 +119,11 @@ fn u32_at(p: &[u8], at: usize) -> Option<u32> {
 pub enum Frame {
     /// The agent is up and the channel works.
     Ready,
+    /// The workload's process runs (its exec succeeded), at this time of
+    /// the guest's clock, in nanoseconds since the Unix epoch (0: unknown).
+    Started {
+        unix_nanos: u64,
+    },
     Stdout(Vec<u8>),
     Stderr(Vec<u8>),
     Exit(ExitStatus),
@@ -229,6 +237,10 @@ impl Frame {
         let with_session = |p: &mut Vec<u8>, s: &u32| p.extend_from_slice(&s.to_le_bytes());
         let kind = match self {
             Frame::Ready => READY,
+            Frame::Started { unix_nanos } => {
+                p.extend_from_slice(&unix_nanos.to_le_bytes());
+                STARTED
+            }
             Frame::Stdout(b) => {
                 p.extend_from_slice(b);
                 STDOUT
@@ -344,6 +356,13 @@ impl Frame {
         let rest = || payload.get(4..).unwrap_or_default().to_vec();
         Ok(match kind {
             READY => Frame::Ready,
+            STARTED => Frame::Started {
+                unix_nanos: payload
+                    .as_slice()
+                    .try_into()
+                    .map(u64::from_le_bytes)
+                    .map_err(|_| malformed())?,
+            },
             STDOUT => Frame::Stdout(payload),
             STDERR => Frame::Stderr(payload),
             EXIT => Frame::Exit(ExitStatus::decode(&payload).ok_or_else(malformed)?),
@@ -474,6 +493,9 @@ mod tests {
     fn every_frame_kind_round_trips_on_one_stream() {
         let frames = vec![
             Frame::Ready,
+            Frame::Started {
+                unix_nanos: 1_764_000_000_123_456_789,
+            },
             Frame::Stdout(b"hello\n".to_vec()),
             Frame::Stderr(Vec::new()),
             Frame::Signal(15),

@@ -532,8 +532,8 @@ impl Worker {
                 .any(|c| matches!(c.state, CState::Waiting { .. }));
         let slots = self.ctx.start_slots.clone();
         let t = Instant::now();
-        let _slot = match work {
-            true => Some(slots.acquire().await),
+        let mut slot = match work {
+            true => slots.acquire_owned().await.ok(),
             false => None,
         };
         self.trace.queued += t.elapsed();
@@ -555,7 +555,7 @@ impl Worker {
                         return;
                     }
                     let name = self.init[i].name.clone();
-                    self.start(&name, true).await;
+                    self.start(&name, true, &mut slot).await;
                     return;
                 }
             }
@@ -570,7 +570,7 @@ impl Worker {
                     continue;
                 }
                 let name = self.main[i].name.clone();
-                self.start(&name, false).await;
+                self.start(&name, false, &mut slot).await;
             }
         }
     }
@@ -590,7 +590,16 @@ impl Worker {
             .map(|(i, r)| (r, i < n_init))
     }
 
-    async fn start(&mut self, name: &str, init: bool) {
+    /// Creates and starts container `name`. `slot` is the pod's place in
+    /// the start queue; a tier whose start waits for a guest's boot gives it
+    /// up once the workload is created, so one booting VM does not hold
+    /// back other pods' starts.
+    async fn start(
+        &mut self,
+        name: &str,
+        init: bool,
+        slot: &mut Option<tokio::sync::OwnedSemaphorePermit>,
+    ) {
         let Some(tier) = self.tier.clone() else {
             return;
         };
@@ -636,7 +645,10 @@ impl Worker {
         let pod_uid = self.pod.uid().unwrap_or_default();
         // stdinOnce: a stdin the first attach closes (see stream.rs).
         let stdin_once = !init && c.stdin == Some(true) && c.stdin_once == Some(true);
-        let res = tokio::task::spawn_blocking(move || -> Result<[Duration; 2], RuntimeError> {
+        let waits = tier.start_waits_for_guest();
+        let boot_slot = if waits { slot.take() } else { None };
+        type Started = ([Duration; 2], Option<SystemTime>);
+        let res = tokio::task::spawn_blocking(move || -> Result<Started, RuntimeError> {
             if let Some(parent) = log.parent() {
                 std::fs::create_dir_all(parent)
                     .map_err(|e| RuntimeError::io(parent.display().to_string(), e))?;
@@ -660,14 +672,22 @@ impl Worker {
             let t = Instant::now();
             tier.create(&spec, stdio)?;
             let created = t.elapsed();
+            drop(boot_slot);
             let t = Instant::now();
             tier.start(&spec.id)?;
-            Ok([created, t.elapsed()])
+            let took = t.elapsed();
+            // Such a tier knows when the process really began (a microVM:
+            // the guest's report), later than `start` was called.
+            let started_at = match waits {
+                true => tier.state(&spec.id).ok().and_then(|s| s.started_at),
+                false => None,
+            };
+            Ok(([created, took], started_at))
         })
         .await
         .unwrap_or_else(|e| Err(RuntimeError::InvalidSpec(format!("start panicked: {e}"))));
         match res {
-            Ok([created, started]) => {
+            Ok(([created, started], started_at)) => {
                 self.trace.create += created;
                 self.trace.start += started;
                 let image = c.image.clone().unwrap_or_default();
@@ -675,7 +695,7 @@ impl Worker {
                     rec.restart_count = attempt;
                     rec.state = CState::Running {
                         id: id.clone(),
-                        started: SystemTime::now(),
+                        started: started_at.unwrap_or_else(SystemTime::now),
                     };
                     rec.ready = c.readiness_probe.is_none();
                     rec.started = c.startup_probe.is_none();

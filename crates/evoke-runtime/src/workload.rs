@@ -406,8 +406,18 @@ pub trait WorkloadRuntime: Send + Sync {
     /// main process's streams; unset streams go to `spec.log_path`.
     fn create(&self, spec: &WorkloadSpec, stdio: Stdio) -> Result<WorkloadStatus, RuntimeError>;
 
-    /// Start the main process of a Created workload.
+    /// Start the main process of a Created workload. Returns once it runs
+    /// (for the microvm tier: once the guest agent reported it started).
     fn start(&self, id: &str) -> Result<(), RuntimeError>;
+
+    /// Whether `start` mostly waits for something other than this host's
+    /// CPU (a guest's boot) rather than doing CPU-bound set-up: a caller
+    /// that bounds concurrent starts to spare the CPU should not hold a
+    /// place through that wait. The status's `started_at` is then the
+    /// time the process really began.
+    fn start_waits_for_guest(&self) -> bool {
+        false
+    }
 
     /// The workload's current state.
     fn state(&self, id: &str) -> Result<WorkloadStatus, RuntimeError>;

@@ -16,9 +16,15 @@
 //! runs the command inside the guest as an exec session on the agent
 //! channel ([`crate::agent_mux`]).
 //!
-//! Lifecycle: Created (initramfs and config written) → Running (VMM process
-//! up; `pid` is the VMM's) → Exited (exit frame, or the VMM ended without
-//! one: guest panic or kill).
+//! Lifecycle: Created (initramfs and config written; still Created while
+//! the guest boots, with the VMM's pid in the record) → Running (the guest
+//! agent reported the workload's process started; `pid` is the VMM's,
+//! `started_at` the guest's time of that start) → Exited (exit frame, or the
+//! VMM ended without one: guest panic or kill). `start` returns only once
+//! the workload runs in the guest, or fails when the guest reports that it
+//! could not start it, ends first, or does not get there within the boot
+//! timeout ([`BOOT_TIMEOUT_ENV`], [`MicroVmTier::with_boot_timeout`]), as
+//! Kata reports a container running only once it started inside the guest.
 
 use std::collections::HashMap;
 use std::fs::{self, File};
@@ -28,7 +34,7 @@ use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, Command, Stdio as ProcStdio};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use evoke_guest::initramfs::{find_agent, GuestBase, InitramfsBuilder, Part, DEFAULT_MODULES};
 use evoke_guest::net::NetConfig;
@@ -51,6 +57,14 @@ const TIER: &str = "microvm";
 /// The VMM's exec socket in the VM's state directory (see
 /// [`crate::agent_mux`]).
 pub const EXEC_SOCKET: &str = "exec.sock";
+/// How long `start` waits for the guest to report the workload started.
+/// A stock kernel reaches the workload in well under a second on real KVM;
+/// nested under QEMU TCG (the test host) on a loaded machine it can take
+/// tens of seconds.
+pub const DEFAULT_BOOT_TIMEOUT: Duration = Duration::from_secs(60);
+/// Environment variable (whole seconds) that overrides
+/// [`DEFAULT_BOOT_TIMEOUT`] for every tier this process makes.
+pub const BOOT_TIMEOUT_ENV: &str = "EVOKE_MICROVM_BOOT_TIMEOUT";
 /// Guest RAM when the workload sets no memory limit.
 pub const DEFAULT_MEM_MIB: u64 = 512;
 /// The smallest guest the stock kernel and an initramfs fit in.
@@ -75,6 +89,7 @@ pub struct MicroVmTier {
     /// The binary that has the hidden `vmm` subcommand (evoke itself).
     vmm_exe: PathBuf,
     kernel: Option<PathBuf>,
+    boot_timeout: Duration,
     pending: Mutex<HashMap<String, Stdio>>,
     running: Mutex<HashMap<String, Arc<Mutex<Option<ChildStdin>>>>>,
 }
@@ -83,6 +98,10 @@ pub struct MicroVmTier {
 struct Record {
     spec: WorkloadSpec,
     status: WorkloadStatus,
+    /// The VMM's pid while the guest boots (state still Created), so a
+    /// forced remove can end it.
+    #[serde(default)]
+    booting_pid: Option<u32>,
 }
 
 impl MicroVmTier {
@@ -94,9 +113,17 @@ impl MicroVmTier {
             root: data_dir.join(TIER),
             vmm_exe,
             kernel: None,
+            boot_timeout: boot_timeout_from_env(),
             pending: Mutex::new(HashMap::new()),
             running: Mutex::new(HashMap::new()),
         }
+    }
+
+    /// Wait this long (instead of [`DEFAULT_BOOT_TIMEOUT`] or
+    /// [`BOOT_TIMEOUT_ENV`]) for a started guest to run the workload.
+    pub fn with_boot_timeout(mut self, timeout: Duration) -> Self {
+        self.boot_timeout = timeout;
+        self
     }
 
     /// Use this guest kernel instead of `/boot/vmlinuz-*-cloud-amd64`.
@@ -141,6 +168,21 @@ impl MicroVmTier {
 
     fn write_record(&self, rec: &Record) -> Result<(), RuntimeError> {
         write_record_at(&self.dir(&rec.status.id), rec)
+    }
+}
+
+/// [`BOOT_TIMEOUT_ENV`] when set to a whole number of seconds (at least 1),
+/// else [`DEFAULT_BOOT_TIMEOUT`].
+fn boot_timeout_from_env() -> Duration {
+    let Ok(v) = std::env::var(BOOT_TIMEOUT_ENV) else {
+        return DEFAULT_BOOT_TIMEOUT;
+    };
+    match v.trim().parse::<u64>() {
+        Ok(secs) if secs > 0 => Duration::from_secs(secs),
+        _ => {
+            tracing::warn!(value = %v, "{BOOT_TIMEOUT_ENV} is not a positive number of seconds; using the default");
+            DEFAULT_BOOT_TIMEOUT
+        }
     }
 }
 
@@ -299,6 +341,10 @@ impl WorkloadRuntime for MicroVmTier {
         TIER
     }
 
+    fn start_waits_for_guest(&self) -> bool {
+        true
+    }
+
     fn available(&self) -> Result<(), RuntimeError> {
         let unavailable = |reason: String| RuntimeError::Unavailable {
             tier: TIER.into(),
@@ -411,6 +457,7 @@ impl WorkloadRuntime for MicroVmTier {
             self.write_record(&Record {
                 spec: spec.clone(),
                 status: status.clone(),
+                booting_pid: None,
             })?;
             Ok(status)
         })();
@@ -428,10 +475,13 @@ impl WorkloadRuntime for MicroVmTier {
 
     fn start(&self, id: &str) -> Result<(), RuntimeError> {
         let mut rec = self.read_record(id)?;
-        if rec.status.state != WorkloadState::Created {
+        if rec.status.state != WorkloadState::Created || rec.booting_pid.is_some() {
             return Err(RuntimeError::InvalidState {
                 id: id.into(),
-                state: rec.status.state.word(),
+                state: match rec.booting_pid {
+                    Some(_) => "booting",
+                    None => rec.status.state.word(),
+                },
                 action: "start",
             });
         }
@@ -458,10 +508,12 @@ impl WorkloadRuntime for MicroVmTier {
             .spawn()
             .map_err(|e| RuntimeError::io(format!("starting {}", self.vmm_exe.display()), e))?;
         let pid = child.id();
+        let spawned_at = SystemTime::now();
         let agent_out = child.stdout.take();
         let stdin = Arc::new(Mutex::new(child.stdin.take()));
-        rec.status.state = WorkloadState::Running { pid };
-        rec.status.started_at = Some(SystemTime::now());
+        // Created until the guest says the workload runs; the pid lets a
+        // forced remove end a VM that is still booting.
+        rec.booting_pid = Some(pid);
         self.write_record(&rec)?;
         lock(&self.running).insert(id.to_string(), stdin.clone());
         if let (Some(fd), true) = (stdio.stdin, rec.spec.stdin) {
@@ -471,19 +523,50 @@ impl WorkloadRuntime for MicroVmTier {
                 .spawn(move || forward_stdin(File::from(fd), &sink))
                 .map_err(|e| RuntimeError::io("starting the microvm stdin thread", e))?;
         }
+        let (boot_tx, boot_rx) = std::sync::mpsc::channel();
         let sup = Supervisor {
-            dir,
+            dir: dir.clone(),
             rec,
             child,
             out,
             err,
             stdin,
+            spawned_at,
+            boot: Some(boot_tx),
         };
         std::thread::Builder::new()
             .name(format!("microvm-{id}"))
             .spawn(move || sup.run(agent_out))
             .map_err(|e| RuntimeError::io("starting the microvm supervisor thread", e))?;
-        Ok(())
+        let t = std::time::Instant::now();
+        match boot_rx.recv_timeout(self.boot_timeout) {
+            Ok(Boot::Started) => {
+                tracing::debug!(%id, took_ms = t.elapsed().as_millis() as u64, "microvm workload started in the guest");
+                Ok(())
+            }
+            Ok(Boot::Failed(why)) => Err(tier_err(format!(
+                "microvm {id}: the guest did not start the workload: {why}"
+            ))),
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
+                // End the VM, and let the supervisor record the exit before
+                // the caller removes the workload.
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(pid as i32),
+                    nix::sys::signal::Signal::SIGKILL,
+                );
+                let _ = boot_rx.recv_timeout(Duration::from_secs(10));
+                let console = fs::read(dir.join("console.log")).unwrap_or_default();
+                let console = String::from_utf8_lossy(&console);
+                Err(tier_err(format!(
+                    "microvm {id}: the guest did not start the workload within {:?} (the VM was killed; {BOOT_TIMEOUT_ENV} sets the limit in seconds); last console lines:\n{}",
+                    self.boot_timeout,
+                    console_tail(&console)
+                )))
+            }
+            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => Err(tier_err(format!(
+                "microvm {id}: its supervisor ended before the guest reported the workload started"
+            ))),
+        }
     }
 
     fn state(&self, id: &str) -> Result<WorkloadStatus, RuntimeError> {
@@ -562,6 +645,17 @@ impl WorkloadRuntime for MicroVmTier {
             }
             self.signal(id, libc::SIGKILL)?;
             self.wait(id, Some(Duration::from_secs(10)))?;
+        } else if let (WorkloadState::Created, Some(pid)) = (&rec.status.state, rec.booting_pid) {
+            // A guest still booting: end its VMM. When this process
+            // supervises it, wait for the supervisor to record the exit, so
+            // it writes nothing into the directory removed below.
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid as i32),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+            if lock(&self.running).contains_key(id) {
+                self.wait(id, Some(Duration::from_secs(10)))?;
+            }
         }
         lock(&self.running).remove(id);
         lock(&self.pending).remove(id);
@@ -814,6 +908,27 @@ fn open_log(dir: &Path, spec: &WorkloadSpec) -> Result<File, RuntimeError> {
         .map_err(|e| RuntimeError::io(path.display().to_string(), e))
 }
 
+/// What the supervisor tells a `start` waiting for the guest.
+#[derive(Debug)]
+enum Boot {
+    /// The workload runs; the record says Running.
+    Started,
+    /// The VM ended (the record says Exited) before the workload ran; why.
+    Failed(String),
+}
+
+/// When the workload started: the guest's own time of it when that is
+/// plausible (after the VMM was spawned, not after the frame arrived), else
+/// the frame's arrival.
+fn guest_start_time(unix_nanos: u64, spawned: SystemTime, arrived: SystemTime) -> SystemTime {
+    let guest = UNIX_EPOCH + Duration::from_nanos(unix_nanos);
+    if unix_nanos != 0 && guest >= spawned && guest <= arrived {
+        guest
+    } else {
+        arrived
+    }
+}
+
 /// Owns a running VM's process and its streams until the VM ends.
 struct Supervisor {
     dir: PathBuf,
@@ -822,14 +937,42 @@ struct Supervisor {
     out: Box<dyn Write + Send>,
     err: Box<dyn Write + Send>,
     stdin: Arc<Mutex<Option<ChildStdin>>>,
+    /// When the VMM was spawned (the earliest plausible start time).
+    spawned_at: SystemTime,
+    /// A `start` waiting for [`Frame::Started`]; `None` once told, or when
+    /// nobody waits (the workload then counts as started already).
+    boot: Option<std::sync::mpsc::Sender<Boot>>,
 }
 
 impl Supervisor {
+    /// The guest reports the workload running: record it, then release
+    /// the waiting `start`.
+    fn started(&mut self, unix_nanos: u64) {
+        let Some(tx) = self.boot.take() else { return };
+        let at = guest_start_time(unix_nanos, self.spawned_at, SystemTime::now());
+        self.rec.status.state = WorkloadState::Running {
+            pid: self.child.id(),
+        };
+        self.rec.status.started_at = Some(at);
+        self.rec.booting_pid = None;
+        if let Err(e) = write_record_at(&self.dir, &self.rec) {
+            tracing::error!(error = %e, "cannot record microvm start");
+        }
+        let _ = tx.send(Boot::Started);
+    }
+
     fn run(mut self, agent_out: Option<impl Read>) {
         let mut exit: Option<ExitInfo> = None;
+        // Why the agent could not start the workload, while `start` waits.
+        let mut start_error: Option<String> = None;
         if let Some(mut r) = agent_out {
             loop {
                 match Frame::read_from(&mut r) {
+                    Ok(Some(Frame::Started { unix_nanos })) => self.started(unix_nanos),
+                    Ok(Some(Frame::Error(msg))) if self.boot.is_some() => {
+                        exit.get_or_insert(ExitInfo::exited(127));
+                        start_error = Some(msg);
+                    }
                     Ok(Some(Frame::Stdout(b))) => {
                         let _ = self.out.write_all(&b).and_then(|_| self.out.flush());
                     }
@@ -869,31 +1012,42 @@ impl Supervisor {
                 let console = fs::read(self.dir.join("console.log")).unwrap_or_default();
                 let console = String::from_utf8_lossy(&console);
                 let tail = console_tail(&console);
-                match status.as_ref().ok().and_then(|s| s.signal()) {
-                    Some(sig) => {
-                        let _ = writeln!(
-                            self.err,
-                            "evoke: microvm: the vmm was killed by signal {sig}"
-                        );
-                        ExitInfo::signaled(sig, false)
-                    }
+                let (info, why) = match status.as_ref().ok().and_then(|s| s.signal()) {
+                    Some(sig) => (
+                        ExitInfo::signaled(sig, false),
+                        format!("the vmm was killed by signal {sig}"),
+                    ),
                     None => {
                         let why = match kernel_panic(&console) {
                             Some(line) => format!("the guest kernel panicked: {line}"),
                             None => "kernel panic or crash?".to_string(),
                         };
-                        let _ = writeln!(
-                            self.err,
-                            "evoke: microvm: the guest ended without reporting an exit status ({why}); last console lines:\n{tail}"
-                        );
-                        ExitInfo::exited(1)
+                        (
+                            ExitInfo::exited(1),
+                            format!("the guest ended without reporting an exit status ({why}); last console lines:\n{tail}"),
+                        )
+                    }
+                };
+                // A waiting `start` reports it; once started, the
+                // workload's stderr does.
+                match self.boot.is_some() {
+                    true => start_error = Some(why),
+                    false => {
+                        let _ = writeln!(self.err, "evoke: microvm: {why}");
                     }
                 }
+                info
             }
         };
         self.rec.status.state = WorkloadState::Exited(info);
+        self.rec.booting_pid = None;
         if let Err(e) = write_record_at(&self.dir, &self.rec) {
             tracing::error!(error = %e, "cannot record microvm exit");
+        }
+        if let Some(tx) = self.boot.take() {
+            let why = start_error
+                .unwrap_or_else(|| "the guest reported an exit before the workload started".into());
+            let _ = tx.send(Boot::Failed(why));
         }
     }
 }
@@ -1044,9 +1198,13 @@ mod tests {
     }
 
     /// Runs a supervisor over `sh -c SCRIPT` as the "VMM", with `frames`
-    /// available to the script as the file $1; returns stdout, stderr and
-    /// the recorded exit.
-    fn supervise(frames: &[Frame], script: &str) -> (Vec<u8>, Vec<u8>, ExitInfo) {
+    /// available to the script as the file $1, telling `boot` about the
+    /// start; returns stdout, stderr, the recorded exit and start time.
+    fn supervise_with(
+        frames: &[Frame],
+        script: &str,
+        boot: Option<std::sync::mpsc::Sender<Boot>>,
+    ) -> (Vec<u8>, Vec<u8>, ExitInfo, Option<SystemTime>) {
         use crate::devices::sink::TailBuffer;
         let dir = tempfile::tempdir().unwrap();
         let wire = dir.path().join("frames");
@@ -1084,6 +1242,7 @@ mod tests {
                 log_path: None,
             },
             spec,
+            booting_pid: None,
         };
         let sup = Supervisor {
             dir: dir.path().to_path_buf(),
@@ -1092,6 +1251,9 @@ mod tests {
             child,
             out: Box::new(out.clone()),
             err: Box::new(err.clone()),
+            // Any guest time up to the frame's arrival is plausible here.
+            spawned_at: UNIX_EPOCH,
+            boot,
         };
         sup.run(agent_out);
         let text = fs::read(dir.path().join("state.json")).unwrap();
@@ -1099,7 +1261,13 @@ mod tests {
         let WorkloadState::Exited(info) = rec.status.state else {
             panic!("not exited: {:?}", rec.status.state)
         };
-        (out.contents(), err.contents(), info)
+        (out.contents(), err.contents(), info, rec.status.started_at)
+    }
+
+    /// [`supervise_with`] with nobody waiting for the start.
+    fn supervise(frames: &[Frame], script: &str) -> (Vec<u8>, Vec<u8>, ExitInfo) {
+        let (out, err, info, _) = supervise_with(frames, script, None);
+        (out, err, info)
     }
 
     #[test]
@@ -1213,6 +1381,7 @@ mod tests {
                 labels: Default::default(),
                 log_path: None,
             },
+            booting_pid: None,
         };
         write_record_at(&vm_dir, &rec).unwrap();
         (dir, tier, vm_dir)
@@ -1401,5 +1570,199 @@ mod tests {
         assert_eq!(signal, libc::SIGKILL);
         drop(guest_in);
         mux_thread.join().unwrap();
+    }
+
+    #[test]
+    fn the_guests_start_time_is_used_only_between_the_vmm_spawn_and_the_frames_arrival() {
+        let spawned = UNIX_EPOCH + Duration::from_secs(1_000);
+        let arrived = spawned + Duration::from_secs(3);
+        let nanos = |t: SystemTime| t.duration_since(UNIX_EPOCH).unwrap().as_nanos() as u64;
+        let inside = spawned + Duration::from_millis(2_500);
+        assert_eq!(guest_start_time(nanos(inside), spawned, arrived), inside);
+        // A guest clock that is unset, behind or ahead is not believed.
+        assert_eq!(guest_start_time(0, spawned, arrived), arrived);
+        let before = spawned - Duration::from_secs(60);
+        assert_eq!(guest_start_time(nanos(before), spawned, arrived), arrived);
+        let after = arrived + Duration::from_secs(1);
+        assert_eq!(guest_start_time(nanos(after), spawned, arrived), arrived);
+    }
+
+    #[test]
+    fn a_waiting_start_is_released_by_the_started_frame_and_the_guests_time_is_the_start() {
+        let guest_time = SystemTime::now() - Duration::from_secs(10);
+        let nanos = guest_time.duration_since(UNIX_EPOCH).unwrap().as_nanos() as u64;
+        let frames = [
+            Frame::Ready,
+            Frame::Started { unix_nanos: nanos },
+            Frame::Stdout(b"up\n".to_vec()),
+            Frame::Exit(evoke_guest::proto::ExitStatus {
+                code: 0,
+                signal: 0,
+                oom_killed: false,
+            }),
+        ];
+        let (tx, rx) = std::sync::mpsc::channel();
+        let (out, _err, info, started) = supervise_with(&frames, "cat \"$1\"", Some(tx));
+        assert!(matches!(rx.try_recv(), Ok(Boot::Started)));
+        assert_eq!(out, b"up\n");
+        assert_eq!(info.code, 0);
+        assert_eq!(started, Some(guest_time));
+    }
+
+    #[test]
+    fn a_workload_the_guest_cannot_start_fails_the_waiting_start_with_the_agents_message() {
+        let frames = [
+            Frame::Ready,
+            Frame::Error("exec /nope in the image: No such file or directory".into()),
+            Frame::Exit(evoke_guest::proto::ExitStatus {
+                code: 127,
+                signal: 0,
+                oom_killed: false,
+            }),
+        ];
+        let (tx, rx) = std::sync::mpsc::channel();
+        let (_out, err, info, started) = supervise_with(&frames, "cat \"$1\"", Some(tx));
+        match rx.try_recv() {
+            Ok(Boot::Failed(why)) => assert!(why.contains("exec /nope in the image"), "{why}"),
+            other => panic!("start not failed: {other:?}"),
+        }
+        assert_eq!(info.code, 127);
+        assert_eq!(started, None, "a workload that never ran has no start time");
+        // The start error carries the message; it is not said twice.
+        assert!(err.is_empty(), "{}", String::from_utf8_lossy(&err));
+    }
+
+    #[test]
+    fn a_guest_that_ends_before_starting_the_workload_fails_the_waiting_start_with_the_panic() {
+        let (tx, rx) = std::sync::mpsc::channel();
+        let (_out, _err, info, _) = supervise_with(&[Frame::Ready], "cat \"$1\"", Some(tx));
+        match rx.try_recv() {
+            Ok(Boot::Failed(why)) => assert!(why.contains("the guest kernel panicked"), "{why}"),
+            other => panic!("start not failed: {other:?}"),
+        }
+        assert_eq!(info.code, 1);
+    }
+
+    /// A tier whose "VMM" is the sh script `body` (it gets the frames file
+    /// as $FRAMES), with one Created workload "vmx" and a boot timeout.
+    fn tier_with_fake_vmm(
+        body: &str,
+        frames: &[Frame],
+        boot_timeout: Duration,
+    ) -> (tempfile::TempDir, MicroVmTier) {
+        use std::os::unix::fs::PermissionsExt;
+        let (dir, _, vm_dir) = tier_with(WorkloadState::Created);
+        let wire = dir.path().join("frames");
+        let mut bytes = Vec::new();
+        for f in frames {
+            f.write_to(&mut bytes).unwrap();
+        }
+        fs::write(&wire, bytes).unwrap();
+        let vmm = dir.path().join("fake-vmm");
+        fs::write(
+            &vmm,
+            format!("#!/bin/sh\nFRAMES={}\n{body}\n", wire.display()),
+        )
+        .unwrap();
+        fs::set_permissions(&vmm, fs::Permissions::from_mode(0o755)).unwrap();
+        let tier = MicroVmTier::new(dir.path(), vmm).with_boot_timeout(boot_timeout);
+        assert!(vm_dir.exists());
+        (dir, tier)
+    }
+
+    /// Polls the workload's state until `done` holds, for at most 10 s.
+    fn state_until(tier: &MicroVmTier, done: impl Fn(&WorkloadState) -> bool) -> WorkloadState {
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let s = tier.state("vmx").unwrap().state;
+            if done(&s) || std::time::Instant::now() > deadline {
+                return s;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    #[test]
+    fn start_returns_only_once_the_guest_reports_the_workload_started_and_then_it_is_running() {
+        let frames = [Frame::Ready, Frame::Started { unix_nanos: 0 }];
+        // The guest "boots" for 300 ms, then reports the start and runs on.
+        let (_d, tier) = tier_with_fake_vmm(
+            "sleep 0.3; cat \"$FRAMES\"; exec sleep 30",
+            &frames,
+            Duration::from_secs(30),
+        );
+        let before = SystemTime::now();
+        tier.start("vmx").unwrap();
+        let status = tier.state("vmx").unwrap();
+        assert!(
+            matches!(status.state, WorkloadState::Running { .. }),
+            "{:?}",
+            status.state
+        );
+        let started = status.started_at.expect("start time");
+        assert!(
+            started >= before + Duration::from_millis(300),
+            "startedAt {started:?} is before the guest's start"
+        );
+        tier.remove("vmx", true).unwrap();
+    }
+
+    #[test]
+    fn a_guest_that_does_not_start_the_workload_within_the_boot_timeout_is_killed_and_start_fails()
+    {
+        let (_d, tier) =
+            tier_with_fake_vmm("exec sleep 60", &[Frame::Ready], Duration::from_millis(300));
+        let t = std::time::Instant::now();
+        let err = tier.start("vmx").unwrap_err().to_string();
+        assert!(
+            err.contains("did not start the workload within 300ms"),
+            "{err}"
+        );
+        assert!(err.contains(BOOT_TIMEOUT_ENV), "{err}");
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "took {:?}",
+            t.elapsed()
+        );
+        let state = state_until(&tier, |s| matches!(s, WorkloadState::Exited(_)));
+        let WorkloadState::Exited(info) = state else {
+            panic!("not exited: {state:?}")
+        };
+        assert_eq!(info.signal, Some(libc::SIGKILL));
+        tier.remove("vmx", false).unwrap();
+    }
+
+    #[test]
+    fn a_booting_vm_is_not_running_and_a_forced_remove_ends_it() {
+        let (_d, tier) =
+            tier_with_fake_vmm("exec sleep 60", &[Frame::Ready], Duration::from_secs(30));
+        let tier = Arc::new(tier);
+        let t = tier.clone();
+        let start = std::thread::spawn(move || t.start("vmx"));
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        let pid = loop {
+            if let Some(pid) = tier.read_record("vmx").unwrap().booting_pid {
+                break pid;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the vmm never started"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        };
+        assert_eq!(tier.state("vmx").unwrap().state, WorkloadState::Created);
+        let err = tier.exec("vmx", &exec_of(&["true"]), Stdio::default());
+        assert!(
+            matches!(err, Err(RuntimeError::InvalidState { .. })),
+            "{err:?}"
+        );
+        tier.remove("vmx", true).unwrap();
+        let err = start.join().unwrap().unwrap_err().to_string();
+        assert!(err.contains("killed by signal 9"), "{err}");
+        assert!(
+            nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), None).is_err(),
+            "the booting vmm {pid} is still there"
+        );
+        assert!(matches!(tier.state("vmx"), Err(RuntimeError::NotFound(_))));
     }
 }
