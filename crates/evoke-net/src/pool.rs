@@ -122,11 +122,7 @@ impl Pool {
     pub(crate) fn stop(&self) -> Vec<Sandbox> {
         self.lock().stopped = true;
         self.changed.notify_all();
-        let thread = self
-            .thread
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .take();
+        let thread = self.thread.lock().unwrap_or_else(|p| p.into_inner()).take();
         if let Some(t) = thread {
             if t.thread().id() == std::thread::current().id() {
                 // The refill thread dropped the network's last handle: it
