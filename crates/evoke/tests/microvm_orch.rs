@@ -3,7 +3,10 @@
 //! network, the real kubectl, a Deployment with `runtimeClassName: microvm`
 //! whose pods are busybox httpd VMs on taps, reached by pod IP and through
 //! a ClusterIP Service (nftables), entered with `kubectl exec`, then deleted
-//! with nothing left behind.
+//! with nothing left behind. A pod is Running only once its workload runs in
+//! the guest: the first exec right after Running works, startedAt is not
+//! before the workload's own start, and a pod whose image lacks its command
+//! shows why and never runs.
 
 #[allow(dead_code)] // only the script-file runner is used here
 mod vmhost;
@@ -108,8 +111,19 @@ spec:
       containers:
       - name: httpd
         image: bb
-        command: [/bin/sh, -c, 'cat /etc/resolv.conf; ip addr show dev eth0; hostname >/www/name; exec httpd -f -p 8080 -h /www']
+        command: [/bin/sh, -c, 'cat /proc/uptime >/www/up0; cat /etc/resolv.conf; ip addr show dev eth0; hostname >/www/name; exec httpd -f -p 8080 -h /www']
         resources: {limits: {memory: 160Mi}}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: vmnocmd}
+spec:
+  runtimeClassName: microvm
+  containers:
+  - name: c
+    image: bb
+    command: [/bin/no-such-command]
+    resources: {limits: {memory: 128Mi}}
 ---
 apiVersion: v1
 kind: Service
@@ -127,6 +141,8 @@ done
 i=0
 while :; do
   running=$(kubectl get pods -l app=vmweb -o jsonpath='{range .items[*]}{.status.phase} {.status.podIP}{"\n"}{end}' | grep -c '^Running 10\.42\.')
+  ran=$(kubectl get pod vmnocmd -o jsonpath='{.status.containerStatuses[0].state.running.startedAt}')
+  [ -z "$ran" ] || fail "the pod without its command is reported running since $ran"
   [ "$running" = 2 ] && break
   i=$((i + 1)); [ "$i" -lt 150 ] || fail "the microvm pods did not reach Running with pod IPs"
   if [ $((i % 10)) = 0 ]; then
@@ -136,14 +152,30 @@ while :; do
   fi
   sleep 1
 done
+# Running means the workload runs in the guest: the first exec right after
+# works (no retry), and startedAt is not before the workload's own start,
+# as the guest's uptime tells it: now - (uptime now - uptime at its start),
+# with 2 s of slack for startedAt's whole seconds and the guest's clock rate.
+# (Before, startedAt was the VMM's spawn, 5-10 s earlier here.)
+for pod in $(kubectl get pods -l app=vmweb -o jsonpath='{.items[*].metadata.name}'); do
+  now=$(date +%s)
+  kubectl exec "$pod" -- cat /proc/uptime /www/up0 >/tmp/up 2>&1 || fail "the first exec into Running pod $pod failed: $(cat /tmp/up)"
+  ts=$(kubectl get pod "$pod" -o jsonpath='{.status.containerStatuses[0].state.running.startedAt}')
+  started=$(date -u -D '%Y-%m-%dT%H:%M:%SZ' -d "$ts" +%s) || fail "startedAt $ts of $pod does not parse"
+  est=$(awk -v now="$now" 'NR == 1 { u1 = $1 } NR == 2 { u0 = $1 } END { printf "%d", now - (u1 - u0) - 2 }' /tmp/up)
+  echo "$pod: startedAt $ts ($started), workload started about $est + 2 (uptimes: $(tr '\n' ' ' </tmp/up))"
+  [ "$started" -ge "$est" ] || fail "startedAt $ts of $pod is before its workload started (about $((est + 2)))"
+done
+
 kubectl get pods -o wide
 ips=$(kubectl get pods -l app=vmweb -o jsonpath='{range .items[*]}{.status.podIP} {end}')
 
-# Each pod answers on its own IP (the guest boots after Running: retry).
+# Each pod answers on its own IP (httpd listens a moment after the
+# workload's shell started: a few tries).
 for ip in $ips; do
   i=0
   until timeout 5 wget -q -O /tmp/direct http://$ip:8080/index.html 2>/dev/null; do
-    i=$((i + 1)); [ "$i" -lt 60 ] || fail "pod $ip did not answer on its IP"; sleep 1
+    i=$((i + 1)); [ "$i" -lt 10 ] || fail "pod $ip did not answer on its IP"; sleep 1
   done
   grep -qx hello-from-a-microvm-pod /tmp/direct || fail "pod $ip served: $(cat /tmp/direct)"
   echo "pod $ip answers"
@@ -173,10 +205,27 @@ grep -q "^exec in " /tmp/kx.out || fail "kubectl exec into a microvm pod: no out
 echo piped-in | kubectl exec -i "$pod" -- cat >/tmp/kx2.out 2>&1 || fail "kubectl exec -i: $(cat /tmp/kx2.out)"
 grep -qx piped-in /tmp/kx2.out || fail "kubectl exec -i: stdin did not come back: $(cat /tmp/kx2.out)"
 
+# The pod whose image lacks its command: a waiting reason that says so, and
+# it never ran.
+i=0
+while :; do
+  st=$(kubectl get pod vmnocmd -o jsonpath='{.status.phase} {.status.containerStatuses[0].state.waiting.reason}: {.status.containerStatuses[0].state.waiting.message}')
+  ran=$(kubectl get pod vmnocmd -o jsonpath='{.status.containerStatuses[0].state.running.startedAt}')
+  [ -z "$ran" ] || fail "the pod without its command is reported running since $ran: $st"
+  case "$st" in
+    Running*) fail "the pod without its command is in phase Running: $st" ;;
+    *RunContainerError:*no-such-command*) break ;;
+  esac
+  i=$((i + 1)); [ "$i" -lt 90 ] || fail "the pod without its command did not show why: $st"; sleep 1
+done
+echo "vmnocmd: $st"
+kubectl get events 2>&1 | grep vmnocmd | grep -q "no-such-command" || fail "no event names the missing command"
+kubectl delete pod vmnocmd --wait=false || fail "kubectl delete pod"
+
 # Deleting the Deployment ends the VMs and releases their taps.
 kubectl delete deployment vmweb --wait=false || fail "kubectl delete"
 i=0
-while kubectl get pods -l app=vmweb -o name | grep -q .; do
+while kubectl get pods -o name | grep -q .; do
   i=$((i + 1)); [ "$i" -lt 120 ] || fail "the pods were not deleted"; sleep 1
 done
 i=0

@@ -99,6 +99,9 @@ echo ALL-CHECKS-PASSED
     assert!(out.contains("ALL-CHECKS-PASSED"), "{out}");
 }
 
+/// Every step is bounded well inside the test host's 300 s, so a stuck
+/// step fails with its own message and the VMs' console tails, not the
+/// whole run's timeout (a first try once ran into it under CI's load).
 #[test]
 fn microvm_stop_signals_the_workload_in_the_guest_and_run_i_forwards_stdin() {
     if !test_host_ready() {
@@ -106,19 +109,26 @@ fn microvm_stop_signals_the_workload_in_the_guest_and_run_i_forwards_stdin() {
     }
     let script = format!(
         r#"{IMAGE}
-printf 'one\ntwo\n' | evoke run -i --rm --tier microvm bb sh -c 'while read l; do echo "got $l"; done; echo eof' >/tmp/i.out 2>/tmp/i.err
+consoles() {{
+  for f in /var/lib/evoke/microvm/*/console.log; do [ -f "$f" ] && {{ echo "--- $f ---"; tail -n 15 "$f"; }}; done
+  dmesg | tail -n 20
+}}
+printf 'one\ntwo\n' | timeout 120 evoke run -i --rm --tier microvm bb sh -c 'while read l; do echo "got $l"; done; echo eof' >/tmp/i.out 2>/tmp/i.err
 rc=$?
 cat /tmp/i.out /tmp/i.err
-[ "$rc" = 0 ] || fail "evoke run -i: exit $rc"
+[ "$rc" = 0 ] || {{ consoles; fail "evoke run -i: exit $rc (143: still running after 120 s)"; }}
 grep -qx "got two" /tmp/i.out || fail "stdin did not reach the workload"
 grep -qx "eof" /tmp/i.out || fail "the end of stdin did not reach the workload"
 
-id=$(evoke run -d --tier microvm bb sh -c 'trap "echo got TERM; exit 7" TERM; echo ready; while :; do sleep 1; done') || fail "evoke run -d"
-i=0
+# `run -d` returns once the workload runs in the guest.
+id=$(timeout 120 evoke run -d --tier microvm bb sh -c 'trap "echo got TERM; exit 7" TERM; echo ready; while :; do sleep 1; done') || {{ consoles; fail "evoke run -d"; }}
+evoke ps -a | grep "$(echo "$id" | cut -c1-12)" | grep -q Up || {{ evoke ps -a; fail "evoke run -d returned before the workload ran"; }}
+end=$(($(date +%s) + 60))
 until evoke logs "$id" 2>/dev/null | grep -q ready; do
-  i=$((i + 1)); [ "$i" -lt 600 ] || fail "workload did not start"; sleep 0.2
+  [ "$(date +%s)" -lt "$end" ] || {{ consoles; fail "the workload wrote nothing within 60 s of running"; }}
+  sleep 0.2
 done
-evoke stop -t 60 "$id" || fail "evoke stop"
+timeout 120 evoke stop -t 60 "$id" || {{ consoles; fail "evoke stop"; }}
 evoke logs "$id"
 evoke logs "$id" | grep -q "got TERM" || fail "SIGTERM did not reach the workload in the guest"
 short=$(echo "$id" | cut -c1-12)
