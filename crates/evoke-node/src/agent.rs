@@ -289,6 +289,17 @@ impl Agent {
 
     /// Runs forever: registration, heartbeat, pod workers.
     pub async fn run(mut self) -> Result<(), NodeError> {
+        // Each pod's directories (its logs, the tiers' per-workload trees)
+        // in block groups of their own: see spread.rs.
+        for sub in ["pods", "containers", "processes"] {
+            let dir = self.ctx.data_dir.join(sub);
+            match crate::spread::spread_subdirectories(&dir) {
+                Ok(applied) => {
+                    tracing::debug!(dir = %dir.display(), applied, "subdirectories spread")
+                }
+                Err(e) => tracing::warn!(error = %e, "could not mark a pod directory root"),
+            }
+        }
         self.port = crate::server::serve(
             &self.listen,
             self.ctx.data_dir.clone(),

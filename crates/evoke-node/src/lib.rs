@@ -20,6 +20,7 @@ pub mod probe;
 pub mod runtimeclass;
 pub mod server;
 pub mod spec;
+pub mod spread;
 pub mod status;
 pub mod stream;
 pub mod token;
