@@ -490,7 +490,7 @@ fn setup_rootfs(plan: &Plan) -> R<()> {
         mount_one(root, m)?;
     }
     make_devices(plan)?;
-    pivot(root)
+    pivot(root, plan.no_pivot)
 }
 
 fn mount_one(root: &Path, m: &MountPlan) -> R<()> {
@@ -714,13 +714,41 @@ fn make_devices(plan: &Plan) -> R<()> {
     Ok(())
 }
 
-fn pivot(root: &Path) -> R<()> {
+/// Makes `root` (a bind mount of itself, see `setup_rootfs`) the root.
+///
+/// pivot_root moves the host's root away and detaches it. It refuses (EINVAL)
+/// when the current root is the mount namespace's first mount, as when the
+/// host runs from its initramfs. Then the rootfs is moved over `/` and
+/// entered by chroot instead (runc's `--no-pivot`), which hides as much
+/// there: `..` from the container's root leads to the namespace's root,
+/// whose topmost mount is the container's root again. Anywhere else (say a
+/// chroot into a mount whose parent is shared) the move would leave the
+/// host's file system above the container, within reach of a process
+/// allowed to chroot, so a refusal there is an error unless the caller
+/// asked for `no_pivot`, knowing that.
+fn pivot(root: &Path, no_pivot: bool) -> R<()> {
     ctx(nix::unistd::chdir(root), || {
         format!("chdir {}", root.display())
     })?;
+    if no_pivot {
+        return move_root();
+    }
     // pivot_root(".", ".") stacks the old root on the new one; unmounting
     // "." then drops it, without needing a directory in the rootfs.
-    ctx(nix::unistd::pivot_root(".", "."), || "pivot_root".into())?;
+    match nix::unistd::pivot_root(".", ".") {
+        Ok(()) => {}
+        Err(nix::errno::Errno::EINVAL) => {
+            let info = fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+            if root_is_first_mount(&info) {
+                return move_root();
+            }
+            return Err("pivot_root: EINVAL: the current root is neither a mount \
+                 whose parent is private nor the mount namespace's first mount; \
+                 run from another root, or pass --no-pivot"
+                .into());
+        }
+        Err(e) => return Err(format!("pivot_root: {e}")),
+    }
     ctx(
         mount(
             None::<&str>,
@@ -734,6 +762,29 @@ fn pivot(root: &Path) -> R<()> {
     ctx(umount2(".", MntFlags::MNT_DETACH), || {
         "detach old root".into()
     })?;
+    ctx(nix::unistd::chdir("/"), || "chdir /".into())
+}
+
+/// Whether mountinfo `text` shows the current root as the mount
+/// namespace's first mount: the mount at `/` is its own parent.
+pub(crate) fn root_is_first_mount(text: &str) -> bool {
+    text.lines().any(|l| {
+        let mut f = l.split(' ');
+        match (f.next(), f.next(), f.next(), f.next(), f.next()) {
+            (Some(id), Some(parent), _, _, Some("/")) => id == parent,
+            _ => false,
+        }
+    })
+}
+
+/// The rootfs (the current directory, a mount) moved over `/` and entered
+/// by chroot: the root without pivot_root (see [`pivot`]).
+fn move_root() -> R<()> {
+    ctx(
+        mount(Some("."), "/", None::<&str>, MsFlags::MS_MOVE, None::<&str>),
+        || "move the rootfs over / (no pivot_root)".into(),
+    )?;
+    ctx(nix::unistd::chroot("."), || "chroot into the rootfs".into())?;
     ctx(nix::unistd::chdir("/"), || "chdir /".into())
 }
 
@@ -1087,5 +1138,25 @@ fn exec_intermediate_inner(p: &ProcessPlan, mut fds: ChildFds, status: &OwnedFd)
             }
             match exec_process(p, status, None)? {}
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::root_is_first_mount;
+
+    #[test]
+    fn only_a_root_mount_that_is_its_own_parent_counts_as_the_namespaces_first_mount() {
+        // An initramfs: the rootfs at / is mount 1, its own parent.
+        let initramfs = "1 1 0:2 / / rw - rootfs rootfs rw\n\
+                         20 1 0:20 / /proc rw,nosuid - proc proc rw\n";
+        assert!(root_is_first_mount(initramfs));
+        // A host (or a chroot into a mount): / has another parent.
+        let host = "25 1 254:0 / / rw,relatime shared:1 - ext4 /dev/vda rw\n\
+                    26 25 0:20 / /proc rw - proc proc rw\n";
+        assert!(!root_is_first_mount(host));
+        // A mount that is its own parent but not at /, and no mountinfo.
+        assert!(!root_is_first_mount("7 7 0:2 / /mnt rw - tmpfs t rw\n"));
+        assert!(!root_is_first_mount(""));
     }
 }

@@ -173,6 +173,12 @@ pub struct CreateOptions {
     /// (`trampoline.rs`), so no copy is needed (it cost one more start of
     /// the binary per container).
     pub reexec_when_shared: bool,
+    /// Enter the rootfs without pivot_root: move it over `/` and chroot
+    /// into it (runc's `--no-pivot`). Without this, pivot_root is used, and
+    /// the move is the fallback only where pivot_root refuses and the move
+    /// hides as much: when the current root is the mount namespace's first
+    /// mount (an initramfs). See `init::pivot`.
+    pub no_pivot: bool,
 }
 
 /// Options for [`exec`].
@@ -521,7 +527,8 @@ pub fn create(state_root: &Path, id: &str, bundle: &Path, opts: CreateOptions) -
         path: config.clone(),
         source,
     })?;
-    let plan = plan::plan(&spec, &bundle)?;
+    let mut plan = plan::plan(&spec, &bundle)?;
+    plan.no_pivot = opts.no_pivot;
     if opts.reexec_when_shared && !plan.new_ns.contains(nix::sched::CloneFlags::CLONE_NEWPID) {
         // Returns only when already protected (or on error).
         selfexe::protect()?;
@@ -620,7 +627,7 @@ pub fn create(state_root: &Path, id: &str, bundle: &Path, opts: CreateOptions) -
         (pid, fs::File::from(go_w), fs::File::from(st_r))
     } else {
         let child = if way == spawn::Way::Helper {
-            spawn::spawn_helper(id, bundle.clone(), &fds)?
+            spawn::spawn_helper(id, bundle.clone(), plan.no_pivot, &fds)?
         } else {
             match sys::fork().map_err(|e| Error::sys("fork", e))? {
                 sys::Forked::Child => init::intermediate(&plan, fds),

@@ -92,6 +92,10 @@ pub(crate) struct Plan {
     pub join_ns: Vec<(PathBuf, nix::sched::CloneFlags)>,
     pub uid_mappings: Vec<(u32, u32, u32)>,
     pub gid_mappings: Vec<(u32, u32, u32)>,
+    /// Enter the rootfs by moving it over `/` and chroot (runc's
+    /// `--no-pivot`) instead of pivot_root. Not in config.json: set from
+    /// [`crate::CreateOptions::no_pivot`].
+    pub no_pivot: bool,
 }
 
 fn ns_flag(t: LinuxNamespaceType) -> Option<nix::sched::CloneFlags> {
@@ -530,6 +534,7 @@ pub(crate) fn plan(spec: &Spec, bundle: &Path) -> Result<Plan> {
         join_ns,
         uid_mappings,
         gid_mappings,
+        no_pivot: false,
     })
 }
 

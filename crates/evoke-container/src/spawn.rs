@@ -113,6 +113,9 @@ struct Boot {
     /// (descriptor, CloneFlags bits) of each namespace to join.
     join: Vec<(RawFd, c_int)>,
     placement: Option<BootPlacement>,
+    /// [`crate::CreateOptions::no_pivot`] (not in config.json).
+    #[serde(default)]
+    no_pivot: bool,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -122,10 +125,11 @@ enum BootPlacement {
 }
 
 impl Boot {
-    fn new(bundle: PathBuf, fds: &ChildFds) -> Self {
+    fn new(bundle: PathBuf, no_pivot: bool, fds: &ChildFds) -> Self {
         let raw = |f: &Option<OwnedFd>| f.as_ref().map(AsRawFd::as_raw_fd);
         Boot {
             bundle,
+            no_pivot,
             go: fds.go.as_raw_fd(),
             status: fds.status.0.as_ref().map_or(-1, AsRawFd::as_raw_fd),
             fifo: raw(&fds.fifo),
@@ -182,11 +186,16 @@ const STACK_SIZE: usize = 64 * 1024;
 
 /// Starts the intermediate process as a fresh exec of this binary (see the
 /// module doc) and returns its pid; it is our child, to be reaped.
-pub(crate) fn spawn_helper(id: &str, bundle: PathBuf, fds: &ChildFds) -> Result<Pid> {
+pub(crate) fn spawn_helper(
+    id: &str,
+    bundle: PathBuf,
+    no_pivot: bool,
+    fds: &ChildFds,
+) -> Result<Pid> {
     // Keep the constructor (and so its object file) in every binary that
     // can get here: a binary without it would run its own `main` instead.
     std::hint::black_box(&HOOK);
-    let boot = Boot::new(bundle, fds);
+    let boot = Boot::new(bundle, no_pivot, fds);
     let text = serde_json::to_vec(&boot).map_err(|e| Error::Init {
         id: id.to_string(),
         msg: format!("encode the helper's bootstrap: {e}"),
@@ -378,7 +387,10 @@ fn helper_main(boot_fd: RawFd) -> ! {
         .map_err(|e| format!("load {}: {e}", config.display()))
         .and_then(|spec| crate::plan::plan(&spec, &boot.bundle).map_err(|e| e.to_string()))
     {
-        Ok(plan) => plan,
+        Ok(plan) => crate::plan::Plan {
+            no_pivot: boot.no_pivot,
+            ..plan
+        },
         Err(e) => {
             let _ = nix::unistd::write(&status, &Msg::Error(e).encode());
             crate::sys::exit_now(1)

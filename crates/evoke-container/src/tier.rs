@@ -989,6 +989,7 @@ impl WorkloadRuntime for ContainerTier {
                     pid_file: None,
                     hierarchy: None,
                     reexec_when_shared: false,
+                    no_pivot: false,
                 },
             )
             .map_err(Self::err)?;

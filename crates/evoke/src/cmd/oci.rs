@@ -121,7 +121,9 @@ pub struct CreateArgs {
     /// Unix socket to receive the pty master when process.terminal is set.
     #[arg(long)]
     pub console_socket: Option<PathBuf>,
-    /// Accepted for runc compatibility and ignored.
+    /// Enter the rootfs by moving it over / and chroot instead of
+    /// pivot_root (as runc's --no-pivot). Without it, pivot_root is used,
+    /// and the move is taken only where pivot_root refuses an initramfs root.
     #[arg(long)]
     pub no_pivot: bool,
     /// Accepted for runc compatibility and ignored.
@@ -161,6 +163,7 @@ fn create_opts(a: &CreateArgs) -> engine::CreateOptions {
         console_socket: a.console_socket.clone(),
         pid_file: a.pid_file.clone(),
         reexec_when_shared: true,
+        no_pivot: a.no_pivot,
         ..Default::default()
     }
 }
