@@ -13,6 +13,11 @@ ip addr add 10.77.0.1/24 dev benchtap && ip link set benchtap up || fail "tap ad
 mkdir -p /tmp/www
 dd if=/dev/zero of=/tmp/www/big bs=1M count="$MIB" 2>/dev/null
 httpd -p 10.77.0.1:8080 -h /tmp/www || fail "httpd"
+# The tap's counters (rx: frames from the guest), printed after each VMM.
+tapstat() {
+  s=/sys/class/net/benchtap/statistics
+  echo "TAP rx $(cat $s/rx_packets) $(cat $s/rx_bytes) $(cat $s/rx_dropped) tx $(cat $s/tx_packets) $(cat $s/tx_bytes) $(cat $s/tx_dropped)"
+}
 # The upload sink: each connection's bytes are read and dropped.
 nc -ll -p 9000 -e sh -c 'cat >/dev/null' &
 
@@ -24,17 +29,25 @@ for i in 1 2 3; do
   t0=$(up); wget -q -O /dev/null http://10.77.0.1:8080/big || exit 3; t1=$(up)
   echo "DL $t0 $t1"
 done
+txstat() { awk -F"[: ]+" "/eth0:/ { print \$11, \$12 }" /proc/net/dev; }
+tx0=$(txstat)
 for i in 1 2 3; do
   t0=$(up); nc 10.77.0.1 9000 -e sh -c "dd if=/dev/zero bs=64k count=$BLOCKS 2>/dev/null" || exit 4; t1=$(up)
   echo "UL $t0 $t1"
 done
+echo "TX $tx0 $(txstat)"
+awk "/^Tcp:/ { print \"TCP\", \$0 }" /proc/net/snmp
+for d in /sys/bus/virtio/devices/*; do [ -f "$d/features" ] && echo "FEAT $(cat "$d/device") $(cat "$d/features")"; done
 ping -c 10 -i 0.2 10.77.0.1 | tail -n 1'
 
 # evoke: the microvm tier, the VM kept (no --rm) so QEMU can boot its initramfs.
-evoke run --name netbench --tier microvm --memory 256m --guest-net benchtap,10.77.0.2/24,10.77.0.1 \
+EVOKE_LOG=warn,evoke_vmm::devices::net=debug evoke run --name netbench --tier microvm --memory 256m --guest-net benchtap,10.77.0.2/24,10.77.0.1 \
   bb sh -c "$WORK" >/tmp/evoke.out 2>/tmp/evoke.err || { cat /tmp/evoke.err; fail "evoke run"; }
 dir=$(ls -d /var/lib/evoke/microvm/*/ | head -n 1)
 [ -f "$dir/vmm.json" ] || fail "no vmm.json under $dir"
+# Diagnostics: the device's counters, the tap's on the host side.
+grep -h "virtio-net device thread" "$dir"/console.log
+tapstat
 
 # QEMU: the same initramfs parts (concatenated), kernel and command line.
 sed -n '/"initrd": \[/,/\]/p' "$dir/vmm.json" | sed -n 's/^ *"\(\/[^"]*\)",\{0,1\}$/\1/p' >/tmp/parts
@@ -49,6 +62,7 @@ timeout 300 qemu-system-x86_64 -M microvm -enable-kvm -cpu host -m 256 -smp 1 \
   -device virtconsole,chardev=agent \
   -netdev tap,id=n0,ifname=benchtap,script=no,downscript=no,vnet_hdr=on \
   -device virtio-net-device,netdev=n0,mac=02:65:0a:4d:00:02 </dev/null || fail "qemu"
+tapstat
 evoke-guest decode /tmp/q.agent >/tmp/qemu.out 2>/tmp/qemu.err || { cat /tmp/qemu.err; tail /tmp/q.console; fail "the workload under qemu"; }
 
 # dl/ul VMM: median MiB/s of the three downloads/uploads; rtt VMM: the average ping.

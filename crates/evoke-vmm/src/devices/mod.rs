@@ -4,6 +4,7 @@
 //! bounded output sinks they write to. None of them needs a VM to be tested.
 
 pub mod i8042;
+mod iov;
 mod mmio;
 pub mod net;
 mod notify;
