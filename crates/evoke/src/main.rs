@@ -84,15 +84,13 @@ fn main() -> ExitCode {
         return report(cmd::oci::main_fast());
     }
     let cli = Cli::parse();
-    let enters_container = match &cli.command {
-        Command::Run(a) => a.tier != "microvm",
-        Command::Exec(_) => true,
-        _ => false,
-    };
-    if enters_container {
-        // Their processes enter a container (CVE-2019-5736): run from a
-        // copy of the binary that nobody can write. (A microVM's workload
-        // is in a guest, and its tier finds files next to the binary.)
+    if matches!(cli.command, Command::Exec(_)) {
+        // The exec'd process is a clone of this one inside a running
+        // container, whose processes can see it (CVE-2019-5736): run from a
+        // copy of the binary that nobody can write. `run` needs no copy: its
+        // container gets a pid namespace of its own (the tier joins none),
+        // where the init is alone until its last exec, which goes through
+        // the sealed trampoline, as for `evoke oci create`.
         if let Err(e) = evoke_container::selfexe::protect() {
             return report(Err(e.into()));
         }
