@@ -29,7 +29,11 @@ impl EventType {
 /// Events go through a bounded queue to one background writer with a few
 /// requests in flight, so they never compete with the work they describe
 /// (a burst of bindings goes first); when the queue is full, new events
-/// are dropped, as client-go's broadcaster does.
+/// are dropped, as client-go's broadcaster does. The writer waits for a
+/// pause in the stream ([`QUIET`], at most [`MAX_DELAY`] after the first
+/// event waiting) and then writes what gathered: in a burst of pod starts
+/// each start records three or four events, each a write as costly as the
+/// pod's own, and on a small node they would take CPU from the starts.
 #[derive(Clone)]
 pub struct Recorder {
     component: String,
@@ -41,8 +45,36 @@ pub struct Recorder {
 pub const QUEUE: usize = 4096;
 /// Event writes in flight, per recorder.
 const IN_FLIGHT: usize = 4;
+/// The pause in new events after which the waiting ones are written.
+pub const QUIET: std::time::Duration = std::time::Duration::from_millis(50);
+/// The longest an event waits for such a pause.
+pub const MAX_DELAY: std::time::Duration = std::time::Duration::from_secs(1);
 
 static SEQ: AtomicU64 = AtomicU64::new(0);
+
+/// Waits for the next item, then takes more until none came for `quiet` or
+/// `max_delay` passed since the first; None once the channel is closed and
+/// empty.
+async fn gather<T>(
+    rx: &mut tokio::sync::mpsc::Receiver<T>,
+    quiet: std::time::Duration,
+    max_delay: std::time::Duration,
+) -> Option<Vec<T>> {
+    let first = rx.recv().await?;
+    let deadline = tokio::time::Instant::now() + max_delay;
+    let mut batch = vec![first];
+    loop {
+        let until = (tokio::time::Instant::now() + quiet).min(deadline);
+        match tokio::time::timeout_at(until, rx.recv()).await {
+            Ok(Some(item)) => batch.push(item),
+            // Closed (the rest is written, then the writer ends) or a pause.
+            Ok(None) | Err(_) => return Some(batch),
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return Some(batch);
+        }
+    }
+}
 
 /// A reference to `obj` for an Event's involvedObject.
 pub fn reference<K: Resource<DynamicType = ()>>(obj: &K) -> ObjectReference {
@@ -63,23 +95,21 @@ impl Recorder {
         let (tx, rx) = tokio::sync::mpsc::channel::<Event>(QUEUE);
         tokio::spawn(async move {
             use futures::StreamExt;
-            let events =
-                futures::stream::unfold(
-                    rx,
-                    |mut rx| async move { rx.recv().await.map(|e| (e, rx)) },
-                );
-            events
-                .for_each_concurrent(IN_FLIGHT, |ev| {
-                    let client = client.clone();
-                    async move {
-                        let ns = ev.namespace().unwrap_or_else(|| "default".into());
-                        let api: Api<Event> = Api::namespaced(client, &ns);
-                        if let Err(e) = api.create(&PostParams::default(), &ev).await {
-                            tracing::debug!(error = %e, "could not record event");
+            let mut rx = rx;
+            while let Some(batch) = gather(&mut rx, QUIET, MAX_DELAY).await {
+                futures::stream::iter(batch)
+                    .for_each_concurrent(IN_FLIGHT, |ev| {
+                        let client = client.clone();
+                        async move {
+                            let ns = ev.namespace().unwrap_or_else(|| "default".into());
+                            let api: Api<Event> = Api::namespaced(client, &ns);
+                            if let Err(e) = api.create(&PostParams::default(), &ev).await {
+                                tracing::debug!(error = %e, "could not record event");
+                            }
                         }
-                    }
-                })
-                .await;
+                    })
+                    .await;
+            }
         });
         Recorder {
             component: component.to_string(),
@@ -141,5 +171,64 @@ impl Recorder {
         if self.tx.try_send(ev).is_err() {
             tracing::debug!(reason, "event queue full; event dropped");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+    use tokio::sync::mpsc;
+
+    const Q: Duration = Duration::from_millis(50);
+    const MAX: Duration = Duration::from_secs(1);
+
+    /// Sends `n` items `every` apart, then keeps the channel open for `hold`.
+    fn feed(tx: mpsc::Sender<u32>, n: u32, every: Duration, hold: Duration) {
+        tokio::spawn(async move {
+            for i in 0..n {
+                tx.send(i).await.expect("send");
+                tokio::time::sleep(every).await;
+            }
+            tokio::time::sleep(hold).await;
+        });
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn events_close_together_are_written_together_after_a_pause() {
+        let (tx, mut rx) = mpsc::channel(64);
+        feed(tx, 5, Duration::from_millis(10), Duration::from_secs(5));
+        let t = tokio::time::Instant::now();
+        let batch = gather(&mut rx, Q, MAX).await.expect("a batch");
+        assert_eq!(batch, vec![0, 1, 2, 3, 4]);
+        // The last came at 40 ms; the pause after it ends the batch.
+        assert_eq!(t.elapsed(), Duration::from_millis(90));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_steady_stream_is_written_at_least_every_max_delay() {
+        let (tx, mut rx) = mpsc::channel(1024);
+        feed(tx, 300, Duration::from_millis(10), Duration::ZERO);
+        let t = tokio::time::Instant::now();
+        let first = gather(&mut rx, Q, MAX).await.expect("a batch");
+        assert_eq!(t.elapsed(), MAX);
+        assert!((99..=101).contains(&first.len()), "{}", first.len());
+        let second = gather(&mut rx, Q, MAX).await.expect("a batch");
+        assert_eq!(
+            second[0],
+            *first.last().expect("not empty") + 1,
+            "none lost"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_closed_queue_still_gives_what_it_holds_then_ends() {
+        let (tx, mut rx) = mpsc::channel(8);
+        for i in 0..3 {
+            tx.send(i).await.expect("send");
+        }
+        drop(tx);
+        assert_eq!(gather(&mut rx, Q, MAX).await, Some(vec![0, 1, 2]));
+        assert_eq!(gather(&mut rx, Q, MAX).await, None);
     }
 }
