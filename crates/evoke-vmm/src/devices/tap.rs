@@ -58,6 +58,32 @@ pub trait NetBackend: Send {
     }
     /// Receives one frame into `buf`; `WouldBlock` when none is waiting.
     fn recv(&mut self, buf: &mut [u8]) -> io::Result<usize>;
+    /// Receives one frame into the guest buffers `parts`, in order, and
+    /// returns its length. This default receives into `scratch` and copies;
+    /// fd-backed backends read straight into guest memory
+    /// ([`super::iov::readv_guest`]). A frame longer than the buffers is
+    /// truncated, so callers offer buffers that take the largest frame.
+    fn recv_guest(
+        &mut self,
+        mem: &GuestMemoryMmap,
+        parts: &[(GuestAddress, usize)],
+        scratch: &mut Vec<u8>,
+    ) -> io::Result<usize> {
+        let cap: usize = parts.iter().map(|p| p.1).sum();
+        scratch.resize(cap, 0);
+        let n = self.recv(scratch)?;
+        let mut at = 0;
+        for &(addr, len) in parts {
+            let k = len.min(n - at);
+            if k == 0 {
+                break;
+            }
+            mem.write_slice(&scratch[at..at + k], addr)
+                .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e.to_string()))?;
+            at += k;
+        }
+        Ok(n)
+    }
     /// The fd to poll for readability.
     fn fd(&self) -> BorrowedFd<'_>;
     /// Which offloaded frames the backend may hand over (`TUN_F_*`: partial
@@ -146,6 +172,15 @@ impl NetBackend for Tap {
         iov::writev_guest(self.file.as_fd(), mem, parts).map(|_| ())
     }
 
+    fn recv_guest(
+        &mut self,
+        mem: &GuestMemoryMmap,
+        parts: &[(GuestAddress, usize)],
+        _scratch: &mut Vec<u8>,
+    ) -> io::Result<usize> {
+        iov::readv_guest(self.file.as_fd(), mem, parts)
+    }
+
     fn recv(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         self.file.read(buf)
     }
@@ -179,6 +214,15 @@ impl NetBackend for std::os::unix::net::UnixDatagram {
     ) -> io::Result<()> {
         // A connected datagram socket takes a writev as one datagram.
         iov::writev_guest(self.as_fd(), mem, parts).map(|_| ())
+    }
+
+    fn recv_guest(
+        &mut self,
+        mem: &GuestMemoryMmap,
+        parts: &[(GuestAddress, usize)],
+        _scratch: &mut Vec<u8>,
+    ) -> io::Result<usize> {
+        iov::readv_guest(self.as_fd(), mem, parts)
     }
 
     fn fd(&self) -> BorrowedFd<'_> {
