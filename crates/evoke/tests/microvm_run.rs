@@ -22,7 +22,7 @@ evoke image build-dir /tmp/img --tag bb || fail "evoke image build-dir"
 "#;
 
 #[test]
-fn microvm_workload_gets_its_output_exit_code_env_workdir_memory_and_cpus() {
+fn microvm_workload_gets_its_output_exit_code_env_workdir_memory_and_cpus_and_a_missing_command_exits_127() {
     if !test_host_ready() {
         return;
     }
@@ -45,6 +45,13 @@ cat /tmp/out2
 mem2=$(sed -n 's/^MemTotal: *\([0-9]*\) kB/\1/p' /tmp/out2)
 [ -n "$mem2" ] && [ "$mem2" -gt 400000 ] && [ "$mem2" -le 524288 ] || fail "MemTotal $mem2 kB does not match --memory 512m"
 grep -qx "cpus 2" /tmp/out2 || fail "--cpus 2 did not give the guest 2 CPUs"
+
+# A command the image lacks: exit 127 and a line naming it, as docker run.
+evoke run --rm --tier microvm bb /no/such-command >/tmp/m.out 2>/tmp/m.err
+rc=$?
+cat /tmp/m.out /tmp/m.err
+[ "$rc" = 127 ] || fail "a missing command: got exit $rc, want 127"
+grep -q "/no/such-command" /tmp/m.err || fail "the error does not name the missing command"
 echo ALL-CHECKS-PASSED
 "#
     );

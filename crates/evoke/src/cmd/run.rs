@@ -14,7 +14,7 @@ use std::sync::Arc;
 use anyhow::{bail, Context};
 use evoke_container::tier::{ContainerTier, ProcessTier};
 use evoke_runtime::{
-    CpuLimit, Resources, Stdio, User, WorkloadRuntime, WorkloadSpec, WorkloadStatus,
+    CpuLimit, Resources, Stdio, User, WorkloadRuntime, WorkloadSpec, WorkloadState, WorkloadStatus,
 };
 
 use crate::Global;
@@ -252,10 +252,22 @@ pub fn main(global: &Global, args: RunArgs) -> anyhow::Result<u8> {
         stderr: Some(dup(std::io::stderr())?),
     };
     rt.create(&spec, stdio)?;
-    let started = rt.start(&id);
-    if let Err(e) = started {
+    if let Err(e) = rt.start(&id) {
+        // A workload that ended while starting (a microVM guest that could
+        // not exec the command records 127) exits with its code, as
+        // `docker run` does for a missing command; the error says why.
+        let ended = match rt.state(&id).map(|s| s.state) {
+            Ok(WorkloadState::Exited(info)) => Some(info.code),
+            _ => None,
+        };
         let _ = rt.remove(&id, true);
-        return Err(e.into());
+        return match ended {
+            Some(code) => {
+                eprintln!("evoke: {e}");
+                Ok(u8::try_from(code).unwrap_or(255))
+            }
+            None => Err(e.into()),
+        };
     }
     forward_signals(rt.clone(), &id);
     let info = rt.wait(&id, None)?.context("the workload did not end")?;
