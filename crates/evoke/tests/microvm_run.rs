@@ -22,7 +22,7 @@ evoke image build-dir /tmp/img --tag bb || fail "evoke image build-dir"
 "#;
 
 #[test]
-fn microvm_workload_gets_its_output_exit_code_env_workdir_memory_and_cpus_and_a_missing_command_exits_127() {
+fn microvm_run_gives_output_exit_code_env_workdir_memory_cpus_and_127_for_a_missing_command() {
     if !test_host_ready() {
         return;
     }
